@@ -1,0 +1,219 @@
+"""Time real training steps of this code (train.compute_loss, backward, clip, AdamW, TR update) on random tokens.
+
+    python bench.py                                  # TR-DPO, soft τ=1, fp32, Llama dim 256 x 4 layers, 8 pairs 64+192
+    python bench.py --ref_update static --precompute_ref      # static reference, log-probs computed once
+    python bench.py --dim 512 --n_layers 8 --n_heads 8 --prompt_len 128 --response_len 384 --dtype bfloat16
+    python bench.py ... --json                       # the last line is one JSON object
+
+Reported, each the median over the timed steps (after --warmup untimed ones):
+- step_ms: one optimizer step, from the batch to the updated reference (forward, reference forward, loss, backward,
+  gradient clipping, AdamW, TR update); tokens_per_s = tokens of the trained rows (2 * pairs * (prompt + response),
+  prompts included; KTO's mismatched KL rows not counted) / step time — bench_trl.py counts the same tokens.
+- ref_forward_ms: the reference forward(s) inside that step (hooks on the reference module), and its share.
+- tr_update_ms: one TR update of the reference (reference.ReferenceUpdater.after_step) on the steps that update.
+- peak_mem_mb: on CUDA torch.cuda.max_memory_allocated over the timed steps; on CPU the process's maximum resident
+  set size (resource.getrusage ru_maxrss, the whole process since it started, Python and torch included).
+- mfu: model FLOPs per second / the peak matmul FLOP/s measured in this process on the same device and dtype: the
+  best n x n x n matmul for n in 256..2048 (CPU) or 1024..8192 (CUDA), n <= max(4·dim, 512 CPU / 2048 CUDA).
+  Model FLOPs per step = F·(3·N + N_ref), F = model.flops_per_token(T) (2 per weight of every matmul, LM head
+  included, plus attention's QK^T and AV over the full T), N = trained tokens (forward + backward ≈ 3 forwards),
+  N_ref = reference-forward tokens (0 with --precompute_ref); for KTO also the no-grad policy and reference forwards
+  of the KL rows. Elementwise work (norms, RoPE, softmax) is not counted.
+On CUDA every interval is timed with CUDA events; on CPU with time.perf_counter.
+"""
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+import reference as ref_lib
+import train
+from model import Llama, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--n_layers", type=int, default=4)
+    p.add_argument("--n_heads", type=int, default=4)
+    p.add_argument("--n_kv_heads", type=int, default=None, help="default: n_heads")
+    p.add_argument("--vocab_size", type=int, default=50257)
+    p.add_argument("--prompt_len", type=int, default=64)
+    p.add_argument("--response_len", type=int, default=192)
+    p.add_argument("--pairs", type=int, default=8, help="pairs per step (kto: 2*pairs completions, same tokens)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="bfloat16 = autocast over fp32 weights, as train.py does")
+    p.add_argument("--loss", choices=("dpo", "ipo", "kto"), default="dpo")
+    p.add_argument("--ref_update", choices=ref_lib.MODES, default="soft")
+    p.add_argument("--alpha", type=float, default=0.6, help="soft update weight α")
+    p.add_argument("--tau", type=int, default=1, help="τ, steps between reference updates")
+    p.add_argument("--precompute_ref", action="store_true", help="static reference: log-probs computed once")
+    p.add_argument("--compile", action="store_true", help="torch.compile policy and reference")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.pairs < 1 or args.prompt_len < 1 or args.response_len < 1:
+        p.error("--steps, --pairs, --prompt_len and --response_len must be >= 1, --warmup >= 0")
+    if args.precompute_ref and args.ref_update != "static":
+        p.error(f"--precompute_ref needs --ref_update static (a {args.ref_update} reference changes during training)")
+    return args
+
+
+class Clock:
+    """Marks on the device's timeline: CUDA events (no sync while marking) or perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, start, end) -> float:
+        """Milliseconds between two marks (synchronises on CUDA)."""
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end)
+        return 1000 * (end - start)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...], reps: int = 5) -> float:
+    """Best FLOP/s of n x n x n matmuls in `dtype` over `sizes` (2 n^3 FLOPs each, random inputs)."""
+    clock, best = Clock(device), 0.0
+    for n in sizes:
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        for _ in range(2):  # warm-up: kernel selection, allocator, caches
+            a @ b
+        start = clock.mark()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n ** 3 * reps / (clock.ms(start, clock.mark()) / 1000))
+    return best
+
+
+def random_batch(args, device: torch.device, g: torch.Generator) -> dict:
+    """Random tokens in train.py's batch layout (data.py's contract), no padding: prompt_len + response_len per row.
+
+    dpo/ipo: rows [chosen_1..P ; rejected_1..P] sharing their prompts. kto: 2P completions (half desirable) and as many
+    mismatched KL rows (each prompt with the next row's response)."""
+    P, L, R = args.pairs, args.prompt_len, args.response_len
+    prompts = torch.randint(0, args.vocab_size, (P, L), generator=g)
+    responses = torch.randint(0, args.vocab_size, (2 * P, R), generator=g)
+    mask = torch.cat([torch.zeros(2 * P, L), torch.ones(2 * P, R)], 1).long()
+    batch = {"input_ids": torch.cat([prompts.repeat(2, 1), responses], 1), "loss_mask": mask}
+    if args.loss == "kto":
+        batch["desirable"] = torch.arange(2 * P) < P
+        batch["kl_input_ids"] = torch.cat([prompts.repeat(2, 1), responses.roll(1, 0)], 1)
+        batch["kl_loss_mask"] = mask.clone()
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def run(args) -> dict:
+    device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
+                          else "cpu")
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(args.seed)
+    config = ModelConfig(vocab_size=args.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
+                         n_kv_heads=args.n_kv_heads, max_seq_len=args.prompt_len + args.response_len)
+    with torch.device(device):  # initialise in place: a 1B model is slow to init on the CPU and copy over
+        policy = Llama(config)
+    reference = ref_lib.make_reference(policy)
+    cfg = train.TrainConfig(loss=args.loss, ref_update=args.ref_update, alpha=args.alpha, tau=args.tau,
+                            dtype=args.dtype, device=device.type, dim=args.dim, n_layers=args.n_layers,
+                            n_heads=args.n_heads)
+    train.validate(cfg, world_size=1)
+    updater = ref_lib.ReferenceUpdater(args.ref_update, args.alpha, args.tau)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5, weight_decay=cfg.weight_decay, fused=True)
+    batch = random_batch(args, device, torch.Generator().manual_seed(args.seed))
+    run_policy, run_ref = (torch.compile(policy), torch.compile(reference)) if args.compile else (policy, reference)
+
+    ref_logps = None
+    if args.precompute_ref:
+        updater.check_precompute()
+        with torch.no_grad(), train.autocast(cfg, device):
+            ref_logps, _ = train.batch_logps(run_ref, batch["input_ids"], batch["loss_mask"])
+
+    clock = Clock(device)
+    ref_marks: list = []  # (start, end) of every reference forward of the current step
+    run_ref.register_forward_pre_hook(lambda *_: ref_marks.append([clock.mark()]))
+    run_ref.register_forward_hook(lambda *_: ref_marks[-1].append(clock.mark()))
+
+    step_ms, ref_ms, update_ms = [], [], []
+    for step in range(1, args.warmup + args.steps + 1):
+        if step == args.warmup + 1 and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        ref_marks.clear()
+        start = clock.mark()
+        loss, _ = train.compute_loss(run_policy, run_ref, batch, cfg, ref_logps)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stepped = clock.mark()
+        updated = updater.after_step(step, reference, policy)
+        end = clock.mark()
+        if step > args.warmup:
+            step_ms.append(clock.ms(start, end))
+            ref_ms.append(sum(clock.ms(a, b) for a, b in ref_marks))
+            if updated:
+                update_ms.append(clock.ms(stepped, end))
+
+    tokens = batch["input_ids"].numel()
+    flops_per_token = policy.flops_per_token(batch["input_ids"].shape[1])
+    ref_tokens = 0 if args.precompute_ref else tokens
+    if args.loss == "kto":  # KL rows: a no-grad forward of the policy and one of the reference
+        ref_tokens += 2 * batch["kl_input_ids"].numel()
+    flops_per_step = flops_per_token * (3 * tokens + ref_tokens)
+    ladder, floor = ((1024, 2048, 4096, 8192), 2048) if device.type == "cuda" else ((256, 512, 1024, 2048), 512)
+    peak = matmul_peak(device, dtype, tuple(n for n in ladder if n <= max(floor, 4 * args.dim)))
+    if device.type == "cuda":
+        peak_mem_mb, peak_mem_kind = torch.cuda.max_memory_allocated() / 2 ** 20, "cuda_max_allocated"
+    else:
+        peak_mem_mb, peak_mem_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+    ms = statistics.median(step_ms)
+    tr_ms = statistics.median(update_ms) if update_ms else 0.0
+    ref_fwd = statistics.median(ref_ms)
+    return {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": args.dtype,
+        "loss": args.loss, "ref_update": args.ref_update, "alpha": args.alpha, "tau": args.tau,
+        "precompute_ref": args.precompute_ref, "compile": args.compile, "n_params": policy.num_params(),
+        "shape": {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "prompt_len",
+                                                  "response_len", "pairs")},
+        "timed_steps": args.steps, "tokens_per_step": tokens, "step_ms": ms, "tokens_per_s": tokens / (ms / 1000),
+        "ref_forward_ms": ref_fwd, "ref_forward_share": ref_fwd / ms, "tr_update_ms": tr_ms,
+        "tr_update_share": tr_ms / ms, "flops_per_step": flops_per_step,
+        "achieved_tflops": flops_per_step / (ms / 1000) / 1e12, "matmul_peak_tflops": peak / 1e12,
+        "mfu": flops_per_step / (ms / 1000) / peak, "peak_mem_mb": peak_mem_mb, "peak_mem_kind": peak_mem_kind,
+        "step_ms_all": step_ms,
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    r = run(args)
+    ref = "precomputed" if r["precompute_ref"] else f"{r['ref_forward_ms']:.0f} ms ({r['ref_forward_share']:.1%})"
+    print(f"{r['loss']} ref={r['ref_update']} tau={r['tau']} {r['dtype']} {r['device']}"
+          f"{' compiled' if r['compile'] else ''}: {r['n_params'] / 1e6:.1f}M params, {r['tokens_per_step']} "
+          f"tokens/step")
+    print(f"step {r['step_ms']:.1f} ms | {r['tokens_per_s']:.0f} tokens/s | reference forward {ref} | "
+          f"TR update {r['tr_update_ms']:.2f} ms ({r['tr_update_share']:.2%}) | {r['achieved_tflops']:.3f} TFLOP/s "
+          f"= MFU {r['mfu']:.1%} of a measured {r['matmul_peak_tflops']:.3f} TFLOP/s matmul peak | "
+          f"peak memory {r['peak_mem_mb']:.0f} MB ({r['peak_mem_kind']})")
+    if args.json:
+        print(json.dumps(r))
+    return r
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The baseline side of bench.py: TRL's DPOTrainer doing TR-DPO (sync_ref_model=True) on the same Llama shape, batch
+and precision, on random tokens, reporting tokens/s on the same definition as bench.py.
+
+    python bench_trl.py [--dim 256 --n_layers 4 --n_heads 4 --vocab_size 50257 --prompt_len 64 --response_len 192
+                         --pairs 8 --dtype float32 --alpha 0.6 --tau 1 --warmup 2 --steps 5] [--json]
+
+transformers and trl are dev-only dependencies (requirements-dev.txt); nothing in the runtime imports this file.
+
+How the work is matched to bench.py:
+- model: transformers' LlamaForCausalLM, random init, the shape of model.ModelConfig (same SwiGLU width rule, tied
+  embedding/head, eps, RoPE theta), SDPA attention (transformers' default);
+- data: random token ids rendered as text through a word-level tokenizer whose every word is one token ("t123"), so
+  TRL's own text pipeline (EOS appended, prompt/completion split, collator) runs unchanged and each pair becomes
+  exactly prompt_len + response_len tokens per sequence (response_len - 1 random tokens + EOS), as in bench.py;
+- training: per-device batch = pairs, no gradient accumulation, fp32 or bf16 (TrainingArguments.bf16, i.e. autocast),
+  sync_ref_model=True with ref_model_mixup_alpha = alpha and ref_model_sync_steps = tau; TRL's default optimizer
+  (fused AdamW), no logging, evaluation, saving or progress bar;
+- timing: wall time between consecutive optimizer-step ends (the reference sync included), median over the timed
+  steps after the warm-up; tokens/s = 2 * pairs * (prompt_len + response_len) / step time, bench.py's definition.
+"""
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+import warnings
+
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--n_layers", type=int, default=4)
+    p.add_argument("--n_heads", type=int, default=4)
+    p.add_argument("--n_kv_heads", type=int, default=None)
+    p.add_argument("--vocab_size", type=int, default=50257)
+    p.add_argument("--prompt_len", type=int, default=64)
+    p.add_argument("--response_len", type=int, default=192)
+    p.add_argument("--pairs", type=int, default=8, help="preference pairs per optimizer step (the batch size)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--alpha", type=float, default=0.6, help="ref_model_mixup_alpha")
+    p.add_argument("--tau", type=int, default=1, help="ref_model_sync_steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    args = p.parse_args(argv)
+    if args.response_len < 2 or args.prompt_len < 1:
+        p.error("--response_len must be >= 2 (random tokens + EOS) and --prompt_len >= 1")
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be >= 1 (a timed step runs from the end of the previous one)")
+    return args
+
+
+def word_tokenizer(vocab_size: int):
+    """A fast tokenizer with one token per whitespace-separated word t0..t{V-2} plus an EOS, so that text made of
+    those words round-trips exactly (what we need to feed chosen token ids through TRL's text pipeline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size - 1)} | {"<eos>": vocab_size - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def random_preference_dataset(args, n_rows: int):
+    """n_rows prompt/chosen/rejected texts of random words; the chosen/rejected texts start with a space so that
+    tokenize(prompt + chosen) = tokenize(prompt) + tokenize(chosen), the split TRL looks for."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(args.seed)
+
+    def text(n: int) -> str:
+        return " ".join(f"t{i}" for i in torch.randint(0, args.vocab_size - 1, (n,), generator=g).tolist())
+
+    rows = [{"prompt": text(args.prompt_len), "chosen": " " + text(args.response_len - 1),
+             "rejected": " " + text(args.response_len - 1)} for _ in range(n_rows)]
+    return Dataset.from_list(rows)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import datasets
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+    from transformers.utils import logging as hf_logging
+    from trl import DPOConfig, DPOTrainer
+
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5's renames, not ours to fix
+    datasets.disable_progress_bars()
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    torch.manual_seed(args.seed)
+    hidden = 32 * -(-int(2 * 4 * args.dim / 3) // 32)  # model.ModelConfig's llama2.c rule for the SwiGLU width
+    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=hidden,
+                         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                         num_key_value_heads=args.n_kv_heads or args.n_heads, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         max_position_embeddings=max(2048, args.prompt_len + args.response_len),
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=args.vocab_size - 1,
+                         pad_token_id=args.vocab_size - 1, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config)
+    ref_model = LlamaForCausalLM(config)
+    ref_model.load_state_dict(model.state_dict())
+
+    n_steps = args.warmup + args.steps
+    train_config = DPOConfig(
+        output_dir="/tmp/bench_trl", per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1,
+        max_steps=n_steps, learning_rate=1e-6, beta=args.beta, loss_type=["sigmoid"], max_length=None,
+        sync_ref_model=True, ref_model_mixup_alpha=args.alpha, ref_model_sync_steps=args.tau,
+        bf16=args.dtype == "bfloat16", use_cpu=not torch.cuda.is_available(), seed=args.seed,
+        report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0, dataloader_drop_last=True)
+
+    ends: list[float] = []
+
+    class StepClock(TrainerCallback):  # added last, so it runs after TRL's SyncRefModelCallback
+        def on_step_end(self, a, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            ends.append(time.perf_counter())
+
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=train_config, processing_class=word_tokenizer(
+        args.vocab_size), train_dataset=random_preference_dataset(args, args.pairs * n_steps))
+    trainer.add_callback(StepClock())
+    batch = next(iter(trainer.get_train_dataloader()))
+    tokens = batch["input_ids"].numel()  # the [chosen; rejected] rows TRL trains on, prompts included
+    expected = 2 * args.pairs * (args.prompt_len + args.response_len)
+    if tokens != expected:
+        raise RuntimeError(f"bench_trl.py: TRL's batch has {tokens} tokens, expected {expected}: the tokenizer split "
+                           f"the random text differently")
+    trainer.train()
+    step_s = statistics.median(b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:]))
+    n_params = sum(p.numel() for p in model.parameters())
+    result = {"impl": "trl.DPOTrainer", "trl": __import__("trl").__version__, "tokens_per_step": tokens,
+              "step_ms": 1000 * step_s, "tokens_per_s": tokens / step_s, "n_params": n_params, "dtype": args.dtype,
+              "alpha": args.alpha, "tau": args.tau, "timed_steps": args.steps}
+    print(f"TRL DPOTrainer (sync_ref_model, alpha={args.alpha}, tau={args.tau}): {n_params / 1e6:.1f}M params, "
+          f"{tokens} tokens/step, {result['step_ms']:.0f} ms/step, {result['tokens_per_s']:.0f} tokens/s")
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

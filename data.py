@@ -1,0 +1,547 @@
+"""Preference data: tokenizers, the file formats people have, tokenisation with a drop/truncation report, batches.
+
+    read_examples(path) ──► [Pair | Completion] ──► tokenize(..., kind) ──► Dataset(items, report) ──► Batches
+                                                                                          (sharded, resumable)
+Nothing is lost silently: bad input raises DataError naming file, line and field; every dropped example and every
+truncation is counted by reason in the report. Run `python data.py FILE` for a summary of a file.
+"""
+import argparse
+import base64
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import numpy as np
+import tiktoken
+import torch
+
+# -----------------------------------------------------------------------------------------------------------------------
+# tokenizers: tiktoken only. Text is always encoded as plain text (encode_ordinary), so a user who types "<|eot_id|>"
+# gets the characters, never the control token: special tokens come only from code (BOS, EOS, chat headers).
+
+LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL = (["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)]
+                  + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+                  + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])  # 256 in all, ids 128000..128255
+PLAIN_ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}  # the plain chat format is HH's
+
+
+class Tokenizer:
+    """A tiktoken Encoding plus the ids the pipeline needs: every sequence starts with bos_id, a response ends with
+    eos_id (Llama 3 chat responses with <|eot_id|>), pads are pad_id (masked out of every loss)."""
+
+    def __init__(self, enc: tiktoken.Encoding, bos: str, eos: str, pad: str, chat: str = "plain"):
+        self.enc, self.name, self.n_vocab, self.chat = enc, enc.name, enc.n_vocab, chat
+        self.bos_id, self.eos_id, self.pad_id = (enc.encode_single_token(t) for t in (bos, eos, pad))
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids))
+
+    def special(self, token: str) -> int:
+        return self.enc.encode_single_token(token)
+
+    def render(self, x, response: bool) -> list:
+        """A prompt or response (a string, or chat messages) as segments: str (encoded as text) or int (special id).
+        Llama 3 chat: <|begin_of_text|> then per message <|start_header_id|>role<|end_header_id|>"\\n\\n" content.strip()
+        <|eot_id|>, the prompt ending with the assistant header; the response is content.strip() <|eot_id|>.
+        Plain chat (other tokenizers): HH-style text "\\n\\nHuman: ..\\n\\nAssistant:" and the response " content"."""
+        if isinstance(x, str):
+            return [x, self.eos_id] if response else [self.bos_id, x]
+        if self.chat == "llama3":
+            if response:
+                return [x[0]["content"].strip(), self.special("<|eot_id|>")]
+            segs = [self.bos_id]
+            for m in [*x, {"role": "assistant", "content": None}]:
+                segs += [self.special("<|start_header_id|>"), m["role"], self.special("<|end_header_id|>"), "\n\n"]
+                if m["content"] is not None:
+                    segs += [m["content"].strip(), self.special("<|eot_id|>")]
+            return segs
+        if response:
+            return [" " + x[0]["content"], self.eos_id]
+        return [self.bos_id, "".join(f"\n\n{PLAIN_ROLES[m['role']]}: {m['content']}" for m in x) + "\n\nAssistant:"]
+
+
+def get_tokenizer(name_or_path: str) -> Tokenizer:
+    """'byte' (built in, no file), a tiktoken encoding name (gpt2, r50k_base, cl100k_base, o200k_base; their
+    <|endoftext|> serves as BOS, EOS and pad), or the path of a Llama 3 tokenizer.model."""
+    if name_or_path == "byte":  # 256 byte tokens and no merges: for offline demos and tests
+        specials = {"<|bos|>": 256, "<|eos|>": 257, "<|pad|>": 258}
+        enc = tiktoken.Encoding("byte", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                                special_tokens=specials)
+        return Tokenizer(enc, *specials)
+    if name_or_path in tiktoken.list_encoding_names():
+        try:
+            enc = tiktoken.get_encoding(name_or_path)
+        except Exception as e:  # tiktoken downloads its files on first use: say where they are looked for
+            raise RuntimeError(f"tiktoken could not load {name_or_path!r} ({type(e).__name__}); offline, point "
+                               f"TIKTOKEN_CACHE_DIR at a directory holding its files (e.g. ../shared/tiktoken_cache)")
+        return Tokenizer(enc, "<|endoftext|>", "<|endoftext|>", "<|endoftext|>")
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(f"unknown tokenizer {name_or_path!r}: 'byte', one of {tiktoken.list_encoding_names()}, "
+                         "or the path of a Llama 3 tokenizer.model")
+    ranks = {}  # tiktoken's BPE file: "<base64 token> <rank>" per line; read here, not through tiktoken's URL cache
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError as e:
+            raise DataError(f"{path}:{line_no}: expected '<base64 token> <rank>' ({e})") from None
+    special = {tok: len(ranks) + i for i, tok in enumerate(LLAMA3_SPECIAL)}
+    enc = tiktoken.Encoding(path.name, pat_str=LLAMA3_PAT, mergeable_ranks=ranks, special_tokens=special)
+    # pad: end_of_text (what pads hold never matters: right padding, causal attention, loss_mask 0)
+    return Tokenizer(enc, "<|begin_of_text|>", "<|end_of_text|>", "<|end_of_text|>", chat="llama3")
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# reading: JSONL(.gz) or a JSON array; the format is detected from the fields of the first record, or forced
+
+class DataError(ValueError):
+    """Bad input; the message names the file, the 1-based line and the field."""
+
+
+class Pair(NamedTuple):
+    prompt: str | list  # a string, or chat messages [{"role", "content"}]
+    chosen: str | list  # a string, or [one assistant message]
+    rejected: str | list
+
+
+class Completion(NamedTuple):
+    prompt: str | list
+    completion: str | list
+    label: bool | None  # KTO: desirable or not; None for SFT data
+
+
+FORMATS = {"hh": ("chosen", "rejected"), "pairs": ("prompt", "chosen", "rejected"),
+           "kto": ("prompt", "completion", "label"), "sft": ("prompt", "completion")}
+NATURAL_KIND = {"hh": "pairs", "pairs": "pairs", "kto": "kto", "sft": "sft"}
+HH_TURN = "\n\nAssistant:"
+
+
+class Examples(list):
+    """A list of Pair or Completion that knows its format and source."""
+
+    def __init__(self, items, format: str, source: str):
+        super().__init__(items)
+        self.format, self.source = format, source
+
+
+def detect_format(record, where: str) -> str:
+    if isinstance(record, dict):
+        if "messages" in record:
+            return "sft"
+        for fmt in ("kto", "pairs", "sft", "hh"):  # most specific first: pairs ⊃ hh's fields, kto ⊃ sft's
+            if all(k in record for k in FORMATS[fmt]):
+                return fmt
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise DataError(f"{where}: cannot tell the format from the fields {keys}; expected one of "
+                    + ", ".join(f"{f} {{{', '.join(k)}}}" for f, k in FORMATS.items()) + ", or sft {messages}")
+
+
+def _field(rec: dict, key: str, where: str, types: tuple = (str,)):
+    if key not in rec:
+        raise DataError(f"{where}: field {key!r} is missing")
+    if not isinstance(rec[key], types):
+        raise DataError(f"{where}: field {key!r} must be {' or '.join(t.__name__ for t in types)}, got "
+                        f"{type(rec[key]).__name__}")
+    return rec[key]
+
+
+def _messages(rec: dict, key: str, where: str, response: bool = False):
+    """A string, or a chat message list (a response: exactly one assistant message)."""
+    value = _field(rec, key, where, (str, list))
+    if isinstance(value, str):
+        return value
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in PLAIN_ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: field {key!r}[{i}] must be {{'role': system|user|assistant, 'content': str}}")
+    if response and (len(value) != 1 or value[0]["role"] != "assistant"):
+        raise DataError(f"{where}: field {key!r} must hold exactly one assistant message, got {len(value)}")
+    if not response and not value:
+        raise DataError(f"{where}: field {key!r} is an empty message list")
+    return value
+
+
+def parse_record(rec, fmt: str, where: str) -> Pair | Completion:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if fmt == "hh":  # full transcripts: the prompt is the common prefix up to its last "\n\nAssistant:"
+        chosen, rejected = _field(rec, "chosen", where), _field(rec, "rejected", where)
+        common = os.path.commonprefix([chosen, rejected])
+        cut = chosen.rfind(HH_TURN, 0, len(common))
+        if cut < 0:
+            raise DataError(f"{where}: field 'chosen': no {HH_TURN!r} in the part common to chosen and rejected")
+        cut += len(HH_TURN)
+        return Pair(chosen[:cut], chosen[cut:], rejected[cut:])  # prompt + chosen == the original transcript
+    if fmt == "pairs":
+        prompt = _messages(rec, "prompt", where)
+        chosen, rejected = (_messages(rec, k, where, response=True) for k in ("chosen", "rejected"))
+        for key, value in (("chosen", chosen), ("rejected", rejected)):
+            if isinstance(value, str) != isinstance(prompt, str):
+                raise DataError(f"{where}: field {key!r} must be a string exactly when 'prompt' is")
+        return Pair(prompt, chosen, rejected)
+    if fmt == "sft" and "messages" in rec:
+        msgs = _messages(rec, "messages", where)
+        if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field 'messages' must end with an assistant message after the prompt")
+        return Completion(msgs[:-1], msgs[-1:], None)
+    prompt = _messages(rec, "prompt", where)
+    completion = _messages(rec, "completion", where, response=True)
+    if isinstance(completion, str) != isinstance(prompt, str):
+        raise DataError(f"{where}: field 'completion' must be a string exactly when 'prompt' is")
+    return Completion(prompt, completion, _field(rec, "label", where, (bool,)) if fmt == "kto" else None)
+
+
+def from_records(records: Iterable, format: str = "auto", source: str = "<records>") -> Examples:
+    """In-memory dicts (e.g. a synthetic task) through the same parsing as files; `where` counts records from 1."""
+    return _parse(((f"{source}:{i}", r) for i, r in enumerate(records, 1)), format, source)
+
+
+def _parse(located: Iterable, format: str, source: str) -> Examples:
+    if format != "auto" and format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}: auto or one of {list(FORMATS)}")
+    out = []
+    for where, rec in located:
+        if format == "auto":
+            format = detect_format(rec, where)
+        out.append(parse_record(rec, format, where))
+    if not out:
+        raise DataError(f"{source}:1: empty file, no records")
+    return Examples(out, format, source)
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        field = ""  # name the field when the line still parses with the bad bytes escaped
+        try:
+            rec = json.loads(raw.decode("utf-8", "surrogateescape"))
+            escaped = {k: json.dumps(v, ensure_ascii=False) for k, v in rec.items()}
+            bad = [k for k, v in escaped.items() if any(0xDC80 <= ord(c) <= 0xDCFF for c in v)]
+            field = f", field {bad[0]!r}" if bad else ""
+        except (ValueError, AttributeError):
+            pass
+        raise DataError(f"{where}: invalid UTF-8 at byte {e.start}{field}") from None
+
+
+def _json_lines(path: Path, raw: bytes) -> Iterable:
+    """(where, record) of a .jsonl file; blank lines are errors, not silently skipped."""
+    for line_no, line in enumerate(raw.splitlines(), 1):
+        where = f"{path}:{line_no}"
+        text = _decode(line, where)
+        try:
+            yield where, json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
+
+
+def _json_array(path: Path, raw: bytes) -> Iterable:
+    """(where, record) of a .json file holding one array, each record located at the line where it starts."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = raw.count(b"\n", 0, e.start) + 1
+        _decode(raw.splitlines()[line_no - 1], f"{path}:{line_no}")  # raises, naming the field if it can
+    if not text.strip():
+        return  # no records: _parse reports the empty file
+    decoder, i, line_no, counted = json.JSONDecoder(), 0, 1, 0
+
+    def skip(expected: str = "") -> str:  # past blanks; then consume one of `expected` (if given) and return it
+        nonlocal i
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if expected and (i == len(text) or text[i] not in expected):
+            raise json.JSONDecodeError(f"expected {' or '.join(map(repr, expected))} in an array of records", text, i)
+        i += bool(expected)
+        return text[i - 1] if expected else text[i:i + 1]
+
+    try:
+        skip("[")
+        if skip() == "]":
+            i += 1
+        else:
+            while True:
+                line_no, counted = line_no + text.count("\n", counted, i), i
+                rec, i = decoder.raw_decode(text, i)
+                yield f"{path}:{line_no}", rec
+                if skip(",]") == "]":
+                    break
+                skip()
+        if text[i:].strip():
+            raise json.JSONDecodeError("extra data after the array", text, i)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+
+
+def read_examples(path: str | Path, format: str = "auto") -> Examples:
+    """Examples of a .jsonl, .jsonl.gz or .json file; format: auto (from the first record's fields) or forced."""
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}:1: cannot read ({e})") from None
+    if path.name.removesuffix(".gz").endswith(".jsonl"):
+        return _parse(_json_lines(path, raw), format, str(path))
+    if path.name.removesuffix(".gz").endswith(".json"):
+        return _parse(_json_array(path, raw), format, str(path))
+    raise DataError(f"{path}:1: unknown file type (expected .jsonl, .jsonl.gz or .json)")
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# tokenisation: prompt | response | EOS, loss on the response only. Truncation policy (TRL's): a prompt longer than
+# max_prompt_length keeps BOS and its last tokens (the turn being answered); then each response is cut at the end to
+# fit max_length (a cut response loses its EOS). Dropped: empty responses, chosen == rejected (before or after the
+# cut: such a pair has no gradient), prompts that leave no room for a response token.
+
+class Item(NamedTuple):
+    prompt: list[int]
+    response: list[int]  # pairs: chosen; kto, sft: the completion (ends with EOS unless cut)
+    rejected: list[int] | None  # pairs only
+    desirable: bool | None  # kto only
+    group: int  # items of one group stay adjacent when shuffled (a pair unrolled into KTO: desirable, undesirable)
+
+
+@dataclass
+class Dataset:
+    kind: str  # pairs | kto | sft
+    items: list[Item]
+    report: dict  # what tokenize kept, dropped and truncated, and why
+    pad_id: int
+    max_length: int
+
+    def __len__(self):
+        return len(self.items)
+
+
+def _units(examples: list, kind: str, dropped: dict) -> list[tuple]:
+    """(prompt, responses, desirable, group) in the kind's units: a pair for pairs, one completion for kto/sft.
+    Paired data unrolled into KTO gives chosen (desirable) then rejected (undesirable) of each pair, one group."""
+    if kind not in ("pairs", "kto", "sft"):
+        raise ValueError(f"unknown kind {kind!r}: pairs, kto or sft")
+    units = []
+    for g, ex in enumerate(examples):
+        if isinstance(ex, Pair) and kind == "pairs":
+            units.append((ex.prompt, (ex.chosen, ex.rejected), None, g))
+        elif isinstance(ex, Pair) and kind == "kto":
+            units += [(ex.prompt, (ex.chosen,), True, g), (ex.prompt, (ex.rejected,), False, g)]
+        elif isinstance(ex, Pair):  # sft on paired data: the preferred response
+            units.append((ex.prompt, (ex.chosen,), None, g))
+        elif kind == "pairs" or (kind == "kto" and ex.label is None):
+            raise ValueError(f"{getattr(examples, 'source', 'examples')}: {kind} needs "
+                             f"{'paired' if kind == 'pairs' else 'labelled (kto) or paired'} data")
+        else:
+            units.append((ex.prompt, (ex.completion,), ex.label, g))
+    return units
+
+
+def _stats(lengths: list[int]) -> dict:
+    a = np.array(lengths or [0])
+    return {"mean": round(float(a.mean()), 1), "p50": int(np.percentile(a, 50)), "p95": int(np.percentile(a, 95)),
+            "max": int(a.max())}
+
+
+def tokenize(examples: list, tok: Tokenizer, kind: str, max_length: int,
+             max_prompt_length: int | None = None) -> Dataset:
+    """Tokenised items of `kind` (pairs | kto | sft) and the report: format, rows (in the kind's units: a pair
+    unrolled into KTO is two), examples kept, dropped {reason: n}, truncated {prompt, response: n}, token lengths."""
+    if max_length < 2 or not (max_prompt_length is None or 1 <= max_prompt_length < max_length):
+        raise ValueError(f"need max_length >= 2 and 1 <= max_prompt_length < max_length, got {max_length}, "
+                         f"{max_prompt_length}")
+    dropped, truncated = {}, {"prompt": 0, "response": 0}
+
+    def drop(reason: str, n: int = 1):
+        dropped[reason] = dropped.get(reason, 0) + n
+
+    units, kept = _units(examples, kind, dropped), []
+    for u in units:  # drops visible in the text
+        if any(not r.strip() if isinstance(r, str) else not r[0]["content"].strip() for r in u[1]):
+            drop("empty response")
+        elif len(u[1]) == 2 and u[1][0] == u[1][1]:
+            drop("chosen == rejected")
+        else:
+            kept.append(u)
+    # one batched tiktoken call over every text segment, then the segments are put back together
+    segs = [tok.render(x, response=j > 0) for u in kept for j, x in enumerate((u[0], *u[1]))]
+    encoded = iter(tok.encode_batch([s for seg in segs for s in seg if isinstance(s, str)]))
+    ids = iter([i for s in seg for i in (next(encoded) if isinstance(s, str) else (s,))] for seg in segs)
+    items, seq_lengths = [], []
+    for prompt, responses, desirable, group in kept:
+        p, rs = next(ids), [next(ids) for _ in responses]
+        cut_prompt = max_prompt_length is not None and len(p) > max_prompt_length
+        if cut_prompt:  # keep BOS and the end of the prompt
+            p = p[:1] + p[len(p) - max_prompt_length + 1:]
+        room = max_length - len(p)
+        if room < 1:
+            drop("prompt leaves no room for a response")
+            continue
+        cut_response = any(len(r) > room for r in rs)
+        rs = [r[:room] for r in rs]
+        if len(rs) == 2 and rs[0] == rs[1]:
+            drop("chosen == rejected after truncation")
+            continue
+        truncated["prompt"] += cut_prompt
+        truncated["response"] += cut_response
+        items.append(Item(p, rs[0], rs[1] if len(rs) == 2 else None, desirable, group))
+        seq_lengths += [len(p) + len(r) for r in rs]
+    report = {"format": getattr(examples, "format", None), "kind": kind, "rows": len(units),
+              "examples": len(items), "dropped": dropped, "truncated": truncated, "tokenizer": tok.name,
+              "max_length": max_length, "max_prompt_length": max_prompt_length,
+              "tokens": {"prompt": _stats([len(it.prompt) for it in items]), "sequence": _stats(seq_lengths)}}
+    if kind == "kto":
+        report["desirable"] = sum(it.desirable for it in items)
+    return Dataset(kind, items, report, tok.pad_id, max_length)
+
+
+def split_eval(examples: list, n: int) -> tuple[list, list]:
+    """(train, eval): the first n examples are held out, before tokenisation so both halves of a pair stay together."""
+    if not 0 < n < len(examples):
+        raise ValueError(f"cannot hold out {n} of {len(examples)} examples for evaluation (need 0 < n < examples)")
+    return examples[n:], examples[:n]
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# batches: dicts of right-padded tensors; loss_mask 1 on response tokens (EOS included), 0 on prompt and pad
+
+def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (p, r) in enumerate(rows):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, len(p):len(p) + len(r)] = 1
+    return ids, mask
+
+
+def collate(items: list[Item], kind: str, pad_id: int, kl_completions: list[list[int]] | None = None) -> dict:
+    """pairs: input_ids (2b, T) = [chosen_1..b ; rejected_1..b]; kto: + desirable (b,), kl_input_ids / kl_loss_mask
+    (b, T') = prompt_i with the mismatched kl_completions[i]; sft: input_ids (b, T)."""
+    rows = [(it.prompt, it.response) for it in items]
+    if kind == "pairs":
+        rows += [(it.prompt, it.rejected) for it in items]
+    ids, mask = _pad(rows, pad_id)
+    batch = {"input_ids": ids, "loss_mask": mask}
+    if kind == "kto":
+        batch["desirable"] = torch.tensor([it.desirable for it in items], dtype=torch.bool)
+        batch["kl_input_ids"], batch["kl_loss_mask"] = _pad(
+            [(it.prompt, c) for it, c in zip(items, kl_completions, strict=True)], pad_id)
+    return batch
+
+
+def _kl_completions(items: list[Item], max_length: int) -> list[list[int]]:
+    """KTO's KL estimate z_ref scores mismatched pairs: prompt i with the completion of item (i+1) mod b of the same
+    list (TRL shifts completions within the batch likewise), cut to fit max_length after prompt i."""
+    b = len(items)
+    return [items[(i + 1) % b].response[:max_length - len(items[i].prompt)] for i in range(b)]
+
+
+class Batches:
+    """Training batches: each next() is one optimizer step, this rank's list of micro batches (dicts).
+
+    The global batch of step s in epoch e is items order_e[s·B : (s+1)·B], order_e a permutation of the groups seeded
+    by (seed, e); rank r takes its contiguous B/world_size slice, cut into micro batches. So the union over ranks and
+    micro steps is the same for any world size or accumulation split (the last B-incomplete part of an epoch is
+    left for later epochs, which reshuffle). KTO KL completions are paired within the global batch, so they too do
+    not depend on the split. state_dict() is the step counter; load_state_dict() resumes exactly."""
+
+    def __init__(self, data: Dataset, batch_size: int, micro_batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0):
+        if batch_size % (world_size * micro_batch_size):
+            raise ValueError(f"batch_size {batch_size} must be a multiple of world_size {world_size} × "
+                             f"micro_batch_size {micro_batch_size}")
+        if data.kind == "kto" and batch_size < 2:
+            raise ValueError("kto needs batch_size >= 2: the KL completions come from other examples of the batch")
+        self.steps_per_epoch = len(data) // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch_size {batch_size} is larger than the {len(data)} training examples")
+        self.data, self.B, self.micro, self.rank, self.world, self.seed = (data, batch_size, micro_batch_size, rank,
+                                                                           world_size, seed)
+        self.groups: dict[int, list[int]] = {}
+        for i, it in enumerate(data.items):
+            self.groups.setdefault(it.group, []).append(i)
+        self.step, self._epoch, self._order = 0, None, None
+
+    def order(self, epoch: int) -> list[int]:
+        """Item indices of an epoch: the groups shuffled by (seed, epoch), each group's items kept together."""
+        groups = list(self.groups.values())
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(groups))
+        return [i for g in perm for i in groups[g]]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict]:
+        epoch, s = divmod(self.step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, self.order(epoch)
+        items = [self.data.items[i] for i in self._order[s * self.B:(s + 1) * self.B]]
+        kl = _kl_completions(items, self.data.max_length) if self.data.kind == "kto" else [None] * self.B
+        per_rank = self.B // self.world
+        lo = self.rank * per_rank
+        self.step += 1
+        return [collate(items[j:j + self.micro], self.data.kind, self.data.pad_id, kl[j:j + self.micro])
+                for j in range(lo, lo + per_rank, self.micro)]
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.step // self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
+                "batch_size": self.B, "seed": self.seed}
+
+    def load_state_dict(self, state: dict):
+        mine = self.state_dict()
+        changed = [k for k in ("steps_per_epoch", "batch_size", "seed") if state[k] != mine[k]]
+        if changed:
+            raise ValueError(f"cannot resume the data position: {', '.join(changed)} changed "
+                             f"({ {k: state[k] for k in changed} } → { {k: mine[k] for k in changed} })")
+        self.step = state["step"]
+
+
+def eval_batches(data: Dataset, micro_batch_size: int, rank: int = 0, world_size: int = 1) -> list[dict]:
+    """Fixed-order micro batches of this rank's share items[rank::world_size] (KTO KL completions paired within the
+    share). Raises unless every rank gets the same number of micro batches: FSDP forwards are collectives."""
+    counts = {-(-len(range(r, len(data), world_size)) // micro_batch_size) for r in range(world_size)}
+    if len(counts) != 1:
+        raise ValueError(f"{len(data)} eval examples give the {world_size} ranks different numbers of micro batches "
+                         f"of {micro_batch_size}; choose an eval size that divides evenly")
+    items = data.items[rank::world_size]
+    kl = _kl_completions(items, data.max_length) if data.kind == "kto" else [None] * len(items)
+    return [collate(items[j:j + micro_batch_size], data.kind, data.pad_id, kl[j:j + micro_batch_size])
+            for j in range(0, len(items), micro_batch_size)]
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+
+def summary(data: Dataset) -> str:
+    r = data.report
+    lines = [f"{r['rows']} rows of format {r['format']} as {r['kind']}, tokenizer {r['tokenizer']}, max_length "
+             f"{r['max_length']}, max_prompt_length {r['max_prompt_length']}",
+             f"kept {r['examples']}, dropped {sum(r['dropped'].values())}"
+             + "".join(f"\n  dropped {n}: {reason}" for reason, n in r["dropped"].items()),
+             f"truncated: {r['truncated']['prompt']} prompts (kept their end), {r['truncated']['response']} examples' "
+             "responses (cut at the end)"]
+    lines += [f"{name} tokens: " + ", ".join(f"{k} {v}" for k, v in s.items()) for name, s in r["tokens"].items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Summarise a preference / SFT data file: formats, drops, truncation.")
+    ap.add_argument("path", help=".jsonl, .jsonl.gz or .json")
+    ap.add_argument("--format", default="auto", choices=["auto", *FORMATS])
+    ap.add_argument("--tokenizer", default="gpt2", help="byte, a tiktoken name, or a Llama 3 tokenizer.model path")
+    ap.add_argument("--max_length", type=int, default=1024)
+    ap.add_argument("--max_prompt_length", type=int, default=512)
+    args = ap.parse_args()
+    examples = read_examples(args.path, args.format)
+    ds = tokenize(examples, get_tokenizer(args.tokenizer), NATURAL_KIND[examples.format], args.max_length,
+                  args.max_prompt_length)
+    print(f"{args.path}: " + summary(ds))
+    print(json.dumps(ds.report))

@@ -1,0 +1,160 @@
+"""Preference losses as pure functions of tensors: DPO, IPO, SLiC hinge, KTO, and the per-sequence log-probs they need.
+
+Notation (the paper's, after the DPO paper): π = π_θ the policy, π_ref the reference, y_w the chosen (winning) and y_l
+the rejected (losing) response of a pair, log π(y) the summed log-probability of the response tokens given the prompt,
+and the implicit reward r(y) = log π(y) − log π_ref(y). For a pair
+
+    h = r(y_w) − r(y_l) = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)).
+
+Every pair loss returns (losses, chosen_rewards, rejected_rewards), one value per pair; rewards = β·r detached (TRL's).
+Conventions follow TRL 1.16 (trl/trainer/dpo_trainer.py and kto_trainer.py, DPOTrainer/KTOTrainer._compute_loss);
+tests/test_losses.py runs TRL's own _compute_loss on the same inputs and compares. The one deliberate difference:
+dpo_loss keeps conservative DPO's label smoothing ε, which TRL 1.16's "sigmoid" loss lacks (ε = 0, the default, is
+identical; TRL's "robust" loss is a different, unbiased correction).
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+CHUNK_TOKENS = 1024  # positions whose fp32 log-softmax is live at once: memory O(CHUNK_TOKENS · V), not O(B · T · V)
+
+
+class _NextTokenLogps(torch.autograd.Function):
+    """log softmax(logits[:, t-1])[input_ids[:, t]] for t = 1..T-1, chunk by chunk over time, in (at least) fp32.
+
+    Autograd through `logits.float().logsumexp(-1)` would keep an fp32 copy of every chunk for backward, i.e. the
+    whole (B, T, V) tensor again; this Function keeps only the input logits and recomputes the softmax per chunk in
+    backward: d log p(y) / d logits = onehot(y) − softmax(logits). It takes the full logits rather than the view
+    logits[:, :-1], whose backward would allocate a second (B, T, V) gradient to scatter into.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, input_ids: torch.Tensor, chunk: int) -> torch.Tensor:
+        acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+        B, T, _ = logits.shape
+        out = torch.empty(B, T - 1, dtype=acc, device=logits.device)
+        with torch.autocast(logits.device.type, enabled=False):  # autocast would run logsumexp in bf16
+            for t0 in range(0, T - 1, chunk):
+                t1 = min(t0 + chunk, T - 1)
+                x = logits[:, t0:t1].to(acc)
+                out[:, t0:t1] = x.gather(-1, input_ids[:, t0 + 1:t1 + 1, None]).squeeze(-1) - x.logsumexp(-1)
+        ctx.save_for_backward(logits, input_ids)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, input_ids = ctx.saved_tensors
+        T = logits.shape[1]
+        grad = torch.empty_like(logits)
+        grad[:, -1] = 0  # the last position predicts nothing
+        with torch.autocast(logits.device.type, enabled=False):
+            for t0 in range(0, T - 1, ctx.chunk):
+                t1 = min(t0 + ctx.chunk, T - 1)
+                g = grad_out[:, t0:t1, None]
+                gx = logits[:, t0:t1].to(g.dtype).softmax(-1).mul_(-g)
+                grad[:, t0:t1] = gx.scatter_add_(-1, input_ids[:, t0 + 1:t1 + 1, None], g).to(grad.dtype)
+        return grad, None, None
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                   chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs log π(y|x) = Σ_t mask[t] · log p(input_ids[t] | input_ids[:t]) and token counts.
+
+    logits (B, T, V) in any float dtype (bf16 fine: the log-softmax runs in fp32), input_ids and loss_mask (B, T).
+    Token t is scored by logits[:, t-1], so loss_mask[:, 0] is ignored (nothing predicts the first token); the mask is
+    1 on response tokens (EOS included) and 0 on prompt and padding. Returns (logps, n_tokens), both (B,), fp32
+    (fp64 for fp64 logits); logps is differentiable w.r.t. logits. Same as TRL's summed completion log-probs.
+    """
+    if logits.dim() != 3 or input_ids.shape != logits.shape[:2] or loss_mask.shape != input_ids.shape:
+        raise ValueError(f"losses.py sequence_logps: need logits (B, T, V), input_ids and loss_mask (B, T); got "
+                         f"{tuple(logits.shape)}, {tuple(input_ids.shape)}, {tuple(loss_mask.shape)}")
+    if not logits.is_floating_point() or input_ids.dtype != torch.long:
+        raise ValueError(f"losses.py sequence_logps: need float logits and int64 input_ids, "
+                         f"got {logits.dtype} and {input_ids.dtype}")
+    chunk = max(1, chunk_tokens // logits.shape[0])  # time steps per chunk, so a chunk holds ~chunk_tokens positions
+    token_logps = _NextTokenLogps.apply(logits, input_ids, chunk)
+    mask = loss_mask[:, 1:].to(token_logps.dtype)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def _pair_logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """h = r(y_w) − r(y_l) and the detached rewards β·r(y_w), β·r(y_l), after checking β and the shapes."""
+    if beta <= 0:
+        raise ValueError(f"losses.py: beta must be > 0, got {beta}")
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    shapes = {tuple(t.shape) for t in logps}
+    if len(shapes) != 1:
+        raise ValueError(f"losses.py: chosen/rejected policy/reference log-probs must share one shape, got {shapes}")
+    chosen = policy_chosen_logps - ref_chosen_logps
+    rejected = policy_rejected_logps - ref_rejected_logps
+    return chosen - rejected, beta * chosen.detach(), beta * rejected.detach()
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float, label_smoothing: float = 0.0):
+    """DPO: L = −log σ(β·h); with label smoothing ε (conservative DPO) L = −(1−ε)·log σ(β·h) − ε·log σ(−β·h).
+
+    ε is the assumed probability that a preference label is flipped (original DPO code, torchtune, OpenRLHF).
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"losses.py dpo_loss: label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+    h, chosen_rewards, rejected_rewards = _pair_logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, chosen_rewards, rejected_rewards
+
+
+def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float):
+    """IPO (Azar et al., Eq. 17, with their τ = our β): L = (h − 1/(2β))².
+
+    Pass length-averaged log-probs (logps / n_tokens, for policy and reference alike): the IPO authors' and TRL's
+    convention, which keeps β meaningful across response lengths; summed log-probs make the square grow with length.
+    """
+    h, chosen_rewards, rejected_rewards = _pair_logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    return (h - 1 / (2 * beta)) ** 2, chosen_rewards, rejected_rewards
+
+
+def hinge_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+               ref_rejected_logps: torch.Tensor, beta: float):
+    """SLiC-style hinge on the DPO margin (TRL's "hinge"): L = max(0, 1 − β·h)."""
+    h, chosen_rewards, rejected_rewards = _pair_logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    return torch.relu(1 - beta * h), chosen_rewards, rejected_rewards
+
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+             policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """KTO (Ethayarajh et al., Eq. 7), per example, with r = log π(y|x) − log π_ref(y|x):
+
+        z_ref = max(0, mean over the batch (and ranks) of log π(y'|x) − log π_ref(y'|x))   (detached)
+        desirable:   L = w_D · (1 − σ(β·(r − z_ref)))
+        undesirable: L = w_U · (1 − σ(β·(z_ref − r)))
+
+    z_ref estimates KL(π‖π_ref) from mismatched pairs (x, y') of the same batch (the KL rows of a KTO batch); no
+    gradient flows through it, so compute policy_kl_logps under torch.no_grad() as TRL does. Like
+    TRL, each rank averages its KL rows, the ranks' means are averaged (all-reduce when torch.distributed is
+    initialised, so every rank must call this), and the clamp at 0 comes last. Returns (losses, rewards = β·r detached,
+    z_ref); losses.mean() equals TRL's loss, which concatenates desirable then undesirable losses before its mean.
+    """
+    if beta <= 0:
+        raise ValueError(f"losses.py kto_loss: beta must be > 0, got {beta}")
+    if not (policy_logps.shape == ref_logps.shape == desirable.shape) or desirable.dtype != torch.bool:
+        raise ValueError(f"losses.py kto_loss: policy_logps, ref_logps and bool `desirable` must share one shape, got "
+                         f"{tuple(policy_logps.shape)}, {tuple(ref_logps.shape)}, {tuple(desirable.shape)} "
+                         f"({desirable.dtype})")
+    if policy_kl_logps.shape != ref_kl_logps.shape or policy_kl_logps.numel() == 0:
+        raise ValueError(f"losses.py kto_loss: policy_kl_logps and ref_kl_logps must share one non-empty shape, got "
+                         f"{tuple(policy_kl_logps.shape)} and {tuple(ref_kl_logps.shape)}")
+    kl = (policy_kl_logps - ref_kl_logps).detach().mean()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(kl)
+        kl = kl / dist.get_world_size()
+    kl = kl.clamp(min=0)
+    r = policy_logps - ref_logps
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - r))))
+    return losses, beta * r.detach(), kl

@@ -1,0 +1,433 @@
+"""A from-scratch Llama (Llama 2/3, karpathy's tinyllamas) that loads, runs, generates and saves Hugging Face
+checkpoints.
+
+Top to bottom: token embedding -> n blocks of [RMSNorm -> causal self-attention with RoPE and grouped-query attention
+-> residual, RMSNorm -> SwiGLU MLP -> residual] -> final RMSNorm -> LM head (tied to the embedding or not).
+Module names follow transformers' LlamaForCausalLM minus its "model." prefix, so a checkpoint maps by name alone.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int | None = None  # < n_heads: grouped-query attention, each K/V head serves n_heads/n_kv_heads queries
+    hidden_dim: int | None = None  # SwiGLU inner size; None: llama2.c's rule, 2/3 of 4*dim rounded up to 32s
+    head_dim: int | None = None  # None: dim // n_heads; Hugging Face configs may set it independently
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # transformers' llama3 keys: rope_type, factor, low/high_freq_factor, original_...
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    bos_id: int | None = 1
+    eos_id: int | list[int] | None = 2  # Llama 3 instruct configs list several end tokens
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        if self.hidden_dim is None:
+            self.hidden_dim = 32 * math.ceil(int(2 * 4 * self.dim / 3) / 32)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"ModelConfig: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.rope_scaling is not None:
+            missing = [k for k in LLAMA3_ROPE_KEYS if k not in self.rope_scaling]
+            if self.rope_scaling.get("rope_type") != "llama3" or missing:
+                raise ValueError(f"ModelConfig.rope_scaling: need rope_type 'llama3' and {LLAMA3_ROPE_KEYS}, "
+                                 f"got {self.rope_scaling}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# RoPE. Hugging Face's "rotate-half" layout pairs feature i with feature i + head_dim/2 of each head and rotates the
+# pair by angle pos * inv_freq[i]. Meta's original code (and llama2.c) pairs neighbours (2i, 2i+1) instead, treated as
+# one complex number. The two are the same model up to a permutation of the rows of wq and wk inside each head;
+# transformers' convert_llama_weights_to_hf.py applies, to wq (h = n_heads) and wk (h = n_kv_heads) of shape
+# (h * head_dim, dim):   w.view(h, head_dim // 2, 2, dim).transpose(1, 2).reshape(h * head_dim, dim)
+# so weights taken from a Meta/llama2.c checkpoint need that permutation before they run here (wv, wo need nothing).
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """inv_freq[i] = theta^(-2i/head_dim), with Llama 3's frequency scaling if cfg.rope_scaling says so (fp32, CPU)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    # Llama 3: wavelengths longer than original_len/low_freq_factor are slowed down by `factor` (so long contexts look
+    # like the pretraining ones), those shorter than original_len/high_freq_factor (local detail) are kept, and the
+    # band in between is interpolated smoothly. This is transformers' _compute_llama3_parameters.
+    s = cfg.rope_scaling
+    factor, low, high, old_len = (s[k] for k in LLAMA3_ROPE_KEYS)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    band = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(band, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B or 1, 1, T, head_dim) in fp32 for positions pos (T,) or (B, T)."""
+    freqs = pos.reshape(-1, pos.shape[-1])[:, None, :, None].float() * inv_freq  # fp32: bf16 angles drift at long T
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x[i], x[i + d/2]) pair of x (B, H, T, d) by its angle; computed in fp32, returned in x's dtype."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The transformer
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, normalised in fp32 like transformers (then cast back before the weight)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for one layer; only generate() makes these."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.len, self.k, self.v = max_len, 0, None, None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None:  # allocated on first use, in the dtype the (possibly autocast) projections produce
+            self.k = k.new_empty(*k.shape[:2], self.max_len, k.shape[3])
+            self.v = v.new_empty(*v.shape[:2], self.max_len, v.shape[3])
+        t = k.shape[2]
+        self.k[:, :, self.len:self.len + t], self.v[:, :, self.len:self.len + t] = k, v
+        self.len += t
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        # softmax(q k^T / sqrt(head_dim)) v; without a mask (training) the kernel applies the causal mask itself
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # A plain attribute, not a buffer: model.to(bfloat16) and FSDP leave it alone, so the angles stay fp32.
+        self.inv_freq = rope_inv_freq(config)
+        # llama2.c / GPT-2 init for from-scratch runs: N(0, 0.02) everywhere, and N(0, 0.02/sqrt(2 n_layers)) for the
+        # projections that write into the residual stream, so its variance does not grow with depth. (llama2.c scales
+        # its w3 and wo; w3 there is the up projection, a naming slip, we scale the residual writers o_proj, down_proj.)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers) if residual else 0.02)
+
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: list[KVCache] | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids idx (B, T), causal. pos, mask and cache are generate()'s business:
+        positions (B, T), a boolean attention mask (B, 1, T, T_keys) and one KVCache per layer."""
+        if pos is None:
+            pos = torch.arange(idx.shape[1], device=idx.device)
+        if self.inv_freq.device != idx.device:  # once: a plain attribute does not follow model.to(device), and a copy
+            self.inv_freq = self.inv_freq.to(idx.device)  # from pageable memory in every forward would sync the GPU
+        cos, sin = rope_cos_sin(self.inv_freq, pos)
+        x = self.embed_tokens(idx)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, None if cache is None else cache[i])
+        return self.lm_head(self.norm(x))
+
+    def num_params(self) -> int:
+        """Number of parameters, the tied embedding/head counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token at context length seq_len, for MFU: 2 per weight of every matmul (LM head included,
+        the embedding lookup is not a matmul) plus attention's q k^T and (attn) v, 2 * 2 * n_layers * seq_len *
+        n_heads * head_dim, counted over the full seq_len as nanoGPT and PaLM do. Forward + backward is 3x this."""
+        c = self.config
+        attn = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim
+        matmul = c.n_layers * (attn + 3 * c.dim * c.hidden_dim) + c.dim * c.vocab_size
+        return 2 * matmul + 4 * c.n_layers * seq_len * c.n_heads * c.head_dim
+
+    # ------------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: torch.Tensor | list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, stop_ids=None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+        """Continue each prompt by up to max_new_tokens tokens; returns each row's new tokens (a list of lists).
+
+        prompts: a LongTensor (B, T) or B token lists of different lengths. Rows are left-padded to a common length
+        here; the pads are masked out of attention and positions count from each row's first real token, so every row
+        continues exactly as it would alone. temperature 0 is greedy; otherwise sample from softmax(logits /
+        temperature) restricted to the top_k tokens and/or the nucleus of probability top_p. A row stops after it emits
+        a token in stop_ids (kept as its last token); stop_ids=None means config.eos_id, () never stops early.
+        use_cache=False recomputes the whole sequence at every step (a check of the KV cache).
+        """
+        rows = prompts.tolist() if torch.is_tensor(prompts) else [list(r) for r in prompts]
+        if not rows or min(map(len, rows)) == 0:
+            raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+        if stop_ids is None:
+            stop_ids = [] if self.config.eos_id is None else self.config.eos_id
+        stop = {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
+        device = self.embed_tokens.weight.device
+        B, P, L = len(rows), max(map(len, rows)), max(map(len, rows)) + max_new_tokens
+        pad = torch.tensor([P - len(r) for r in rows], device=device)
+        idx = torch.zeros(B, L, dtype=torch.long, device=device)
+        for b, r in enumerate(rows):
+            idx[b, P - len(r):P] = torch.tensor(r, dtype=torch.long)
+        j = torch.arange(L, device=device)
+        pos = (j - pad[:, None]).clamp(min=0)
+        # query i sees key j iff j <= i and j is a real token; a pad query sees itself so no softmax row is empty (NaN)
+        mask = ((j[:, None] >= j) & (j >= pad[:, None, None])) | torch.eye(L, dtype=torch.bool, device=device)
+        mask = mask[:, None]  # (B, 1, L, L), broadcast over heads
+        cache = [KVCache(L) for _ in self.layers] if use_cache else None
+        out, done, start = [[] for _ in rows], [False] * B, 0
+        for t in range(P, L):
+            s = slice(start, t) if use_cache else slice(0, t)  # with a cache only the tokens not yet seen go in
+            start = t
+            logits = self(idx[:, s], pos[:, s], mask[:, :, s, :t], cache)[:, -1].float()
+            idx[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
+            for b, tok in enumerate(idx[:, t].tolist()):
+                if not done[b]:
+                    out[b].append(tok)
+                    done[b] = tok in stop
+            if all(done):
+                break
+        return out
+
+    # ------------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = torch.float32) -> "Llama":
+        """Load a Hugging Face Llama directory: config.json (transformers 4.x or 5.x layout) and model.safetensors or a
+        sharded model.safetensors.index.json. dtype=None keeps the checkpoint's dtype from config.json."""
+        path = Path(path)
+        raw = read_json(path / "config.json")
+        config = config_from_hf(raw, path / "config.json")
+        tensors = read_safetensors(path)
+        # Checkpoints that tie the head to the embedding store it once (no lm_head.weight).
+        if "lm_head.weight" not in tensors:
+            config.tie_embeddings = True
+        elif config.tie_embeddings:
+            head, embedding = tensors.pop("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+            if embedding is not None and not torch.equal(head, embedding):
+                raise ValueError(f"{path}: tie_word_embeddings is true but lm_head.weight differs from the embedding")
+        if dtype is None:
+            name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+            if name not in DTYPES:
+                raise ValueError(f"{path / 'config.json'}: dtype {name!r} is not one of {list(DTYPES)}")
+            dtype = DTYPES[name]
+        with torch.device("meta"):  # no memory, no init: every weight comes from the file
+            model = cls(config)
+        check_keys(tensors, model.state_dict(), config.tie_embeddings, path)
+        sd = {from_hf_name(k): v.to(dtype) for k, v in tensors.items()}
+        if config.tie_embeddings:
+            sd["lm_head.weight"] = sd["embed_tokens.weight"]
+        model.load_state_dict(sd, assign=True)
+        if config.tie_embeddings:  # assign=True put two separate Parameters in; make them one again
+            model.lm_head.weight = model.embed_tokens.weight
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None):
+        """Write config.json and model.safetensors that transformers' LlamaForCausalLM loads. state_dict (our names,
+        full tensors) replaces this module's own, e.g. one gathered from an FSDP2-sharded copy of it."""
+        path = Path(path)
+        sd = self.state_dict() if state_dict is None else state_dict
+        tensors = {to_hf_name(k): v.detach().cpu().contiguous() for k, v in sd.items()
+                   if not (self.config.tie_embeddings and k == "lm_head.weight")}
+        check_keys(tensors, self.state_dict(), self.config.tie_embeddings, "save_pretrained(state_dict)")
+        path.mkdir(parents=True, exist_ok=True)
+        dtype = tensors["model.embed_tokens.weight"].dtype
+        with open(path / "config.json", "w") as f:
+            json.dump(config_to_hf(self.config, dtype), f, indent=2)
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of logits (B, vocab): argmax at temperature 0, else a draw from the filtered softmax."""
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"sampling: need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, "
+                         f"{top_p}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        # nucleus: keep the most likely tokens until they hold top_p of the mass (the top one always stays)
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hugging Face checkpoint format: names, config.json (both layouts), safetensors files
+
+def to_hf_name(name: str) -> str:
+    """Our parameter name -> transformers' LlamaForCausalLM name."""
+    return name if name == "lm_head.weight" else "model." + name
+
+
+def from_hf_name(name: str) -> str:
+    return name.removeprefix("model.")
+
+
+def check_keys(tensors: dict[str, torch.Tensor], own: dict[str, torch.Tensor], tied: bool, where):
+    """Raise naming the first missing or unexpected key or shape mismatch between HF-named tensors and our state."""
+    want = {to_hf_name(k): tuple(v.shape) for k, v in own.items() if not (tied and k == "lm_head.weight")}
+    for k in want:
+        if k not in tensors:
+            raise ValueError(f"{where}: missing key {k}")
+    for k, v in tensors.items():
+        if k not in want:
+            raise ValueError(f"{where}: unexpected key {k}")
+        if tuple(v.shape) != want[k]:
+            raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, the config implies {want[k]}")
+
+
+def read_json(file: Path) -> dict:
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: line {e.lineno}: {e.msg}") from e
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors, or of every shard listed in model.safetensors.index.json."""
+    if (path / "model.safetensors").exists():
+        tensors = load_file(path / "model.safetensors")
+    elif (path / "model.safetensors.index.json").exists():
+        index = path / "model.safetensors.index.json"
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).exists():
+                raise ValueError(f"{index}: weight_map names {shard}, which is not in {path}")
+            tensors.update(load_file(path / shard))
+        if set(tensors) != set(weight_map):
+            raise ValueError(f"{index}: weight_map and the shards disagree on {sorted(set(tensors) ^ set(weight_map))}")
+    else:
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+    # Old transformers versions saved the RoPE frequencies as weights; they follow from config.json.
+    return {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+def config_from_hf(d: dict, where) -> ModelConfig:
+    """ModelConfig from a config.json dict: transformers 4.x keeps rope_theta/rope_scaling at the top level, 5.x puts
+    both into rope_parameters."""
+    def need(key):
+        if key not in d:
+            raise ValueError(f"missing field '{key}'")  # prefixed with `where` below
+        return d[key]
+
+    for key, ok in (("model_type", "llama"), ("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if d.get(key, ok) != ok:
+            raise ValueError(f"{where}: field '{key}' is {d[key]!r}; this Llama supports only {ok!r}")
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    rope_theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type": the oldest 4.x spelling
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (only 'default' and 'llama3')")
+    rope_scaling = {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_ROPE_KEYS if k in rope}}
+    try:  # ModelConfig checks the rest (head counts, llama3 keys); say which file it came from
+        return ModelConfig(
+            vocab_size=need("vocab_size"), dim=need("hidden_size"), n_layers=need("num_hidden_layers"),
+            n_heads=need("num_attention_heads"), n_kv_heads=d.get("num_key_value_heads"),
+            hidden_dim=need("intermediate_size"), head_dim=d.get("head_dim"), norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta), rope_scaling=rope_scaling if rope_type == "llama3" else None,
+            max_seq_len=d.get("max_position_embeddings", 2048), tie_embeddings=d.get("tie_word_embeddings", False),
+            bos_id=d.get("bos_token_id"), eos_id=d.get("eos_token_id"))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def config_to_hf(c: ModelConfig, dtype: torch.dtype) -> dict:
+    """config.json that transformers 4.x (top-level rope_theta/rope_scaling/torch_dtype) and 5.x (rope_parameters,
+    dtype) both read."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+        "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+        "hidden_act": "silu", "rms_norm_eps": c.norm_eps, "max_position_embeddings": c.max_seq_len,
+        "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
+        "rope_parameters": {"rope_theta": c.rope_theta, **(c.rope_scaling or {"rope_type": "default"})},
+        "tie_word_embeddings": c.tie_embeddings, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": dtype_name, "dtype": dtype_name,
+    }

@@ -1,0 +1,302 @@
+"""model.py against transformers' LlamaForCausalLM and a real pretrained Llama (stories260K); sample.py end to end."""
+import json
+import math
+import re
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import sample
+from conftest import shared_path
+from data import get_tokenizer
+from model import Llama, ModelConfig, apply_rope, config_from_hf, rope_cos_sin, rope_inv_freq, sample_next
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread beats two, by far when other processes share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64)
+
+
+def random_llama(seed=0, **overrides) -> Llama:
+    torch.manual_seed(seed)
+    model = Llama(ModelConfig(**{**TINY, **overrides})).eval()
+    with torch.no_grad():  # non-trivial norm weights, so a norm applied in the wrong place would show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(path, idx):
+    hf = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+HF_CASES = {  # random transformers configs; seq_len 80 > original_max_position_embeddings 64 in the llama3 case
+    "gqa-tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "mha-untied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "llama3-rope-head_dim-4.x-layout": dict(
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False, rope_theta=10000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}),
+}
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_logits_match_transformers(case, tmp_path):
+    kw = dict(HF_CASES[case])
+    rope = {"rope_theta": kw.pop("rope_theta", 10000.0), **kw.pop("rope_scaling", {"rope_type": "default"})}
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   max_position_embeddings=128, rms_norm_eps=1e-5, rope_parameters=rope, **kw)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    if "4.x-layout" in case:  # what most Hub checkpoints carry: top-level rope_theta / rope_scaling / torch_dtype
+        c = json.loads((tmp_path / "config.json").read_text())
+        p = c.pop("rope_parameters")
+        c.update(rope_theta=p.pop("rope_theta"), rope_scaling=p, torch_dtype=c.pop("dtype"))
+        (tmp_path / "config.json").write_text(json.dumps(c))
+    ours = Llama.from_pretrained(tmp_path)
+    assert ours.config.tie_embeddings == cfg.tie_word_embeddings
+    assert (ours.lm_head.weight is ours.embed_tokens.weight) == cfg.tie_word_embeddings
+    if "llama3" in case:
+        assert ours.config.rope_scaling["original_max_position_embeddings"] == 64 and ours.config.head_dim == 16
+    idx = torch.randint(0, 97, (2, 80))
+    with torch.no_grad():
+        diff = (ours(idx) - hf_logits(tmp_path, idx)).abs().max().item()
+    assert diff <= 1e-4, f"{case}: max |logits - transformers| = {diff}"
+
+
+def test_llama3_frequency_scaling_bands():
+    """Short wavelengths kept, long ones divided by factor, the band between interpolated (Llama 3 paper's rule)."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    plain = rope_inv_freq(ModelConfig(**{**TINY, "head_dim": 16}))
+    scaled = rope_inv_freq(ModelConfig(**{**TINY, "head_dim": 16, "rope_scaling": scaling}))
+    wavelen = 2 * math.pi / plain
+    assert torch.equal(scaled[wavelen < 16], plain[wavelen < 16])
+    assert torch.allclose(scaled[wavelen > 64], plain[wavelen > 64] / 8)
+    mid = (wavelen > 16) & (wavelen < 64)
+    assert mid.any() and ((scaled[mid] < plain[mid]) & (scaled[mid] > plain[mid] / 8)).all()
+
+
+def test_meta_interleaved_rope_equals_rotate_half_after_the_qk_permutation():
+    """The comment in model.py: Meta's complex-pair RoPE on w x == our rotate-half RoPE on permuted(w) x, permuted."""
+    h, d, dim, T = 2, 8, 16, 5
+    w, x = torch.randn(h * d, dim), torch.randn(T, dim)
+    inv_freq = rope_inv_freq(ModelConfig(dim=dim, n_heads=h))
+    rotation = torch.polar(torch.ones(T, d // 2), torch.arange(T)[:, None] * inv_freq)  # e^{i pos theta_k}
+    meta = torch.view_as_real(torch.view_as_complex((x @ w.T).view(T, h, d // 2, 2)) * rotation[:, None])
+    w_hf = w.view(h, d // 2, 2, dim).transpose(1, 2).reshape(h * d, dim)
+    ours = apply_rope((x @ w_hf.T).view(T, h, d).transpose(0, 1)[None], *rope_cos_sin(inv_freq, torch.arange(T)))
+    assert torch.allclose(ours[0], meta.transpose(2, 3).reshape(T, h, d).transpose(0, 1), atol=1e-5)
+
+
+def stories():
+    path = shared_path("models", "stories260K")
+    return Llama.from_pretrained(path), json.loads((path / "reference.json").read_text())
+
+
+def decode_pieces(pieces: list[str], ids: list[int]) -> str:
+    """sentencepiece decoding: <0xNN> pieces are raw bytes, and the space put before the first word is dropped."""
+    out = b"".join(bytes([int(pieces[i][3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", pieces[i])
+                   else pieces[i].encode() for i in ids)
+    return out.decode("utf-8", errors="replace").removeprefix(" ")
+
+
+def test_stories260K_greedy_from_bos():
+    model, ref = stories()
+    ids = [ref["bos_id"]] + model.generate([[ref["bos_id"]]], len(ref["greedy_from_bos"]) - 1, stop_ids=())[0]
+    assert ids == ref["greedy_from_bos"]
+    text = decode_pieces(ref["pieces"], ids[1:])
+    assert text == ref["greedy_text"]
+    assert text.startswith("Once upon a time, there was a little girl named Lily.")
+    with torch.no_grad():
+        last = model(torch.tensor([ids]))[0, -1, :8]
+    assert torch.allclose(last, torch.tensor(ref["logits_at_last_position_first8"]), atol=1e-4)
+
+
+def test_stories260K_batch_of_different_lengths_cached_and_uncached():
+    """Prompts of lengths 1, 6 and 23 from the reference story continue it exactly, with and without the KV cache."""
+    model, ref = stories()
+    story = ref["greedy_from_bos"]
+    prompts = [story[:1], story[:6], story[:23]]
+    for use_cache in (True, False):
+        out = model.generate(prompts, 12, stop_ids=(), use_cache=use_cache)
+        assert out == [story[len(p):len(p) + 12] for p in prompts], f"use_cache={use_cache}"
+
+
+def test_kv_cache_matches_recompute_and_rows_match_alone():
+    model = random_llama(seed=1)
+    with torch.no_grad():
+        for p in model.parameters():  # larger weights: peaked logits, so greedy is decided by the model, not by noise
+            p.mul_(4.0)
+    prompts = [[5, 9, 2, 7, 7, 1, 3], [4], [8, 8, 6, 1]]
+    cached = model.generate(prompts, 20, stop_ids=())
+    assert cached == model.generate(prompts, 20, stop_ids=(), use_cache=False)
+    assert cached == [model.generate([p], 20, stop_ids=())[0] for p in prompts]
+    assert cached == [model.generate(torch.tensor([p]), 20, stop_ids=())[0] for p in prompts]
+
+
+def test_right_padding_leaves_real_token_logits_unchanged():
+    model = random_llama()
+    a, b = torch.randint(0, 97, (1, 11)), torch.randint(0, 97, (1, 6))
+    padded = torch.cat([a, torch.cat([b, torch.zeros(1, 5, dtype=torch.long)], 1)])
+    with torch.no_grad():
+        logits = model(padded)
+        assert torch.allclose(logits[0], model(a)[0], atol=1e-5)
+        assert torch.allclose(logits[1, :6], model(b)[0], atol=1e-5)
+
+
+def test_stop_ids_and_sampling():
+    model = random_llama()
+    prompt = [[3, 1, 4]]
+    greedy = model.generate(prompt, 10, stop_ids=())[0]
+    stop = greedy[4]
+    first = greedy.index(stop)
+    assert model.generate(prompt, 10, stop_ids=[stop])[0] == greedy[:first + 1]  # the stop token ends the row
+    assert model.generate(prompt, 10, temperature=1.0, top_k=1, stop_ids=())[0] == greedy
+    assert model.generate(prompt, 10, temperature=1.0, top_p=1e-6, stop_ids=())[0] == greedy
+    draws = [model.generate(prompt * 3, 10, temperature=1.0, top_k=20, top_p=0.9, stop_ids=(),
+                            generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert draws[0] == draws[1] and draws[0][0] != draws[0][1]  # seeded: reproducible; rows draw independently
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(2000, 1)
+    top2 = sample_next(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(top2.tolist()) == {2, 3}
+    nucleus = sample_next(logits, 1.0, top_p=0.7, generator=torch.Generator().manual_seed(0))  # p(3)=.64, p(2)=.24
+    assert set(nucleus.tolist()) == {2, 3}
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next(logits, 1.0, top_p=0.0)
+
+
+def test_save_pretrained_loads_in_transformers(tmp_path):
+    idx = torch.randint(0, 97, (2, 20))
+    for tied in (True, False):
+        model = random_llama(tie_embeddings=tied, head_dim=16)
+        model.save_pretrained(tmp_path / str(tied))
+        with torch.no_grad():
+            diff = (model(idx) - hf_logits(tmp_path / str(tied), idx)).abs().max().item()
+        assert diff <= 1e-5, f"tied={tied}: {diff}"
+        back = Llama.from_pretrained(tmp_path / str(tied))
+        assert back.config == model.config
+        assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_save_pretrained_with_external_state_dict(tmp_path):
+    """What train.py does with an FSDP2-sharded model: gather a full state dict in our names, save through any copy."""
+    model, other = random_llama(seed=0), random_llama(seed=1)
+    model.save_pretrained(tmp_path, state_dict={k: v.clone() for k, v in other.state_dict().items()})
+    back = Llama.from_pretrained(tmp_path)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in other.state_dict().items())
+    with pytest.raises(ValueError, match="missing key model.norm.weight"):
+        model.save_pretrained(tmp_path, state_dict={k: v for k, v in other.state_dict().items() if k != "norm.weight"})
+
+
+def test_sharded_load_equals_single_file(tmp_path):
+    model = random_llama(tie_embeddings=False)
+    model.save_pretrained(tmp_path / "one")
+    tensors = load_file(tmp_path / "one" / "model.safetensors")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # old transformers saved these: ignored
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, tmp_path / "two" / file, metadata={"format": "pt"})
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (tmp_path / "two" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    one, two = Llama.from_pretrained(tmp_path / "one"), Llama.from_pretrained(tmp_path / "two")
+    idx = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(one(idx), two(idx))
+
+
+def test_load_errors_name_the_key(tmp_path):
+    random_llama(tie_embeddings=False).save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    good = load_file(file)
+    bad_cases = {
+        "missing key model.layers.1.mlp.up_proj.weight":
+            {k: v for k, v in good.items() if k != "model.layers.1.mlp.up_proj.weight"},
+        "unexpected key model.layers.2.mlp.up_proj.weight":
+            {**good, "model.layers.2.mlp.up_proj.weight": good["model.layers.1.mlp.up_proj.weight"].clone()},
+        r"model.norm.weight has shape \(31,\)": {**good, "model.norm.weight": torch.ones(31)},
+    }
+    for message, tensors in bad_cases.items():
+        save_file(tensors, file)
+        with pytest.raises(ValueError, match=message):
+            Llama.from_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    save_file({**good, "lm_head.weight": good["model.embed_tokens.weight"] + 1}, file)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match="lm_head.weight differs from the embedding"):
+        Llama.from_pretrained(tmp_path)
+    save_file({k: v for k, v in good.items() if k != "lm_head.weight"}, file)  # no head stored: it is the embedding
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    model = Llama.from_pretrained(tmp_path)
+    assert model.config.tie_embeddings and model.lm_head.weight is model.embed_tokens.weight
+    with pytest.raises(ValueError, match="rope_type 'yarn'"):
+        config_from_hf({**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}, "config.json")
+    with pytest.raises(ValueError, match="config.json: .*original_max_position_embeddings"):
+        config_from_hf({**config, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "config.json")
+    with pytest.raises(ValueError, match="^config.json: missing field 'intermediate_size'"):
+        config_from_hf({k: v for k, v in config.items() if k != "intermediate_size"}, "config.json")
+    (tmp_path / "config.json").write_text('{\n  "vocab_size": 97,\n}')
+    with pytest.raises(ValueError, match="config.json: line 3"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_param_and_flop_counts_and_init():
+    model = random_llama(n_layers=4, dim=64, n_heads=4, n_kv_heads=2, hidden_dim=None, tie_embeddings=False)
+    assert model.config.hidden_dim == 192  # llama2.c: 2/3 * 4 * 64 = 170, rounded up to a multiple of 32
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False))
+    assert model.num_params() == hf.num_parameters()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert model.flops_per_token(100) == 2 * linear + 2 * 2 * 4 * 100 * 64  # matmuls + QK^T and AV over 100 keys
+    assert random_llama(tie_embeddings=True).num_params() == random_llama(tie_embeddings=False).num_params() - 97 * 32
+    big = Llama(ModelConfig(vocab_size=97, dim=256, n_layers=8, n_heads=4))  # residual writers: 0.02 / sqrt(2 * 8)
+    assert abs(big.layers[0].self_attn.o_proj.weight.std().item() - 0.005) < 0.0005
+    assert abs(big.layers[0].self_attn.q_proj.weight.std().item() - 0.02) < 0.002
+
+
+def test_bf16_autocast_and_bf16_weights():
+    model = random_llama()
+    idx = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        ref = model(idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(idx)
+    assert logits.dtype == torch.bfloat16 and (logits.float() - ref).abs().max() < 0.05
+    logits.float().sum().backward()
+    assert model.layers[0].mlp.up_proj.weight.grad is not None
+    model.to(torch.bfloat16)
+    assert model.inv_freq.dtype == torch.float32  # RoPE angles stay fp32 whatever the weights are
+    with torch.no_grad():
+        assert (model(idx).float() - ref).abs().max() < 0.05
+
+
+def test_sample_script(tmp_path, capsys):
+    tok = get_tokenizer("byte")
+    model = random_llama(vocab_size=tok.n_vocab, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    model.save_pretrained(tmp_path)
+    prompt = "Hello"
+    sample.main(["--ckpt", str(tmp_path), "--tokenizer", "byte", "--prompt", prompt, "--max_new_tokens", "8",
+                 "--temperature", "0"])
+    printed = capsys.readouterr().out
+    new = model.generate([[tok.bos_id] + tok.encode(prompt)], 8)[0]
+    assert printed == prompt + tok.decode([t for t in new if t != tok.eos_id]) + "\n---------------\n"

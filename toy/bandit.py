@@ -1,0 +1,65 @@
+"""Toy 1, the bandit: one prompt, K responses, a policy whose parameters are shared by every response.
+
+π(y) = softmax_y f(φ(y)) with f a small MLP over fixed random response features φ(y) ∈ R^d, so raising one response
+moves its neighbours in feature space. The preference data is P disjoint pairs over 2P of the K responses; the SFT
+policy is fitted to those 2P responses (they were "sampled from it"), and is both the start and the static reference.
+DPO / IPO / KTO then run with a static, soft (α, τ) and hard (τ) reference; the exact probabilities of the chosen set,
+the rejected set and the other K − 2P (out-of-distribution) responses are recorded through training.
+
+    python -m toy.bandit [--out toy/figures] [--quick]
+"""
+import torch
+import torch.nn as nn
+
+from toy.common import (LOSSES, MODES, RunConfig, likelihood_figure, likelihood_grid, parse_args, save, summarise)
+
+K, D, HIDDEN, N_PAIRS = 64, 8, 32, 4  # responses, feature size, MLP width, preference pairs
+SFT_STEPS, SFT_LR = 300, 1e-2
+
+
+class BanditPolicy(nn.Module):
+    """logits(y) = MLP(φ(y)); forward(idx) ignores its context (one prompt) and returns the same next-token logits
+    over the K responses at every position, so a response is a one-token sequence scored by losses.sequence_logps."""
+
+    def __init__(self, features: torch.Tensor, hidden: int):
+        super().__init__()
+        self.register_buffer("features", features)
+        self.net = nn.Sequential(nn.Linear(features.shape[1], hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.net(self.features).squeeze(-1).expand(*idx.shape, -1)
+
+
+def build(seed: int):
+    """Features, SFT policy and the P pairs for one seed."""
+    from toy.common import sft
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(K, D, generator=g)
+    torch.manual_seed(seed)
+    policy = BanditPolicy(features, HIDDEN)
+    tokens = torch.stack([torch.zeros(K, dtype=torch.long), torch.arange(K)], dim=1)  # [prompt, y]
+    mask = torch.tensor([[0, 1]]).expand(K, 2)
+    in_data = torch.randperm(K, generator=g)[: 2 * N_PAIRS]
+    chosen, rejected = in_data[:N_PAIRS], in_data[N_PAIRS:]
+    sft(policy, tokens, mask, in_data, SFT_STEPS, SFT_LR)
+    return policy, tokens, mask, chosen, rejected
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv, __doc__.splitlines()[0], "toy/figures")
+    steps, seeds = (300, [0, 1]) if args.quick else (1500, [0, 1, 2, 3, 4])
+    base = dict(beta=0.1, lr=1e-2, alpha=0.6, tau=32, steps=steps, eval_every=max(steps // 100, 1))
+    configs = {f"{loss}/{mode}": RunConfig(loss=loss, mode=mode, **base) for loss in LOSSES for mode in MODES}
+    runs = likelihood_grid(build, configs, seeds)
+    rows = {loss.upper(): [f"{loss}/{mode}" for mode in MODES] for loss in LOSSES}
+    fig = likelihood_figure(runs, rows, f"bandit: K={K} responses, {N_PAIRS} pairs, β={base['beta']}, "
+                                        f"Adam lr={base['lr']}, soft α={base['alpha']}, τ={base['tau']}")
+    payload = {"setup": {"K": K, "D": D, "hidden": HIDDEN, "n_pairs": N_PAIRS, "sft_steps": SFT_STEPS,
+                         "sft_lr": SFT_LR, "seeds": seeds, **base},
+               "configs": {n: vars(c) for n, c in configs.items()}, "summary": summarise(runs), "runs": runs}
+    save(args.out, "bandit", payload, fig)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Shared toy machinery: an exactly enumerable response space and the preference-training loop of train.py in small.
+
+Every toy response is a token row `[prompt, y_1..y_L]` with loss_mask on y, so a toy policy is scored by the same
+`losses.sequence_logps` as the real one, and the whole space fits in one forward: probabilities are exact, not sampled.
+The loop uses `losses.py` for DPO / IPO / KTO and `reference.py` for the static / soft / hard reference, like train.py.
+"""
+import argparse
+import itertools
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from losses import dpo_loss, ipo_loss, kto_loss, sequence_logps
+from reference import ReferenceUpdater, make_reference, reference_logits
+
+LOSSES = ("dpo", "ipo", "kto")
+MODES = ("static", "soft", "hard")
+
+
+@dataclass
+class RunConfig:
+    """One preference run: the loss, the reference schedule (paper's α, τ) and full-batch Adam."""
+    loss: str = "dpo"
+    mode: str = "static"  # static | soft (θ_ref ← α·θ + (1−α)·θ_ref every τ steps) | hard (θ_ref ← θ every τ)
+    beta: float = 0.1
+    alpha: float = 0.6
+    tau: int = 32
+    lr: float = 1e-2
+    steps: int = 400
+    eval_every: int = 10
+
+    def __post_init__(self):
+        if self.loss not in LOSSES or self.mode not in MODES:
+            raise ValueError(f"RunConfig: loss must be one of {LOSSES} and mode one of {MODES}, got {self.loss!r}, "
+                             f"{self.mode!r}")
+
+
+def enumerate_sequences(vocab: int, length: int, prompt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """All vocab**length responses as rows [prompt, y_1..y_L] and their loss_mask (1 on the response)."""
+    ys = torch.tensor(list(itertools.product(range(vocab), repeat=length)), dtype=torch.long)
+    tokens = torch.cat([torch.full((len(ys), 1), prompt), ys], dim=1)
+    mask = torch.ones_like(tokens)
+    mask[:, 0] = 0
+    return tokens, mask
+
+
+def logps(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(y) and response length for each row, through losses.sequence_logps (logits upcast to fp32 first)."""
+    return sequence_logps(forward(tokens).float(), tokens, mask)
+
+
+@torch.no_grad()
+def all_logps(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log π(y) for every response of the space: one batched forward (sums to 1 in probability exactly)."""
+    return logps(model, tokens, mask)[0]
+
+
+def set_masses(lp: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """Exact mass of the chosen set, the rejected set and everything else (OOD), plus mean log π per set."""
+    p = lp.exp()
+    in_data = torch.zeros_like(p, dtype=torch.bool)
+    c, r = torch.unique(chosen), torch.unique(rejected)
+    in_data[c] = True
+    in_data[r] = True
+    return {"mass_chosen": p[c].sum().item(), "mass_rejected": p[r].sum().item(),
+            "mass_ood": p[~in_data].sum().item(), "logp_chosen": lp[chosen].mean().item(),
+            "logp_rejected": lp[rejected].mean().item()}
+
+
+def preference_loss(cfg: RunConfig, pol: torch.Tensor, ref: torch.Tensor, n_tokens: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss over P pairs and the margins h = (log π/π_ref)(y_w) − (log π/π_ref)(y_l); inputs are (2P,) rows
+    [chosen ; rejected]. IPO takes length-averaged log-probs (losses.py convention). KTO unrolls the pairs into
+    desirable = chosen, undesirable = rejected; with one prompt the "mismatched" KL completions of the batch are the
+    batch's own completions, so z_ref = mean(log π − log π_ref) over the batch, as losses.kto_loss computes it."""
+    if cfg.loss == "ipo":
+        pol, ref = pol / n_tokens, ref / n_tokens
+    n = pol.shape[0] // 2
+    pc, pr, rc, rr = pol[:n], pol[n:], ref[:n], ref[n:]
+    margins = ((pc - rc) - (pr - rr)).detach()
+    if cfg.loss == "dpo":
+        losses = dpo_loss(pc, pr, rc, rr, cfg.beta)[0]
+    elif cfg.loss == "ipo":
+        losses = ipo_loss(pc, pr, rc, rr, cfg.beta)[0]
+    else:
+        desirable = torch.arange(2 * n) < n
+        losses = kto_loss(pol, ref, desirable, pol, ref, cfg.beta)[0]
+    return losses.mean(), margins
+
+
+def margin_stats(beta: float, h: torch.Tensor) -> dict[str, float]:
+    """DPO's view of the margins: ℓ(h) = −log σ(βh), weight −ℓ'(h)/β = σ(−βh), curvature ℓ''(h) = β²σ(βh)σ(−βh)."""
+    bh = beta * h
+    return {"beta_margin": bh.mean().item(), "dpo_weight": torch.sigmoid(-bh).mean().item(),
+            "dpo_curvature": (beta ** 2 * torch.sigmoid(bh) * torch.sigmoid(-bh)).mean().item()}
+
+
+def train(policy: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor, chosen: torch.Tensor,
+          rejected: torch.Tensor, cfg: RunConfig, evaluate: Callable[[torch.Tensor, torch.Tensor], dict]
+          ) -> dict[str, list]:
+    """Full-batch preference training on the pairs (chosen[i] ≻ rejected[i]); every cfg.eval_every steps records
+    evaluate(log π over the space, log π_SFT over the space) and the margin statistics against the current reference.
+    The reference starts as a frozen copy of the initial (SFT) policy and follows cfg.mode via reference.py."""
+    reference = make_reference(policy)
+    updater = ReferenceUpdater(cfg.mode, alpha=cfg.alpha, tau=cfg.tau)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    sft_lp = all_logps(reference, tokens, mask)
+    pair_tokens, pair_mask = tokens[torch.cat([chosen, rejected])], mask[torch.cat([chosen, rejected])]
+    history: dict[str, list] = {"step": [], "loss": []}
+    for step in range(cfg.steps + 1):
+        lp, n_tok = logps(policy, pair_tokens, pair_mask)
+        ref_lp = logps(lambda x: reference_logits(reference, x), pair_tokens, pair_mask)[0]
+        loss, h = preference_loss(cfg, lp, ref_lp, n_tok)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            record = {"loss": loss.item(), **margin_stats(cfg.beta, h), **evaluate(all_logps(policy, tokens, mask),
+                                                                                   sft_lp)}
+            history["step"].append(step)
+            for key, value in record.items():
+                history.setdefault(key, []).append(value)
+        if step == cfg.steps:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        updater.after_step(step + 1, reference, policy)
+    return history
+
+
+def sft(policy: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, steps: int, lr: float
+        ) -> None:
+    """Supervised fine-tuning: full-batch Adam on the mean NLL −log π(y) of the responses `ids` (repeats count)."""
+    optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = -logps(policy, tokens[ids], mask[ids])[0].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def kl(lp: torch.Tensor, lq: torch.Tensor) -> float:
+    """Exact KL(p‖q) = Σ p (log p − log q) over the enumerated space."""
+    return (lp.exp() * (lp - lq)).sum().item()
+
+
+def parse_args(argv: list[str] | None, description: str, default_out: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=default_out, help="folder for the PNG figures and the JSON of every number")
+    parser.add_argument("--quick", action="store_true", help="a small version (seconds) for the test suite")
+    return parser.parse_args(argv)
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    """Mean and (population) standard deviation over seeds, as reported in the README."""
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std()), "n": int(a.size)}
+
+
+def band(ax, x: list, runs: list[list[float]], label: str, color=None, linestyle="-") -> None:
+    """Plot the mean over seeds with a ±1 std band."""
+    a = np.asarray(runs, dtype=float)
+    m, s = a.mean(0), a.std(0)
+    line, = ax.plot(x, m, label=label, color=color, linestyle=linestyle)
+    ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def save(out: str | Path, name: str, payload: dict, fig) -> None:
+    """Write OUT/NAME.json (every plotted number) and OUT/NAME.png (kept small: 100 dpi)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{name}.json", "w") as f:
+        json.dump(rounded(payload), f, allow_nan=False)
+    fig.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
+
+
+def rounded(obj):
+    """Floats rounded to 6 significant digits for a small JSON; NaN/inf would be a bug upstream, so fail loudly."""
+    if isinstance(obj, dict):
+        return {k: rounded(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v) for v in obj]
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(f"toy result is not finite: {obj}")
+        return float(f"{obj:.6g}")
+    return obj
+
+
+# ---- the likelihood experiment shared by bandit.py and sequences.py: claims (a) and (b) ----
+
+def likelihood_grid(build: Callable[[int], tuple], configs: dict[str, RunConfig], seeds: list[int]
+                    ) -> dict[str, list[dict]]:
+    """Run every config on every seed; build(seed) -> (sft_policy, tokens, mask, chosen, rejected) is called once per
+    seed and each run starts from a copy of that SFT policy (the static reference of the paper)."""
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    for seed in seeds:
+        policy, tokens, mask, chosen, rejected = build(seed)
+        state = {k: v.clone() for k, v in policy.state_dict().items()}
+
+        def evaluate(lp, sft_lp):
+            return {**set_masses(lp, chosen, rejected), "kl_sft": kl(lp, sft_lp)}
+
+        for name, cfg in configs.items():
+            policy.load_state_dict(state)
+            torch.manual_seed(seed)
+            runs[name].append(train(policy, tokens, mask, chosen, rejected, cfg, evaluate))
+    return runs
+
+
+def likelihood_summary(history: dict[str, list]) -> dict[str, float]:
+    """The numbers behind claims (a)/(b) for one run: changes from the SFT start, the chosen dip and its recovery."""
+    c, r, o = history["logp_chosen"], history["logp_rejected"], history["mass_ood"]
+    return {"d_logp_chosen": c[-1] - c[0], "d_logp_rejected": r[-1] - r[0], "d_mass_ood": o[-1] - o[0],
+            "mass_ood_final": o[-1], "chosen_dip": min(c) - c[0], "chosen_recovery": c[-1] - min(c)}
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """mean / std over seeds of every likelihood_summary number, per config."""
+    out = {}
+    for name, histories in runs.items():
+        per_seed = [likelihood_summary(h) for h in histories]
+        out[name] = {k: mean_std([s[k] for s in per_seed]) for k in per_seed[0]}
+    return out
+
+
+LIKELIHOOD_PANELS = (("logp_chosen", "mean log π(chosen)"), ("logp_rejected", "mean log π(rejected)"),
+                     ("mass_ood", "OOD mass"))
+
+
+def likelihood_figure(runs: dict[str, list[dict]], rows: dict[str, list[str]], title: str):
+    """One row per group of configs, one column per LIKELIHOOD_PANELS quantity; mean ± std over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(rows), len(LIKELIHOOD_PANELS), figsize=(12, 2.6 * len(rows)), squeeze=False)
+    for (row_title, names), row_axes in zip(rows.items(), axes):
+        for (key, label), ax in zip(LIKELIHOOD_PANELS, row_axes):
+            for name in names:
+                band(ax, runs[name][0]["step"], [h[key] for h in runs[name]], name)
+            ax.set_title(f"{row_title}: {label}", fontsize=9)
+            ax.tick_params(labelsize=8)
+        row_axes[0].legend(fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,636 @@
+"""Train a Llama with SFT, then DPO / IPO / KTO against a static or trust-region (TR) reference, on 1 CPU to N GPUs.
+
+    python train.py                                   # the embedded demo: SFT, DPO, TR-DPO on a synthetic task
+    python train.py --config=configs/hh_rlhf.json --loss=dpo --ref_update=soft
+    torchrun --standalone --nproc_per_node=8 train.py --config=... [--fsdp=true]
+
+TR alignment (Gorbatovski et al. 2024, arXiv 2404.09656) updates the reference of DPO/IPO/KTO during training:
+soft   θ_ref ← α·θ + (1−α)·θ_ref   every τ steps        (TR-DPO^α)
+hard   θ_ref ← θ                   every τ steps        (TR-DPO^τ)
+The flow below is nanoGPT's: config, setup, model, data, then one loop of forward/backward/step/log/eval/checkpoint.
+"""
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+
+import data_stub as data  # TEMP
+import losses
+import reference as ref_lib
+import synthetic
+from model import Llama, ModelConfig
+
+# ----------------------------------------------------------------------------------------------------------------------
+# config: one dataclass; every field has a default and a one-line meaning (what --help prints)
+
+
+def opt(default, help: str, choices: tuple = ()):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # run and model
+    out_dir: str = opt("out", "run directory: train_config.json, metrics.jsonl, checkpoints ckpt-<step>/")
+    init_from: str = opt("scratch", "'scratch' (a new model from dim/n_layers/n_heads), a Hugging Face Llama "
+                         "directory, or one of our run directories / checkpoints (its newest ckpt-*)")
+    dim: int = opt(64, "from-scratch model width")
+    n_layers: int = opt(2, "from-scratch model depth")
+    n_heads: int = opt(4, "from-scratch attention heads")
+    # data
+    data: str = opt("synthetic", "'synthetic' (the built-in task of synthetic.py) or a preference JSONL(.gz) file")
+    eval_data: str = opt("", "held-out JSONL(.gz); empty: hold out the first eval_size examples of data")
+    eval_size: int = opt(128, "number of held-out examples evaluated (pairs, or examples for sft)")
+    tokenizer: str = opt("byte", "'byte', a tiktoken name (gpt2) or a Llama 3 tokenizer.model path")
+    max_length: int = opt(64, "max tokens of prompt + response (longer examples are truncated, see data.py)")
+    max_prompt_length: int = opt(32, "max prompt tokens (prompts are cut from the left)")
+    # objective
+    loss: str = opt("sft", "training objective", ("sft", "dpo", "ipo", "kto"))
+    ref_update: str = opt("static", "how π_ref follows π_θ every τ steps: never, soft θ_ref ← α·θ + (1−α)·θ_ref, "
+                          "hard θ_ref ← θ",
+                          ("static", "soft", "hard"))
+    alpha: float = opt(0.6, "α, soft-update weight of the policy, in (0, 1]")
+    tau: int = opt(512, "τ, optimizer steps between reference updates")
+    beta: float = opt(0.1, "β, strength of the implicit KL penalty")
+    label_smoothing: float = opt(0.0, "DPO label smoothing ε in [0, 0.5) (conservative DPO)")
+    # optimisation
+    batch_size: int = opt(32, "global pairs (dpo/ipo), examples (sft/kto) per optimizer step, for any world size")
+    micro_batch_size: int = opt(16, "pairs/examples per process per forward; the rest is gradient accumulation")
+    max_steps: int = opt(200, "optimizer steps")
+    lr: float = opt(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
+    warmup_steps: int = opt(10, "linear warmup steps from 0 to lr")
+    schedule: str = opt("cosine", "after warmup: cosine or linear decay to 0, or constant",
+                        ("cosine", "linear", "constant"))
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: no clipping, the norm is still logged)")
+    dtype: str = opt("float32", "compute dtype: float32, or bfloat16 autocast (weights and log-probs stay fp32)",
+                     ("float32", "bfloat16"))
+    device: str = opt("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
+    fsdp: bool = opt(False, "shard policy and reference with FSDP2 (fully_shard) instead of DDP")
+    seed: int = opt(1337, "seed: model init and data order identical on all ranks")
+    # logging, evaluation, checkpoints
+    log_every: int = opt(1, "optimizer steps between metrics.jsonl lines and progress lines")
+    eval_every: int = opt(50, "optimizer steps between evaluations on held-out data (0: only at the end)")
+    num_samples: int = opt(2, "fixed eval prompts whose greedy generations are printed at eval time")
+    max_new_tokens: int = opt(32, "tokens generated per sample")
+    ckpt_every: int = opt(0, "optimizer steps between checkpoints (0: only at the end)")
+    keep_last: int = opt(2, "checkpoints kept in out_dir (older ones are deleted)")
+    resume: bool = opt(False, "continue from the newest checkpoint in out_dir (exactly, same config)")
+    demo: bool = opt(False, "the embedded demo: SFT, then DPO and TR-DPO from it, and a comparison table "
+                            "(what train.py runs when given no arguments)")
+
+
+class ConfigError(ValueError):
+    """A bad option, file or checkpoint: main() prints its message alone, with no traceback."""
+
+
+def fail(msg: str):
+    raise ConfigError(msg)
+
+
+def parse_value(name: str, text, typ, where: str):
+    """One config value from a string (command line) or a JSON value (config file), checked against its type."""
+    if typ is bool:
+        if isinstance(text, bool):
+            return text
+        if str(text).lower() in ("1", "true", "yes"):
+            return True
+        if str(text).lower() in ("0", "false", "no"):
+            return False
+    elif typ is int and not isinstance(text, (bool, float)):
+        try:
+            return int(text)
+        except (TypeError, ValueError):
+            pass
+    elif typ is float and not isinstance(text, bool):
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            pass
+    elif typ is str and isinstance(text, str):
+        return text
+    fail(f"{where}: {name} must be {typ.__name__}, got {text!r}")
+
+
+def help_text() -> str:
+    """The table of every option, generated from TrainConfig (README pastes it)."""
+    rows = ["| option | default | meaning |", "|---|---|---|",
+            "| `config` | | JSON file of options (keys = the names below); later `--key=value` override it |"]
+    for f in fields(TrainConfig):
+        meaning = f.metadata["help"] + (f" ({' / '.join(f.metadata['choices'])})" if f.metadata["choices"] else "")
+        rows.append(f"| `{f.name}` | `{json.dumps(f.default)}` | {meaning} |")
+    return "usage: [torchrun ...] train.py [--config=FILE.json] [--key=value ...]\n\n" + "\n".join(rows)
+
+
+def parse_config(argv: list[str], world_size: int | None = None) -> TrainConfig:
+    """TrainConfig from `--config=file.json` then `--key=value` overrides; ValueError naming the culprit on any bad
+    key or value. world_size (default: $WORLD_SIZE or 1) checks that batches split evenly over the processes."""
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    kinds = {k: {"int": int, "float": float, "str": str, "bool": bool}.get(t, t) for k, t in kinds.items()}
+    values: dict = {}
+    args = []
+    for a in argv:
+        if not a.startswith("--") or "=" not in a and a[2:] not in ("help", "resume", "fsdp", "demo"):
+            fail(f"argument {a!r}: expected --key=value (see --help)")
+        key, _, val = a[2:].partition("=")
+        args.append((key, val if "=" in a else "true"))
+    for key, val in [kv for kv in args if kv[0] == "config"]:
+        try:
+            raw = json.loads(Path(val).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            fail(f"--config={val}: {e}")
+        if not isinstance(raw, dict):
+            fail(f"{val}: expected a JSON object of options")
+        for k, v in raw.items():
+            if k not in kinds:
+                fail(f"{val}: unknown option {k!r} (see --help)")
+            values[k] = parse_value(k, v, kinds[k], val)
+    for key, val in args:
+        if key == "config":
+            continue
+        if key not in kinds:
+            fail(f"unknown option --{key} (see --help)")
+        values[key] = parse_value(key, val, kinds[key], "command line")
+    cfg = TrainConfig(**values)
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size)
+    return cfg
+
+
+def validate(cfg: TrainConfig, world_size: int):
+    """Every check that can fail before a model or a file is loaded."""
+    for f in fields(cfg):
+        if f.metadata["choices"] and getattr(cfg, f.name) not in f.metadata["choices"]:
+            fail(f"{f.name}={getattr(cfg, f.name)!r}: expected one of {', '.join(f.metadata['choices'])}")
+    for name in ("dim", "n_layers", "n_heads", "eval_size", "max_length", "max_prompt_length", "tau", "batch_size",
+                 "micro_batch_size", "max_steps", "log_every", "keep_last", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            fail(f"{name}={getattr(cfg, name)} must be >= 1")
+    for name in ("warmup_steps", "eval_every", "ckpt_every", "num_samples", "weight_decay", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            fail(f"{name}={getattr(cfg, name)} must be >= 0")
+    if not 0 < cfg.alpha <= 1:
+        fail(f"alpha={cfg.alpha} must be in (0, 1]")
+    if cfg.beta <= 0 or cfg.lr <= 0:
+        fail(f"beta={cfg.beta} and lr={cfg.lr} must be > 0")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        fail(f"label_smoothing={cfg.label_smoothing} must be in [0, 0.5)")
+    if cfg.dim % cfg.n_heads:
+        fail(f"dim={cfg.dim} must be a multiple of n_heads={cfg.n_heads}")
+    if cfg.max_prompt_length >= cfg.max_length:
+        fail(f"max_prompt_length={cfg.max_prompt_length} must be < max_length={cfg.max_length}")
+    if cfg.loss == "sft" and cfg.ref_update != "static":
+        fail(f"ref_update={cfg.ref_update} needs a reference, but loss=sft has none")
+    if cfg.batch_size % (cfg.micro_batch_size * world_size):
+        fail(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size} "
+             f"x {world_size} process(es)")
+    if cfg.fsdp and world_size < 2:
+        fail("fsdp=true needs torchrun with at least 2 processes")
+    for name in ("data", "eval_data", "init_from"):
+        path = getattr(cfg, name)
+        if path and path not in ("synthetic", "scratch") and not Path(path).exists():
+            fail(f"{name}={path}: no such file or directory")
+    if cfg.data == "synthetic" and cfg.tokenizer != "byte":
+        fail(f"data=synthetic is a byte-level task: tokenizer must be 'byte', not {cfg.tokenizer!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the loss of one micro batch (bench.py times exactly this)
+
+
+def batch_logps(model: torch.nn.Module, input_ids: torch.Tensor, loss_mask: torch.Tensor):
+    """(log π(y|x) summed over response tokens, response token counts), both (B,) fp32: one forward."""
+    return losses.sequence_logps(model(input_ids), input_ids, loss_mask)
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast (CPU or GPU) or nothing; sequence_logps upcasts the logits to fp32 before its log-softmax."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: torch.Tensor | None = None):
+    """(loss, metrics) of one micro batch: the mean over its examples (sft: over its response tokens).
+
+    Rewards are β·(log π − log π_ref) per sequence; kl_ref is Σ(log π − log π_ref) / Σ tokens on the chosen responses,
+    a per-token estimate of KL(π‖π_ref) on the data (on-policy estimates are made at eval time).
+    """
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    with autocast(cfg, ids.device):
+        logps, n = batch_logps(policy, ids, mask)
+        if cfg.loss == "sft":  # next-token cross-entropy on the response tokens
+            loss = -logps.sum() / n.sum().clamp(min=1)
+            return loss, {"loss": loss.item()}
+        if ref_logps is None:
+            with torch.no_grad():
+                ref_logps, _ = losses.sequence_logps(ref_lib.reference_logits(reference, ids), ids, mask)
+        if cfg.loss == "kto":  # z_ref from the mismatched KL rows; detached, so the policy side needs no gradient
+            kl_ids, kl_mask = batch["kl_input_ids"], batch["kl_loss_mask"]
+            with torch.no_grad():
+                policy_kl, _ = batch_logps(policy, kl_ids, kl_mask)
+                ref_kl, _ = losses.sequence_logps(ref_lib.reference_logits(reference, kl_ids), kl_ids, kl_mask)
+            good = batch["desirable"]
+            per_example, rewards, z_ref = losses.kto_loss(logps, ref_logps, good, policy_kl, ref_kl, cfg.beta)
+            good_f = good.float()
+            chosen, rejected = masked_mean(rewards, good_f), masked_mean(rewards, 1 - good_f)
+            acc = ((rewards > 0) == good).float().mean()
+            extra = {"chosen_logp": masked_mean(logps.detach(), good_f),
+                     "rejected_logp": masked_mean(logps.detach(), 1 - good_f), "kto_z_ref": z_ref,
+                     "kl_ref": ((logps.detach() - ref_logps) * good_f).sum() / (n * good_f).sum().clamp(min=1)}
+        else:
+            b = ids.shape[0] // 2  # rows are [chosen_1..b ; rejected_1..b]
+            pol, ref = (logps / n, ref_logps / n) if cfg.loss == "ipo" else (logps, ref_logps)  # IPO: length-averaged
+            if cfg.loss == "ipo":
+                per_example, chosen_r, rejected_r = losses.ipo_loss(pol[:b], pol[b:], ref[:b], ref[b:], cfg.beta)
+            else:
+                per_example, chosen_r, rejected_r = losses.dpo_loss(pol[:b], pol[b:], ref[:b], ref[b:], cfg.beta,
+                                                                    cfg.label_smoothing)
+            chosen, rejected, acc = chosen_r.mean(), rejected_r.mean(), (chosen_r > rejected_r).float().mean()
+            extra = {"chosen_logp": logps[:b].detach().mean(), "rejected_logp": logps[b:].detach().mean(),
+                     "kl_ref": (logps[:b].detach() - ref_logps[:b]).sum() / n[:b].sum().clamp(min=1)}
+        loss = per_example.mean()
+    metrics = {"loss": loss.detach(), "reward_acc": acc, "margin": chosen - rejected, "chosen_reward": chosen,
+               "rejected_reward": rejected, **extra}
+    values = torch.stack([v.float() for v in metrics.values()]).tolist()  # one device sync for all of them
+    return loss, dict(zip(metrics, values))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# schedule, distributed setup, models
+
+
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine / linear decay to 0, or constant."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (1 - progress) if cfg.schedule == "linear" else cfg.lr
+
+
+def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); a process group (nccl on GPU, gloo on CPU) when launched by torchrun."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        fail("device=cuda but torch sees no GPU")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return rank, world, device
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """An HF model directory itself, or the newest ckpt-* inside a run directory."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    ckpts = sorted(path.glob("ckpt-*[0-9]"))
+    if not ckpts:
+        fail(f"{path}: neither a model directory (config.json) nor a run directory with ckpt-* checkpoints")
+    return ckpts[-1]
+
+
+def load_model(cfg: TrainConfig, tok) -> Llama:
+    """The initial policy: from scratch (seeded identically on every rank), or a Hugging Face / our checkpoint."""
+    if cfg.init_from == "scratch":
+        torch.manual_seed(cfg.seed)
+        return Llama(ModelConfig(vocab_size=tok.n_vocab, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                                 max_seq_len=cfg.max_length, bos_id=tok.bos_id, eos_id=tok.eos_id))
+    model = Llama.from_pretrained(checkpoint_dir(cfg.init_from))
+    if model.config.vocab_size < tok.n_vocab:
+        fail(f"init_from={cfg.init_from}: vocab_size {model.config.vocab_size} < the tokenizer's {tok.n_vocab}")
+    return model
+
+
+def distribute(models: list, cfg: TrainConfig, world: int, device: torch.device) -> list:
+    """FSDP2: every block, then the root (tied embedding/head in one group), on an explicit 1-D mesh, for the policy
+    and the references alike so TR updates run shard by shard. DDP: the policy only (references take no gradient)."""
+    models = [m if m is None else m.to(device) for m in models]
+    if cfg.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        for m in filter(None, models):
+            for block in m.layers:
+                fully_shard(block, mesh=mesh)
+            fully_shard(m, mesh=mesh)
+    elif world > 1:
+        models[0] = torch.nn.parallel.DistributedDataParallel(models[0], device_ids=[device.index] if device.index
+                                                              is not None else None)
+    return models
+
+
+def grad_sync(policy, cfg: TrainConfig, last_micro_step: bool):
+    """Gradient accumulation: reduce gradients across ranks only on the last micro step of an optimizer step."""
+    if cfg.fsdp:
+        policy.set_requires_gradient_sync(last_micro_step)
+        return nullcontext()
+    if isinstance(policy, torch.nn.parallel.DistributedDataParallel) and not last_micro_step:
+        return policy.no_sync()
+    return nullcontext()
+
+
+def full_state_dict(model) -> dict:
+    """Full (unsharded) parameters on CPU, on rank 0 (empty elsewhere); a collective under FSDP2."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checkpoints: ckpt-<step>/ = policy (HF safetensors + config.json), reference/, optimizer.pt (tensors only),
+# state.json (step, data position), rng-rank<r>.json, train_config.json; written to a temp dir, then renamed
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def save_checkpoint(cfg: TrainConfig, step: int, policy, reference, optimizer, data_state: dict, rank: int):
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    policy_sd, optim_sd = full_state_dict(policy), get_optimizer_state_dict(policy, optimizer, options=options)
+    ref_sd = None if reference is None else full_state_dict(reference)
+    out = Path(cfg.out_dir)
+    tmp, final = out / f".tmp-ckpt-{step:06d}", out / f"ckpt-{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_state()))
+    barrier()
+    if rank == 0:
+        ref_lib.unwrap(policy).save_pretrained(tmp, policy_sd)
+        if reference is not None:
+            reference.save_pretrained(tmp / "reference", ref_sd)
+        torch.save(optim_sd, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "data": data_state}))
+        (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        os.replace(tmp, final)  # atomic: a reader (or a resume after SIGKILL) sees a whole checkpoint or none
+        for old in sorted(out.glob("ckpt-*[0-9]"))[:-cfg.keep_last]:
+            shutil.rmtree(old)
+    barrier()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+RESUMABLE = ("max_steps", "eval_every", "ckpt_every", "keep_last", "log_every", "resume", "num_samples")
+
+
+def resume_checkpoint(cfg: TrainConfig) -> Path | None:
+    """The newest checkpoint of out_dir when cfg.resume, after checking it was made with the same options."""
+    if not cfg.resume or not sorted(Path(cfg.out_dir).glob("ckpt-*[0-9]")):
+        return None
+    ckpt = checkpoint_dir(cfg.out_dir)
+    saved = json.loads((ckpt / "train_config.json").read_text())
+    changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
+    if changed:
+        fail(f"--resume: {ckpt} was trained with other values of {', '.join(changed)}")
+    return ckpt
+
+
+def make_data(cfg: TrainConfig, tok, rank: int, world: int):
+    """(train loader: next() -> this rank's micro batches of one optimizer step, this rank's eval batches, the fixed
+    eval prompts as token lists and as text)."""
+    if cfg.data == "synthetic":
+        examples = synthetic.make_examples(4096 + cfg.eval_size, cfg.seed)
+        train_ex, eval_ex = examples[cfg.eval_size:], examples[:cfg.eval_size]
+    train_loader = data.Loader(train_ex, tok, cfg.loss, cfg.batch_size, cfg.micro_batch_size, rank, world, cfg.seed)
+    per = cfg.eval_size // world
+    mine = eval_ex[rank * per:(rank + 1) * per]
+    f = data.sft_batch if cfg.loss == "sft" else data.pair_batch
+    eval_batches = [f(tok, mine[i:i + cfg.micro_batch_size]) for i in range(0, per, cfg.micro_batch_size)]
+    prompts = [[tok.bos_id] + tok.encode(e["prompt"]) for e in eval_ex[:cfg.num_samples]]
+    return train_loader, eval_batches, prompts, [e["prompt"] for e in eval_ex[:cfg.num_samples]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluation: held-out loss and rewards, plus on-policy generations from fixed prompts
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list[list[int]], prompt_texts: list[str],
+             cfg: TrainConfig, tok, device: torch.device) -> dict:
+    """Mean held-out metrics over all ranks' eval batches, and from the fixed prompts (identical on every rank, as
+    FSDP2 needs all ranks in each forward): generations and on-policy KL estimates per response (nats),
+    kl_ref = E_{y~π}[log π(y|x) − log π_ref(y|x)] and kl_init the same against the initial policy."""
+    sums: dict[str, float] = {}
+    for batch in eval_batches:
+        _, m = compute_loss(policy, reference, {k: v.to(device) for k, v in batch.items()}, cfg)
+        sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
+    keys = sorted(sums)
+    totals = all_reduce_sum([sums[k] for k in keys] + [len(eval_batches)], device)
+    out = {k: v / totals[-1] for k, v in zip(keys, totals)}
+    gen_model = policy if cfg.fsdp else ref_lib.unwrap(policy)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # same samples on every rank and every resume
+    with autocast(cfg, device):
+        greedy = gen_model.generate(prompts, cfg.max_new_tokens, temperature=0.0)
+        sampled = gen_model.generate(prompts, cfg.max_new_tokens, temperature=1.0, generator=gen)
+        ids, mask = data.pad_sequences([p + s for p, s in zip(prompts, sampled)], [len(p) for p in prompts])
+        ids, mask = ids.to(device), mask.to(device)
+        logp, _ = batch_logps(gen_model, ids, mask)
+        for name, model in (("kl_ref", reference), ("kl_init", initial if initial is not None else reference)):
+            if model is not None:
+                other, _ = losses.sequence_logps(ref_lib.reference_logits(model, ids), ids, mask)
+                out[name] = (logp - other).mean().item()
+    ref_lib._reshard(policy)  # an FSDP2 root stays gathered after a forward without backward
+    if cfg.data == "synthetic":
+        for name, rows in (("gold_greedy", greedy), ("gold_sampled", sampled)):
+            out[name] = float(np.mean([synthetic.gold_reward(p, tok.decode(r)) for p, r in zip(prompt_texts, rows)]))
+    for p, r in list(zip(prompts, greedy))[:2]:
+        log(f"  sample | {tok.decode(p)!r} -> {tok.decode(r)!r}")
+    return out
+
+
+def log(msg: str):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the training run
+
+
+def train(cfg: TrainConfig) -> dict:
+    """One run (sft, or a preference loss with a static / soft / hard reference); returns the last train and eval
+    metrics. Writes out_dir/train_config.json, metrics.jsonl and checkpoints."""
+    rank, world, device = setup_distributed(cfg)
+    out = Path(cfg.out_dir)
+    ckpt = resume_checkpoint(cfg)
+    tok = data.get_tokenizer(cfg.tokenizer)
+    train_loader, eval_batches, prompts, prompt_texts = make_data(cfg, tok, rank, world)
+    accum = cfg.batch_size // (cfg.micro_batch_size * world)
+
+    # models: the policy π_θ, the reference π_ref (a frozen copy, TR-updated), the initial policy for KL at eval time
+    init = load_model(cfg, tok).to(device)
+    policy = init if ckpt is None else Llama.from_pretrained(ckpt).to(device)
+    reference = None
+    if cfg.loss != "sft":
+        reference = ref_lib.make_reference(init if ckpt is None else Llama.from_pretrained(ckpt / "reference")
+                                           .to(device))
+    initial = ref_lib.make_reference(init) if cfg.ref_update != "static" else None  # static: the reference is it
+    n_params = policy.num_params()
+    policy, reference, initial = distribute([policy, reference, initial], cfg, world, device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    updater = ref_lib.ReferenceUpdater(cfg.ref_update, cfg.alpha, cfg.tau)
+
+    # exact resume: weights (above), optimizer, data position, RNG states, step; otherwise a fresh run directory
+    start = 0
+    random.seed(cfg.seed + rank), np.random.seed(cfg.seed + rank), torch.manual_seed(cfg.seed + rank)
+    if ckpt is not None:
+        optim_sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        set_optimizer_state_dict(policy, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+        state = json.loads((ckpt / "state.json").read_text())
+        start = state["step"]
+        train_loader.load_state_dict(state["data"])
+        if (ckpt / f"rng-rank{rank}.json").exists():
+            set_rng_state(json.loads((ckpt / f"rng-rank{rank}.json").read_text()))
+    metrics_file = out / "metrics.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        kept = [] if ckpt is None or not metrics_file.exists() else [
+            line for line in metrics_file.read_text().splitlines(keepends=True)
+            if line.endswith("\n") and json.loads(line)["step"] <= start]  # drop what ran after the checkpoint
+        metrics_file.write_text("".join(kept))
+    log(f"config: {json.dumps(asdict(cfg))}")
+    log(f"{n_params / 1e6:.2f}M parameters | {world} process(es) on {device} | {accum} micro step(s) of "
+        f"{cfg.micro_batch_size} per process per optimizer step | {'resuming at step ' + str(start) if ckpt else ''}")
+
+    def record(row: dict):
+        if rank == 0:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    step, result, t0 = start, {}, time.time()
+    t_log, tokens = t0, 0
+    while step < cfg.max_steps:
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(next(train_loader)):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with grad_sync(policy, cfg, i == accum - 1):
+                loss, m = compute_loss(policy, reference, batch, cfg)
+                (loss / accum).backward()  # mean over micro steps; DDP/FSDP average over ranks: a global batch mean
+            sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
+            tokens += sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        updater.after_step(step, reference, policy)  # TR: θ_ref ← α·θ + (1−α)·θ_ref (soft) or θ (hard) every τ
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            keys = sorted(sums)
+            totals = all_reduce_sum([sums[k] for k in keys] + [tokens], device)
+            now = time.time()
+            row = {"step": step, "split": "train", **{k: v / (accum * world) for k, v in zip(keys, totals)},
+                   "grad_norm": grad_norm.item(), "lr": lr, "tokens_per_s": totals[-1] / (now - t_log)}
+            record(row)
+            eta = (now - t0) / (step - start) * (cfg.max_steps - step)
+            log(f"step {step}/{cfg.max_steps} | loss {row['loss']:.4f} | "
+                + "".join(f"{k} {row[k]:.3f} | " for k in ("reward_acc", "margin", "kl_ref") if k in row)
+                + f"gnorm {row['grad_norm']:.2f} | lr {lr:.2e} | {row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s")
+            result["train"], t_log, tokens = row, now, 0
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+            row = {"step": step, "split": "eval", **evaluate(policy, reference, initial, eval_batches, prompts,
+                                                              prompt_texts, cfg, tok, device)}
+            record(row)
+            log(f"eval {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "split")))
+            result["eval"] = row
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
+            save_checkpoint(cfg, step, policy, reference, optimizer, train_loader.state_dict(), rank)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the embedded demo: SFT on the synthetic task, then DPO with a static, soft and hard reference from the same SFT model
+
+
+def demo(cfg: TrainConfig):
+    """SFT, then DPO / TR-DPO soft / TR-DPO hard, each for cfg.max_steps steps, and a table of held-out results.
+    τ is scaled to the short run (the paper's τ = 512 would never fire here): soft every max_steps/10 steps, hard
+    every max_steps/4."""
+    out = Path(cfg.out_dir)
+    base = replace(cfg, demo=False)
+    runs = [("SFT", replace(base, loss="sft", out_dir=str(out / "sft")))]
+    for name, mode, tau in (("DPO", "static", cfg.tau), ("TR-DPO soft", "soft", max(1, cfg.max_steps // 10)),
+                            ("TR-DPO hard", "hard", max(1, cfg.max_steps // 4))):
+        runs.append((name, replace(base, loss="dpo", ref_update=mode, tau=tau, init_from=str(out / "sft"),
+                                   out_dir=str(out / name.lower().replace(" ", "-")))))
+    rows = []
+    for name, run_cfg in runs:
+        log(f"\n=== {name}: loss={run_cfg.loss} ref_update={run_cfg.ref_update} tau={run_cfg.tau} ===")
+        result = train(run_cfg)
+        rows.append((name, result["train"]["loss"], result["eval"]))
+    cols = ("loss", "reward_acc", "gold_greedy", "gold_sampled", "kl_init")
+    lines = ["| method | train loss | held-out " + " | ".join(cols[1:]) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, train_loss, ev in rows:
+        cells = [f"{ev[c]:.3f}" if c in ev else "-" for c in cols[1:]]
+        lines.append(f"| {name} | {train_loss:.4f} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    log("\n" + table + "\ngold reward: fraction of response letters found in the prompt (uniform letters: 0.375); "
+        "kl_init: KL(π‖π_SFT) per sampled response, nats")
+    if int(os.environ.get("RANK", "0")) == 0:
+        (out / "demo_table.md").write_text(table + "\n")
+
+
+def main(argv: list[str]) -> int:
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return 0
+    try:
+        cfg = parse_config(argv or ["--demo=true"])
+        demo(cfg) if cfg.demo else train(cfg)
+    except ConfigError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
