@@ -10,6 +10,7 @@ import base64
 import gzip
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -18,7 +19,7 @@ import numpy as np
 import tiktoken
 import torch
 
-# -----------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 # tokenizers: tiktoken only. Text is always encoded as plain text (encode_ordinary), so a user who types "<|eot_id|>"
 # gets the characters, never the control token: special tokens come only from code (BOS, EOS, chat headers).
 
@@ -40,9 +41,6 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.enc.encode_ordinary_batch(texts)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode(list(ids))
@@ -103,7 +101,7 @@ def get_tokenizer(name_or_path: str) -> Tokenizer:
     return Tokenizer(enc, "<|begin_of_text|>", "<|end_of_text|>", "<|end_of_text|>", chat="llama3")
 
 
-# -----------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 # reading: JSONL(.gz) or a JSON array; the format is detected from the fields of the first record, or forced
 
 class DataError(ValueError):
@@ -136,16 +134,14 @@ class Examples(list):
         self.format, self.source = format, source
 
 
-def detect_format(record, where: str) -> str:
-    if isinstance(record, dict):
-        if "messages" in record:
-            return "sft"
-        for fmt in ("kto", "pairs", "sft", "hh"):  # most specific first: pairs ⊃ hh's fields, kto ⊃ sft's
-            if all(k in record for k in FORMATS[fmt]):
-                return fmt
-    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-    raise DataError(f"{where}: cannot tell the format from the fields {keys}; expected one of "
-                    + ", ".join(f"{f} {{{', '.join(k)}}}" for f, k in FORMATS.items()) + ", or sft {messages}")
+def detect_format(rec: dict, where: str) -> str:
+    if "messages" in rec:
+        return "sft"
+    for fmt in ("kto", "pairs", "sft", "hh"):  # most specific first: pairs ⊃ hh's fields, kto ⊃ sft's
+        if all(k in rec for k in FORMATS[fmt]):
+            return fmt
+    raise DataError(f"{where}: cannot tell the format from the fields {sorted(rec)}; expected "
+                    + ", ".join(f"{f} {{{', '.join(k)}}}" for f, k in FORMATS.items()) + " or sft {messages}")
 
 
 def _field(rec: dict, key: str, where: str, types: tuple = (str,)):
@@ -157,9 +153,12 @@ def _field(rec: dict, key: str, where: str, types: tuple = (str,)):
     return rec[key]
 
 
-def _messages(rec: dict, key: str, where: str, response: bool = False):
-    """A string, or a chat message list (a response: exactly one assistant message)."""
-    value = _field(rec, key, where, (str, list))
+def _messages(rec: dict, key: str, where: str, prompt: str | list | None = None):
+    """A string, or a chat message list. A response (given its prompt) has the prompt's type, and as a list holds
+    exactly one assistant message."""
+    value, response = _field(rec, key, where, (str, list)), prompt is not None
+    if response and isinstance(value, str) != isinstance(prompt, str):
+        raise DataError(f"{where}: field {key!r} must be a string exactly when 'prompt' is")
     if isinstance(value, str):
         return value
     for i, m in enumerate(value):
@@ -172,9 +171,7 @@ def _messages(rec: dict, key: str, where: str, response: bool = False):
     return value
 
 
-def parse_record(rec, fmt: str, where: str) -> Pair | Completion:
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+def parse_record(rec: dict, fmt: str, where: str) -> Pair | Completion:
     if fmt == "hh":  # full transcripts: the prompt is the common prefix up to its last "\n\nAssistant:"
         chosen, rejected = _field(rec, "chosen", where), _field(rec, "rejected", where)
         common = os.path.commonprefix([chosen, rejected])
@@ -185,21 +182,14 @@ def parse_record(rec, fmt: str, where: str) -> Pair | Completion:
         return Pair(chosen[:cut], chosen[cut:], rejected[cut:])  # prompt + chosen == the original transcript
     if fmt == "pairs":
         prompt = _messages(rec, "prompt", where)
-        chosen, rejected = (_messages(rec, k, where, response=True) for k in ("chosen", "rejected"))
-        for key, value in (("chosen", chosen), ("rejected", rejected)):
-            if isinstance(value, str) != isinstance(prompt, str):
-                raise DataError(f"{where}: field {key!r} must be a string exactly when 'prompt' is")
-        return Pair(prompt, chosen, rejected)
+        return Pair(prompt, _messages(rec, "chosen", where, prompt), _messages(rec, "rejected", where, prompt))
     if fmt == "sft" and "messages" in rec:
         msgs = _messages(rec, "messages", where)
         if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
             raise DataError(f"{where}: field 'messages' must end with an assistant message after the prompt")
         return Completion(msgs[:-1], msgs[-1:], None)
     prompt = _messages(rec, "prompt", where)
-    completion = _messages(rec, "completion", where, response=True)
-    if isinstance(completion, str) != isinstance(prompt, str):
-        raise DataError(f"{where}: field 'completion' must be a string exactly when 'prompt' is")
-    return Completion(prompt, completion, _field(rec, "label", where, (bool,)) if fmt == "kto" else None)
+    return Completion(prompt, _messages(rec, "completion", where, prompt), _field(rec, "label", where, (bool,)) if fmt == "kto" else None)
 
 
 def from_records(records: Iterable, format: str = "auto", source: str = "<records>") -> Examples:
@@ -212,6 +202,8 @@ def _parse(located: Iterable, format: str, source: str) -> Examples:
         raise ValueError(f"unknown format {format!r}: auto or one of {list(FORMATS)}")
     out = []
     for where, rec in located:
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         if format == "auto":
             format = detect_format(rec, where)
         out.append(parse_record(rec, format, where))
@@ -253,35 +245,19 @@ def _json_array(path: Path, raw: bytes) -> Iterable:
     except UnicodeDecodeError as e:
         line_no = raw.count(b"\n", 0, e.start) + 1
         _decode(raw.splitlines()[line_no - 1], f"{path}:{line_no}")  # raises, naming the field if it can
-    if not text.strip():
-        return  # no records: _parse reports the empty file
-    decoder, i, line_no, counted = json.JSONDecoder(), 0, 1, 0
-
-    def skip(expected: str = "") -> str:  # past blanks; then consume one of `expected` (if given) and return it
-        nonlocal i
-        while i < len(text) and text[i].isspace():
-            i += 1
-        if expected and (i == len(text) or text[i] not in expected):
-            raise json.JSONDecodeError(f"expected {' or '.join(map(repr, expected))} in an array of records", text, i)
-        i += bool(expected)
-        return text[i - 1] if expected else text[i:i + 1]
-
     try:
-        skip("[")
-        if skip() == "]":
-            i += 1
-        else:
-            while True:
-                line_no, counted = line_no + text.count("\n", counted, i), i
-                rec, i = decoder.raw_decode(text, i)
-                yield f"{path}:{line_no}", rec
-                if skip(",]") == "]":
-                    break
-                skip()
-        if text[i:].strip():
-            raise json.JSONDecodeError("extra data after the array", text, i)
+        records = json.loads(text) if text.strip() else []  # an empty file: _parse says so
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}:1: expected a JSON array of records, got {type(records).__name__}")
+    i, line_no, decoder, separator = text.find("[") + 1, 1, json.JSONDecoder(), re.compile(r"[\s,]*")
+    for rec in records:  # valid JSON: step over each record again to learn the line it starts on
+        start = separator.match(text, i).end()
+        end = decoder.raw_decode(text, start)[1]
+        line_no += text.count("\n", i, start)
+        yield f"{path}:{line_no}", rec
+        line_no, i = line_no + text.count("\n", start, end), end
 
 
 def read_examples(path: str | Path, format: str = "auto") -> Examples:
@@ -298,7 +274,7 @@ def read_examples(path: str | Path, format: str = "auto") -> Examples:
     raise DataError(f"{path}:1: unknown file type (expected .jsonl, .jsonl.gz or .json)")
 
 
-# -----------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 # tokenisation: prompt | response | EOS, loss on the response only. Truncation policy (TRL's): a prompt longer than
 # max_prompt_length keeps BOS and its last tokens (the turn being answered); then each response is cut at the end to
 # fit max_length (a cut response loses its EOS). Dropped: empty responses, chosen == rejected (before or after the
@@ -324,15 +300,18 @@ class Dataset:
         return len(self.items)
 
 
-def _units(examples: list, kind: str, dropped: dict) -> list[tuple]:
+def _units(examples: list, kind: str, drop) -> list[tuple]:
     """(prompt, responses, desirable, group) in the kind's units: a pair for pairs, one completion for kto/sft.
-    Paired data unrolled into KTO gives chosen (desirable) then rejected (undesirable) of each pair, one group."""
+    Paired data unrolled into KTO gives chosen (desirable) then rejected (undesirable) of each pair, one group; a pair
+    with chosen == rejected would be both, so both are dropped."""
     if kind not in ("pairs", "kto", "sft"):
         raise ValueError(f"unknown kind {kind!r}: pairs, kto or sft")
     units = []
     for g, ex in enumerate(examples):
         if isinstance(ex, Pair) and kind == "pairs":
             units.append((ex.prompt, (ex.chosen, ex.rejected), None, g))
+        elif isinstance(ex, Pair) and kind == "kto" and ex.chosen == ex.rejected:
+            drop("chosen == rejected", 2)
         elif isinstance(ex, Pair) and kind == "kto":
             units += [(ex.prompt, (ex.chosen,), True, g), (ex.prompt, (ex.rejected,), False, g)]
         elif isinstance(ex, Pair):  # sft on paired data: the preferred response
@@ -363,7 +342,8 @@ def tokenize(examples: list, tok: Tokenizer, kind: str, max_length: int,
     def drop(reason: str, n: int = 1):
         dropped[reason] = dropped.get(reason, 0) + n
 
-    units, kept = _units(examples, kind, dropped), []
+    units, kept = _units(examples, kind, drop), []
+    rows = len(units) + sum(dropped.values())
     for u in units:  # drops visible in the text
         if any(not r.strip() if isinstance(r, str) else not r[0]["content"].strip() for r in u[1]):
             drop("empty response")
@@ -373,7 +353,7 @@ def tokenize(examples: list, tok: Tokenizer, kind: str, max_length: int,
             kept.append(u)
     # one batched tiktoken call over every text segment, then the segments are put back together
     segs = [tok.render(x, response=j > 0) for u in kept for j, x in enumerate((u[0], *u[1]))]
-    encoded = iter(tok.encode_batch([s for seg in segs for s in seg if isinstance(s, str)]))
+    encoded = iter(tok.enc.encode_ordinary_batch([s for seg in segs for s in seg if isinstance(s, str)]))
     ids = iter([i for s in seg for i in (next(encoded) if isinstance(s, str) else (s,))] for seg in segs)
     items, seq_lengths = [], []
     for prompt, responses, desirable, group in kept:
@@ -394,7 +374,7 @@ def tokenize(examples: list, tok: Tokenizer, kind: str, max_length: int,
         truncated["response"] += cut_response
         items.append(Item(p, rs[0], rs[1] if len(rs) == 2 else None, desirable, group))
         seq_lengths += [len(p) + len(r) for r in rs]
-    report = {"format": getattr(examples, "format", None), "kind": kind, "rows": len(units),
+    report = {"format": getattr(examples, "format", None), "kind": kind, "rows": rows,
               "examples": len(items), "dropped": dropped, "truncated": truncated, "tokenizer": tok.name,
               "max_length": max_length, "max_prompt_length": max_prompt_length,
               "tokens": {"prompt": _stats([len(it.prompt) for it in items]), "sequence": _stats(seq_lengths)}}
@@ -407,13 +387,16 @@ def split_eval(examples: list, n: int) -> tuple[list, list]:
     """(train, eval): the first n examples are held out, before tokenisation so both halves of a pair stay together."""
     if not 0 < n < len(examples):
         raise ValueError(f"cannot hold out {n} of {len(examples)} examples for evaluation (need 0 < n < examples)")
+    if isinstance(examples, Examples):  # keep the format and source for the report
+        return tuple(Examples(part, examples.format, examples.source) for part in (examples[n:], examples[:n]))
     return examples[n:], examples[:n]
 
 
-# -----------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 # batches: dicts of right-padded tensors; loss_mask 1 on response tokens (EOS included), 0 on prompt and pad
 
-def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, response) token rows -> right-padded input_ids and loss_mask (1 on the response), both (n, T)."""
     T = max(len(p) + len(r) for p, r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
@@ -429,11 +412,11 @@ def collate(items: list[Item], kind: str, pad_id: int, kl_completions: list[list
     rows = [(it.prompt, it.response) for it in items]
     if kind == "pairs":
         rows += [(it.prompt, it.rejected) for it in items]
-    ids, mask = _pad(rows, pad_id)
+    ids, mask = pad(rows, pad_id)
     batch = {"input_ids": ids, "loss_mask": mask}
     if kind == "kto":
         batch["desirable"] = torch.tensor([it.desirable for it in items], dtype=torch.bool)
-        batch["kl_input_ids"], batch["kl_loss_mask"] = _pad(
+        batch["kl_input_ids"], batch["kl_loss_mask"] = pad(
             [(it.prompt, c) for it, c in zip(items, kl_completions, strict=True)], pad_id)
     return batch
 
@@ -518,19 +501,7 @@ def eval_batches(data: Dataset, micro_batch_size: int, rank: int = 0, world_size
             for j in range(0, len(items), micro_batch_size)]
 
 
-# -----------------------------------------------------------------------------------------------------------------------
-
-def summary(data: Dataset) -> str:
-    r = data.report
-    lines = [f"{r['rows']} rows of format {r['format']} as {r['kind']}, tokenizer {r['tokenizer']}, max_length "
-             f"{r['max_length']}, max_prompt_length {r['max_prompt_length']}",
-             f"kept {r['examples']}, dropped {sum(r['dropped'].values())}"
-             + "".join(f"\n  dropped {n}: {reason}" for reason, n in r["dropped"].items()),
-             f"truncated: {r['truncated']['prompt']} prompts (kept their end), {r['truncated']['response']} examples' "
-             "responses (cut at the end)"]
-    lines += [f"{name} tokens: " + ", ".join(f"{k} {v}" for k, v in s.items()) for name, s in r["tokens"].items()]
-    return "\n".join(lines)
-
+# ----------------------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Summarise a preference / SFT data file: formats, drops, truncation.")
@@ -543,5 +514,13 @@ if __name__ == "__main__":
     examples = read_examples(args.path, args.format)
     ds = tokenize(examples, get_tokenizer(args.tokenizer), NATURAL_KIND[examples.format], args.max_length,
                   args.max_prompt_length)
-    print(f"{args.path}: " + summary(ds))
-    print(json.dumps(ds.report))
+    r = ds.report
+    print(f"{args.path}: {r['rows']} rows of format {r['format']} as {r['kind']}, tokenizer {r['tokenizer']}, "
+          f"max_length {r['max_length']}, max_prompt_length {r['max_prompt_length']}")
+    print(f"kept {r['examples']}, dropped {sum(r['dropped'].values())}"
+          + "".join(f"\n  dropped {n}: {reason}" for reason, n in r["dropped"].items()))
+    print(f"truncated: {r['truncated']['prompt']} prompts (start cut), {r['truncated']['response']} examples' "
+          "responses (end cut)")
+    for name, stats in r["tokens"].items():
+        print(f"{name} tokens: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+    print(json.dumps(r))

@@ -83,7 +83,8 @@ class TrainConfig:
     # logging, evaluation, checkpoints
     log_every: int = opt(1, "optimizer steps between metrics.jsonl lines and progress lines")
     eval_every: int = opt(50, "optimizer steps between evaluations on held-out data (0: only at the end)")
-    num_samples: int = opt(2, "fixed eval prompts whose greedy generations are printed at eval time")
+    num_samples: int = opt(64, "held-out prompts continued at each eval (greedy and sampled) for on-policy KL and, on "
+                           "synthetic data, the gold reward; the first 2 are printed")
     max_new_tokens: int = opt(32, "tokens generated per sample")
     ckpt_every: int = opt(0, "optimizer steps between checkpoints (0: only at the end)")
     keep_last: int = opt(2, "checkpoints kept in out_dir (older ones are deleted)")
@@ -449,12 +450,14 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 @torch.no_grad()
 def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list[list[int]], prompt_texts: list[str],
              cfg: TrainConfig, tok, device: torch.device) -> dict:
-    """Mean held-out metrics over all ranks' eval batches, and from the fixed prompts (identical on every rank, as
-    FSDP2 needs all ranks in each forward): generations and on-policy KL estimates per response (nats),
-    kl_ref = E_{y~π}[log π(y|x) − log π_ref(y|x)] and kl_init the same against the initial policy."""
+    """Held-out metrics (mean over all ranks' eval batches) with the *initial* policy as reference, so that rewards
+    and accuracies of static and TR runs share one scale; then generations from the fixed prompts (identical on every
+    rank, as FSDP2 needs all ranks in each forward) and on-policy KL estimates per response (nats):
+    kl_ref = E_{y~π}[log π(y|x) − log π_ref(y|x)], kl_init the same against the initial policy."""
+    initial = reference if initial is None else initial
     sums: dict[str, float] = {}
     for batch in eval_batches:
-        _, m = compute_loss(policy, reference, {k: v.to(device) for k, v in batch.items()}, cfg)
+        _, m = compute_loss(policy, initial, {k: v.to(device) for k, v in batch.items()}, cfg)
         sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
     keys = sorted(sums)
     totals = all_reduce_sum([sums[k] for k in keys] + [len(eval_batches)], device)
@@ -467,7 +470,7 @@ def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list
         ids, mask = data.pad_sequences([p + s for p, s in zip(prompts, sampled)], [len(p) for p in prompts])
         ids, mask = ids.to(device), mask.to(device)
         logp, _ = batch_logps(gen_model, ids, mask)
-        for name, model in (("kl_ref", reference), ("kl_init", initial if initial is not None else reference)):
+        for name, model in (("kl_ref", reference), ("kl_init", initial)):
             if model is not None:
                 other, _ = losses.sequence_logps(ref_lib.reference_logits(model, ids), ids, mask)
                 out[name] = (logp - other).mean().item()

@@ -146,6 +146,9 @@ BAD_CASES = [
     ("a.jsonl", b"", 1, "empty file"),
     ("a.jsonl", b'{"prompt": [{"role": "robot", "content": "x"}], "chosen": [], "rejected": []}', 1, r"'prompt'\[0\]"),
     ("a.jsonl", b'{"chosen": "Human: hi", "rejected": "Human: yo"}', 1, "'chosen'.*Assistant"),
+    ("a.jsonl", GOOD + b'\n{"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}], "rejected": "r"}', 2,
+     "'chosen' must be a string exactly when 'prompt' is"),
+    ("a.jsonl", b'[1, 2]', 1, "expected a JSON object, got list"),
     ("a.json", b'[\n' + GOOD + b',\n{"prompt": "p", "chosen": 3, "rejected": "r"}\n]', 3, "'chosen' must be"),
     ("a.json", b'[\n' + GOOD + b',\n' + GOOD + b'\n{"x": 1}]', 4, "malformed JSON"),
     ("a.json", b'[\n' + GOOD + b',\n{"prompt": "p\xc3", "chosen": "c", "rejected": "r"}]', 3, "invalid UTF-8"),
@@ -201,8 +204,12 @@ def _parts(ids: torch.Tensor, mask: torch.Tensor, tok) -> list[tuple[str, str]]:
 
 def test_kto_unrolled_pairs_stay_balanced_with_mismatched_kl_rows(byte):
     pairs = [{"prompt": f"p{i}", "chosen": f"G{i}", "rejected": f"B{i}"} for i in range(10)]
-    ds = data.tokenize(data.from_records(pairs), byte, "kto", max_length=32)
-    assert [it.desirable for it in ds.items[:4]] == [True, False, True, False] and ds.report["rows"] == 20
+    same = {"prompt": "p", "chosen": "x", "rejected": "x"}  # desirable and undesirable at once: both dropped
+    ds = data.tokenize(data.from_records(pairs + [same]), byte, "kto", max_length=32)
+    assert [it.desirable for it in ds.items[:4]] == [True, False, True, False] and ds.report["desirable"] == 10
+    assert ds.report["rows"] == 22 and ds.report["dropped"] == {"chosen == rejected": 2} and len(ds) == 20
+    with pytest.raises(ValueError, match="pairs needs paired data"):
+        data.tokenize(data.from_records([{"prompt": "p", "completion": "c", "label": True}]), byte, "pairs", 8)
     batches = data.Batches(ds, batch_size=4, micro_batch_size=4, seed=3)
     for _ in range(3 * batches.steps_per_epoch):
         (batch,) = next(batches)
@@ -265,6 +272,8 @@ def test_epochs_reshuffle_and_resume_exactly(byte):
         data.Batches(ds, batch_size=6, micro_batch_size=3, seed=8).load_state_dict(state)
     with pytest.raises(ValueError, match="batch_size 6 must be a multiple of world_size 2 × micro_batch_size 2"):
         data.Batches(ds, batch_size=6, micro_batch_size=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size 24 is larger than the 20 training examples"):
+        data.Batches(ds, batch_size=24, micro_batch_size=3)
 
 
 def test_eval_split_and_eval_batches(byte):
