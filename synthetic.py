@@ -1,43 +1,75 @@
-"""The embedded demo's preference task: short letter strings with a known gold reward, so alignment can be scored.
+"""The embedded demo (what `python train.py` runs): a preference task with a known gold reward, so that alignment can
+be scored, and the pipeline SFT -> DPO / TR-DPO soft / TR-DPO hard with a table comparing them.
 
-A prompt is 3 distinct letters of "abcdefgh" and "="; a response is 6 letters. The gold reward of a response is the
-fraction of its 6 letters that occur in the prompt, e.g. r("bdg=", "bbxdga") = 4/6. The behaviour policy π_b writes 6
-uniform letters (gold reward 3/8 on average), so there is a lot to gain and the optimum (only prompt letters) is known.
+A prompt is 3 distinct letters of "abcdefgh" and "=" (context the policy may use, the reward does not); a response is
+6 letters. The gold reward of a response is the fraction of its 6 positions holding a letter of the first half of the
+alphabet, "abcd": r("bdg=", "abhdea") = 4/6. The behaviour policy π_b writes 6 uniform letters (mean gold reward 1/2),
+so there is room both ways and the optimum (only a-d) is known.
 
-- SFT data: one π_b response per prompt (the SFT model learns π_b, the policy that the preference pairs come from).
+- SFT data: one π_b response per prompt, so the SFT model learns π_b, the policy the preference pairs come from.
 - Preference data: two π_b responses per prompt, the preferred one drawn by Bradley–Terry on the gold reward,
   P(y1 ≻ y2) = σ(GOLD_BETA·(r(y1) − r(y2))), so labels are noisy as human ones are.
 """
 import math
+import os
 import random
+from dataclasses import replace
+from pathlib import Path
 
-ALPHABET = "abcdefgh"
+ALPHABET, GOOD = "abcdefgh", set("abcd")
 PROMPT_LETTERS, RESPONSE_LEN = 3, 6
-GOLD_BETA = 8.0  # a one-letter difference (1/6) is preferred with probability σ(8/6) ≈ 0.79
+GOLD_BETA = 8.0  # one better letter (Δr = 1/6) wins with probability σ(8/6) ≈ 0.79
+TRAIN_EXAMPLES = 4096  # train.py holds out eval_size more
 
 
-def gold_reward(prompt: str, response: str) -> float:
-    """Fraction of the RESPONSE_LEN response positions holding a letter of the prompt (missing positions score 0)."""
-    letters = set(prompt.rstrip("="))
-    return sum(c in letters for c in response[:RESPONSE_LEN]) / RESPONSE_LEN
+def gold_reward(response: str) -> float:
+    """Fraction of the RESPONSE_LEN response positions holding a letter of GOOD (missing positions score 0)."""
+    return sum(c in GOOD for c in response[:RESPONSE_LEN]) / RESPONSE_LEN
 
 
-def make_examples(n: int, seed: int) -> list[dict]:
-    """n preference examples {"prompt", "chosen", "rejected"}; an SFT run trains on "chosen", which for this task is
-    a plain π_b sample: see sft_examples."""
+def make_records(n: int, seed: int, sft: bool) -> list[dict]:
+    """n records in data.py's formats: {"prompt", "completion"} (sft) or {"prompt", "chosen", "rejected"}."""
     rng = random.Random(seed)
-    out = []
+    records = []
     for _ in range(n):
         prompt = "".join(sorted(rng.sample(ALPHABET, PROMPT_LETTERS))) + "="
         y1, y2 = ("".join(rng.choice(ALPHABET) for _ in range(RESPONSE_LEN)) for _ in range(2))
-        p1 = 1 / (1 + math.exp(-GOLD_BETA * (gold_reward(prompt, y1) - gold_reward(prompt, y2))))
+        if sft:
+            records.append({"prompt": prompt, "completion": y1})
+            continue
+        p1 = 1 / (1 + math.exp(-GOLD_BETA * (gold_reward(y1) - gold_reward(y2))))
         chosen, rejected = (y1, y2) if rng.random() < p1 else (y2, y1)
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return out
+        records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return records
 
 
-def sft_examples(examples: list[dict]) -> list[dict]:
-    """SFT on π_b: each pair's first-drawn... no preference information: a fair coin picks chosen or rejected."""
-    rng = random.Random(0)
-    return [{"prompt": e["prompt"], "chosen": e[rng.choice(("chosen", "rejected"))], "rejected": e["rejected"]}
-            for e in examples]
+def demo(cfg, train) -> str:
+    """SFT on the task, then DPO with a static, soft and hard reference from that SFT model, each for cfg.max_steps
+    steps via train(cfg) -> {"train": metrics, "eval": metrics}; returns (and prints, and writes to
+    out_dir/demo_table.md) the table of held-out results. The preference stages use lr/10 (at the SFT lr the tiny
+    model degenerates within 50 DPO steps) and a τ scaled to the short run (the paper's τ = 512 would never fire):
+    soft every max_steps/10 steps, hard every max_steps/4."""
+    out, base = Path(cfg.out_dir), replace(cfg, demo=False)
+    runs = [("SFT", replace(base, loss="sft", out_dir=str(out / "sft")))]
+    for name, mode, tau in (("DPO", "static", cfg.tau), ("TR-DPO soft", "soft", max(1, cfg.max_steps // 10)),
+                            ("TR-DPO hard", "hard", max(1, cfg.max_steps // 4))):
+        runs.append((name, replace(base, loss="dpo", ref_update=mode, tau=tau, lr=cfg.lr / 10,
+                                   init_from=str(out / "sft"), out_dir=str(out / name.lower().replace(" ", "-")))))
+    cols = ("reward_acc", "gold_greedy", "gold_sampled", "kl_init")
+    lines = ["| method | final train loss | held-out " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    master = int(os.environ.get("RANK", "0")) == 0
+    for name, run_cfg in runs:
+        if master:
+            print(f"\n=== {name}: loss={run_cfg.loss} ref_update={run_cfg.ref_update} tau={run_cfg.tau} "
+                  f"lr={run_cfg.lr:g} ===", flush=True)
+        result = train(run_cfg)
+        cells = [f"{result['eval'][c]:.3f}" if c in result["eval"] else "-" for c in cols]
+        lines.append(f"| {name} | {result['train']['loss']:.4f} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + (
+        "\n\nreward_acc: implicit reward β·log π/π_SFT ranks the held-out pair as labelled; gold: mean gold reward of "
+        "greedy / sampled\nresponses to held-out prompts (π_b: 0.5, best: 1); kl_init: KL(π‖π_SFT) per sampled "
+        "response, nats.\n")
+    if master:
+        print("\n" + table, flush=True)
+        (out / "demo_table.md").write_text(table)
+    return table

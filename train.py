@@ -13,20 +13,18 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 
-import data_stub as data  # TEMP
+import checkpoint
+import data
 import losses
 import reference as ref_lib
 import synthetic
@@ -59,8 +57,7 @@ class TrainConfig:
     # objective
     loss: str = opt("sft", "training objective", ("sft", "dpo", "ipo", "kto"))
     ref_update: str = opt("static", "how π_ref follows π_θ every τ steps: never, soft θ_ref ← α·θ + (1−α)·θ_ref, "
-                          "hard θ_ref ← θ",
-                          ("static", "soft", "hard"))
+                          "hard θ_ref ← θ", ("static", "soft", "hard"))
     alpha: float = opt(0.6, "α, soft-update weight of the policy, in (0, 1]")
     tau: int = opt(512, "τ, optimizer steps between reference updates")
     beta: float = opt(0.1, "β, strength of the implicit KL penalty")
@@ -101,28 +98,21 @@ def fail(msg: str):
     raise ConfigError(msg)
 
 
-def parse_value(name: str, text, typ, where: str):
-    """One config value from a string (command line) or a JSON value (config file), checked against its type."""
-    if typ is bool:
-        if isinstance(text, bool):
-            return text
-        if str(text).lower() in ("1", "true", "yes"):
-            return True
-        if str(text).lower() in ("0", "false", "no"):
-            return False
-    elif typ is int and not isinstance(text, (bool, float)):
+BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def parse_value(name: str, value, typ: type, where: str):
+    """One option's value from a string (command line) or a JSON value (config file), checked against its type."""
+    if typ is bool and (isinstance(value, bool) or str(value).lower() in BOOLS):
+        return value if isinstance(value, bool) else BOOLS[str(value).lower()]
+    if typ is str and isinstance(value, str):
+        return value
+    if typ in (int, float) and not isinstance(value, bool) and not (typ is int and isinstance(value, float)):
         try:
-            return int(text)
+            return typ(value)
         except (TypeError, ValueError):
             pass
-    elif typ is float and not isinstance(text, bool):
-        try:
-            return float(text)
-        except (TypeError, ValueError):
-            pass
-    elif typ is str and isinstance(text, str):
-        return text
-    fail(f"{where}: {name} must be {typ.__name__}, got {text!r}")
+    fail(f"{where}: {name} must be {typ.__name__}, got {value!r}")
 
 
 def help_text() -> str:
@@ -139,11 +129,9 @@ def parse_config(argv: list[str], world_size: int | None = None) -> TrainConfig:
     """TrainConfig from `--config=file.json` then `--key=value` overrides; ValueError naming the culprit on any bad
     key or value. world_size (default: $WORLD_SIZE or 1) checks that batches split evenly over the processes."""
     kinds = {f.name: f.type for f in fields(TrainConfig)}
-    kinds = {k: {"int": int, "float": float, "str": str, "bool": bool}.get(t, t) for k, t in kinds.items()}
-    values: dict = {}
-    args = []
-    for a in argv:
-        if not a.startswith("--") or "=" not in a and a[2:] not in ("help", "resume", "fsdp", "demo"):
+    values, args = {}, []
+    for a in argv:  # a bool option may be given bare: --resume means --resume=true
+        if not a.startswith("--") or "=" not in a and kinds.get(a[2:]) is not bool:
             fail(f"argument {a!r}: expected --key=value (see --help)")
         key, _, val = a[2:].partition("=")
         args.append((key, val if "=" in a else "true"))
@@ -202,6 +190,11 @@ def validate(cfg: TrainConfig, world_size: int):
         path = getattr(cfg, name)
         if path and path not in ("synthetic", "scratch") and not Path(path).exists():
             fail(f"{name}={path}: no such file or directory")
+    if cfg.init_from != "scratch":
+        try:
+            checkpoint.model_dir(cfg.init_from)
+        except ValueError as e:
+            fail(f"init_from={e}")
     if cfg.data == "synthetic" and cfg.tokenizer != "byte":
         fail(f"data=synthetic is a byte-level task: tokenizer must be 'byte', not {cfg.tokenizer!r}")
 
@@ -255,11 +248,9 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
         else:
             b = ids.shape[0] // 2  # rows are [chosen_1..b ; rejected_1..b]
             pol, ref = (logps / n, ref_logps / n) if cfg.loss == "ipo" else (logps, ref_logps)  # IPO: length-averaged
-            if cfg.loss == "ipo":
-                per_example, chosen_r, rejected_r = losses.ipo_loss(pol[:b], pol[b:], ref[:b], ref[b:], cfg.beta)
-            else:
-                per_example, chosen_r, rejected_r = losses.dpo_loss(pol[:b], pol[b:], ref[:b], ref[b:], cfg.beta,
-                                                                    cfg.label_smoothing)
+            args = (pol[:b], pol[b:], ref[:b], ref[b:], cfg.beta)
+            per_example, chosen_r, rejected_r = (losses.ipo_loss(*args) if cfg.loss == "ipo"
+                                                 else losses.dpo_loss(*args, cfg.label_smoothing))
             chosen, rejected, acc = chosen_r.mean(), rejected_r.mean(), (chosen_r > rejected_r).float().mean()
             extra = {"chosen_logp": logps[:b].detach().mean(), "rejected_logp": logps[b:].detach().mean(),
                      "kl_ref": (logps[:b].detach() - ref_logps[:b]).sum() / n[:b].sum().clamp(min=1)}
@@ -298,24 +289,13 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def checkpoint_dir(path: str | Path) -> Path:
-    """An HF model directory itself, or the newest ckpt-* inside a run directory."""
-    path = Path(path)
-    if (path / "config.json").exists():
-        return path
-    ckpts = sorted(path.glob("ckpt-*[0-9]"))
-    if not ckpts:
-        fail(f"{path}: neither a model directory (config.json) nor a run directory with ckpt-* checkpoints")
-    return ckpts[-1]
-
-
 def load_model(cfg: TrainConfig, tok) -> Llama:
     """The initial policy: from scratch (seeded identically on every rank), or a Hugging Face / our checkpoint."""
     if cfg.init_from == "scratch":
         torch.manual_seed(cfg.seed)
         return Llama(ModelConfig(vocab_size=tok.n_vocab, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                                  max_seq_len=cfg.max_length, bos_id=tok.bos_id, eos_id=tok.eos_id))
-    model = Llama.from_pretrained(checkpoint_dir(cfg.init_from))
+    model = Llama.from_pretrained(checkpoint.model_dir(cfg.init_from))
     if model.config.vocab_size < tok.n_vocab:
         fail(f"init_from={cfg.init_from}: vocab_size {model.config.vocab_size} < the tokenizer's {tok.n_vocab}")
     return model
@@ -334,8 +314,8 @@ def distribute(models: list, cfg: TrainConfig, world: int, device: torch.device)
                 fully_shard(block, mesh=mesh)
             fully_shard(m, mesh=mesh)
     elif world > 1:
-        models[0] = torch.nn.parallel.DistributedDataParallel(models[0], device_ids=[device.index] if device.index
-                                                              is not None else None)
+        models[0] = torch.nn.parallel.DistributedDataParallel(models[0],
+                                                              device_ids=[device] if device.type == "cuda" else None)
     return models
 
 
@@ -349,91 +329,46 @@ def grad_sync(policy, cfg: TrainConfig, last_micro_step: bool):
     return nullcontext()
 
 
-def full_state_dict(model) -> dict:
-    """Full (unsharded) parameters on CPU, on rank 0 (empty elsewhere); a collective under FSDP2."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# checkpoints: ckpt-<step>/ = policy (HF safetensors + config.json), reference/, optimizer.pt (tensors only),
-# state.json (step, data position), rng-rank<r>.json, train_config.json; written to a temp dir, then renamed
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-             "torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
-
-
-def save_checkpoint(cfg: TrainConfig, step: int, policy, reference, optimizer, data_state: dict, rank: int):
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    policy_sd, optim_sd = full_state_dict(policy), get_optimizer_state_dict(policy, optimizer, options=options)
-    ref_sd = None if reference is None else full_state_dict(reference)
-    out = Path(cfg.out_dir)
-    tmp, final = out / f".tmp-ckpt-{step:06d}", out / f"ckpt-{step:06d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_state()))
-    barrier()
-    if rank == 0:
-        ref_lib.unwrap(policy).save_pretrained(tmp, policy_sd)
-        if reference is not None:
-            reference.save_pretrained(tmp / "reference", ref_sd)
-        torch.save(optim_sd, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "data": data_state}))
-        (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        os.replace(tmp, final)  # atomic: a reader (or a resume after SIGKILL) sees a whole checkpoint or none
-        for old in sorted(out.glob("ckpt-*[0-9]"))[:-cfg.keep_last]:
-            shutil.rmtree(old)
-    barrier()
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-RESUMABLE = ("max_steps", "eval_every", "ckpt_every", "keep_last", "log_every", "resume", "num_samples")
+# options a resume may change: run length, bookkeeping, and how (not what) is computed
+RESUMABLE = ("max_steps", "eval_every", "ckpt_every", "keep_last", "log_every", "resume", "num_samples", "fsdp", "device")
 
 
 def resume_checkpoint(cfg: TrainConfig) -> Path | None:
     """The newest checkpoint of out_dir when cfg.resume, after checking it was made with the same options."""
-    if not cfg.resume or not sorted(Path(cfg.out_dir).glob("ckpt-*[0-9]")):
-        return None
-    ckpt = checkpoint_dir(cfg.out_dir)
-    saved = json.loads((ckpt / "train_config.json").read_text())
-    changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
-    if changed:
-        fail(f"--resume: {ckpt} was trained with other values of {', '.join(changed)}")
+    ckpt = checkpoint.newest(cfg.out_dir) if cfg.resume else None
+    if ckpt is not None:
+        saved = json.loads((ckpt / "train_config.json").read_text())
+        changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
+        if changed:
+            fail(f"--resume: {ckpt} was trained with other values of {', '.join(changed)}")
     return ckpt
 
 
 def make_data(cfg: TrainConfig, tok, rank: int, world: int):
-    """(train loader: next() -> this rank's micro batches of one optimizer step, this rank's eval batches, the fixed
-    eval prompts as token lists and as text)."""
+    """(train batches: next() gives this rank's micro batches of one optimizer step, this rank's eval batches, the
+    token ids of the fixed eval prompts). Held-out data: eval_data, or the first eval_size examples of data."""
+    kind = {"sft": "sft", "kto": "kto"}.get(cfg.loss, "pairs")
     if cfg.data == "synthetic":
-        examples = synthetic.make_examples(4096 + cfg.eval_size, cfg.seed)
-        train_ex, eval_ex = examples[cfg.eval_size:], examples[:cfg.eval_size]
-    train_loader = data.Loader(train_ex, tok, cfg.loss, cfg.batch_size, cfg.micro_batch_size, rank, world, cfg.seed)
-    per = cfg.eval_size // world
-    mine = eval_ex[rank * per:(rank + 1) * per]
-    f = data.sft_batch if cfg.loss == "sft" else data.pair_batch
-    eval_batches = [f(tok, mine[i:i + cfg.micro_batch_size]) for i in range(0, per, cfg.micro_batch_size)]
-    prompts = [[tok.bos_id] + tok.encode(e["prompt"]) for e in eval_ex[:cfg.num_samples]]
-    return train_loader, eval_batches, prompts, [e["prompt"] for e in eval_ex[:cfg.num_samples]]
+        records = synthetic.make_records(synthetic.TRAIN_EXAMPLES + cfg.eval_size, cfg.seed, sft=cfg.loss == "sft")
+        examples = data.from_records(records, source="synthetic")
+    else:
+        examples = data.read_examples(cfg.data)
+    if cfg.eval_data:
+        train_ex, eval_ex = examples, data.read_examples(cfg.eval_data)[:cfg.eval_size]
+    else:
+        train_ex, eval_ex = data.split_eval(examples, cfg.eval_size)
+    train_set, eval_set = (data.tokenize(ex, tok, kind, cfg.max_length, cfg.max_prompt_length)
+                           for ex in (train_ex, eval_ex))
+    for name, ds in (("train", train_set), ("eval", eval_set)):
+        r = ds.report
+        log(f"{name} data: {r['examples']} {kind} of {r['rows']} rows | dropped {r['dropped']} | truncated "
+            f"{r['truncated']} | sequence tokens {r['tokens']['sequence']}")
+    if len(eval_set.items) % world:  # equal shares: every rank must run the same number of (FSDP) forwards
+        log(f"eval data: the last {len(eval_set.items) % world} example(s) left out to split over {world} ranks")
+        eval_set.items = eval_set.items[:len(eval_set.items) - len(eval_set.items) % world]
+    train_batches = data.Batches(train_set, cfg.batch_size, cfg.micro_batch_size, rank, world, cfg.seed)
+    prompts = [it.prompt for it in eval_set.items[:cfg.num_samples]]
+    return train_batches, data.eval_batches(eval_set, cfg.micro_batch_size, rank, world), prompts
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -448,8 +383,8 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list[list[int]], prompt_texts: list[str],
-             cfg: TrainConfig, tok, device: torch.device) -> dict:
+def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list[list[int]], cfg: TrainConfig,
+             tok, device: torch.device) -> dict:
     """Held-out metrics (mean over all ranks' eval batches) with the *initial* policy as reference, so that rewards
     and accuracies of static and TR runs share one scale; then generations from the fixed prompts (identical on every
     rank, as FSDP2 needs all ranks in each forward) and on-policy KL estimates per response (nats):
@@ -467,7 +402,7 @@ def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list
     with autocast(cfg, device):
         greedy = gen_model.generate(prompts, cfg.max_new_tokens, temperature=0.0)
         sampled = gen_model.generate(prompts, cfg.max_new_tokens, temperature=1.0, generator=gen)
-        ids, mask = data.pad_sequences([p + s for p, s in zip(prompts, sampled)], [len(p) for p in prompts])
+        ids, mask = data.pad(list(zip(prompts, sampled)), tok.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         logp, _ = batch_logps(gen_model, ids, mask)
         for name, model in (("kl_ref", reference), ("kl_init", initial)):
@@ -477,7 +412,7 @@ def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list
     ref_lib._reshard(policy)  # an FSDP2 root stays gathered after a forward without backward
     if cfg.data == "synthetic":
         for name, rows in (("gold_greedy", greedy), ("gold_sampled", sampled)):
-            out[name] = float(np.mean([synthetic.gold_reward(p, tok.decode(r)) for p, r in zip(prompt_texts, rows)]))
+            out[name] = float(np.mean([synthetic.gold_reward(tok.decode(r)) for r in rows]))
     for p, r in list(zip(prompts, greedy))[:2]:
         log(f"  sample | {tok.decode(p)!r} -> {tok.decode(r)!r}")
     return out
@@ -498,8 +433,12 @@ def train(cfg: TrainConfig) -> dict:
     rank, world, device = setup_distributed(cfg)
     out = Path(cfg.out_dir)
     ckpt = resume_checkpoint(cfg)
-    tok = data.get_tokenizer(cfg.tokenizer)
-    train_loader, eval_batches, prompts, prompt_texts = make_data(cfg, tok, rank, world)
+    log(f"config: {json.dumps(asdict(cfg))}")
+    try:
+        tok = data.get_tokenizer(cfg.tokenizer)
+    except ValueError as e:
+        fail(f"tokenizer={cfg.tokenizer}: {e}")
+    train_loader, eval_batches, prompts = make_data(cfg, tok, rank, world)
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
 
     # models: the policy π_θ, the reference π_ref (a frozen copy, TR-updated), the initial policy for KL at eval time
@@ -519,13 +458,9 @@ def train(cfg: TrainConfig) -> dict:
     start = 0
     random.seed(cfg.seed + rank), np.random.seed(cfg.seed + rank), torch.manual_seed(cfg.seed + rank)
     if ckpt is not None:
-        optim_sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
-        set_optimizer_state_dict(policy, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
-        state = json.loads((ckpt / "state.json").read_text())
+        state = checkpoint.load(ckpt, policy, optimizer)
         start = state["step"]
         train_loader.load_state_dict(state["data"])
-        if (ckpt / f"rng-rank{rank}.json").exists():
-            set_rng_state(json.loads((ckpt / f"rng-rank{rank}.json").read_text()))
     metrics_file = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -534,9 +469,8 @@ def train(cfg: TrainConfig) -> dict:
             line for line in metrics_file.read_text().splitlines(keepends=True)
             if line.endswith("\n") and json.loads(line)["step"] <= start]  # drop what ran after the checkpoint
         metrics_file.write_text("".join(kept))
-    log(f"config: {json.dumps(asdict(cfg))}")
     log(f"{n_params / 1e6:.2f}M parameters | {world} process(es) on {device} | {accum} micro step(s) of "
-        f"{cfg.micro_batch_size} per process per optimizer step | {'resuming at step ' + str(start) if ckpt else ''}")
+        f"{cfg.micro_batch_size} per process per optimizer step" + (f" | resuming {ckpt}" if ckpt else ""))
 
     def record(row: dict):
         if rank == 0:
@@ -577,46 +511,15 @@ def train(cfg: TrainConfig) -> dict:
                 + f"gnorm {row['grad_norm']:.2f} | lr {lr:.2e} | {row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s")
             result["train"], t_log, tokens = row, now, 0
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-            row = {"step": step, "split": "eval", **evaluate(policy, reference, initial, eval_batches, prompts,
-                                                              prompt_texts, cfg, tok, device)}
+            row = {"step": step, "split": "eval", **evaluate(policy, reference, initial, eval_batches, prompts, cfg,
+                                                              tok, device)}
             record(row)
             log(f"eval {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "split")))
             result["eval"] = row
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
-            save_checkpoint(cfg, step, policy, reference, optimizer, train_loader.state_dict(), rank)
+            checkpoint.save(out, step, policy, reference, optimizer, {"data": train_loader.state_dict()},
+                            asdict(cfg), cfg.keep_last)
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the embedded demo: SFT on the synthetic task, then DPO with a static, soft and hard reference from the same SFT model
-
-
-def demo(cfg: TrainConfig):
-    """SFT, then DPO / TR-DPO soft / TR-DPO hard, each for cfg.max_steps steps, and a table of held-out results.
-    τ is scaled to the short run (the paper's τ = 512 would never fire here): soft every max_steps/10 steps, hard
-    every max_steps/4."""
-    out = Path(cfg.out_dir)
-    base = replace(cfg, demo=False)
-    runs = [("SFT", replace(base, loss="sft", out_dir=str(out / "sft")))]
-    for name, mode, tau in (("DPO", "static", cfg.tau), ("TR-DPO soft", "soft", max(1, cfg.max_steps // 10)),
-                            ("TR-DPO hard", "hard", max(1, cfg.max_steps // 4))):
-        runs.append((name, replace(base, loss="dpo", ref_update=mode, tau=tau, init_from=str(out / "sft"),
-                                   out_dir=str(out / name.lower().replace(" ", "-")))))
-    rows = []
-    for name, run_cfg in runs:
-        log(f"\n=== {name}: loss={run_cfg.loss} ref_update={run_cfg.ref_update} tau={run_cfg.tau} ===")
-        result = train(run_cfg)
-        rows.append((name, result["train"]["loss"], result["eval"]))
-    cols = ("loss", "reward_acc", "gold_greedy", "gold_sampled", "kl_init")
-    lines = ["| method | train loss | held-out " + " | ".join(cols[1:]) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, train_loss, ev in rows:
-        cells = [f"{ev[c]:.3f}" if c in ev else "-" for c in cols[1:]]
-        lines.append(f"| {name} | {train_loss:.4f} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    log("\n" + table + "\ngold reward: fraction of response letters found in the prompt (uniform letters: 0.375); "
-        "kl_init: KL(π‖π_SFT) per sampled response, nats")
-    if int(os.environ.get("RANK", "0")) == 0:
-        (out / "demo_table.md").write_text(table + "\n")
 
 
 def main(argv: list[str]) -> int:
@@ -625,8 +528,8 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         cfg = parse_config(argv or ["--demo=true"])
-        demo(cfg) if cfg.demo else train(cfg)
-    except ConfigError as e:
+        synthetic.demo(cfg, train) if cfg.demo else train(cfg)
+    except (ConfigError, data.DataError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -9,10 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
+import synthetic
 import train
 from conftest import ROOT, shared_path
 
@@ -24,20 +27,17 @@ TINY = ["--loss=dpo", "--ref_update=soft", "--tau=2", "--alpha=0.5", "--dim=32",
         "--lr=3e-3"]
 
 
-def run(args: list[str], nproc: int = 0, timeout: int = 120, **kw) -> subprocess.CompletedProcess:
-    """train.py (or tests/<script>) in a subprocess: plain python, or torchrun with nproc CPU processes."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
-        else [sys.executable]
-    script = args[0] if args and args[0].endswith(".py") else str(ROOT / "train.py")
-    rest = args[1:] if args and args[0].endswith(".py") else args
-    p = subprocess.run(launcher + [script, *rest], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=timeout, **kw)
+def run(args: list[str], nproc: int = 0, script: Path = ROOT / "train.py") -> subprocess.CompletedProcess:
+    """A script (train.py) in a subprocess: plain python, or torchrun with nproc CPU processes."""
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                                   if nproc else [])
+    p = subprocess.run(launcher + [str(script), *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
 
 def weights(run_dir: Path, sub: str = "") -> dict[str, torch.Tensor]:
-    return load_file(train.checkpoint_dir(run_dir) / sub / "model.safetensors")
+    return load_file(checkpoint.model_dir(run_dir) / sub / "model.safetensors")
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -76,6 +76,7 @@ def test_parse_config_file_then_overrides(tmp_path):
     (["--batch_size=6", "--micro_batch_size=2"], "x 2 process(es)"),  # 6 pairs do not split over 2 ranks x 2
     (["--data=/no/such.jsonl"], "no such file"),
     (["--init_from=/no/such/dir"], "no such file"),
+    ([f"--init_from={ROOT / 'configs'}"], "neither a model directory"),
     (["--tokenizer=gpt2"], "byte-level task"),
     (["loss=dpo"], "expected --key=value"),
 ])
@@ -102,6 +103,22 @@ def test_cli_rejects_bad_config_without_traceback_and_help_lists_every_option():
     text = train.help_text()
     for f in train.fields(train.TrainConfig):
         assert f"| `{f.name}` | `{json.dumps(f.default)}` |" in text
+
+
+def test_synthetic_task_labels_pairs_by_gold_reward():
+    assert synthetic.gold_reward("abhdea") == 4 / 6 and synthetic.gold_reward("ab") == 2 / 6
+    pairs = synthetic.make_records(2000, seed=0, sft=False)
+    scored = [(synthetic.gold_reward(r["chosen"]), synthetic.gold_reward(r["rejected"])) for r in pairs]
+    agree = sum(c > r for c, r in scored) / sum(c != r for c, r in scored)
+    assert 0.75 < agree < 0.95  # Bradley–Terry labels: mostly, not always, the better response
+    assert synthetic.make_records(3, seed=0, sft=True)[0].keys() == {"prompt", "completion"}
+
+
+def test_rng_states_round_trip_through_json():
+    state = json.loads(json.dumps(checkpoint.rng_state()))
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    checkpoint.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
 
 
 def test_lr_schedule():
@@ -135,19 +152,74 @@ def test_two_processes_match_one_process_with_accumulation(straight, tmp_path, b
 
 
 def test_sigkill_then_resume_matches_uninterrupted(straight, tmp_path):
-    args = [sys.executable, str(ROOT / "train.py"), *TINY, f"--out_dir={tmp_path}", "--ckpt_every=1"]
-    kill_at = random.randint(1, 10)  # completed steps (metrics lines) before the kill, plus a random delay
-    p = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = [*TINY, f"--out_dir={tmp_path}", "--ckpt_every=1"]
+    kill_at = random.randint(1, 8)  # at least this many steps (metrics lines) and a checkpoint, plus a random delay
+    p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
     lines = tmp_path / "metrics.jsonl"
     while p.poll() is None and not (lines.exists() and lines.read_text().count('"train"') >= kill_at
                                     and list(tmp_path.glob("ckpt-*"))):
         time.sleep(0.005)
-    time.sleep(random.uniform(0, 0.05))
+    time.sleep(random.uniform(0, 0.02))
     p.send_signal(signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL, f"the run ended before the kill (step {kill_at}): {p.stderr.read()[-2000:]}"
-    print(f"killed after {kill_at} steps; checkpoints on disk: {sorted(x.name for x in tmp_path.glob('ckpt-*'))}")
-    run(args[2:] + ["--resume"])
+    print(f"killed after >= {kill_at} steps; checkpoints on disk: {sorted(x.name for x in tmp_path.glob('ckpt-*'))}")
+    run(args + ["--resume"])
     for sub in ("", "reference"):
         assert_close(weights(tmp_path, sub), weights(straight, sub), atol=0.0)
     assert metrics(tmp_path) == metrics(straight)
     assert len(list(tmp_path.glob("ckpt-*"))) == 2 and not list(tmp_path.glob(".tmp-*"))  # keep_last=2
+    with pytest.raises(train.ConfigError, match="other values of beta"):  # a resume must not change the objective
+        train.resume_checkpoint(train.parse_config(TINY + [f"--out_dir={tmp_path}", "--resume", "--beta=0.2"]))
+
+
+def test_tr_kto_z_ref_is_identical_on_ranks(tmp_path):
+    """KTO's z_ref (the batch KL estimate) is all-reduced: equal on both ranks although their batches differ."""
+    args = [a for a in TINY if not a.startswith(("--loss", "--ref_update"))]
+    run([*args, "--loss=kto", "--ref_update=hard", f"--out_dir={tmp_path}", "--max_steps=8", "--eval_every=0"],
+        nproc=2, script=ROOT / "tests" / "kto_ranks.py")
+    rank0, rank1 = (torch.tensor(r) for r in json.loads((tmp_path / "kto_ranks.json").read_text()))
+    assert rank0.shape == (8, 2)  # one micro batch per step per rank
+    assert torch.equal(rank0[:, 0], rank1[:, 0])
+    assert (rank0[:, 1] != rank1[:, 1]).all()  # different data on the two ranks
+    assert (rank0[:, 0] > 0).any()  # not trivially equal: z_ref = max(0, KL estimate) left 0 at some steps
+
+
+def test_hh_rlhf_recipe_runs_on_a_tiny_hf_llama(tmp_path):
+    """configs/hh_rlhf.json on real HH-RLHF text: a tiny random Llama in Hugging Face format, the gpt2 tokenizer,
+    bf16 autocast on CPU, two TR-DPO steps; the checkpoint loads back and its reference took one soft update (τ = 2)."""
+    from model import Llama, ModelConfig
+    hh = shared_path("data", "hh-rlhf", "helpful-base-test.jsonl.gz")
+    torch.manual_seed(0)
+    Llama(ModelConfig(vocab_size=50257, dim=32, n_layers=2, n_heads=4, max_seq_len=128, bos_id=50256,
+                      eos_id=50256)).save_pretrained(tmp_path / "hf")
+    out = tmp_path / "run"
+    run([f"--config={ROOT / 'configs' / 'hh_rlhf.json'}", f"--init_from={tmp_path / 'hf'}", f"--data={hh}",
+         "--tokenizer=gpt2", "--max_length=128", "--max_prompt_length=64", "--batch_size=2", "--micro_batch_size=1",
+         "--max_steps=2", "--tau=2", "--lr=1e-3", "--warmup_steps=0", "--eval_size=4", "--num_samples=2",
+         "--max_new_tokens=4", "--log_every=1", f"--out_dir={out}"])
+    rows = metrics(out)
+    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (2, "eval")]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    policy, reference, initial = weights(out), weights(out, "reference"), load_file(tmp_path / "hf/model.safetensors")
+    assert_close(reference, {k: policy[k] * 0.6 + v * 0.4 for k, v in initial.items()}, atol=1e-6)  # α·θ+(1−α)·θ_ref
+    Llama.from_pretrained(checkpoint.model_dir(out))
+
+
+def test_no_arguments_run_the_demo(monkeypatch):
+    seen = []
+    monkeypatch.setattr(train.synthetic, "demo", lambda cfg, run: seen.append((cfg, run)))
+    assert train.main([]) == 0
+    assert seen == [(train.TrainConfig(demo=True), train.train)]
+
+
+def test_demo_pipeline_writes_its_table(tmp_path):
+    """The demo's four stages at toy size: SFT, then DPO, TR-DPO soft and hard from the SFT checkpoint."""
+    run(["--demo", f"--out_dir={tmp_path}", "--max_steps=4", "--batch_size=8", "--micro_batch_size=8",
+         "--eval_size=16", "--num_samples=8", "--max_new_tokens=8", "--warmup_steps=1"])
+    table = (tmp_path / "demo_table.md").read_text().splitlines()
+    assert [row.split(" | ")[0] for row in table[2:6]] == ["| SFT", "| DPO", "| TR-DPO soft", "| TR-DPO hard"]
+    soft = json.loads((tmp_path / "tr-dpo-soft" / "train_config.json").read_text())
+    assert (soft["init_from"], soft["ref_update"], soft["loss"]) == (str(tmp_path / "sft"), "soft", "dpo")
+    for stage in ("sft", "dpo", "tr-dpo-soft", "tr-dpo-hard"):
+        assert [r["step"] for r in metrics(tmp_path / stage) if r["split"] == "eval"] == [4]

@@ -5,6 +5,7 @@ Every toy response is a token row `[prompt, y_1..y_L]` with loss_mask on y, so a
 The loop uses `losses.py` for DPO / IPO / KTO and `reference.py` for the static / soft / hard reference, like train.py.
 """
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -16,10 +17,9 @@ import numpy as np
 import torch
 
 from losses import dpo_loss, ipo_loss, kto_loss, sequence_logps
-from reference import ReferenceUpdater, make_reference, reference_logits
+from reference import MODES, ReferenceUpdater, make_reference, reference_logits
 
 LOSSES = ("dpo", "ipo", "kto")
-MODES = ("static", "soft", "hard")
 
 
 @dataclass
@@ -133,10 +133,13 @@ def train(policy: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor, cho
 
 def sft(policy: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, steps: int, lr: float
         ) -> None:
-    """Supervised fine-tuning: full-batch Adam on the mean NLL −log π(y) of the responses `ids` (repeats count)."""
+    """Supervised fine-tuning: full-batch Adam on the mean NLL −log π(y) over the responses `ids` (with repeats).
+    Repeats become weights on the unique responses: the same loss, one forward per distinct response."""
+    ids, counts = ids.unique(return_counts=True)
+    weights = counts.float() / counts.sum()
     optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
     for _ in range(steps):
-        loss = -logps(policy, tokens[ids], mask[ids])[0].mean()
+        loss = -(weights * logps(policy, tokens[ids], mask[ids])[0]).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -148,10 +151,23 @@ def kl(lp: torch.Tensor, lq: torch.Tensor) -> float:
 
 
 def parse_args(argv: list[str] | None, description: str, default_out: str) -> argparse.Namespace:
+    """--out and --quick, shared by every toy script."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default=default_out, help="folder for the PNG figures and the JSON of every number")
     parser.add_argument("--quick", action="store_true", help="a small version (seconds) for the test suite")
     return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Toy tensors are tiny: intra-op threads cost more than they save on a shared CPU. Restored afterwards, since the
+    tests call main() in-process."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
@@ -169,16 +185,16 @@ def band(ax, x: list, runs: list[list[float]], label: str, color=None, linestyle
 
 
 def save(out: str | Path, name: str, payload: dict, fig) -> None:
-    """Write OUT/NAME.json (every plotted number) and OUT/NAME.png (kept small: 100 dpi)."""
+    """Write OUT/NAME.json (every plotted number) and OUT/NAME.png (72 dpi keeps it small)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{name}.json", "w") as f:
         json.dump(rounded(payload), f, allow_nan=False)
-    fig.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
+    fig.savefig(out / f"{name}.png", dpi=72, bbox_inches="tight")
 
 
 def rounded(obj):
-    """Floats rounded to 6 significant digits for a small JSON; NaN/inf would be a bug upstream, so fail loudly."""
+    """Floats rounded to 5 significant digits for a small JSON; NaN/inf would be a bug upstream, so fail loudly."""
     if isinstance(obj, dict):
         return {k: rounded(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -186,11 +202,16 @@ def rounded(obj):
     if isinstance(obj, float):
         if not math.isfinite(obj):
             raise ValueError(f"toy result is not finite: {obj}")
-        return float(f"{obj:.6g}")
+        return float(f"{obj:.5g}")
     return obj
 
 
 # ---- the likelihood experiment shared by bandit.py and sequences.py: claims (a) and (b) ----
+
+def loss_mode_grid(base: dict) -> dict[str, RunConfig]:
+    """"loss/mode" -> RunConfig for every loss (DPO, IPO, KTO) and reference mode (static, soft, hard)."""
+    return {f"{loss}/{mode}": RunConfig(loss=loss, mode=mode, **base) for loss in LOSSES for mode in MODES}
+
 
 def likelihood_grid(build: Callable[[int], tuple], configs: dict[str, RunConfig], seeds: list[int]
                     ) -> dict[str, list[dict]]:
@@ -213,9 +234,11 @@ def likelihood_grid(build: Callable[[int], tuple], configs: dict[str, RunConfig]
 
 def likelihood_summary(history: dict[str, list]) -> dict[str, float]:
     """The numbers behind claims (a)/(b) for one run: changes from the SFT start, the chosen dip and its recovery."""
-    c, r, o = history["logp_chosen"], history["logp_rejected"], history["mass_ood"]
+    c, r, o, mc = history["logp_chosen"], history["logp_rejected"], history["mass_ood"], history["mass_chosen"]
     return {"d_logp_chosen": c[-1] - c[0], "d_logp_rejected": r[-1] - r[0], "d_mass_ood": o[-1] - o[0],
-            "mass_ood_final": o[-1], "chosen_dip": min(c) - c[0], "chosen_recovery": c[-1] - min(c)}
+            "mass_ood_final": o[-1], "mass_ood_max": max(o), "d_mass_chosen": mc[-1] - mc[0],
+            "mass_chosen_final": mc[-1], "chosen_dip": min(c) - c[0], "chosen_recovery": c[-1] - min(c),
+            "kl_sft_final": history["kl_sft"][-1]}
 
 
 def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:

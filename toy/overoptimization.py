@@ -12,8 +12,9 @@ reference; E_π[r*] and KL(π‖π_SFT) are computed exactly over the space alon
 import numpy as np
 import torch
 
-from toy.common import (LOSSES, MODES, RunConfig, all_logps, band, enumerate_sequences, kl, mean_std, parse_args,
-                        save, sft, train)
+from reference import MODES
+from toy.common import (LOSSES, RunConfig, all_logps, band, enumerate_sequences, kl, loss_mode_grid, mean_std,
+                        one_thread, parse_args, save, sft, train)
 from toy.sequences import tiny_llama
 
 VOCAB, LENGTH = 4, 5
@@ -31,17 +32,17 @@ def random_score(tokens: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (s - s.mean()) / s.std()
 
 
-def build(seed: int):
+def build(seed: int, sft_steps: int = SFT_STEPS, n_pairs: int = N_PAIRS):
     """Gold reward, SFT policy and the noisy Bradley–Terry pairs for one seed."""
     g = torch.Generator().manual_seed(seed)
     tokens, mask = enumerate_sequences(VOCAB, LENGTH)
     gold = random_score(tokens, g)
     base = torch.softmax(random_score(tokens, g) / BASE_TEMPERATURE, 0)
     policy = tiny_llama(seed)
-    sft(policy, tokens, mask, torch.multinomial(base, N_SFT, replacement=True, generator=g), SFT_STEPS, SFT_LR)
+    sft(policy, tokens, mask, torch.multinomial(base, N_SFT, replacement=True, generator=g), sft_steps, SFT_LR)
     p_sft = all_logps(policy, tokens, mask).exp()
-    y1, y2 = torch.multinomial(p_sft, 2 * N_PAIRS, replacement=True, generator=g).view(2, N_PAIRS)
-    first_wins = torch.rand(N_PAIRS, generator=g) < torch.sigmoid(gold[y1] - gold[y2])
+    y1, y2 = torch.multinomial(p_sft, 2 * n_pairs, replacement=True, generator=g).view(2, n_pairs)
+    first_wins = torch.rand(n_pairs, generator=g) < torch.sigmoid(gold[y1] - gold[y2])
     chosen, rejected = torch.where(first_wins, y1, y2), torch.where(first_wins, y2, y1)
     return policy, tokens, mask, chosen, rejected, gold
 
@@ -96,34 +97,39 @@ def figure(runs: dict[str, list[dict]], groups: dict[str, list[str]], title: str
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv, __doc__.splitlines()[0], "toy/figures")
-    steps, seeds = (60, [0]) if args.quick else (500, [0, 1, 2])
+    steps, seeds, sft_steps = (30, [0], 30) if args.quick else (400, [0, 1, 2], SFT_STEPS)
     base = dict(beta=0.1, lr=1e-4, alpha=0.6, tau=32, steps=steps, eval_every=max(steps // 50, 1))
-    configs = {f"{loss}/{mode}": RunConfig(loss=loss, mode=mode, **base) for loss in LOSSES for mode in MODES}
+    configs = loss_mode_grid(base)
     sweep = {f"dpo/soft/alpha={a:g}": RunConfig(mode="soft", **{**base, "alpha": a}) for a in (0.1, 0.3, 0.9)}
     sweep.update({f"dpo/hard/tau={t}": RunConfig(mode="hard", **{**base, "tau": t}) for t in (8, 128)})
-    sweep.update({f"dpo/{m}/lr={lr:g}": RunConfig(mode=m, **{**base, "lr": lr}) for lr in (1e-3,) for m in MODES})
-    configs.update(sweep)
-    runs: dict[str, list[dict]] = {name: [] for name in configs}
-    for seed in seeds:
-        policy, tokens, mask, chosen, rejected, gold = build(seed)
-        state = {k: v.clone() for k, v in policy.state_dict().items()}
+    fast = {f"dpo/{m}/lr=0.001": RunConfig(mode=m, **{**base, "lr": 1e-3}) for m in MODES}
+    more_data = {f"dpo/{m}/pairs={4 * N_PAIRS}": RunConfig(mode=m, **base) for m in MODES}
+    runs: dict[str, list[dict]] = {}
+    with one_thread():
+        for seed in seeds:
+            for n_pairs, grid in ((N_PAIRS, {**configs, **sweep, **fast}), (4 * N_PAIRS, more_data)):
+                policy, tokens, mask, chosen, rejected, gold = build(seed, sft_steps, n_pairs)
+                state = {k: v.clone() for k, v in policy.state_dict().items()}
 
-        def evaluate(lp, sft_lp):
-            return {"gold": (lp.exp() * gold).sum().item(), "kl_sft": kl(lp, sft_lp)}
+                def evaluate(lp, sft_lp):
+                    return {"gold": (lp.exp() * gold).sum().item(), "kl_sft": kl(lp, sft_lp)}
 
-        for name, cfg in configs.items():
-            policy.load_state_dict(state)
-            torch.manual_seed(seed)
-            runs[name].append(train(policy, tokens, mask, chosen, rejected, cfg, evaluate))
+                for name, cfg in grid.items():
+                    policy.load_state_dict(state)
+                    torch.manual_seed(seed)
+                    runs.setdefault(name, []).append(train(policy, tokens, mask, chosen, rejected, cfg, evaluate))
     groups = {loss.upper(): [f"{loss}/{mode}" for mode in MODES] for loss in LOSSES}
-    groups["DPO sweep"] = ["dpo/static", "dpo/soft"] + [n for n in sweep if "/lr=" not in n]
-    groups["DPO lr=1e-3"] = [n for n in sweep if "/lr=" in n]
-    fig = figure(runs, groups, f"over-optimisation: tiny Llama, V={VOCAB}, L={LENGTH}, {N_PAIRS} BT pairs, β={base['beta']}, "
-                               f"Adam lr={base['lr']}, α={base['alpha']}, τ={base['tau']}, {len(seeds)} seeds")
+    groups["DPO α/τ sweep"] = ["dpo/static", "dpo/soft", "dpo/hard", *sweep]
+    groups["DPO lr=1e-3"] = list(fast)
+    groups[f"DPO {4 * N_PAIRS} pairs"] = list(more_data)
+    fig = figure(runs, groups, f"over-optimisation: tiny Llama, V={VOCAB}, L={LENGTH}, {N_PAIRS} noisy BT pairs, "
+                               f"β={base['beta']}, Adam lr={base['lr']}, α={base['alpha']}, τ={base['tau']}, "
+                               f"{len(seeds)} seeds")
     payload = {"setup": {"vocab": VOCAB, "length": LENGTH, "n_pairs": N_PAIRS, "n_sft": N_SFT,
-                         "base_temperature": BASE_TEMPERATURE, "sft_steps": SFT_STEPS, "sft_lr": SFT_LR,
+                         "base_temperature": BASE_TEMPERATURE, "sft_steps": sft_steps, "sft_lr": SFT_LR,
                          "kl_levels": list(KL_LEVELS), "seeds": seeds, **base},
-               "configs": {n: vars(c) for n, c in configs.items()}, "summary": summarise(runs), "runs": runs}
+               "configs": {n: vars(c) for n, c in {**configs, **sweep, **fast, **more_data}.items()},
+               "summary": summarise(runs), "runs": runs}
     save(args.out, "overoptimization", payload, fig)
     return payload
 

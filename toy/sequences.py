@@ -12,7 +12,7 @@ import torch
 
 from model import Llama, ModelConfig
 from toy.common import (LOSSES, MODES, RunConfig, enumerate_sequences, likelihood_figure, likelihood_grid,
-                        parse_args, save, sft, summarise)
+                        loss_mode_grid, one_thread, parse_args, save, sft, summarise)
 
 VOCAB, LENGTH, N_PAIRS = 4, 5, 8  # 4**5 = 1024 responses
 MODEL = dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64)
@@ -55,17 +55,24 @@ def builder(sft_on: str):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv, __doc__.splitlines()[0], "toy/figures")
-    steps, seeds = (100, [0]) if args.quick else (600, [0, 1, 2])
-    base = dict(beta=0.1, lr=1e-3, alpha=0.6, tau=32, steps=steps, eval_every=max(steps // 60, 1))
-    configs = {f"{loss}/{mode}": RunConfig(loss=loss, mode=mode, **base) for loss in LOSSES for mode in MODES}
-    runs = likelihood_grid(builder("both"), configs, seeds)
+    steps, seeds = (30, [0]) if args.quick else (300, [0, 1, 2])
+    base = dict(beta=0.1, lr=1e-4, alpha=0.6, tau=32, steps=steps, eval_every=max(steps // 60, 1))
+    configs = loss_mode_grid(base)
+    fast = {f"dpo/{mode}/lr=0.001": RunConfig(mode=mode, **{**base, "lr": 1e-3}) for mode in MODES}
+    chosen_only = {f"dpo/{mode}/sft=chosen": RunConfig(mode=mode, **base) for mode in MODES}
+    with one_thread():
+        runs = likelihood_grid(builder("both"), {**configs, **fast}, seeds)
+        runs.update(likelihood_grid(builder("chosen"), chosen_only, seeds))
     rows = {loss.upper(): [f"{loss}/{mode}" for mode in MODES] for loss in LOSSES}
+    rows["DPO, lr=1e-3"] = list(fast)
+    rows["DPO, SFT on chosen only"] = list(chosen_only)
     fig = likelihood_figure(runs, rows, f"tiny Llama, V={VOCAB}, L={LENGTH} ({VOCAB ** LENGTH} responses), "
                                         f"{N_PAIRS} pairs, β={base['beta']}, Adam lr={base['lr']}, α={base['alpha']}, "
                                         f"τ={base['tau']}; mean ± std over {len(seeds)} seeds")
     payload = {"setup": {"vocab": VOCAB, "length": LENGTH, "n_pairs": N_PAIRS, "model": MODEL, "sft_steps": SFT_STEPS,
-                         "sft_lr": SFT_LR, "sft_on": "both", "seeds": seeds, **base},
-               "configs": {n: vars(c) for n, c in configs.items()}, "summary": summarise(runs), "runs": runs}
+                         "sft_lr": SFT_LR, "sft_on": "both, except the */sft=chosen runs", "seeds": seeds, **base},
+               "configs": {n: vars(c) for n, c in {**configs, **fast, **chosen_only}.items()},
+               "summary": summarise(runs), "runs": runs}
     save(args.out, "sequences", payload, fig)
     return payload
 
