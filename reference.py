@@ -53,7 +53,7 @@ def make_reference(policy: nn.Module) -> nn.Module:
     return reference
 
 
-def _reshard(module: nn.Module) -> None:
+def reshard(module: nn.Module) -> None:
     """Put every FSDP2 unit of `module` back to its sharded state (a no-op for plain modules and sharded units)."""
     for m in module.modules():
         if isinstance(m, FSDPModule):
@@ -65,15 +65,15 @@ def reference_logits(reference: nn.Module, input_ids: torch.Tensor) -> torch.Ten
     """The reference forward, without autograd. An FSDP2 root keeps its all-gathered parameters after a forward
     (it expects a backward that never comes for π_ref), so the reference is resharded before returning."""
     logits = reference(input_ids)
-    _reshard(reference)
+    reshard(reference)
     return logits
 
 
 def _paired_params(reference: nn.Module, policy: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Matching (θ_ref, θ) tensors by parameter name: local shards for FSDP2 modules, full tensors otherwise."""
     policy = unwrap(policy)
-    _reshard(reference)
-    _reshard(policy)
+    reshard(reference)
+    reshard(policy)
     ref_params, pol_params = dict(reference.named_parameters()), dict(policy.named_parameters())
     if ref_params.keys() != pol_params.keys():
         raise ValueError(f"reference.py: reference and policy parameter names differ: "

@@ -329,8 +329,9 @@ def grad_sync(policy, cfg: TrainConfig, last_micro_step: bool):
     return nullcontext()
 
 
-# options a resume may change: run length, bookkeeping, and how (not what) is computed
-RESUMABLE = ("max_steps", "eval_every", "ckpt_every", "keep_last", "log_every", "resume", "num_samples", "fsdp", "device")
+# options a resume may change: run length, bookkeeping, where the run lives, and how (not what) is computed
+RESUMABLE = ("max_steps", "eval_every", "ckpt_every", "keep_last", "log_every", "resume", "num_samples", "out_dir",
+             "fsdp", "device")
 
 
 def resume_checkpoint(cfg: TrainConfig) -> Path | None:
@@ -409,7 +410,7 @@ def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list
             if model is not None:
                 other, _ = losses.sequence_logps(ref_lib.reference_logits(model, ids), ids, mask)
                 out[name] = (logp - other).mean().item()
-    ref_lib._reshard(policy)  # an FSDP2 root stays gathered after a forward without backward
+    ref_lib.reshard(policy)  # an FSDP2 root stays gathered after a forward without backward
     if cfg.data == "synthetic":
         for name, rows in (("gold_greedy", greedy), ("gold_sampled", sampled)):
             out[name] = float(np.mean([synthetic.gold_reward(tok.decode(r)) for r in rows]))

@@ -3,6 +3,7 @@ SIGKILL + --resume, KTO across ranks, the HH-RLHF recipe, the embedded demo) on 
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TINY = ["--loss=dpo", "--ref_update=soft", "--tau=2", "--alpha=0.5", "--dim=32", "--n_layers=2", "--n_heads=4",
         "--batch_size=4", "--micro_batch_size=2", "--max_steps=12", "--eval_every=6", "--eval_size=8",
         "--num_samples=4", "--max_new_tokens=8", "--max_length=16", "--max_prompt_length=8", "--warmup_steps=2",
-        "--lr=3e-3"]
+        "--lr=3e-3", "--ckpt_every=6"]
 
 
 def run(args: list[str], nproc: int = 0, script: Path = ROOT / "train.py") -> subprocess.CompletedProcess:
@@ -171,6 +172,17 @@ def test_sigkill_then_resume_matches_uninterrupted(straight, tmp_path):
     assert len(list(tmp_path.glob("ckpt-*"))) == 2 and not list(tmp_path.glob(".tmp-*"))  # keep_last=2
     with pytest.raises(train.ConfigError, match="other values of beta"):  # a resume must not change the objective
         train.resume_checkpoint(train.parse_config(TINY + [f"--out_dir={tmp_path}", "--resume", "--beta=0.2"]))
+
+
+def test_checkpoint_of_one_process_resumes_on_two_fsdp_processes(straight, tmp_path):
+    """Checkpoints hold full, name-keyed state: step 6 of the single-process run continues under FSDP2 on 2 ranks."""
+    shutil.copytree(straight / "ckpt-000006", tmp_path / "ckpt-000006")
+    shutil.copy(straight / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    run(TINY + [f"--out_dir={tmp_path}", "--resume", "--fsdp=true"], nproc=2)
+    for sub in ("", "reference"):
+        assert_close(weights(tmp_path, sub), weights(straight, sub), atol=1e-5)
+    for a, b in zip(metrics(tmp_path), metrics(straight), strict=True):
+        assert a.keys() == b.keys() and all(v == pytest.approx(b[k], abs=1e-4) for k, v in a.items())
 
 
 def test_tr_kto_z_ref_is_identical_on_ranks(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from losses import dpo_loss, ipo_loss
 from reference import MODES
 from toy.common import RunConfig, band, likelihood_grid, mean_std, one_thread, parse_args, save
-from toy.sequences import builder
+from toy.sequences import SFT_STEPS, builder
 
 BETA = 0.1
 
@@ -42,12 +42,12 @@ def analytic(beta: float) -> dict[str, list[float]]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv, __doc__.splitlines()[0], "toy/figures")
-    steps, seeds = (30, [0]) if args.quick else (300, [0, 1, 2])
+    steps, seeds, sft_steps = (30, [0], 100) if args.quick else (300, [0, 1, 2], SFT_STEPS)
     base = dict(beta=BETA, lr=1e-4, alpha=0.6, tau=32, steps=steps, eval_every=max(steps // 60, 1))
     configs = {f"dpo/{mode}": RunConfig(mode=mode, **base) for mode in MODES}
     with one_thread():
         curves = analytic(BETA)
-        runs = likelihood_grid(builder("both"), configs, seeds)
+        runs = likelihood_grid(builder("both", sft_steps), configs, seeds)
     summary = {name: {key: mean_std([float(np.mean(h[key])) for h in hs])  # time-average over training, per seed
                       for key in ("beta_margin", "dpo_weight", "dpo_curvature")} for name, hs in runs.items()}
     for name, hs in runs.items():
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     fig.suptitle(f"sequences toy, DPO β={BETA}, Adam lr={base['lr']}, α={base['alpha']}, τ={base['tau']}; "
                  f"mean ± std over {len(seeds)} seeds", fontsize=10)
     fig.tight_layout()
-    payload = {"setup": {"seeds": seeds, **base, "toy": "toy/sequences.py setup, SFT on both"}, "analytic": curves,
+    payload = {"setup": {"seeds": seeds, "sft_steps": sft_steps, **base, "toy": "toy/sequences.py, SFT on both"}, "analytic": curves,
                "summary": summary, "runs": {n: [{k: h[k] for k in ("step", "beta_margin", "dpo_weight",
                                                                     "dpo_curvature")} for h in hs]
                                             for n, hs in runs.items()}}

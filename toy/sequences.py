@@ -42,34 +42,34 @@ def make_pairs(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(chosen), torch.tensor(rejected)
 
 
-def builder(sft_on: str):
+def builder(sft_on: str, sft_steps: int = SFT_STEPS):
     """build(seed) for likelihood_grid: SFT on "both" chosen and rejected responses, or on the "chosen" only."""
     def build(seed: int):
         tokens, mask = enumerate_sequences(VOCAB, LENGTH)
         chosen, rejected = make_pairs(torch.Generator().manual_seed(seed))
         policy = tiny_llama(seed)
-        sft(policy, tokens, mask, torch.cat([chosen, rejected]) if sft_on == "both" else chosen, SFT_STEPS, SFT_LR)
+        sft(policy, tokens, mask, torch.cat([chosen, rejected]) if sft_on == "both" else chosen, sft_steps, SFT_LR)
         return policy, tokens, mask, chosen, rejected
     return build
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv, __doc__.splitlines()[0], "toy/figures")
-    steps, seeds = (30, [0]) if args.quick else (300, [0, 1, 2])
+    steps, seeds, sft_steps = (30, [0], 100) if args.quick else (300, [0, 1, 2], SFT_STEPS)
     base = dict(beta=0.1, lr=1e-4, alpha=0.6, tau=32, steps=steps, eval_every=max(steps // 60, 1))
     configs = loss_mode_grid(base)
     fast = {f"dpo/{mode}/lr=0.001": RunConfig(mode=mode, **{**base, "lr": 1e-3}) for mode in MODES}
     chosen_only = {f"dpo/{mode}/sft=chosen": RunConfig(mode=mode, **base) for mode in MODES}
     with one_thread():
-        runs = likelihood_grid(builder("both"), {**configs, **fast}, seeds)
-        runs.update(likelihood_grid(builder("chosen"), chosen_only, seeds))
+        runs = likelihood_grid(builder("both", sft_steps), {**configs, **fast}, seeds)
+        runs.update(likelihood_grid(builder("chosen", sft_steps), chosen_only, seeds))
     rows = {loss.upper(): [f"{loss}/{mode}" for mode in MODES] for loss in LOSSES}
     rows["DPO, lr=1e-3"] = list(fast)
     rows["DPO, SFT on chosen only"] = list(chosen_only)
     fig = likelihood_figure(runs, rows, f"tiny Llama, V={VOCAB}, L={LENGTH} ({VOCAB ** LENGTH} responses), "
                                         f"{N_PAIRS} pairs, β={base['beta']}, Adam lr={base['lr']}, α={base['alpha']}, "
                                         f"τ={base['tau']}; mean ± std over {len(seeds)} seeds")
-    payload = {"setup": {"vocab": VOCAB, "length": LENGTH, "n_pairs": N_PAIRS, "model": MODEL, "sft_steps": SFT_STEPS,
+    payload = {"setup": {"vocab": VOCAB, "length": LENGTH, "n_pairs": N_PAIRS, "model": MODEL, "sft_steps": sft_steps,
                          "sft_lr": SFT_LR, "sft_on": "both, except the */sft=chosen runs", "seeds": seeds, **base},
                "configs": {n: vars(c) for n, c in {**configs, **fast, **chosen_only}.items()},
                "summary": summarise(runs), "runs": runs}
