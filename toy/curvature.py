@@ -13,7 +13,7 @@ import torch
 
 from losses import dpo_loss, ipo_loss
 from reference import MODES
-from toy.common import RunConfig, band, likelihood_grid, mean_std, one_thread, parse_args, save
+from toy.common import RunConfig, band, likelihood_grid, mean_std, one_thread, parse_args, pyplot, save
 from toy.sequences import SFT_STEPS, builder
 
 BETA = 0.1
@@ -54,10 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary[name]["final_beta_margin"] = mean_std([h["beta_margin"][-1] for h in hs])
         summary[name]["final_dpo_weight"] = mean_std([h["dpo_weight"][-1] for h in hs])
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a0, a1, a2) = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, (a0, a1, a2) = pyplot().subplots(1, 3, figsize=(14, 3.8))
     a0.plot(curves["beta_h"], curves["dpo_weight"], label="weight σ(−βh)")
     a0.plot(curves["beta_h"], np.array(curves["dpo_curvature"]) / BETA ** 2, label="curvature ℓ''(h)/β² = σ(βh)σ(−βh)")
     a0.plot(curves["beta_h"], curves["dpo_loss"], label="loss −log σ(βh)", color="grey", lw=0.8)
@@ -76,10 +73,10 @@ def main(argv: list[str] | None = None) -> dict:
     fig.suptitle(f"sequences toy, DPO β={BETA}, Adam lr={base['lr']}, α={base['alpha']}, τ={base['tau']}; "
                  f"mean ± std over {len(seeds)} seeds", fontsize=10)
     fig.tight_layout()
-    payload = {"setup": {"seeds": seeds, "sft_steps": sft_steps, **base, "toy": "toy/sequences.py, SFT on both"}, "analytic": curves,
-               "summary": summary, "runs": {n: [{k: h[k] for k in ("step", "beta_margin", "dpo_weight",
-                                                                    "dpo_curvature")} for h in hs]
-                                            for n, hs in runs.items()}}
+    keep = ("step", "beta_margin", "dpo_weight", "dpo_curvature")
+    payload = {"setup": {"seeds": seeds, "sft_steps": sft_steps, **base, "toy": "toy/sequences.py, SFT on both"},
+               "analytic": curves, "summary": summary,
+               "runs": {n: [{k: h[k] for k in keep} for h in hs] for n, hs in runs.items()}}
     save(args.out, "curvature", payload, fig)
     return payload
 

@@ -1,4 +1,4 @@
-"""Toy 3, over-optimisation: exact expected gold reward against exact KL(π‖π_SFT), with a static or an updated reference.
+"""Toy 3, over-optimisation: exact expected gold reward against exact KL(π‖π_SFT), static vs updated reference.
 
 A tiny Llama (model.py) over all V**L responses to one prompt. A hidden gold reward r*(y) (per-position token values
 plus adjacent-token interactions, standardised over the space); an SFT policy fitted to samples of an unrelated base
@@ -14,7 +14,7 @@ import torch
 
 from reference import MODES
 from toy.common import (LOSSES, RunConfig, all_logps, band, enumerate_sequences, kl, loss_mode_grid, mean_std,
-                        one_thread, parse_args, save, sft, train)
+                        one_thread, parse_args, pyplot, save, sft, train)
 from toy.sequences import tiny_llama
 
 VOCAB, LENGTH = 4, 5
@@ -57,6 +57,7 @@ def gold_at_kl(kls: list[float], golds: list[float], level: float) -> float | No
 
 
 def run_summary(h: dict[str, list]) -> dict[str, float | None]:
+    """The numbers behind claim (c) for one run: the SFT, peak and final gold reward, their KLs, gold at KL_LEVELS."""
     i = int(np.argmax(h["gold"]))
     out = {"gold_sft": h["gold"][0], "gold_peak": h["gold"][i], "kl_at_peak": h["kl_sft"][i],
            "gold_final": h["gold"][-1], "kl_final": h["kl_sft"][-1]}
@@ -69,16 +70,16 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
     out = {}
     for name, histories in runs.items():
         per_seed = [run_summary(h) for h in histories]
-        out[name] = {k: mean_std([s[k] for s in per_seed if s[k] is not None]) if any(s[k] is not None
-                     for s in per_seed) else None for k in per_seed[0]}
+        out[name] = {}
+        for key in per_seed[0]:
+            reached = [s[key] for s in per_seed if s[key] is not None]
+            out[name][key] = mean_std(reached) if reached else None
     return out
 
 
 def figure(runs: dict[str, list[dict]], groups: dict[str, list[str]], title: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 7), squeeze=False)
+    """Per group of configs: gold reward against KL (one line per seed) and against the step (mean ± std)."""
+    fig, axes = pyplot().subplots(2, len(groups), figsize=(4.2 * len(groups), 7), squeeze=False)
     for (group, names), (ax_kl, ax_t) in zip(groups.items(), axes.T):
         for name in names:
             for j, h in enumerate(runs[name]):  # one thin line per seed: KL is not shared across seeds

@@ -25,7 +25,7 @@ def tiny_llama(seed: int) -> Llama:
 
 
 def make_pairs(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """P chosen responses (indices into the enumeration) and their one-token edits as the rejected ones, all distinct."""
+    """P chosen responses (indices into the enumeration) and their one-token edits as the rejected, all distinct."""
     n = VOCAB ** LENGTH
     chosen, rejected, used = [], [], set()
     while len(chosen) < N_PAIRS:
