@@ -50,7 +50,8 @@ class Tokenizer:
 
     def render(self, x, response: bool) -> list:
         """A prompt or response (a string, or chat messages) as segments: str (encoded as text) or int (special id).
-        Llama 3 chat: <|begin_of_text|> then per message <|start_header_id|>role<|end_header_id|>"\\n\\n" content.strip()
+        Llama 3 chat: <|begin_of_text|> then per message
+        <|start_header_id|>role<|end_header_id|>"\\n\\n" content.strip()
         <|eot_id|>, the prompt ending with the assistant header; the response is content.strip() <|eot_id|>.
         Plain chat (other tokenizers): HH-style text "\\n\\nHuman: ..\\n\\nAssistant:" and the response " content"."""
         if isinstance(x, str):
@@ -189,7 +190,8 @@ def parse_record(rec: dict, fmt: str, where: str) -> Pair | Completion:
             raise DataError(f"{where}: field 'messages' must end with an assistant message after the prompt")
         return Completion(msgs[:-1], msgs[-1:], None)
     prompt = _messages(rec, "prompt", where)
-    return Completion(prompt, _messages(rec, "completion", where, prompt), _field(rec, "label", where, (bool,)) if fmt == "kto" else None)
+    label = _field(rec, "label", where, (bool,)) if fmt == "kto" else None
+    return Completion(prompt, _messages(rec, "completion", where, prompt), label)
 
 
 def from_records(records: Iterable, format: str = "auto", source: str = "<records>") -> Examples:

@@ -36,8 +36,8 @@ class RunConfig:
 
     def __post_init__(self):
         if self.loss not in LOSSES or self.mode not in MODES:
-            raise ValueError(f"toy/common.py RunConfig: loss must be one of {LOSSES} and mode one of {MODES}, got {self.loss!r}, "
-                             f"{self.mode!r}")
+            raise ValueError(f"toy/common.py RunConfig: loss must be one of {LOSSES} and mode one of {MODES}, "
+                             f"got {self.loss!r}, {self.mode!r}")
 
 
 def enumerate_sequences(vocab: int, length: int, prompt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
