@@ -16,7 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-CHUNK_TOKENS = 1024  # positions whose fp32 log-softmax is live at once: memory O(CHUNK_TOKENS · V), not O(B · T · V)
+# Positions whose fp32 log-softmax is live at once, as logits elements (positions · V): memory O(chunk), not
+# O(B · T · V). On CPU a cache-sized chunk (2^21 elements, 8 MB) runs the passes over the vocabulary 2-4x faster than
+# 1024 positions; on GPU the chunk only bounds memory (1024 positions of a 128k vocabulary, measured on an H100).
+CHUNK_ELEMENTS = {"cpu": 2 ** 21, "cuda": 2 ** 27}
 
 
 class _NextTokenLogps(torch.autograd.Function):
@@ -33,32 +36,39 @@ class _NextTokenLogps(torch.autograd.Function):
         acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for gradcheck
         B, T, _ = logits.shape
         out = torch.empty(B, T - 1, dtype=acc, device=logits.device)
+        lse = torch.empty_like(out)  # log Σ_v exp(logits[..., v]) per position
         with torch.autocast(logits.device.type, enabled=False):  # autocast would run logsumexp in bf16
             for t0 in range(0, T - 1, chunk):
                 t1 = min(t0 + chunk, T - 1)
                 x = logits[:, t0:t1].to(acc)
-                out[:, t0:t1] = x.gather(-1, input_ids[:, t0 + 1:t1 + 1, None]).squeeze(-1) - x.logsumexp(-1)
-        ctx.save_for_backward(logits, input_ids)
+                lse[:, t0:t1] = x.logsumexp(-1)
+                out[:, t0:t1] = x.gather(-1, input_ids[:, t0 + 1:t1 + 1, None]).squeeze(-1) - lse[:, t0:t1]
+        ctx.save_for_backward(logits, input_ids, lse)  # lse: (B, T-1) floats, so backward needs no max/sum pass
         ctx.chunk = chunk
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        logits, input_ids = ctx.saved_tensors
+        logits, input_ids, lse = ctx.saved_tensors
         T = logits.shape[1]
         grad = torch.empty_like(logits)
         grad[:, -1] = 0  # the last position predicts nothing
         with torch.autocast(logits.device.type, enabled=False):
             for t0 in range(0, T - 1, ctx.chunk):
                 t1 = min(t0 + ctx.chunk, T - 1)
-                g = grad_out[:, t0:t1, None]
-                gx = logits[:, t0:t1].to(g.dtype).softmax(-1).mul_(-g)
-                grad[:, t0:t1] = gx.scatter_add_(-1, input_ids[:, t0 + 1:t1 + 1, None], g).to(grad.dtype)
+                g = grad_out[:, t0:t1, None].to(lse.dtype)
+                x = logits[:, t0:t1]
+                # softmax = exp(x − lse); written straight into grad when it already has the accumulation dtype
+                gx = torch.sub(x, lse[:, t0:t1, None], out=grad[:, t0:t1]) if x.dtype == lse.dtype \
+                    else x.to(lse.dtype).sub_(lse[:, t0:t1, None])
+                gx.exp_().mul_(-g).scatter_add_(-1, input_ids[:, t0 + 1:t1 + 1, None], g)
+                if gx.dtype != grad.dtype:
+                    grad[:, t0:t1] = gx
         return grad, None, None
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
-                   chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs log π(y|x) = Σ_t mask[t] · log p(input_ids[t] | input_ids[:t]) and token counts.
 
     logits (B, T, V) in any float dtype (bf16 fine: the log-softmax runs in fp32), input_ids and loss_mask (B, T).
@@ -72,6 +82,8 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
     if not logits.is_floating_point() or input_ids.dtype != torch.long:
         raise ValueError(f"losses.py sequence_logps: need float logits and int64 input_ids, "
                          f"got {logits.dtype} and {input_ids.dtype}")
+    if chunk_tokens is None:  # positions per chunk, from the device's element budget
+        chunk_tokens = CHUNK_ELEMENTS.get(logits.device.type, CHUNK_ELEMENTS["cuda"]) // logits.shape[-1]
     chunk = max(1, chunk_tokens // logits.shape[0])  # time steps per chunk, so a chunk holds ~chunk_tokens positions
     token_logps = _NextTokenLogps.apply(logits, input_ids, chunk)
     mask = loss_mask[:, 1:].to(token_logps.dtype)

@@ -49,3 +49,12 @@ def test_precompute_needs_static_reference(capsys):
 def test_matmul_peak_is_positive_and_finite():
     peak = bench.matmul_peak(bench.torch.device("cpu"), bench.torch.float32, (64,), reps=2)
     assert 0 < peak < float("inf")
+
+
+def test_trl_baseline_runs_on_the_same_tokens():
+    """bench_trl.py drives TRL's DPOTrainer (sync_ref_model=True) over exactly bench.py's tokens per step."""
+    pytest.importorskip("trl")
+    import bench_trl
+    r = bench_trl.main(["--dim", "32", "--n_layers", "1", "--n_heads", "2", "--vocab_size", "97", "--prompt_len", "4",
+                        "--response_len", "6", "--pairs", "2", "--warmup", "1", "--steps", "1"])
+    assert r["tokens_per_step"] == 2 * 2 * (4 + 6) and r["tokens_per_s"] > 0
