@@ -36,34 +36,27 @@ class _NextTokenLogps(torch.autograd.Function):
         acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for gradcheck
         B, T, _ = logits.shape
         out = torch.empty(B, T - 1, dtype=acc, device=logits.device)
-        lse = torch.empty_like(out)  # log Σ_v exp(logits[..., v]) per position
         with torch.autocast(logits.device.type, enabled=False):  # autocast would run logsumexp in bf16
             for t0 in range(0, T - 1, chunk):
                 t1 = min(t0 + chunk, T - 1)
                 x = logits[:, t0:t1].to(acc)
-                lse[:, t0:t1] = x.logsumexp(-1)
-                out[:, t0:t1] = x.gather(-1, input_ids[:, t0 + 1:t1 + 1, None]).squeeze(-1) - lse[:, t0:t1]
-        ctx.save_for_backward(logits, input_ids, lse)  # lse: (B, T-1) floats, so backward needs no max/sum pass
+                out[:, t0:t1] = x.gather(-1, input_ids[:, t0 + 1:t1 + 1, None]).squeeze(-1) - x.logsumexp(-1)
+        ctx.save_for_backward(logits, input_ids)
         ctx.chunk = chunk
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        logits, input_ids, lse = ctx.saved_tensors
+        logits, input_ids = ctx.saved_tensors
         T = logits.shape[1]
         grad = torch.empty_like(logits)
         grad[:, -1] = 0  # the last position predicts nothing
         with torch.autocast(logits.device.type, enabled=False):
             for t0 in range(0, T - 1, ctx.chunk):
                 t1 = min(t0 + ctx.chunk, T - 1)
-                g = grad_out[:, t0:t1, None].to(lse.dtype)
-                x = logits[:, t0:t1]
-                # softmax = exp(x − lse); written straight into grad when it already has the accumulation dtype
-                gx = torch.sub(x, lse[:, t0:t1, None], out=grad[:, t0:t1]) if x.dtype == lse.dtype \
-                    else x.to(lse.dtype).sub_(lse[:, t0:t1, None])
-                gx.exp_().mul_(-g).scatter_add_(-1, input_ids[:, t0 + 1:t1 + 1, None], g)
-                if gx.dtype != grad.dtype:
-                    grad[:, t0:t1] = gx
+                g = grad_out[:, t0:t1, None]
+                gx = logits[:, t0:t1].to(g.dtype).softmax(-1).mul_(-g)
+                grad[:, t0:t1] = gx.scatter_add_(-1, input_ids[:, t0 + 1:t1 + 1, None], g).to(grad.dtype)
         return grad, None, None
 
 
