@@ -106,6 +106,11 @@ def test_cli_rejects_bad_config_without_traceback_and_help_lists_every_option():
         assert f"| `{f.name}` | `{json.dumps(f.default)}` |" in text
 
 
+def test_readme_option_table_is_the_help_table():
+    """README.md pastes `python train.py --help`; a new or changed option must be pasted again."""
+    assert train.help_text().split("\n\n", 1)[1] in (ROOT / "README.md").read_text()
+
+
 def test_synthetic_task_labels_pairs_by_gold_reward():
     assert synthetic.gold_reward("abhdea") == 4 / 6 and synthetic.gold_reward("ab") == 2 / 6
     pairs = synthetic.make_records(2000, seed=0, sft=False)
