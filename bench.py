@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one more step")
+    p.add_argument("--profile_rows", type=int, default=25, help="rows of that table")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.pairs < 1 or args.prompt_len < 1 or args.response_len < 1:
@@ -125,6 +127,7 @@ def run(args) -> dict:
     device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
                           else "cpu")
     dtype = DTYPES[args.dtype]
+    train.keep_freed_memory(device)  # as train.py does
     torch.manual_seed(args.seed)
     config = ModelConfig(vocab_size=args.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
                          n_kv_heads=args.n_kv_heads, max_seq_len=args.prompt_len + args.response_len)
@@ -151,10 +154,8 @@ def run(args) -> dict:
     run_ref.register_forward_pre_hook(lambda *_: ref_marks.append([clock.mark()]))
     run_ref.register_forward_hook(lambda *_: ref_marks[-1].append(clock.mark()))
 
-    step_ms, ref_ms, update_ms = [], [], []
-    for step in range(1, args.warmup + args.steps + 1):
-        if step == args.warmup + 1 and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+    def one_step(step: int):
+        """One optimizer step and the TR update; returns its (start, stepped, end) marks and whether it updated."""
         ref_marks.clear()
         start = clock.mark()
         loss, _ = train.compute_loss(run_policy, run_ref, batch, cfg, ref_logps)
@@ -164,12 +165,25 @@ def run(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         stepped = clock.mark()
         updated = updater.after_step(step, reference, policy)
-        end = clock.mark()
+        return start, stepped, clock.mark(), updated
+
+    step_ms, ref_ms, update_ms = [], [], []
+    for step in range(1, args.warmup + args.steps + 1):
+        if step == args.warmup + 1 and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start, stepped, end, updated = one_step(step)
         if step > args.warmup:
             step_ms.append(clock.ms(start, end))
             ref_ms.append(sum(clock.ms(a, b) for a, b in ref_marks))
             if updated:
                 update_ms.append(clock.ms(stepped, end))
+    if args.profile:  # one more step under torch.profiler: which ops take the time
+        cuda = device.type == "cuda"
+        activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * cuda
+        with torch.profiler.profile(activities=activities) as prof:
+            clock.ms(*one_step(args.warmup + args.steps + 1)[::2])
+        print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                        row_limit=args.profile_rows, max_name_column_width=60))
 
     tokens = batch["input_ids"].numel()
     flops_per_token = policy.flops_per_token(batch["input_ids"].shape[1])

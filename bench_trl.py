@@ -28,6 +28,8 @@ import warnings
 
 import torch
 
+import train
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -95,6 +97,8 @@ def main(argv=None) -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5's renames, not ours to fix
     datasets.disable_progress_bars()
     logging.getLogger("datasets").setLevel(logging.ERROR)
+    # the same allocator setting as bench.py, so the comparison is of the trainers, not of malloc
+    train.keep_freed_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     hidden = 32 * -(-int(2 * 4 * args.dim / 3) // 32)  # model.ModelConfig's llama2.c rule for the SwiGLU width
     config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=hidden,

@@ -25,7 +25,7 @@ CHUNK_ELEMENTS = {"cpu": 2 ** 21, "cuda": 2 ** 27}
 class _NextTokenLogps(torch.autograd.Function):
     """log softmax(logits[:, t-1])[input_ids[:, t]] for t = 1..T-1, chunk by chunk over time, in (at least) fp32.
 
-    Autograd through `logits.float().logsumexp(-1)` would keep an fp32 copy of every chunk for backward, i.e. the
+    Autograd through `logits.float().log_softmax(-1)` would keep an fp32 copy of every chunk for backward, i.e. the
     whole (B, T, V) tensor again; this Function keeps only the input logits and recomputes the softmax per chunk in
     backward: d log p(y) / d logits = onehot(y) − softmax(logits). It takes the full logits rather than the view
     logits[:, :-1], whose backward would allocate a second (B, T, V) gradient to scatter into.
@@ -36,11 +36,13 @@ class _NextTokenLogps(torch.autograd.Function):
         acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for gradcheck
         B, T, _ = logits.shape
         out = torch.empty(B, T - 1, dtype=acc, device=logits.device)
-        with torch.autocast(logits.device.type, enabled=False):  # autocast would run logsumexp in bf16
+        with torch.autocast(logits.device.type, enabled=False):  # the dtype is chosen here, not by autocast
             for t0 in range(0, T - 1, chunk):
                 t1 = min(t0 + chunk, T - 1)
-                x = logits[:, t0:t1].to(acc)
-                out[:, t0:t1] = x.gather(-1, input_ids[:, t0 + 1:t1 + 1, None]).squeeze(-1) - x.logsumexp(-1)
+                # log_softmax with dtype= reads bf16 logits and writes fp32 in one kernel; logsumexp would take an
+                # fp32 copy and run max, subtract, exp and sum as separate passes over it (3x the memory traffic)
+                logp = torch.log_softmax(logits[:, t0:t1], -1, dtype=acc)
+                out[:, t0:t1] = logp.gather(-1, input_ids[:, t0 + 1:t1 + 1, None]).squeeze(-1)
         ctx.save_for_backward(logits, input_ids)
         ctx.chunk = chunk
         return out
@@ -55,8 +57,8 @@ class _NextTokenLogps(torch.autograd.Function):
             for t0 in range(0, T - 1, ctx.chunk):
                 t1 = min(t0 + ctx.chunk, T - 1)
                 g = grad_out[:, t0:t1, None]
-                gx = logits[:, t0:t1].to(g.dtype).softmax(-1).mul_(-g)
-                grad[:, t0:t1] = gx.scatter_add_(-1, input_ids[:, t0 + 1:t1 + 1, None], g).to(grad.dtype)
+                gx = torch.softmax(logits[:, t0:t1], -1, dtype=g.dtype).mul_(-g)
+                grad[:, t0:t1].copy_(gx.scatter_add_(-1, input_ids[:, t0 + 1:t1 + 1, None], g))
         return grad, None, None
 
 

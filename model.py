@@ -85,10 +85,10 @@ def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tenso
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x[i], x[i + d/2]) pair of x (B, H, T, d) by its angle; computed in fp32, returned in x's dtype."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+    """Rotate each (x[i], x[i + d/2]) pair of x (B, H, T, d) by its angle; computed in fp32, returned in x's dtype.
+    A bf16 x times the fp32 cos/sin promotes to fp32 inside the multiply, so no fp32 copy of x is made."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -103,8 +103,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # F.rms_norm (no weight) is x * rsqrt(mean(x^2) + eps): one fused kernel on GPU, the same ops on CPU
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class KVCache:

@@ -25,6 +25,12 @@ def test_cli_smoke_json_last_line():
     assert 0 < r["ref_forward_share"] < 1
 
 
+def test_profile_prints_the_op_table(capsys):
+    r = bench.main([*TINY, "--steps", "1", "--profile", "--profile_rows", "5"])
+    out = capsys.readouterr().out
+    assert "aten::mm" in out and "Self CPU" in out and len(r["step_ms_all"]) == 1
+
+
 @pytest.mark.parametrize("loss, extra, ref_passes", [("ipo", ["--ref_update", "static", "--precompute_ref"], 0),
                                                      ("kto", ["--ref_update", "hard", "--tau", "2"], 3)])
 def test_flops_accounting(loss, extra, ref_passes):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import sample
 from conftest import shared_path
 from data import get_tokenizer
-from model import Llama, ModelConfig, apply_rope, config_from_hf, rope_cos_sin, rope_inv_freq, sample_next
+from model import Llama, ModelConfig, RMSNorm, apply_rope, config_from_hf, rope_cos_sin, rope_inv_freq, sample_next
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -103,6 +103,24 @@ def test_meta_interleaved_rope_equals_rotate_half_after_the_qk_permutation():
     w_hf = w.view(h, d // 2, 2, dim).transpose(1, 2).reshape(h * d, dim)
     ours = apply_rope((x @ w_hf.T).view(T, h, d).transpose(0, 1)[None], *rope_cos_sin(inv_freq, torch.arange(T)))
     assert torch.allclose(ours[0], meta.transpose(2, 3).reshape(T, h, d).transpose(0, 1), atol=1e-5)
+
+
+def test_bf16_rope_and_rmsnorm_compute_in_fp32_like_transformers_under_autocast():
+    """bf16 activations: RoPE's products and sum are fp32 (rounded once, at the end), and RMSNorm normalises in fp32,
+    rounds to bf16, then scales by the weight: exactly the explicit-upcast formulas, bit for bit."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_heads=4, rope_theta=500000.0)
+    cos, sin = rope_cos_sin(rope_inv_freq(cfg), torch.arange(300))
+    x = torch.randn(2, 4, 300, 16).bfloat16()
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    assert torch.equal(apply_rope(x, cos, sin), (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).bfloat16())
+    norm = RMSNorm(64, 1e-5).bfloat16()
+    norm.weight.data.normal_(1.0, 0.1)
+    h = torch.randn(2, 300, 64).bfloat16()
+    hf = h.float()
+    expected = norm.weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
+    assert norm(h).dtype == torch.bfloat16 and torch.equal(norm(h), expected)
 
 
 def stories():
