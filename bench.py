@@ -181,7 +181,8 @@ def run(args) -> dict:
         cuda = device.type == "cuda"
         activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * cuda
         with torch.profiler.profile(activities=activities) as prof:
-            clock.ms(*one_step(args.warmup + args.steps + 1)[::2])
+            start, _, end, _ = one_step(args.warmup + args.steps + 1)
+            clock.ms(start, end)  # on CUDA: wait for the step's kernels before the profiler stops
         print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                         row_limit=args.profile_rows, max_name_column_width=60))
 
