@@ -78,6 +78,8 @@ class TrainConfig:
                      ("float32", "bfloat16"))
     device: str = opt("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
     fsdp: bool = opt(False, "shard policy and reference with FSDP2 (fully_shard) instead of DDP")
+    compile: bool = opt(False, "torch.compile the policy and reference forwards of the training step (README: "
+                        "Performance)")
     seed: int = opt(1337, "seed: model init and data order identical on all ranks")
     # logging, evaluation, checkpoints
     log_every: int = opt(1, "optimizer steps between metrics.jsonl lines and progress lines")
@@ -347,7 +349,7 @@ def grad_sync(policy, cfg: TrainConfig, last_micro_step: bool):
 
 # options a resume may change: run length, bookkeeping, where the run lives, and how (not what) is computed
 RESUMABLE = ("max_steps", "eval_every", "ckpt_every", "keep_last", "log_every", "resume", "num_samples", "out_dir",
-             "fsdp", "device")
+             "fsdp", "device", "compile")
 
 
 def resume_checkpoint(cfg: TrainConfig) -> Path | None:
@@ -496,6 +498,11 @@ def train(cfg: TrainConfig) -> dict:
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    run_policy, run_ref = policy, reference
+    if cfg.compile:  # the training step's forwards only: evaluation, generation, TR updates and checkpoints use the
+        run_policy = torch.compile(policy)  # modules themselves (the compiled ones read the same parameters)
+        run_ref = reference if reference is None else torch.compile(reference)
+
     step, result, t0 = start, {}, time.time()
     t_log, tokens = t0, 0
     while step < cfg.max_steps:
@@ -506,7 +513,7 @@ def train(cfg: TrainConfig) -> dict:
         for i, batch in enumerate(next(train_loader)):
             batch = {k: v.to(device) for k, v in batch.items()}
             with grad_sync(policy, cfg, i == accum - 1):
-                loss, m = compute_loss(policy, reference, batch, cfg)
+                loss, m = compute_loss(run_policy, run_ref, batch, cfg)
                 (loss / accum).backward()  # mean over micro steps; DDP/FSDP average over ranks: a global batch mean
             sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
             tokens += sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))

@@ -173,9 +173,12 @@ def straight(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
-def test_two_processes_match_one_process_with_accumulation(straight, tmp_path, backend):
-    run(TINY + [f"--out_dir={tmp_path}", f"--fsdp={backend == 'fsdp'}"], nproc=2)
+@pytest.mark.parametrize("nproc, backend, compiled", [(2, "ddp", False), (2, "fsdp", False),
+                                                     (0, "-", True), (2, "ddp", True), (2, "fsdp", True)])
+def test_other_runs_match_one_eager_process_with_accumulation(straight, tmp_path, nproc, backend, compiled):
+    """2 processes (DDP or FSDP2) and/or --compile=true give the weights and metrics of the straight run: gradients
+    reduce right, and the compiled reference forward sees every TR update (τ = 2) of the reference's parameters."""
+    run(TINY + [f"--out_dir={tmp_path}", f"--fsdp={backend == 'fsdp'}", f"--compile={compiled}"], nproc=nproc)
     for sub in ("", "reference"):  # the policy, and the soft-updated reference sharded like it
         assert_close(weights(tmp_path, sub), weights(straight, sub), atol=1e-5)
     for a, b in zip(metrics(tmp_path), metrics(straight), strict=True):
