@@ -25,6 +25,12 @@ def test_cli_smoke_json_last_line():
     assert 0 < r["ref_forward_share"] < 1
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")  # torch's own imports under torch.compile
+def test_compiled_step_runs():
+    r = bench.main([*TINY, "--steps", "1", "--compile"])
+    assert r["compile"] and r["tokens_per_s"] > 0 and r["tr_update_ms"] > 0
+
+
 def test_profile_prints_the_op_table(capsys):
     r = bench.main([*TINY, "--steps", "1", "--profile", "--profile_rows", "5"])
     out = capsys.readouterr().out
