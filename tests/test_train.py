@@ -115,11 +115,11 @@ FAULTS_AFTER_FREE = """
 import resource, sys, torch, train
 applied = train.keep_freed_memory(torch.device("cpu")) if sys.argv[1] == "keep" else False
 faults = []
-for _ in range(6):  # a training loop in miniature: the same 256 MB allocated, written and freed every step
+for _ in range(12):  # a training loop in miniature: the same 256 MB allocated, written and freed every step
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(64 * 2 ** 20).fill_(1.0)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(applied, sum(faults[2:]))  # after two warm-up steps (the heap settles into two such blocks)
+print(applied, sum(faults[6:]))  # the last 6 steps: with the setting the heap settles within 4 (30 of 30 trials)
 """
 
 
@@ -131,7 +131,7 @@ def test_keep_freed_memory_stops_refaulting_large_blocks():
         pytest.skip("keep_freed_memory is a glibc malloc setting")
     runs = {mode: subprocess.run([sys.executable, "-c", FAULTS_AFTER_FREE, mode], cwd=ROOT, capture_output=True,
                                  text=True, timeout=60).stdout.split() for mode in ("default", "keep")}
-    assert runs["default"][0] == "False" and int(runs["default"][1]) > 4 * 60_000
+    assert runs["default"][0] == "False" and int(runs["default"][1]) > 6 * 60_000
     assert runs["keep"][0] == "True" and int(runs["keep"][1]) < 1_000
     assert not train.keep_freed_memory(torch.device("cuda"))  # GPU memory is the caching allocator's business
 
