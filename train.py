@@ -298,8 +298,8 @@ def keep_freed_memory(device: torch.device) -> bool:
 
     glibc returns every freed block over 32 MB to the kernel (munmap) and trims the heap behind it, so each training
     step maps its (B, T, V) logits and activations afresh and page-faults them in, 4 KB at a time, zeroed by the
-    kernel: on the README's 2-core CPU that was ~600k faults and a third of a bf16 step. A training loop reaches the
-    same peak every step, so keeping that memory costs nothing. Returns whether the setting was applied."""
+    kernel: on the README's 2-core CPU that was ~600k faults and a third of a bf16 step. The price is a heap that
+    never shrinks (bench.py's fp32 run: max RSS 2.7 -> 3.3 GB). Returns whether the setting was applied."""
     if device.type != "cpu" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL("libc.so.6")

@@ -2,6 +2,7 @@
 SIGKILL + --resume, KTO across ranks, the HH-RLHF recipe, the embedded demo) on a tiny Llama."""
 import json
 import os
+import platform
 import random
 import shutil
 import signal
@@ -126,7 +127,6 @@ print(applied, sum(faults[6:]))  # the last 6 steps: with the setting the heap s
 def test_keep_freed_memory_stops_refaulting_large_blocks():
     """glibc hands a freed 256 MB block back to the kernel, so every later step page-faults all its 4 KB pages again
     (65536 a step); after train.keep_freed_memory, malloc keeps and reuses it."""
-    import platform
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("keep_freed_memory is a glibc malloc setting")
     runs = {mode: subprocess.run([sys.executable, "-c", FAULTS_AFTER_FREE, mode], cwd=ROOT, capture_output=True,
