@@ -15,10 +15,11 @@ Reported, each the median over the timed steps (after --warmup untimed ones):
   set size (resource.getrusage ru_maxrss, the whole process since it started, Python and torch included).
 - mfu: model FLOPs per second / the peak matmul FLOP/s measured in this process on the same device and dtype: the
   best n x n x n matmul for n in 256..2048 (CPU) or 1024..8192 (CUDA), n <= max(4·dim, 512 CPU / 2048 CUDA).
-  Model FLOPs per step = F·(3·N + N_ref), F = model.flops_per_token(T) (2 per weight of every matmul, LM head
-  included, plus attention's QK^T and AV over the full T), N = trained tokens (forward + backward ≈ 3 forwards),
-  N_ref = reference-forward tokens (0 with --precompute_ref); for KTO also the no-grad policy and reference forwards
-  of the KL rows. Elementwise work (norms, RoPE, softmax) is not counted.
+  Model FLOPs per step = 3·F_π + F_ref (forward + backward ≈ 3 forwards; F_ref = 0 with --precompute_ref), plus for
+  KTO the no-grad policy and reference forwards of the KL rows. A forward's F = model.flops_per_token(T) per token
+  (2 per weight of every matmul, LM head included, plus attention's QK^T and AV over the full T), less the LM head's
+  2·dim·vocab at the prompt positions that get no logits (train.batch_logps). Elementwise work (norms, RoPE,
+  softmax) is not counted.
 On CUDA every interval is timed with CUDA events; on CPU with time.perf_counter.
 """
 import argparse
@@ -29,6 +30,7 @@ import time
 
 import torch
 
+import losses
 import reference as ref_lib
 import train
 from model import Llama, ModelConfig
@@ -123,6 +125,14 @@ def random_batch(args, device: torch.device, g: torch.Generator) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def forward_flops(model: Llama, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> int:
+    """Model FLOPs of one forward of train.batch_logps: every token through the layers, and the LM head only over the
+    positions it keeps (losses.logits_to_keep), since the prompt positions before them get no logits."""
+    B, T = input_ids.shape
+    skipped = T - losses.logits_to_keep(loss_mask)
+    return model.flops_per_token(T) * B * T - 2 * model.config.dim * model.config.vocab_size * B * skipped
+
+
 def run(args) -> dict:
     device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
                           else "cpu")
@@ -187,11 +197,11 @@ def run(args) -> dict:
                                         row_limit=args.profile_rows, max_name_column_width=60))
 
     tokens = batch["input_ids"].numel()
-    flops_per_token = policy.flops_per_token(batch["input_ids"].shape[1])
-    ref_tokens = 0 if args.precompute_ref else tokens
+    flops_per_step = 3 * forward_flops(policy, batch["input_ids"], batch["loss_mask"])
+    if not args.precompute_ref:
+        flops_per_step += forward_flops(policy, batch["input_ids"], batch["loss_mask"])
     if args.loss == "kto":  # KL rows: a no-grad forward of the policy and one of the reference
-        ref_tokens += 2 * batch["kl_input_ids"].numel()
-    flops_per_step = flops_per_token * (3 * tokens + ref_tokens)
+        flops_per_step += 2 * forward_flops(policy, batch["kl_input_ids"], batch["kl_loss_mask"])
     ladder, floor = ((1024, 2048, 4096, 8192), 2048) if device.type == "cuda" else ((256, 512, 1024, 2048), 512)
     peak = matmul_peak(device, dtype, tuple(n for n in ladder if n <= max(floor, 4 * args.dim)))
     if device.type == "cuda":

@@ -86,6 +86,14 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
+def logits_to_keep(loss_mask: torch.Tensor) -> int:
+    """How many final positions of a batch need logits for sequence_logps: from the one that predicts the batch's
+    first scored token (the first column with any loss_mask[:, t] = 1, t >= 1) to the end; 1 if nothing is scored.
+    Positions before it are prompt positions of every row. On GPU this reads one (T,) vector back to the host."""
+    scored = loss_mask[:, 1:].any(0).nonzero()
+    return loss_mask.shape[1] - int(scored[0]) if len(scored) else 1
+
+
 def _pair_logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
     """h = r(y_w) − r(y_l) and the detached rewards β·r(y_w), β·r(y_l), after checking β and the shapes."""
     if beta <= 0:

@@ -193,9 +193,11 @@ class Llama(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers) if residual else 0.02)
 
     def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: list[KVCache] | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids idx (B, T), causal. pos, mask and cache are generate()'s business:
-        positions (B, T), a boolean attention mask (B, 1, T, T_keys) and one KVCache per layer."""
+                cache: list[KVCache] | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids idx (B, T), causal. logits_to_keep = k > 0 keeps the last k positions,
+        (B, k, vocab), as in transformers: the final norm and the LM head, a large share of a small model's work, skip
+        positions whose next-token distribution nobody needs (a prompt's, a prefill's). pos, mask and cache are
+        generate()'s business: positions (B, T), a boolean attention mask (B, 1, T, T_keys), one KVCache per layer."""
         if pos is None:
             pos = torch.arange(idx.shape[1], device=idx.device)
         if self.inv_freq.device != idx.device:  # once: a plain attribute does not follow model.to(device), and a copy
@@ -204,7 +206,7 @@ class Llama(nn.Module):
         x = self.embed_tokens(idx)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache[i])
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x[:, -logits_to_keep:]))  # -0: every position
 
     def num_params(self) -> int:
         """Number of parameters, the tied embedding/head counted once."""
@@ -255,7 +257,7 @@ class Llama(nn.Module):
         for t in range(P, L):
             s = slice(start, t) if use_cache else slice(0, t)  # with a cache only the tokens not yet seen go in
             start = t
-            logits = self(idx[:, s], pos[:, s], mask[:, :, s, :t], cache)[:, -1].float()
+            logits = self(idx[:, s], pos[:, s], mask[:, :, s, :t], cache, logits_to_keep=1)[:, -1].float()
             idx[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
             for b, tok in enumerate(idx[:, t].tolist()):
                 if not done[b]:

@@ -61,10 +61,11 @@ def reshard(module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def reference_logits(reference: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """The reference forward, without autograd. An FSDP2 root keeps its all-gathered parameters after a forward
-    (it expects a backward that never comes for π_ref), so the reference is resharded before returning."""
-    logits = reference(input_ids)
+def reference_logits(reference: nn.Module, input_ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+    """The reference forward, without autograd: logits of the last logits_to_keep positions (a Llama's option; 0, all
+    of them, works for any module). An FSDP2 root keeps its all-gathered parameters after a forward (it expects a
+    backward that never comes for π_ref), so the reference is resharded before returning."""
+    logits = reference(input_ids, logits_to_keep=logits_to_keep) if logits_to_keep else reference(input_ids)
     reshard(reference)
     return logits
 

@@ -207,9 +207,13 @@ def validate(cfg: TrainConfig, world_size: int):
 # the loss of one micro batch (bench.py times exactly this)
 
 
-def batch_logps(model: torch.nn.Module, input_ids: torch.Tensor, loss_mask: torch.Tensor):
-    """(log π(y|x) summed over response tokens, response token counts), both (B,) fp32: one forward."""
-    return losses.sequence_logps(model(input_ids), input_ids, loss_mask)
+def batch_logps(model: torch.nn.Module, input_ids: torch.Tensor, loss_mask: torch.Tensor, reference: bool = False):
+    """(log π(y|x) summed over response tokens, response token counts), both (B,) fp32: one forward (the reference's,
+    without autograd, if reference). Logits are made only from the position before the batch's first response token
+    on: the LM head and the log-softmax over the vocabulary skip the prompt part that every row has."""
+    keep = losses.logits_to_keep(loss_mask)
+    logits = ref_lib.reference_logits(model, input_ids, keep) if reference else model(input_ids, logits_to_keep=keep)
+    return losses.sequence_logps(logits, input_ids[:, -keep:], loss_mask[:, -keep:])
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
@@ -235,12 +239,12 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
             return loss, {"loss": loss.item()}
         if ref_logps is None:
             with torch.no_grad():
-                ref_logps, _ = losses.sequence_logps(ref_lib.reference_logits(reference, ids), ids, mask)
+                ref_logps, _ = batch_logps(reference, ids, mask, reference=True)
         if cfg.loss == "kto":  # z_ref from the mismatched KL rows; detached, so the policy side needs no gradient
             kl_ids, kl_mask = batch["kl_input_ids"], batch["kl_loss_mask"]
             with torch.no_grad():
                 policy_kl, _ = batch_logps(policy, kl_ids, kl_mask)
-                ref_kl, _ = losses.sequence_logps(ref_lib.reference_logits(reference, kl_ids), kl_ids, kl_mask)
+                ref_kl, _ = batch_logps(reference, kl_ids, kl_mask, reference=True)
             good = batch["desirable"]
             per_example, rewards, z_ref = losses.kto_loss(logps, ref_logps, good, policy_kl, ref_kl, cfg.beta)
             good_f = good.float()
@@ -426,7 +430,7 @@ def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list
         logp, _ = batch_logps(gen_model, ids, mask)
         for name, model in (("kl_ref", reference), ("kl_init", initial)):
             if model is not None:
-                other, _ = losses.sequence_logps(ref_lib.reference_logits(model, ids), ids, mask)
+                other, _ = batch_logps(model, ids, mask, reference=True)
                 out[name] = (logp - other).mean().item()
     ref_lib.reshard(policy)  # an FSDP2 root stays gathered after a forward without backward
     if cfg.data == "synthetic":

@@ -41,10 +41,13 @@ def test_profile_prints_the_op_table(capsys):
                                                      ("kto", ["--ref_update", "hard", "--tau", "2"], 3)])
 def test_flops_accounting(loss, extra, ref_passes):
     """3 forwards for the trained rows, plus one per reference (or KTO KL-row) forward pass; no reference forward
-    inside the step when its log-probs are precomputed; a TR update only on steps divisible by tau."""
+    inside the step when its log-probs are precomputed; a TR update only on steps divisible by tau. The LM head is not
+    counted at the first 3 of the 4 prompt positions of each of the 4 rows: the 4th predicts the first response token.
+    """
     r = bench.main([*TINY, "--loss", loss, "--steps", "2", *extra])
     model = bench.Llama(bench.ModelConfig(vocab_size=97, dim=32, n_layers=1, n_heads=2))
-    assert r["flops_per_step"] == model.flops_per_token(10) * 40 * (3 + ref_passes)
+    forward = model.flops_per_token(10) * 40 - 2 * 32 * 97 * 4 * 3
+    assert r["flops_per_step"] == forward * (3 + ref_passes)
     assert r["mfu"] == pytest.approx(r["flops_per_step"] / (r["step_ms"] / 1000) / (r["matmul_peak_tflops"] * 1e12))
     if loss == "ipo":
         assert r["ref_forward_ms"] == 0 and r["tr_update_ms"] == 0

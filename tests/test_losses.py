@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from losses import dpo_loss, hinge_loss, ipo_loss, kto_loss, sequence_logps
+from losses import dpo_loss, hinge_loss, ipo_loss, kto_loss, logits_to_keep, sequence_logps
 
 PAIR_LOSSES = (dpo_loss, ipo_loss, hinge_loss)
 
@@ -65,6 +65,21 @@ def test_sequence_logps_gradients_and_saved_memory():
     torch.testing.assert_close(lb.grad.double(), x.grad, rtol=0, atol=1e-2)
     fp32_copies = [tuple(t.shape) for t in saved if t.dtype != torch.bfloat16 and t.dim() == 3]
     assert fp32_copies == [], f"fp32 copies of (chunks of) the logits kept for backward: {fp32_copies}"
+
+
+def test_logits_to_keep_starts_at_the_position_before_the_first_scored_token():
+    _, _, mask = batch()  # responses start at columns 3, 1, 5 of 10
+    assert logits_to_keep(mask) == 10 and logits_to_keep(mask[[0, 2]]) == 10 - 2  # logits from position 2 on
+    assert logits_to_keep(mask[2:]) == 10 - 4
+    first_col = mask[2:].clone()
+    first_col[:, 0] = 1  # column 0 is never scored (nothing predicts it), so it does not widen the window
+    assert logits_to_keep(first_col) == 10 - 4
+    assert logits_to_keep(torch.zeros(2, 7, dtype=torch.long)) == 1  # nothing scored: one position, no log-probs
+    # the window's log-probs are the full ones: the logits before it only score tokens with mask 0
+    logits, ids, mask = batch()
+    k = logits_to_keep(mask[[0, 2]])
+    torch.testing.assert_close(sequence_logps(logits[[0, 2], -k:], ids[[0, 2], -k:], mask[[0, 2], -k:]),
+                               sequence_logps(logits[[0, 2]], ids[[0, 2]], mask[[0, 2]]))
 
 
 def test_sequence_logps_rejects_bad_shapes():

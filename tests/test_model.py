@@ -179,6 +179,18 @@ def test_right_padding_leaves_real_token_logits_unchanged():
         assert torch.allclose(logits[1, :6], model(b)[0], atol=1e-5)
 
 
+def test_logits_to_keep_is_the_tail_of_the_full_logits():
+    model = random_llama()
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full = model(idx)
+        assert torch.equal(model(idx, logits_to_keep=0), full)
+        for k in (1, 5, 12, 20):  # more than T: every position, as a slice would
+            tail = model(idx, logits_to_keep=k)
+            assert tail.shape == (2, min(k, 12), 97)
+            torch.testing.assert_close(tail, full[:, -k:], rtol=0, atol=1e-5)
+
+
 def test_stop_ids_and_sampling():
     model = random_llama()
     prompt = [[3, 1, 4]]

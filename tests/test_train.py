@@ -17,8 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import losses
+import reference as ref_lib
 import synthetic
 import train
+from model import Llama, ModelConfig
 from conftest import ROOT, shared_path
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -134,6 +137,32 @@ def test_keep_freed_memory_stops_refaulting_large_blocks():
     assert runs["default"][0] == "False" and int(runs["default"][1]) > 6 * 60_000
     assert runs["keep"][0] == "True" and int(runs["keep"][1]) < 1_000
     assert not train.keep_freed_memory(torch.device("cuda"))  # GPU memory is the caching allocator's business
+
+
+def test_batch_logps_skips_the_shared_prompt_positions_and_changes_nothing():
+    """Logits (and the LM head's work) only from the position before the batch's first response token; log-probs and
+    gradients as with every position's logits, for the policy and the (no-grad) reference."""
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, hidden_dim=48))
+    ids = torch.randint(0, 61, (3, 14))
+    mask = (torch.arange(14) >= torch.tensor([[6], [4], [9]])).long()  # prompts of 6, 4, 9 tokens
+    mask[1, 12:] = 0  # right padding
+    kept = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: kept.append(out.shape[1]), with_kwargs=True)
+    logps, n = train.batch_logps(model, ids, mask)
+    hook.remove()
+    assert kept == [14 - 3]  # from position 3, which predicts the first response token (column 4)
+    want, want_n = losses.sequence_logps(model(ids), ids, mask)
+    torch.testing.assert_close(logps, want, rtol=0, atol=1e-5)
+    assert torch.equal(n, want_n)
+    grads = torch.autograd.grad(logps.sum(), list(model.parameters()))
+    want_grads = torch.autograd.grad(want.sum(), list(model.parameters()))
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+    reference = ref_lib.make_reference(model)
+    ref_logps, _ = train.batch_logps(reference, ids, mask, reference=True)
+    assert not ref_logps.requires_grad
+    torch.testing.assert_close(ref_logps, want.detach(), rtol=0, atol=1e-5)
 
 
 def test_synthetic_task_labels_pairs_by_gold_reward():
