@@ -33,6 +33,16 @@ def newest(path: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def clear(path: str | Path) -> int:
+    """Delete the checkpoints (and unfinished ones) of a run directory; returns how many. A fresh run owns its out_dir:
+    an earlier run's ckpt-<step> would collide with one of its own, or, if newer, be the one a later init_from or
+    --resume picks."""
+    old = [*Path(path).glob("ckpt-*[0-9]"), *Path(path).glob(".tmp-ckpt-*")]
+    for d in old:
+        shutil.rmtree(d)
+    return len(old)
+
+
 def model_dir(path: str | Path) -> Path:
     """A Hugging Face model directory itself, or the newest checkpoint of a run directory (ValueError otherwise)."""
     path = Path(path)

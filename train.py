@@ -487,8 +487,11 @@ def train(cfg: TrainConfig) -> dict:
         start = state["step"]
         train_loader.load_state_dict(state["data"])
     metrics_file = out / "metrics.jsonl"
+    checkpoint.barrier()  # every rank has read init_from and the checkpoint before rank 0 may delete old ones
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if ckpt is None and (n := checkpoint.clear(out)):
+            log(f"fresh run: deleted {n} checkpoint(s) of an earlier run in {out} (--resume would continue it)")
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         kept = [] if ckpt is None or not metrics_file.exists() else [
             line for line in metrics_file.read_text().splitlines(keepends=True)

@@ -214,6 +214,18 @@ def test_other_runs_match_one_eager_process_with_accumulation(straight, tmp_path
         assert a.keys() == b.keys() and all(v == pytest.approx(b[k], abs=1e-4) for k, v in a.items())
 
 
+def test_a_fresh_run_replaces_an_earlier_runs_checkpoints(straight, tmp_path):
+    """Running again into the same out_dir without --resume (the demo twice, say) must not trip over the earlier
+    run's ckpt-<step> of the same step, nor leave a newer one that init_from or --resume would pick."""
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)  # ckpt-000006 and ckpt-000012 of a 12-step run
+    p = run(TINY + [f"--out_dir={tmp_path}", "--max_steps=6", "--seed=7"])
+    assert "deleted 2 checkpoint(s) of an earlier run" in p.stdout
+    assert sorted(d.name for d in tmp_path.glob("ckpt-*")) == ["ckpt-000006"]
+    assert [r["step"] for r in metrics(tmp_path) if "loss" in r][-1] == 6
+    new, old = weights(tmp_path), weights(straight)
+    assert any(not torch.equal(new[k], old[k]) for k in old)  # the new run's own weights, not the copied ones
+
+
 def test_sigkill_then_resume_matches_uninterrupted(straight, tmp_path):
     args = [*TINY, f"--out_dir={tmp_path}", "--ckpt_every=1"]
     kill_at = random.randint(1, 8)  # at least this many steps (metrics lines) and a checkpoint, plus a random delay
