@@ -197,9 +197,8 @@ def run(args) -> dict:
                                         row_limit=args.profile_rows, max_name_column_width=60))
 
     tokens = batch["input_ids"].numel()
-    flops_per_step = 3 * forward_flops(policy, batch["input_ids"], batch["loss_mask"])
-    if not args.precompute_ref:
-        flops_per_step += forward_flops(policy, batch["input_ids"], batch["loss_mask"])
+    forward = forward_flops(policy, batch["input_ids"], batch["loss_mask"])
+    flops_per_step = 3 * forward + (0 if args.precompute_ref else forward)  # policy forward + backward, reference
     if args.loss == "kto":  # KL rows: a no-grad forward of the policy and one of the reference
         flops_per_step += 2 * forward_flops(policy, batch["kl_input_ids"], batch["kl_loss_mask"])
     ladder, floor = ((1024, 2048, 4096, 8192), 2048) if device.type == "cuda" else ((256, 512, 1024, 2048), 512)
