@@ -207,11 +207,13 @@ def validate(cfg: TrainConfig, world_size: int):
 # the loss of one micro batch (bench.py times exactly this)
 
 
-def batch_logps(model: torch.nn.Module, input_ids: torch.Tensor, loss_mask: torch.Tensor, reference: bool = False):
+def batch_logps(model: torch.nn.Module, input_ids: torch.Tensor, loss_mask: torch.Tensor, reference: bool = False,
+                keep: int | None = None):
     """(log π(y|x) summed over response tokens, response token counts), both (B,) fp32: one forward (the reference's,
-    without autograd, if reference). Logits are made only from the position before the batch's first response token
-    on: the LM head and the log-softmax over the vocabulary skip the prompt part that every row has."""
-    keep = losses.logits_to_keep(loss_mask)
+    without autograd, if reference). Logits are made only for the last keep = losses.logits_to_keep(loss_mask)
+    positions (pass it when known: on GPU it costs a sync), so the LM head and the log-softmax over the vocabulary
+    skip the prompt part that every row has."""
+    keep = losses.logits_to_keep(loss_mask) if keep is None else keep
     logits = ref_lib.reference_logits(model, input_ids, keep) if reference else model(input_ids, logits_to_keep=keep)
     return losses.sequence_logps(logits, input_ids[:, -keep:], loss_mask[:, -keep:])
 
@@ -232,19 +234,21 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
     a per-token estimate of KL(π‖π_ref) on the data (on-policy estimates are made at eval time).
     """
     ids, mask = batch["input_ids"], batch["loss_mask"]
+    keep = losses.logits_to_keep(mask)  # once for the policy and the reference forward
     with autocast(cfg, ids.device):
-        logps, n = batch_logps(policy, ids, mask)
+        logps, n = batch_logps(policy, ids, mask, keep=keep)
         if cfg.loss == "sft":  # next-token cross-entropy on the response tokens
             loss = -logps.sum() / n.sum().clamp(min=1)
             return loss, {"loss": loss.item()}
         if ref_logps is None:
             with torch.no_grad():
-                ref_logps, _ = batch_logps(reference, ids, mask, reference=True)
+                ref_logps, _ = batch_logps(reference, ids, mask, reference=True, keep=keep)
         if cfg.loss == "kto":  # z_ref from the mismatched KL rows; detached, so the policy side needs no gradient
             kl_ids, kl_mask = batch["kl_input_ids"], batch["kl_loss_mask"]
+            kl_keep = losses.logits_to_keep(kl_mask)
             with torch.no_grad():
-                policy_kl, _ = batch_logps(policy, kl_ids, kl_mask)
-                ref_kl, _ = batch_logps(reference, kl_ids, kl_mask, reference=True)
+                policy_kl, _ = batch_logps(policy, kl_ids, kl_mask, keep=kl_keep)
+                ref_kl, _ = batch_logps(reference, kl_ids, kl_mask, reference=True, keep=kl_keep)
             good = batch["desirable"]
             per_example, rewards, z_ref = losses.kto_loss(logps, ref_logps, good, policy_kl, ref_kl, cfg.beta)
             good_f = good.float()
@@ -427,10 +431,11 @@ def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list
         sampled = gen_model.generate(prompts, cfg.max_new_tokens, temperature=1.0, generator=gen)
         ids, mask = data.pad(list(zip(prompts, sampled)), tok.pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        logp, _ = batch_logps(gen_model, ids, mask)
+        keep = losses.logits_to_keep(mask)
+        logp, _ = batch_logps(gen_model, ids, mask, keep=keep)
         for name, model in (("kl_ref", reference), ("kl_init", initial)):
             if model is not None:
-                other, _ = batch_logps(model, ids, mask, reference=True)
+                other, _ = batch_logps(model, ids, mask, reference=True, keep=keep)
                 out[name] = (logp - other).mean().item()
     ref_lib.reshard(policy)  # an FSDP2 root stays gathered after a forward without backward
     if cfg.data == "synthetic":
