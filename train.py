@@ -10,6 +10,7 @@ hard   θ_ref ← θ                   every τ steps        (TR-DPO^τ)
 The flow below is nanoGPT's: config, setup, model, data, then one loop of forward/backward/step/log/eval/checkpoint.
 """
 import ctypes
+import gc
 import json
 import math
 import os
@@ -572,6 +573,9 @@ def main(argv: list[str]) -> int:
         return 2
     finally:
         if dist.is_initialized():
+            # A DDP module still alive (in a reference cycle) when the group goes, freed at interpreter exit, aborts
+            # the process now and then ("terminate called without an active exception"): collect it first.
+            gc.collect()
             dist.destroy_process_group()
     return 0
 

@@ -1,6 +1,7 @@
 """torchrun helper for tests/test_train.py: a TR-KTO run of train.py that records, on every rank, the z_ref of each
 training micro batch and a fingerprint of the rank's own batch, then writes all ranks' records to
 out_dir/kto_ranks.json (rank 0). Arguments: train.py's --key=value options."""
+import gc
 import json
 import sys
 from pathlib import Path
@@ -30,4 +31,5 @@ everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
 dist.all_gather(everyone, mine)
 if dist.get_rank() == 0:
     (Path(cfg.out_dir) / "kto_ranks.json").write_text(json.dumps([t.tolist() for t in everyone]))
+gc.collect()  # train()'s DDP modules go before the process group, as in train.main
 dist.destroy_process_group()
