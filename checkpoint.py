@@ -6,15 +6,25 @@
                           state.json                          step and data position
                           rng-rank<r>.json                    python / numpy / torch RNG states of each rank
                           train_config.json                   the resolved options
+                          manifest.json                       every file's size and SHA-256, written last
+    out_dir/.lock                                             held (flock) by the run writing into out_dir
 
 Weights and optimizer state are gathered into full, parameter-name-keyed state dicts (FSDP2 shards included), so a
 checkpoint does not depend on the world size or on DDP vs FSDP2. A checkpoint is written into a temp directory and
 renamed into place: after a crash, even SIGKILL mid-write, the newest ckpt-* is always whole. Nothing is unpickled.
+A checkpoint never holds a non-finite tensor (save refuses), and --resume takes the newest one whose manifest still
+matches its files (usable), so a checkpoint damaged after it was written (a truncated copy, a deleted reference/) is
+passed over for the one before it.
 """
+import errno
+import fcntl
+import hashlib
 import json
+import math
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +37,145 @@ from torch.nn.parallel import DistributedDataParallel
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, in CPU memory
 
 
+class CheckpointError(RuntimeError):
+    """A run directory or checkpoint the user must fix (busy, damaged, unwritable): train.py prints it in one line."""
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def agree(problem: str | None) -> str | None:
+    """Rank 0's problem (or None) on every rank, so that all ranks raise together instead of waiting in a collective
+    for one that has failed."""
+    if dist.is_initialized():
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    return problem
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# one run per out_dir: an exclusive flock on out_dir/.lock. The kernel drops it when the process ends, however it
+# ends (SIGKILL included), so a crashed run never leaves a stale lock behind; the file itself stays, holding a pid.
+
+@contextmanager
+def lock(out_dir: str | Path):
+    """Hold out_dir/.lock (rank 0) for the body; CheckpointError on every rank naming the pid that holds it."""
+    path, f, problem = Path(out_dir) / ".lock", None, None
+    if rank() == 0:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a+")
+        except OSError as e:
+            problem = f"out_dir={out_dir}: cannot create {path}: {e.strerror}"
+        if f is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                f.truncate(0), f.write(f"{os.getpid()}\n"), f.flush()
+            except BlockingIOError:
+                f.seek(0)
+                pid = f.read().strip() or "?"
+                f.close()
+                problem = (f"out_dir={out_dir} is in use by another run (pid {pid} holds {path}); wait for it to "
+                           f"end or choose another out_dir")
+    problem = agree(problem)
+    if problem:
+        raise CheckpointError(problem)
+    try:
+        yield
+    finally:
+        if f is not None:
+            f.close()  # closing the file releases the flock
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# manifests and verification
+
+def sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: Path):
+    """manifest.json: the size and SHA-256 of every other file, written last (a checkpoint without one is incomplete)."""
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest = {str(p.relative_to(ckpt)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
+    (ckpt / "manifest.json").write_text(json.dumps({"files": manifest}, indent=1))
+
+
+def nonfinite(tensors: dict, what: str) -> str | None:
+    """The name of the first tensor (in a possibly nested state dict) holding NaN or inf, or None."""
+    for k, v in tensors.items():
+        if isinstance(v, dict):
+            bad = nonfinite(v, f"{what}[{k}]")
+            if bad:
+                return bad
+        elif torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            return f"{what} {k}"
+        elif isinstance(v, float) and not math.isfinite(v):
+            return f"{what} {k}"
+    return None
+
+
+def verify(ckpt: Path) -> str | None:
+    """None if ckpt is usable for --resume: its manifest matches every file, its JSON parses and its weights and
+    optimizer state are finite; otherwise what is wrong, naming the file."""
+    from safetensors.torch import load_file
+    try:
+        files = json.loads((ckpt / "manifest.json").read_text())["files"]
+    except FileNotFoundError:
+        return f"{ckpt / 'manifest.json'} is missing (the checkpoint is incomplete)"
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return f"{ckpt / 'manifest.json'} is not a valid manifest ({e})"
+    for name, want in files.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{f} has {f.stat().st_size} bytes, the manifest says {want['bytes']} (truncated or replaced)"
+        if sha256(f) != want["sha256"]:
+            return f"{f}: checksum differs from the manifest (damaged)"
+    for name in ("state.json", "train_config.json"):
+        try:
+            json.loads((ckpt / name).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            return f"{ckpt / name}: {e}"
+    for sub in ("", "reference"):
+        if (ckpt / sub / "model.safetensors").exists():
+            bad = nonfinite(load_file(ckpt / sub / "model.safetensors"), str(ckpt / sub / "model.safetensors"))
+            if bad:
+                return f"non-finite values in {bad}"
+    return nonfinite(torch.load(ckpt / "optimizer.pt", weights_only=True), str(ckpt / "optimizer.pt"))
+
+
+def usable(out_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint that verifies, or None; what was wrong with each newer one, newest first)."""
+    problems = []
+    for ckpt in sorted(Path(out_dir).glob("ckpt-*[0-9]"), reverse=True):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt, problems
+        problems.append(problem)
+    return None, problems
+
+
+def set_aside(out_dir: str | Path, after: Path) -> list[Path]:
+    """Rename the checkpoints newer than `after` (damaged: a resume from `after` writes their steps anew) to
+    ckpt-<step>.damaged, out of the way of --resume and init_from but not deleted; returns the new names."""
+    moved = []
+    for ckpt in sorted(Path(out_dir).glob("ckpt-*[0-9]")):
+        if ckpt.name > after.name:
+            dest = ckpt.with_name(ckpt.name + ".damaged")
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(ckpt, dest)
+            moved.append(dest)
+    return moved
+
+
 def newest(path: str | Path) -> Path | None:
     """The newest ckpt-<step> directory in a run directory, or None."""
     ckpts = sorted(Path(path).glob("ckpt-*[0-9]"))
@@ -37,7 +186,7 @@ def clear(path: str | Path) -> int:
     """Delete the checkpoints (and unfinished ones) of a run directory; returns how many. A fresh run owns its out_dir:
     an earlier run's ckpt-<step> would collide with one of its own, or, if newer, be the one a later init_from or
     --resume picks."""
-    old = [*Path(path).glob("ckpt-*[0-9]"), *Path(path).glob(".tmp-ckpt-*")]
+    old = [*Path(path).glob("ckpt-*[0-9]"), *Path(path).glob("ckpt-*.damaged"), *Path(path).glob(".tmp-ckpt-*")]
     for d in old:
         shutil.rmtree(d)
     return len(old)
@@ -76,39 +225,71 @@ def barrier():
 
 
 def save(out_dir: str | Path, step: int, policy, reference, optimizer, state: dict, config: dict, keep_last: int):
-    """Write ckpt-<step> (every rank calls this: the gathers are collectives), then keep the newest keep_last."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    """Write ckpt-<step> (every rank calls this: the gathers are collectives), then keep the newest keep_last.
+
+    Refused (CheckpointError, nothing written or deleted) if a weight or optimizer tensor is not finite, so the newest
+    checkpoint is always the last finite state. A failed write (full disk, read-only or unwritable out_dir) removes
+    its partial temp directory and raises CheckpointError naming the path."""
     policy_sd, optim_sd = get_model_state_dict(policy, options=FULL), get_optimizer_state_dict(policy, optimizer,
                                                                                                 options=FULL)
     ref_sd = None if reference is None else get_model_state_dict(reference, options=FULL)
     out = Path(out_dir)
-    tmp = out / f".tmp-ckpt-{step:06d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crash
-        tmp.mkdir(parents=True)
+    tmp, dest = out / f".tmp-ckpt-{step:06d}", out / f"ckpt-{step:06d}"
+    bad = None
+    if rank() == 0:  # the full state dicts are on rank 0
+        bad = (nonfinite(policy_sd, "policy weight") or nonfinite(ref_sd or {}, "reference weight")
+               or nonfinite(optim_sd, "optimizer state"))
+    bad = agree(bad)
+    if bad:
+        raise CheckpointError(f"refusing to write {dest}: non-finite values in {bad}; the newest finite checkpoint "
+                              f"is {newest(out) or 'none'}")
+    problem = None
+    try:
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crash
+            tmp.mkdir(parents=True)
+        barrier()
+        (tmp / f"rng-rank{rank()}.json").write_text(json.dumps(rng_state()))
+        barrier()
+        if rank() == 0:
+            model = policy.module if isinstance(policy, DistributedDataParallel) else policy
+            model.save_pretrained(tmp, policy_sd)
+            if reference is not None:
+                reference.save_pretrained(tmp / "reference", ref_sd)
+            torch.save(optim_sd, tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+            (tmp / "train_config.json").write_text(json.dumps(config, indent=2))
+            write_manifest(tmp)
+            if dest.exists():  # a step written again after a fall back past it (set_aside moves those): replace it
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)  # atomic rename: a whole checkpoint or none
+            for old in sorted(out.glob("ckpt-*[0-9]"))[:-keep_last]:  # the newest (finite, just written) stays
+                shutil.rmtree(old)
+    except (OSError, RuntimeError) as e:  # torch.save and safetensors raise RuntimeError on a full disk
+        problem = write_error(e, tmp, dest)
     barrier()
-    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_state()))
-    barrier()
-    if rank == 0:
-        model = policy.module if isinstance(policy, DistributedDataParallel) else policy
-        model.save_pretrained(tmp, policy_sd)
-        if reference is not None:
-            reference.save_pretrained(tmp / "reference", ref_sd)
-        torch.save(optim_sd, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
-        (tmp / "train_config.json").write_text(json.dumps(config, indent=2))
-        os.replace(tmp, out / f"ckpt-{step:06d}")  # atomic rename: a whole checkpoint or none
-        for old in sorted(out.glob("ckpt-*[0-9]"))[:-keep_last]:
-            shutil.rmtree(old)
-    barrier()
+    if problem:
+        raise CheckpointError(problem)
+
+
+def write_error(e: Exception, tmp: Path, dest: Path) -> str:
+    """Remove the partial temp checkpoint; a one-line reason naming the path (torch's own message names none)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e).splitlines()[0]
+    where = getattr(e, "filename", None) or tmp
+    hint = ""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or not isinstance(e, OSError):
+        hint = f"; {shutil.disk_usage(dest.parent).free / 2 ** 20:.0f} MiB free on that disk"
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = "; choose a writable out_dir"
+    return f"cannot write checkpoint {dest} ({where}: {reason}){hint}; the partial copy was removed"
 
 
 def load(ckpt: Path, policy, optimizer) -> dict:
     """Restore the optimizer state (into a plain, DDP or FSDP2 policy) and this rank's RNG states (ranks new to the
     run keep their seeds); returns state.json. The weights themselves are loaded with Llama.from_pretrained."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
     optim_sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
     set_optimizer_state_dict(policy, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
-    if (ckpt / f"rng-rank{rank}.json").exists():
-        set_rng_state(json.loads((ckpt / f"rng-rank{rank}.json").read_text()))
+    if (ckpt / f"rng-rank{rank()}.json").exists():
+        set_rng_state(json.loads((ckpt / f"rng-rank{rank()}.json").read_text()))
     return json.loads((ckpt / "state.json").read_text())

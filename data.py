@@ -102,6 +102,11 @@ def get_tokenizer(name_or_path: str) -> Tokenizer:
     return Tokenizer(enc, "<|begin_of_text|>", "<|end_of_text|>", "<|end_of_text|>", chat="llama3")
 
 
+def response_end_ids(tok) -> list[int]:
+    """The ids that end a response in tokenize (generation stops on them): EOS, and Llama 3 chat's <|eot_id|>."""
+    return [tok.eos_id] + ([tok.special("<|eot_id|>")] if getattr(tok, "chat", "") == "llama3" else [])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # reading: JSONL(.gz) or a JSON array; the format is detected from the fields of the first record, or forced
 

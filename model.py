@@ -225,7 +225,7 @@ class Llama(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: torch.Tensor | list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, stop_ids=None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> list[list[int]]:
+                 generator: torch.Generator | None = None, n_vocab: int | None = None) -> list[list[int]]:
         """Continue each prompt by up to max_new_tokens tokens; returns each row's new tokens (a list of lists).
 
         prompts: a LongTensor (B, T) or B token lists of different lengths. Rows are left-padded to a common length
@@ -233,7 +233,9 @@ class Llama(nn.Module):
         continues exactly as it would alone. temperature 0 is greedy; otherwise sample from softmax(logits /
         temperature) restricted to the top_k tokens and/or the nucleus of probability top_p. A row stops after it emits
         a token in stop_ids (kept as its last token); stop_ids=None means config.eos_id, () never stops early.
-        use_cache=False recomputes the whole sequence at every step (a check of the KV cache).
+        use_cache=False recomputes the whole sequence at every step (a check of the KV cache). n_vocab < vocab_size
+        (a tokenizer smaller than the model's vocabulary) draws only ids below n_vocab, the ones the tokenizer can
+        decode: the others' logits are -inf before greedy or sampled selection.
         """
         rows = prompts.tolist() if torch.is_tensor(prompts) else [list(r) for r in prompts]
         if not rows or min(map(len, rows)) == 0:
@@ -258,6 +260,8 @@ class Llama(nn.Module):
             s = slice(start, t) if use_cache else slice(0, t)  # with a cache only the tokens not yet seen go in
             start = t
             logits = self(idx[:, s], pos[:, s], mask[:, :, s, :t], cache, logits_to_keep=1)[:, -1].float()
+            if n_vocab is not None and n_vocab < logits.shape[-1]:
+                logits[:, n_vocab:] = float("-inf")
             idx[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
             for b, tok in enumerate(idx[:, t].tolist()):
                 if not done[b]:

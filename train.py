@@ -19,12 +19,13 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 import checkpoint
 import data
@@ -75,6 +76,8 @@ class TrainConfig:
     schedule: str = opt("cosine", "after warmup: cosine or linear decay to 0, or constant",
                         ("cosine", "linear", "constant"))
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: no clipping, the norm is still logged)")
+    max_bad_steps: int = opt(3, "consecutive non-finite steps (NaN/inf gradient norm: skipped, no optimizer step, no "
+                             "TR update) after which the run stops, its last finite checkpoint intact")
     dtype: str = opt("float32", "compute dtype: float32, or bfloat16 autocast (weights and log-probs stay fp32)",
                      ("float32", "bfloat16"))
     device: str = opt("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
@@ -167,8 +170,10 @@ def validate(cfg: TrainConfig, world_size: int):
     for f in fields(cfg):
         if f.metadata["choices"] and getattr(cfg, f.name) not in f.metadata["choices"]:
             fail(f"{f.name}={getattr(cfg, f.name)!r}: expected one of {', '.join(f.metadata['choices'])}")
+        if f.type is float and not math.isfinite(getattr(cfg, f.name)):  # NaN passes every < and > check below
+            fail(f"{f.name}={getattr(cfg, f.name)} must be a finite number")
     for name in ("dim", "n_layers", "n_heads", "eval_size", "max_length", "max_prompt_length", "tau", "batch_size",
-                 "micro_batch_size", "max_steps", "log_every", "keep_last", "max_new_tokens"):
+                 "micro_batch_size", "max_steps", "log_every", "keep_last", "max_new_tokens", "max_bad_steps"):
         if getattr(cfg, name) < 1:
             fail(f"{name}={getattr(cfg, name)} must be >= 1")
     for name in ("warmup_steps", "eval_every", "ckpt_every", "num_samples", "weight_decay", "grad_clip"):
@@ -322,10 +327,25 @@ def load_model(cfg: TrainConfig, tok) -> Llama:
         torch.manual_seed(cfg.seed)
         return Llama(ModelConfig(vocab_size=tok.n_vocab, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                                  max_seq_len=cfg.max_length, bos_id=tok.bos_id, eos_id=tok.eos_id))
-    model = Llama.from_pretrained(checkpoint.model_dir(cfg.init_from))
-    if model.config.vocab_size < tok.n_vocab:
-        fail(f"init_from={cfg.init_from}: vocab_size {model.config.vocab_size} < the tokenizer's {tok.n_vocab}")
-    return model
+    try:
+        return Llama.from_pretrained(checkpoint.model_dir(cfg.init_from))
+    except (ValueError, OSError, SafetensorError) as e:  # a bad config.json or weights file: its message names it
+        fail(f"init_from={cfg.init_from}: {e}")
+
+
+def check_vocab(cfg: TrainConfig, tok):
+    """Before any work: refuse a model vocabulary smaller than the tokenizer's (its ids would index past the
+    embedding). A larger one is fine: evaluate's generate never samples the ids the tokenizer cannot decode."""
+    if cfg.init_from == "scratch":
+        return
+    file = checkpoint.model_dir(cfg.init_from) / "config.json"
+    try:
+        vocab = json.loads(file.read_text())["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"init_from={cfg.init_from}: cannot read vocab_size from {file} ({type(e).__name__}: {e})")
+    if vocab < tok.n_vocab:
+        fail(f"init_from={cfg.init_from}: vocab_size {vocab} ({file}) < the {tok.n_vocab} ids of tokenizer="
+             f"{cfg.tokenizer}; choose the tokenizer the model was trained with")
 
 
 def distribute(models: list, cfg: TrainConfig, world: int, device: torch.device) -> list:
@@ -362,13 +382,29 @@ RESUMABLE = ("max_steps", "eval_every", "ckpt_every", "keep_last", "log_every", 
 
 
 def resume_checkpoint(cfg: TrainConfig) -> Path | None:
-    """The newest checkpoint of out_dir when cfg.resume, after checking it was made with the same options."""
-    ckpt = checkpoint.newest(cfg.out_dir) if cfg.resume else None
-    if ckpt is not None:
-        saved = json.loads((ckpt / "train_config.json").read_text())
-        changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
-        if changed:
-            fail(f"--resume: {ckpt} was trained with other values of {', '.join(changed)}")
+    """With cfg.resume, the newest usable checkpoint of out_dir (complete, undamaged, finite: checkpoint.verify),
+    passing over damaged newer ones with a warning, after checking it was made with the same options. A different
+    max_steps is refused unless schedule=constant: it would move the decaying learning rate at the resume step."""
+    if not cfg.resume:
+        return None
+    ckpt, problems = checkpoint.usable(cfg.out_dir)
+    if ckpt is None:
+        fail(f"--resume: no usable checkpoint in out_dir={cfg.out_dir}: " + "; ".join(problems) if problems else
+             f"--resume: no checkpoint (ckpt-*) in out_dir={cfg.out_dir}; drop --resume to start a fresh run")
+    for problem in problems:
+        log(f"warning: --resume: passing over {problem}; falling back to {ckpt}")
+    saved = json.loads((ckpt / "train_config.json").read_text())
+    changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
+    if changed:
+        fail(f"--resume: {ckpt} was trained with other values of {', '.join(changed)}")
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    if saved["max_steps"] != cfg.max_steps and cfg.schedule != "constant":
+        was, now = get_lr(step, replace(cfg, max_steps=saved["max_steps"])), get_lr(step, cfg)
+        fail(f"--resume: max_steps={cfg.max_steps} differs from the run's {saved['max_steps']}: the {cfg.schedule} "
+             f"learning rate at step {step + 1} would jump from {was:.3g} to {now:.3g}; keep max_steps="
+             f"{saved['max_steps']}, or train on with init_from={cfg.out_dir} (a new run and schedule)")
+    if step >= cfg.max_steps:
+        fail(f"--resume: {ckpt} is at step {step} of max_steps={cfg.max_steps}: the run is complete")
     return ckpt
 
 
@@ -381,20 +417,32 @@ def make_data(cfg: TrainConfig, tok, rank: int, world: int):
         examples = data.from_records(records, source="synthetic")
     else:
         examples = data.read_examples(cfg.data)
-    if cfg.eval_data:
-        train_ex, eval_ex = examples, data.read_examples(cfg.eval_data)[:cfg.eval_size]
-    else:
-        train_ex, eval_ex = data.split_eval(examples, cfg.eval_size)
-    train_set, eval_set = (data.tokenize(ex, tok, kind, cfg.max_length, cfg.max_prompt_length)
-                           for ex in (train_ex, eval_ex))
-    for name, ds in (("train", train_set), ("eval", eval_set)):
-        r = ds.report
-        log(f"{name} data: {r['examples']} {kind} of {r['rows']} rows | dropped {r['dropped']} | truncated "
-            f"{r['truncated']} | sequence tokens {r['tokens']['sequence']}")
-    if len(eval_set.items) % world:  # equal shares: every rank must run the same number of (FSDP) forwards
-        log(f"eval data: the last {len(eval_set.items) % world} example(s) left out to split over {world} ranks")
-        eval_set.items = eval_set.items[:len(eval_set.items) - len(eval_set.items) % world]
-    train_batches = data.Batches(train_set, cfg.batch_size, cfg.micro_batch_size, rank, world, cfg.seed)
+    try:  # data.py's ValueErrors (too few examples, a kind the data cannot give) become one-line errors
+        if cfg.eval_data:
+            train_ex, eval_ex = examples, data.read_examples(cfg.eval_data)[:cfg.eval_size]
+        else:
+            train_ex, eval_ex = data.split_eval(examples, cfg.eval_size)
+        train_set, eval_set = (data.tokenize(ex, tok, kind, cfg.max_length, cfg.max_prompt_length)
+                               for ex in (train_ex, eval_ex))
+        for name, ds in (("train", train_set), ("eval", eval_set)):
+            r = ds.report
+            log(f"{name} data: {r['examples']} {kind} of {r['rows']} rows | dropped {r['dropped']} | truncated "
+                f"{r['truncated']} | sequence tokens {r['tokens']['sequence']}")
+        if not train_set.items:
+            fail(f"data={cfg.data}: every one of its {train_set.report['rows']} training rows was dropped "
+                 f"({train_set.report['dropped']}); check max_length / max_prompt_length")
+        if len(eval_set.items) % world:  # equal shares: every rank must run the same number of (FSDP) forwards
+            log(f"eval data: the last {len(eval_set.items) % world} example(s) left out to split over {world} ranks")
+            eval_set.items = eval_set.items[:len(eval_set.items) - len(eval_set.items) % world]
+        train_batches = data.Batches(train_set, cfg.batch_size, cfg.micro_batch_size, rank, world, cfg.seed)
+    except data.DataError:
+        raise
+    except ValueError as e:
+        fail(f"data={cfg.data}: {e}")
+    if not eval_set.items:  # valid, e.g. an eval set of pairs with chosen == rejected: train on, evaluate nothing
+        log("eval data: no examples left: held-out metrics and generations are skipped")
+    elif cfg.num_samples == 0:
+        log("num_samples=0: no generations at eval (held-out metrics only)")
     prompts = [it.prompt for it in eval_set.items[:cfg.num_samples]]
     return train_batches, data.eval_batches(eval_set, cfg.micro_batch_size, rank, world), prompts
 
@@ -425,11 +473,17 @@ def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list
     keys = sorted(sums)
     totals = all_reduce_sum([sums[k] for k in keys] + [len(eval_batches)], device)
     out = {k: v / totals[-1] for k, v in zip(keys, totals)}
+    if not prompts:  # no eval examples or num_samples=0 (make_data said so)
+        ref_lib.reshard(policy)
+        return out
     gen_model = policy if cfg.fsdp else ref_lib.unwrap(policy)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # same samples on every rank and every resume
+    # the tokenizer's end of a response stops a row; ids past its vocabulary (a larger model vocab) are never drawn
+    stop, n_vocab = data.response_end_ids(tok), tok.n_vocab
     with autocast(cfg, device):
-        greedy = gen_model.generate(prompts, cfg.max_new_tokens, temperature=0.0)
-        sampled = gen_model.generate(prompts, cfg.max_new_tokens, temperature=1.0, generator=gen)
+        greedy = gen_model.generate(prompts, cfg.max_new_tokens, temperature=0.0, stop_ids=stop, n_vocab=n_vocab)
+        sampled = gen_model.generate(prompts, cfg.max_new_tokens, temperature=1.0, generator=gen, stop_ids=stop,
+                                     n_vocab=n_vocab)
         ids, mask = data.pad(list(zip(prompts, sampled)), tok.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         keep = losses.logits_to_keep(mask)
@@ -453,12 +507,40 @@ def log(msg: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# the non-finite guard: a step whose gradient norm is NaN or inf (a huge lr, bf16 overflow, a NaN β) would put NaN in
+# every weight and every later checkpoint. The norm is all-reduced (every rank sees the same), so all ranks skip
+# together: no optimizer step, no TR update, the step retried on the next batch; max_bad_steps in a row stop the run.
+
+
+def guard(norm: float, loss: float, bad_steps: int, step: int, cfg: TrainConfig, out: Path, record) -> int:
+    """0 if the gradient norm of step + 1 is finite; else the non-finite steps in a row so far (this one logged and
+    recorded as split 'skipped'), or ConfigError naming the newest finite checkpoint at cfg.max_bad_steps."""
+    if math.isfinite(norm):
+        return 0
+    bad_steps += 1
+    log(f"step {step + 1}: non-finite gradient norm {norm} (loss {loss}): skipped, no optimizer step or TR update "
+        f"({bad_steps} in a row; {cfg.max_bad_steps} stop the run)")
+    record({"step": step + 1, "split": "skipped", "loss": loss, "grad_norm": norm, "in_a_row": bad_steps})
+    if bad_steps >= cfg.max_bad_steps:
+        fail(f"{bad_steps} non-finite steps in a row at step {step + 1} (gradient norm {norm}): stopped; the newest "
+             f"finite checkpoint is {checkpoint.newest(out) or 'none (none was due yet: see ckpt_every)'}; lower "
+             f"lr={cfg.lr:g}" + (" or use dtype=float32" if cfg.dtype != "float32" else ""))
+    return bad_steps
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # the training run
 
 
 def train(cfg: TrainConfig) -> dict:
     """One run (sft, or a preference loss with a static / soft / hard reference); returns the last train and eval
-    metrics. Writes out_dir/train_config.json, metrics.jsonl and checkpoints."""
+    metrics. Writes out_dir/train_config.json, metrics.jsonl and checkpoints, holding out_dir/.lock throughout."""
+    setup_distributed(cfg)
+    with checkpoint.lock(cfg.out_dir):  # one run per out_dir: a second one stops here, naming the first's pid
+        return run(cfg)
+
+
+def run(cfg: TrainConfig) -> dict:
     rank, world, device = setup_distributed(cfg)
     keep_freed_memory(device)
     out = Path(cfg.out_dir)
@@ -466,8 +548,9 @@ def train(cfg: TrainConfig) -> dict:
     log(f"config: {json.dumps(asdict(cfg))}")
     try:
         tok = data.get_tokenizer(cfg.tokenizer)
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:
         fail(f"tokenizer={cfg.tokenizer}: {e}")
+    check_vocab(cfg, tok)
     train_loader, eval_batches, prompts = make_data(cfg, tok, rank, world)
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
 
@@ -498,6 +581,8 @@ def train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         if ckpt is None and (n := checkpoint.clear(out)):
             log(f"fresh run: deleted {n} checkpoint(s) of an earlier run in {out} (--resume would continue it)")
+        for d in [] if ckpt is None else checkpoint.set_aside(out, ckpt):
+            log(f"warning: --resume: the damaged {d.name.removesuffix('.damaged')} renamed to {d.name}")
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         kept = [] if ckpt is None or not metrics_file.exists() else [
             line for line in metrics_file.read_text().splitlines(keepends=True)
@@ -507,9 +592,10 @@ def train(cfg: TrainConfig) -> dict:
         f"{cfg.micro_batch_size} per process per optimizer step" + (f" | resuming {ckpt}" if ckpt else ""))
 
     def record(row: dict):
-        if rank == 0:
+        if rank == 0:  # strict JSON: a non-finite number is written as null
             with open(metrics_file, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                    for k, v in row.items()}) + "\n")
 
     run_policy, run_ref = policy, reference
     if cfg.compile:  # the training step's forwards only: evaluation, generation, TR updates and checkpoints use the
@@ -517,7 +603,7 @@ def train(cfg: TrainConfig) -> dict:
         run_ref = reference if reference is None else torch.compile(reference)
 
     step, result, t0 = start, {}, time.time()
-    t_log, tokens = t0, 0
+    t_log, tokens, bad_steps = t0, 0, 0
     while step < cfg.max_steps:
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
@@ -532,6 +618,10 @@ def train(cfg: TrainConfig) -> dict:
             tokens += sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        norm = grad_norm.item()  # the one host sync of the guard, reused by the log line
+        if bad_steps := guard(norm, sums["loss"] / accum, bad_steps, step, cfg, out, record):
+            optimizer.zero_grad(set_to_none=True)  # skipped: no optimizer step, no TR update, the step is retried
+            continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -542,22 +632,22 @@ def train(cfg: TrainConfig) -> dict:
             totals = all_reduce_sum([sums[k] for k in keys] + [tokens], device)
             now = time.time()
             row = {"step": step, "split": "train", **{k: v / (accum * world) for k, v in zip(keys, totals)},
-                   "grad_norm": grad_norm.item(), "lr": lr, "tokens_per_s": totals[-1] / (now - t_log)}
+                   "grad_norm": norm, "lr": lr, "tokens_per_s": totals[-1] / (now - t_log)}
             record(row)
             eta = (now - t0) / (step - start) * (cfg.max_steps - step)
             log(f"step {step}/{cfg.max_steps} | loss {row['loss']:.4f} | "
                 + "".join(f"{k} {row[k]:.3f} | " for k in ("reward_acc", "margin", "kl_ref") if k in row)
                 + f"gnorm {row['grad_norm']:.2f} | lr {lr:.2e} | {row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s")
             result["train"], t_log, tokens = row, now, 0
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:  # before eval: training is
+            checkpoint.save(out, step, policy, reference, optimizer, {"data": train_loader.state_dict()},  # never
+                            asdict(cfg), cfg.keep_last)  # lost to a failing evaluation
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
             row = {"step": step, "split": "eval", **evaluate(policy, reference, initial, eval_batches, prompts, cfg,
                                                               tok, device)}
             record(row)
             log(f"eval {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "split")))
             result["eval"] = row
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
-            checkpoint.save(out, step, policy, reference, optimizer, {"data": train_loader.state_dict()},
-                            asdict(cfg), cfg.keep_last)
     return result
 
 
@@ -568,8 +658,11 @@ def main(argv: list[str]) -> int:
     try:
         cfg = parse_config(argv or ["--demo=true"])
         synthetic.demo(cfg, train) if cfg.demo else train(cfg)
-    except (ConfigError, data.DataError) as e:
+    except (ConfigError, data.DataError, checkpoint.CheckpointError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a disk error outside a checkpoint write (metrics.jsonl, train_config.json): name the file
+        print(f"train.py: error: {f'{e.filename}: {e.strerror}' if e.filename else e}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
