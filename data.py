@@ -11,6 +11,8 @@ import gzip
 import json
 import os
 import re
+import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -207,12 +209,20 @@ def from_records(records: Iterable, format: str = "auto", source: str = "<record
 def _parse(located: Iterable, format: str, source: str) -> Examples:
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"unknown format {format!r}: auto or one of {list(FORMATS)}")
-    out = []
+    out, first, detect = [], None, format == "auto"
     for where, rec in located:
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        if format == "auto":
-            format = detect_format(rec, where)
+        if detect and first is None:
+            format, first = detect_format(rec, where), where
+        elif detect:  # every record, not only the first: a kto line after sft lines would lose its label silently
+            try:
+                fmt = detect_format(rec, where)
+            except DataError:  # no format's fields: parse_record names the missing one
+                fmt = format
+            if fmt != format:
+                raise DataError(f"{where}: a {fmt} record in a file of {format} records (from {first}); a file holds "
+                                f"one format: split it")
         out.append(parse_record(rec, format, where))
     if not out:
         raise DataError(f"{source}:1: empty file, no records")
@@ -234,15 +244,22 @@ def _decode(raw: bytes, where: str) -> str:
         raise DataError(f"{where}: invalid UTF-8 at byte {e.start}{field}") from None
 
 
+def _loads(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:  # json recurses once per nesting level
+        raise DataError(f"{where}: JSON nested too deeply (deeper than {sys.getrecursionlimit()} levels)") from None
+
+
 def _json_lines(path: Path, raw: bytes) -> Iterable:
     """(where, record) of a .jsonl file; blank lines are errors, not silently skipped."""
     for line_no, line in enumerate(raw.splitlines(), 1):
         where = f"{path}:{line_no}"
-        text = _decode(line, where)
-        try:
-            yield where, json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
+        if not line.strip():
+            raise DataError(f"{where}: line {line_no} is blank (JSONL holds one JSON object per line: delete it)")
+        yield where, _loads(_decode(line, where), where)
 
 
 def _json_array(path: Path, raw: bytes) -> Iterable:
@@ -256,24 +273,47 @@ def _json_array(path: Path, raw: bytes) -> Iterable:
         records = json.loads(text) if text.strip() else []  # an empty file: _parse says so
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}:1: JSON nested too deeply (deeper than {sys.getrecursionlimit()} levels)") from None
     if not isinstance(records, list):
         raise DataError(f"{path}:1: expected a JSON array of records, got {type(records).__name__}")
     i, line_no, decoder, separator = text.find("[") + 1, 1, json.JSONDecoder(), re.compile(r"[\s,]*")
-    for rec in records:  # valid JSON: step over each record again to learn the line it starts on
+    for index, rec in enumerate(records):  # valid JSON: step over each record again to learn the line it starts on
         start = separator.match(text, i).end()
         end = decoder.raw_decode(text, start)[1]
         line_no += text.count("\n", i, start)
-        yield f"{path}:{line_no}", rec
+        yield f"{path}:{line_no}: record [{index}]", rec  # the index too: a one-line array has every record on line 1
         line_no, i = line_no + text.count("\n", start, end), end
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}:1: cannot read ({e.strerror})") from None
+
+
+def _read_gzip(path: Path) -> bytes:
+    """The decompressed bytes of a .gz file; a corrupted or truncated stream is a DataError naming the line it
+    reached (the lines before it decompressed fine)."""
+    out = bytearray()
+    try:
+        with gzip.open(path) as f:
+            while chunk := f.read(1 << 16):  # small reads: the error names a line near the damage
+                out += chunk
+    except (OSError, EOFError, zlib.error) as e:
+        if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile) and e.errno is not None:
+            raise DataError(f"{path}:1: cannot read ({e.strerror})") from None
+        line = out.count(b"\n") + 1
+        raise DataError(f"{path}:{line}: corrupted gzip data after {len(out)} decompressed bytes ({type(e).__name__}: {e}); "
+                        f"download or compress the file again") from None
+    return bytes(out)
 
 
 def read_examples(path: str | Path, format: str = "auto") -> Examples:
     """Examples of a .jsonl, .jsonl.gz or .json file; format: auto (from the first record's fields) or forced."""
     path = Path(path)
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}:1: cannot read ({e})") from None
+    raw = _read_gzip(path) if path.suffix == ".gz" else _read(path)
     if path.name.removesuffix(".gz").endswith(".jsonl"):
         return _parse(_json_lines(path, raw), format, str(path))
     if path.name.removesuffix(".gz").endswith(".json"):
@@ -518,9 +558,13 @@ if __name__ == "__main__":
     ap.add_argument("--max_length", type=int, default=1024)
     ap.add_argument("--max_prompt_length", type=int, default=512)
     args = ap.parse_args()
-    examples = read_examples(args.path, args.format)
-    ds = tokenize(examples, get_tokenizer(args.tokenizer), NATURAL_KIND[examples.format], args.max_length,
-                  args.max_prompt_length)
+    try:  # bad input is one line naming the file, line and field, exit status 2
+        examples = read_examples(args.path, args.format)
+        ds = tokenize(examples, get_tokenizer(args.tokenizer), NATURAL_KIND[examples.format], args.max_length,
+                      args.max_prompt_length)
+    except (ValueError, RuntimeError) as e:  # DataError is a ValueError
+        print(f"data.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     r = ds.report
     print(f"{args.path}: {r['rows']} rows of format {r['format']} as {r['kind']}, tokenizer {r['tokenizer']}, "
           f"max_length {r['max_length']}, max_prompt_length {r['max_prompt_length']}")

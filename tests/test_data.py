@@ -142,7 +142,12 @@ BAD_CASES = [
     ("a.jsonl", GOOD + b"\n" + GOOD + b'\n{"prompt": "p", "chosen": "c"}\n', 3, "'rejected' is missing"),
     ("a.jsonl", b'{"prompt": "p", "completion": "c", "label": "yes"}\n', 1, "'label' must be bool"),
     ("a.jsonl", GOOD + b'\n{"prompt": "p", "chosen": "\xff\xfe", "rejected": "r"}\n', 2, "UTF-8.*'chosen'"),
-    ("a.jsonl", GOOD + b'\n\n' + GOOD, 2, "malformed JSON"),
+    ("a.jsonl", GOOD + b'\n\n' + GOOD, 2, "line 2 is blank"),
+    ("a.jsonl", GOOD + b'\n' + b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 2, "nested too deeply"),
+    ("a.jsonl", b'{"prompt": "p", "completion": "c"}\n{"prompt": "p", "completion": "c", "label": true}', 2,
+     "a kto record in a file of sft records"),
+    ("a.json", b'[' + GOOD + b', ' + GOOD + b', {"prompt": "p", "chosen": "c"}]', 1, r"record \[2\]: .*'rejected'"),
+    ("a.json", b'[' + b"[" * 100_000 + b"]" * 100_000 + b']', 1, "nested too deeply"),
     ("a.jsonl", b"", 1, "empty file"),
     ("a.jsonl", b'{"prompt": [{"role": "robot", "content": "x"}], "chosen": [], "rejected": []}', 1, r"'prompt'\[0\]"),
     ("a.jsonl", b'{"chosen": "Human: hi", "rejected": "Human: yo"}', 1, "'chosen'.*Assistant"),
@@ -152,6 +157,16 @@ BAD_CASES = [
     ("a.json", b'[\n' + GOOD + b',\n{"prompt": "p", "chosen": 3, "rejected": "r"}\n]', 3, "'chosen' must be"),
     ("a.json", b'[\n' + GOOD + b',\n' + GOOD + b'\n{"x": 1}]', 4, "malformed JSON"),
     ("a.json", b'[\n' + GOOD + b',\n{"prompt": "p\xc3", "chosen": "c", "rejected": "r"}]', 3, "invalid UTF-8"),
+]
+
+
+GOOD_GZ = gzip.compress(b"".join(json.dumps({"prompt": f"p{i}", "chosen": "c", "rejected": "r"}).encode() + b"\n"
+                                  for i in range(20_000)), mtime=0)
+BAD_CASES += [  # a .gz cut short, one with damaged bytes mid-stream, one that is no gzip at all
+    ("a.jsonl.gz", GOOD_GZ[:len(GOOD_GZ) // 2], r"\d+", "corrupted gzip data .*EOFError"),
+    ("a.jsonl.gz", GOOD_GZ[:len(GOOD_GZ) // 2] + bytes(b ^ 0x55 for b in GOOD_GZ[len(GOOD_GZ) // 2:]), r"\d+",
+     "corrupted gzip data"),
+    ("a.jsonl.gz", b"not gzip", 1, "corrupted gzip data .*Not a gzipped file"),
 ]
 
 
