@@ -26,6 +26,7 @@ import argparse
 import json
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -66,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.pairs < 1 or args.prompt_len < 1 or args.response_len < 1:
         p.error("--steps, --pairs, --prompt_len and --response_len must be >= 1, --warmup >= 0")
+    if args.vocab_size < 2:
+        p.error(f"--vocab_size {args.vocab_size} must be >= 2")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no GPU")
     if args.precompute_ref and args.ref_update != "static":
         p.error(f"--precompute_ref needs --ref_update static (a {args.ref_update} reference changes during training)")
     return args
@@ -227,7 +232,11 @@ def run(args) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    r = run(args)
+    try:
+        r = run(args)
+    except ValueError as e:  # a model or option the code refuses (train.ConfigError, ModelConfig): one line
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     ref = "precomputed" if r["precompute_ref"] else f"{r['ref_forward_ms']:.0f} ms ({r['ref_forward_share']:.1%})"
     print(f"{r['loss']} ref={r['ref_update']} tau={r['tau']} {r['dtype']} {r['device']}"
           f"{' compiled' if r['compile'] else ''}: {r['n_params'] / 1e6:.1f}M params, {r['tokens_per_step']} "
