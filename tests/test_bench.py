@@ -61,6 +61,16 @@ def test_precompute_needs_static_reference(capsys):
     assert "--precompute_ref needs --ref_update static" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [(["--n_kv_heads", "3", "--n_heads", "2"], "not a multiple of n_kv_heads=3"),
+                                           (["--tau", "0"], "tau=0 must be >= 1"),
+                                           (["--alpha", "nan"], "alpha=nan must be a finite number")])
+def test_refused_models_and_options_are_one_line(capsys, args, message):
+    with pytest.raises(SystemExit) as exit:
+        bench.main([*TINY, "--steps", "1", *args])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("bench.py: error: ") and err.count("\n") == 1 and message in err
+
+
 def test_matmul_peak_is_positive_and_finite():
     peak = bench.matmul_peak(bench.torch.device("cpu"), bench.torch.float32, (64,), reps=2)
     assert 0 < peak < float("inf")

@@ -212,6 +212,19 @@ def test_stop_ids_and_sampling():
         sample_next(logits, 1.0, top_p=0.0)
 
 
+def test_generate_masks_ids_past_n_vocab():
+    """A model vocabulary larger than the tokenizer's: n_vocab keeps the undecodable ids from being drawn."""
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2))
+    with torch.no_grad():
+        model.lm_head.weight[40:] += 5.0  # make the ids past 32 the likely ones
+    prompts = [[1, 2, 3], [4, 5]]
+    assert max(t for r in model.generate(prompts, 8, stop_ids=()) for t in r) >= 32
+    for temperature in (0.0, 1.0):
+        rows = model.generate(prompts, 8, temperature=temperature, stop_ids=(), n_vocab=32)
+        assert all(len(r) == 8 and max(r) < 32 for r in rows)
+
+
 def test_save_pretrained_loads_in_transformers(tmp_path):
     idx = torch.randint(0, 97, (2, 20))
     for tied in (True, False):
