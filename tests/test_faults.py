@@ -130,6 +130,15 @@ def test_nan_loss_forever_stops_with_every_finite_step_checkpointed(tmp_path, ca
     assert all(checkpoint.verify(tmp_path / c) is None for c in ckpts(tmp_path))
 
 
+def test_is_finite_survives_an_overflowing_sum():
+    big = torch.full((4,), 3e38)
+    assert not torch.isfinite(big.sum()) and checkpoint.is_finite(big)  # the fast path's sum overflows: checked again
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not checkpoint.is_finite(torch.tensor([1.0, bad, 2.0]))
+    assert checkpoint.nonfinite({"a": torch.ones(2), "state": {3: {"exp_avg": torch.tensor([float("nan")])}}},
+                                "optimizer") == "optimizer[state][3] exp_avg"
+
+
 def test_save_refuses_non_finite_tensors_and_keeps_the_newest_checkpoint(straight, tmp_path):
     shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
     policy = Llama.from_pretrained(tmp_path / "ckpt-000004")
