@@ -170,7 +170,7 @@ BAD_CASES += [  # a .gz cut short, one with damaged bytes mid-stream, one that i
 ]
 
 
-@pytest.mark.parametrize("name,content,line,message", BAD_CASES)
+@pytest.mark.parametrize("name,content,line,message", BAD_CASES, ids=[f"{c[0]}-{c[3]}" for c in BAD_CASES])
 def test_bad_input_names_file_line_field(tmp_path, name, content, line, message):
     path = tmp_path / name
     path.write_bytes(content)

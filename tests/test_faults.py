@@ -27,6 +27,15 @@ SMALL = ["--loss=dpo", "--dim=16", "--n_layers=1", "--n_heads=2", "--batch_size=
          "--max_prompt_length=8", "--warmup_steps=1", "--lr=3e-3", "--ckpt_every=2", "--eval_every=0"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread beats two, by far when other processes share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def main(args: list[str], capsys) -> tuple[int, str, str]:
     """(exit status, stdout, stderr) of train.py with these arguments, in this process."""
     rc = train.main(args)
@@ -389,7 +398,7 @@ def test_a_larger_model_vocab_trains_and_never_generates_undecodable_ids(tmp_pat
         return out
     monkeypatch.setattr(Llama, "generate", spy)
     rc, out, err = main(SMALL + [f"--out_dir={tmp_path}", f"--init_from={model_dir}", "--loss=sft",
-                                 "--num_samples=8", "--max_new_tokens=24", "--max_length=32",
+                                 "--num_samples=8", "--max_new_tokens=24", "--max_length=32", "--max_steps=2",
                                  "--max_prompt_length=16"], capsys)
     assert rc == 0, err
     assert len(seen) == 2 and all(kw["n_vocab"] == 259 and kw["stop_ids"] == [257] for kw, _ in seen)
@@ -407,7 +416,7 @@ def test_a_larger_model_vocab_trains_and_never_generates_undecodable_ids(tmp_pat
 GOOD = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
 
 
-@pytest.mark.parametrize("name, content, message", [
+BAD_FILES = [
     ("blank.jsonl", GOOD * 3 + "\n" + GOOD, "blank.jsonl:4: line 4 is blank"),
     ("deep.jsonl", GOOD + '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "deep.jsonl:2: JSON nested too deeply"),
     ("mixed.jsonl", GOOD + json.dumps({"prompt": "p", "completion": "c", "label": True}) + "\n",
@@ -415,7 +424,10 @@ GOOD = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
     ("cut.jsonl.gz", gzip.compress((GOOD * 50_000).encode(), mtime=0)[:5000], "cut.jsonl.gz:"),
     ("one.json", json.dumps([json.loads(GOOD), {"prompt": "p", "chosen": 1, "rejected": "b"}]),
      "one.json:1: record [1]: field 'chosen' must be str or list"),
-])
+]
+
+
+@pytest.mark.parametrize("name, content, message", BAD_FILES, ids=[f[0] for f in BAD_FILES])
 def test_bad_data_files_are_one_line(tmp_path, capsys, name, content, message):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
