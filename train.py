@@ -475,6 +475,7 @@ def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list
     out = {k: v / totals[-1] for k, v in zip(keys, totals)}
     if not prompts:  # no eval examples or num_samples=0 (make_data said so)
         ref_lib.reshard(policy)
+        out.pop("kl_ref", None)  # an eval row's kl_ref is the on-policy estimate below, never the one on the data
         return out
     gen_model = policy if cfg.fsdp else ref_lib.unwrap(policy)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # same samples on every rank and every resume

@@ -200,7 +200,7 @@ def test_num_samples_zero_evaluates_without_generations(tmp_path, capsys):
     assert rc == 0, err
     assert "num_samples=0: no generations at eval" in out and "sample |" not in out
     row = strict_rows(tmp_path)[-1]
-    assert row["split"] == "eval" and "reward_acc" in row and not {"gold_greedy", "gold_sampled", "kl_init"} & row.keys()
+    assert row["split"] == "eval" and "reward_acc" in row and not {"gold_greedy", "gold_sampled", "kl_ref", "kl_init"} & row.keys()
 
 
 def test_the_final_checkpoint_is_written_before_the_final_eval(tmp_path, capsys, monkeypatch):
