@@ -542,6 +542,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def run(cfg: TrainConfig) -> dict:
+    """train's body, with out_dir locked."""
     rank, world, device = setup_distributed(cfg)
     keep_freed_memory(device)
     out = Path(cfg.out_dir)

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -18,3 +19,13 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (the read-only ../shared assets are not beside this checkout)")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread than two, by far when other processes share the cores
+    (pytestmark = pytest.mark.usefixtures("one_thread") in a test file)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

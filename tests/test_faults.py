@@ -27,13 +27,7 @@ SMALL = ["--loss=dpo", "--dim=16", "--n_layers=1", "--n_heads=2", "--batch_size=
          "--max_prompt_length=8", "--warmup_steps=1", "--lr=3e-3", "--ckpt_every=2", "--eval_every=0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread beats two, by far when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def main(args: list[str], capsys) -> tuple[int, str, str]:

@@ -13,13 +13,7 @@ from conftest import shared_path
 from data import get_tokenizer
 from model import Llama, ModelConfig, RMSNorm, apply_rope, config_from_hf, rope_cos_sin, rope_inv_freq, sample_next
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread beats two, by far when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64)
