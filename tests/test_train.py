@@ -276,6 +276,7 @@ def test_hh_rlhf_recipe_runs_on_a_tiny_hf_llama(tmp_path):
     bf16 autocast on CPU, two TR-DPO steps; the checkpoint loads back and its reference took one soft update (τ = 2)."""
     from model import Llama, ModelConfig
     hh = shared_path("data", "hh-rlhf", "helpful-base-test.jsonl.gz")
+    shared_path("tiktoken_cache")  # gpt2's BPE files: skip rather than let tiktoken go to the network
     torch.manual_seed(0)
     Llama(ModelConfig(vocab_size=50257, dim=32, n_layers=2, n_heads=4, max_seq_len=128, bos_id=50256,
                       eos_id=50256)).save_pretrained(tmp_path / "hf")
