@@ -301,12 +301,18 @@ def test_no_arguments_run_the_demo(monkeypatch):
 
 
 def test_demo_pipeline_writes_its_table(tmp_path):
-    """The demo's four stages at toy size: SFT, then DPO, TR-DPO soft and hard from the SFT checkpoint."""
-    run(["--demo", f"--out_dir={tmp_path}", "--max_steps=4", "--batch_size=8", "--micro_batch_size=8",
-         "--eval_size=16", "--num_samples=8", "--max_new_tokens=8", "--warmup_steps=1"])
+    """The demo's four stages at toy size: SFT, then DPO, TR-DPO soft and hard from the SFT checkpoint; a progress
+    line every max_steps/20 steps; the figure of the four runs, named on the last line."""
+    p = run(["--demo", f"--out_dir={tmp_path}", "--max_steps=40", "--batch_size=8", "--micro_batch_size=8",
+             "--eval_size=16", "--num_samples=8", "--max_new_tokens=8", "--warmup_steps=1"])
+    progress = [line for line in p.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == [f"{s}/40" for s in range(2, 41, 2)] * 4
+    assert all(" | ETA " in line for line in progress)
+    assert p.stdout.splitlines()[-1].startswith(f"figure: {tmp_path / 'demo.png'} (python plot.py ")
+    assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
     table = (tmp_path / "demo_table.md").read_text().splitlines()
     assert [row.split(" | ")[0] for row in table[2:6]] == ["| SFT", "| DPO", "| TR-DPO soft", "| TR-DPO hard"]
     soft = json.loads((tmp_path / "tr-dpo-soft" / "train_config.json").read_text())
     assert (soft["init_from"], soft["ref_update"], soft["loss"]) == (str(tmp_path / "sft"), "soft", "dpo")
     for stage in ("sft", "dpo", "tr-dpo-soft", "tr-dpo-hard"):
-        assert [r["step"] for r in metrics(tmp_path / stage) if r["split"] == "eval"] == [4]
+        assert [r["step"] for r in metrics(tmp_path / stage) if r["split"] == "eval"] == [40]
