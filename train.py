@@ -204,6 +204,25 @@ def validate(cfg: TrainConfig, world_size: int):
         fail(f"data=synthetic is a byte-level task: tokenizer must be 'byte', not {cfg.tokenizer!r}")
 
 
+def schedule_warning(cfg: TrainConfig) -> str | None:
+    """A TR run whose first reference update would come at or after its last step is the static method in disguise."""
+    if cfg.ref_update != "static" and cfg.tau >= cfg.max_steps:
+        return (f"warning: ref_update={cfg.ref_update} with tau={cfg.tau} >= max_steps={cfg.max_steps}: π_ref is "
+                f"never updated before the run ends, so this is plain {cfg.loss.upper()} (lower --tau for TR)")
+    return None
+
+
+def truncation_warnings(name: str, report: dict, cfg: TrainConfig) -> list[str]:
+    """One line for each length limit that cuts most of the examples kept (data.tokenize's report)."""
+    n, lines = max(1, report["examples"]), []
+    for part, limit in (("prompt", f"max_prompt_length={cfg.max_prompt_length}"),
+                        ("response", f"max_length={cfg.max_length}")):
+        if (cut := report["truncated"][part]) > n / 2:
+            lines.append(f"warning: {name} data: {limit} cuts the {part} of {cut} of {n} examples ({cut / n:.0%}); "
+                         f"raise it unless that is meant (a cut response is trained without its EOS)")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the loss of one micro batch (bench.py times exactly this)
 
@@ -391,6 +410,8 @@ def make_data(cfg: TrainConfig, tok, rank: int, world: int):
         r = ds.report
         log(f"{name} data: {r['examples']} {kind} of {r['rows']} rows | dropped {r['dropped']} | truncated "
             f"{r['truncated']} | sequence tokens {r['tokens']['sequence']}")
+        for warning in truncation_warnings(name, r, cfg):
+            log(warning)
     if len(eval_set.items) % world:  # equal shares: every rank must run the same number of (FSDP) forwards
         log(f"eval data: the last {len(eval_set.items) % world} example(s) left out to split over {world} ranks")
         eval_set.items = eval_set.items[:len(eval_set.items) - len(eval_set.items) % world]
@@ -464,6 +485,8 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out_dir)
     ckpt = resume_checkpoint(cfg)
     log(f"config: {json.dumps(asdict(cfg))}")
+    if warning := schedule_warning(cfg):
+        log(warning)
     try:
         tok = data.get_tokenizer(cfg.tokenizer)
     except ValueError as e:

@@ -1,5 +1,6 @@
 """train.py: config parsing and validation, schedules, and whole runs (1 process, torchrun DDP and FSDP2 on CPU,
 SIGKILL + --resume, KTO across ranks, the HH-RLHF recipe, the embedded demo) on a tiny Llama."""
+import dataclasses
 import json
 import os
 import platform
@@ -113,6 +114,29 @@ def test_cli_rejects_bad_config_without_traceback_and_help_lists_every_option():
 def test_readme_option_table_is_the_help_table():
     """README.md pastes `python train.py --help`; a new or changed option must be pasted again."""
     assert train.help_text().split("\n\n", 1)[1] in (ROOT / "README.md").read_text()
+
+
+def test_startup_warnings(tmp_path, capsys):
+    """A TR run with τ >= max_steps never updates π_ref; limits that cut most examples: one line each at start-up."""
+    tr = train.TrainConfig(loss="dpo", ref_update="soft", tau=30, max_steps=30)
+    assert train.schedule_warning(tr) == ("warning: ref_update=soft with tau=30 >= max_steps=30: π_ref is never "
+                                          "updated before the run ends, so this is plain DPO (lower --tau for TR)")
+    assert train.schedule_warning(dataclasses.replace(tr, tau=29)) is None
+    assert train.schedule_warning(dataclasses.replace(tr, ref_update="static")) is None
+    report = {"examples": 10, "truncated": {"prompt": 5, "response": 6}}  # a half is not most
+    assert train.truncation_warnings("eval", report, tr) == [
+        "warning: eval data: max_length=64 cuts the response of 6 of 10 examples (60%); raise it unless that is "
+        "meant (a cut response is trained without its EOS)"]
+    # synthetic prompts are BOS + 4 characters: max_prompt_length=3 cuts every one, max_length=10 no response
+    train.train(train.parse_config(["--loss=ipo", "--ref_update=hard", "--tau=2", "--max_steps=2", "--eval_size=8",
+                                    "--max_prompt_length=3", "--max_length=10", "--batch_size=4",
+                                    "--micro_batch_size=4", "--num_samples=2", "--max_new_tokens=2",
+                                    f"--out_dir={tmp_path}"], world_size=1))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert [w.split(":")[1] for w in warnings] == [" ref_update=hard with tau=2 >= max_steps=2", " train data",
+                                                   " eval data"]
+    assert "plain IPO" in warnings[0] and "max_prompt_length=3 cuts the prompt of 4096 of 4096 examples (100%)" \
+        in warnings[1] and "of 8 of 8 examples" in warnings[2]
 
 
 FAULTS_AFTER_FREE = """
