@@ -106,14 +106,29 @@ def test_cli_rejects_bad_config_without_traceback_and_help_lists_every_option():
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stdout == ""
     assert p.stderr.strip() == "train.py: error: beta=-1.0 and lr=0.001 must be > 0"
-    text = train.help_text()
+
+
+def test_help_lists_every_option_wrapped():
+    """`--key=default  meaning`, one option after another, no line past the width."""
+    p = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0 and p.stdout == train.help_text() + "\n"
+    lines = train.help_text(width=80).splitlines()
+    assert max(map(len, lines)) <= 80 and lines[0].startswith("usage: ")
+    starts = [line.split()[0] for line in lines[2:] if line.startswith("  --")]
+    assert starts == ["--config=FILE.json"] + [f"--{f.name}={train.shown(f.default)}"
+                                               for f in train.fields(train.TrainConfig)]
+    assert "  --eval_data=\"\"  " in train.help_text() and "  --fsdp=false  " in train.help_text()
+    assert "  --loss=sft  " in train.help_text() and "(one of sft, dpo, ipo, kto)" in train.help_text()
+
+
+def test_docs_option_table_is_generated_from_train_config():
+    """docs/training.md pastes train.options_table(); after adding or changing an option, regenerate it with
+    python -c "import train; print(train.options_table())" """
+    table = train.options_table()
     for f in train.fields(train.TrainConfig):
-        assert f"| `{f.name}` | `{json.dumps(f.default)}` |" in text
-
-
-def test_readme_option_table_is_the_help_table():
-    """README.md pastes `python train.py --help`; a new or changed option must be pasted again."""
-    assert train.help_text().split("\n\n", 1)[1] in (ROOT / "README.md").read_text()
+        assert f"| `{f.name}` | `{json.dumps(f.default)}` |" in table
+    assert table in (ROOT / "docs" / "training.md").read_text()
 
 
 def test_startup_warnings(tmp_path, capsys):
@@ -137,6 +152,37 @@ def test_startup_warnings(tmp_path, capsys):
                                                    " eval data"]
     assert "plain IPO" in warnings[0] and "max_prompt_length=3 cuts the prompt of 4096 of 4096 examples (100%)" \
         in warnings[1] and "of 8 of 8 examples" in warnings[2]
+
+
+WANDB_RUNS = """
+import sys, train
+args = ["--loss=dpo", "--ref_update=soft", "--tau=1", "--max_steps=3", "--eval_every=2", "--eval_size=8",
+        "--num_samples=2", "--max_new_tokens=2", "--batch_size=4", "--micro_batch_size=4"]
+assert train.main(args + ["--out_dir=" + sys.argv[1] + "/plain"]) == 0
+print("wandb" in sys.modules)
+assert train.main(args + ["--out_dir=" + sys.argv[1] + "/tracked", "--wandb_project=nanotr-test"]) == 0
+"""
+
+
+def test_wandb_logs_the_metrics_rows_and_is_imported_only_when_set(tmp_path):
+    """--wandb_project: W&B (offline here) receives every metrics.jsonl row under "split/key" and the config."""
+    pytest.importorskip("wandb", reason="wandb_project needs the optional wandb package")
+    env = {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    p = subprocess.run([sys.executable, "-c", WANDB_RUNS, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [line for line in p.stdout.splitlines() if line in ("True", "False")] == ["False"]  # not imported
+    assert not (tmp_path / "plain" / "wandb").exists()
+    [run_file] = (tmp_path / "tracked" / "wandb").glob("offline-run-*/run-*.wandb")
+    raw = run_file.read_bytes()  # W&B's record log: protobuf records holding each key and value as JSON text
+    rows = [json.loads(line) for line in (tmp_path / "tracked" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (2, "eval"), (3, "train"),
+                                                       (3, "eval")]
+    for r in rows:
+        for k, v in r.items():
+            if k not in ("step", "split"):
+                assert f"{r['split']}/{k}".encode() in raw and json.dumps(v).encode() in raw, (r["split"], k)
+    assert b"nanotr-test" in raw and b"wandb_project" in raw and b"ref_update" in raw  # the project and the config
 
 
 FAULTS_AFTER_FREE = """
