@@ -406,7 +406,7 @@ def grad_sync(policy, cfg: TrainConfig, last_micro_step: bool):
 
 # options a resume may change: run length, bookkeeping, where the run lives, and how (not what) is computed
 RESUMABLE = ("max_steps", "eval_every", "ckpt_every", "keep_last", "log_every", "resume", "num_samples", "out_dir",
-             "fsdp", "device", "compile")
+             "fsdp", "device", "compile", "wandb_project")
 
 
 def resume_checkpoint(cfg: TrainConfig) -> Path | None:
