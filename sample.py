@@ -1,19 +1,71 @@
-"""Generate text from a checkpoint directory (ours or a Hugging Face Llama), nanoGPT style.
+"""Generate text from a model, nanoGPT style: a train.py run directory (its newest ckpt-*), one of its ckpt-<step>
+directories, or a Hugging Face Llama directory.
 
-python sample.py --ckpt out/final --tokenizer gpt2 --prompt "Once upon a time" --temperature 0.8 --top_k 200
+    python train.py && python sample.py --ckpt out/tr-dpo-soft --prompt "abc=" --temperature 0
+    python sample.py --ckpt /path/to/Llama-3.2-1B --tokenizer /path/to/tokenizer.model --prompt "Once upon a time"
+
+The tokenizer is --tokenizer, or else the one the run was trained with (its train_config.json).
 """
 import argparse
+import json
+import sys
+from pathlib import Path
 
 import torch
 
+import checkpoint
 from data import get_tokenizer
 from model import Llama
 
 
-def main(argv: list[str] | None = None):
+class SampleError(ValueError):
+    """A bad path or option: main() prints it as one line and exits with status 2."""
+
+
+def run_tokenizer(ckpt: Path, model_dir: Path) -> str:
+    """The tokenizer recorded in the train_config.json of a checkpoint (or of the run directory given)."""
+    for cfg in (model_dir / "train_config.json", ckpt / "train_config.json"):
+        if cfg.is_file():
+            return json.loads(cfg.read_text())["tokenizer"]
+    raise SampleError(f"--ckpt {ckpt}: no train_config.json names its tokenizer (a Hugging Face directory?): "
+                      f"pass --tokenizer")
+
+
+def sample(args: argparse.Namespace):
+    ckpt = Path(args.ckpt)
+    if not ckpt.exists():
+        raise SampleError(f"--ckpt {ckpt}: no such file or directory")
+    try:
+        model_dir = checkpoint.model_dir(ckpt)
+        model = Llama.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    except (ValueError, OSError) as e:
+        raise SampleError(f"--ckpt {ckpt}: {e}") from None
+    name = args.tokenizer or run_tokenizer(ckpt, model_dir)
+    try:
+        tok = get_tokenizer(name)
+    except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: tiktoken offline without its files
+        raise SampleError(f"tokenizer {name}: {e}") from None
+    ids = tok.encode(args.prompt)
+    if tok.bos_id is not None and ids[:1] != [tok.bos_id]:
+        ids = [tok.bos_id] + ids
+    if not ids:
+        raise SampleError("--prompt is empty and the tokenizer has no BOS token to start from")
+    if max(ids) >= model.config.vocab_size:
+        raise SampleError(f"tokenizer {name} produced id {max(ids)}, outside the model's vocab_size "
+                          f"{model.config.vocab_size} ({model_dir}/config.json)")
+    torch.manual_seed(args.seed)
+    stop = [] if tok.eos_id is None else [tok.eos_id]
+    for _ in range(args.num_samples):
+        new = model.generate([ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop_ids=stop)[0]
+        print(args.prompt + tok.decode([t for t in new if t not in stop]))
+        print("---------------")
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="directory with config.json and safetensors weights")
-    p.add_argument("--tokenizer", required=True, help="a name or path get_tokenizer knows: gpt2, byte, ...")
+    p.add_argument("--ckpt", required=True, help="run directory, ckpt-<step> directory or Hugging Face Llama directory")
+    p.add_argument("--tokenizer", help="a name or path get_tokenizer knows (byte, gpt2, tokenizer.model); "
+                                       "default: the run's, from its train_config.json")
     p.add_argument("--prompt", default="", help="text to continue (BOS is put in front when the tokenizer has one)")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=200)
@@ -24,24 +76,13 @@ def main(argv: list[str] | None = None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
-
-    torch.manual_seed(args.seed)
-    model = Llama.from_pretrained(args.ckpt, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    tok = get_tokenizer(args.tokenizer)
-    ids = tok.encode(args.prompt)
-    if tok.bos_id is not None and ids[:1] != [tok.bos_id]:
-        ids = [tok.bos_id] + ids
-    if not ids:
-        p.error("--prompt is empty and the tokenizer has no BOS token to start from")
-    if max(ids) >= model.config.vocab_size:
-        p.error(f"--tokenizer {args.tokenizer} produced id {max(ids)}, outside the model's vocab_size "
-                f"{model.config.vocab_size} ({args.ckpt}/config.json)")
-    stop = [] if tok.eos_id is None else [tok.eos_id]
-    for _ in range(args.num_samples):
-        new = model.generate([ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop_ids=stop)[0]
-        print(args.prompt + tok.decode([t for t in new if t not in stop]))
-        print("---------------")
+    try:
+        sample(args)
+    except SampleError as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

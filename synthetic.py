@@ -46,10 +46,12 @@ def make_records(n: int, seed: int, sft: bool) -> list[dict]:
 def demo(cfg, train) -> str:
     """SFT on the task, then DPO with a static, soft and hard reference from that SFT model, each for cfg.max_steps
     steps via train(cfg) -> {"train": metrics, "eval": metrics}; returns (and prints, and writes to
-    out_dir/demo_table.md) the table of held-out results. The preference stages use lr/10 (at the SFT lr the tiny
-    model degenerates within 50 DPO steps) and a τ scaled to the short run (the paper's τ = 512 would never fire):
-    soft every max_steps/10 steps, hard every max_steps/4."""
-    out, base = Path(cfg.out_dir), replace(cfg, demo=False)
+    out_dir/demo_table.md) the table of held-out results, and draws the four runs into out_dir/demo.png (plot.py).
+    The preference stages use lr/10 (at the SFT lr the tiny model degenerates within 50 DPO steps) and a τ scaled to
+    the short run (the paper's τ = 512 would never fire): soft every max_steps/10 steps, hard every max_steps/4.
+    Progress lines (and metrics rows) come at least every max_steps/20 steps, not every step."""
+    out = Path(cfg.out_dir)
+    base = replace(cfg, demo=False, log_every=max(cfg.log_every, cfg.max_steps // 20))
     runs = [("SFT", replace(base, loss="sft", out_dir=str(out / "sft")))]
     for name, mode, tau in (("DPO", "static", cfg.tau), ("TR-DPO soft", "soft", max(1, cfg.max_steps // 10)),
                             ("TR-DPO hard", "hard", max(1, cfg.max_steps // 4))):
@@ -58,10 +60,10 @@ def demo(cfg, train) -> str:
     cols = ("reward_acc", "gold_greedy", "gold_sampled", "kl_init")
     lines = ["| method | final train loss | held-out " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     master = int(os.environ.get("RANK", "0")) == 0
-    for name, run_cfg in runs:
+    for i, (name, run_cfg) in enumerate(runs, 1):
         if master:
-            print(f"\n=== {name}: loss={run_cfg.loss} ref_update={run_cfg.ref_update} tau={run_cfg.tau} "
-                  f"lr={run_cfg.lr:g} ===", flush=True)
+            print(f"\n=== {i}/{len(runs)} {name}: loss={run_cfg.loss} ref_update={run_cfg.ref_update} "
+                  f"tau={run_cfg.tau} lr={run_cfg.lr:g} ===", flush=True)
         result = train(run_cfg)
         cells = [f"{result['eval'][c]:.3f}" if c in result["eval"] else "-" for c in cols]
         lines.append(f"| {name} | {result['train']['loss']:.4f} | " + " | ".join(cells) + " |")
@@ -72,4 +74,10 @@ def demo(cfg, train) -> str:
     if master:
         print("\n" + table, flush=True)
         (out / "demo_table.md").write_text(table)
+        try:
+            import plot
+            plot.plot([run_cfg.out_dir for _, run_cfg in runs], out / "demo.png")
+            print(f"figure: {out / 'demo.png'} (python plot.py {' '.join(c.out_dir for _, c in runs)})", flush=True)
+        except ImportError as e:  # matplotlib is optional, as for toy/
+            print(f"no figure: {e} (pip install matplotlib)", flush=True)
     return table

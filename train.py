@@ -11,12 +11,14 @@ The flow below is nanoGPT's: config, setup, model, data, then one loop of forwar
 """
 import ctypes
 import gc
+import importlib.util
 import json
 import math
 import os
 import platform
 import random
 import sys
+import textwrap
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -82,8 +84,8 @@ class TrainConfig:
                      ("float32", "bfloat16"))
     device: str = opt("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
     fsdp: bool = opt(False, "shard policy and reference with FSDP2 (fully_shard) instead of DDP")
-    compile: bool = opt(False, "torch.compile the policy and reference forwards of the training step (README: "
-                        "Performance)")
+    compile: bool = opt(False, "torch.compile the policy and reference forwards of the training step "
+                        "(docs/performance.md)")
     seed: int = opt(1337, "seed: model init and data order identical on all ranks")
     # logging, evaluation, checkpoints
     log_every: int = opt(1, "optimizer steps between metrics.jsonl lines and progress lines")
@@ -91,6 +93,8 @@ class TrainConfig:
     num_samples: int = opt(64, "held-out prompts continued at each eval (greedy and sampled) for on-policy KL and, on "
                            "synthetic data, the gold reward; the first 2 are printed")
     max_new_tokens: int = opt(32, "tokens generated per sample")
+    wandb_project: str = opt("", "log metrics.jsonl's rows and the config to this Weights & Biases project too "
+                             "(empty: off; wandb is imported only when set)")
     ckpt_every: int = opt(0, "optimizer steps between checkpoints (0: only at the end)")
     keep_last: int = opt(2, "checkpoints kept in out_dir (older ones are deleted)")
     resume: bool = opt(False, "continue from the newest checkpoint in out_dir (exactly, same config)")
@@ -123,14 +127,37 @@ def parse_value(name: str, value, typ: type, where: str):
     fail(f"{where}: {name} must be {typ.__name__}, got {value!r}")
 
 
-def help_text() -> str:
-    """The table of every option, generated from TrainConfig (README pastes it)."""
+def shown(value) -> str:
+    """A default as it is typed on the command line."""
+    return json.dumps(value) if isinstance(value, bool) or value == "" else str(value)
+
+
+def meaning(f) -> str:
+    return f.metadata["help"] + (f" (one of {', '.join(f.metadata['choices'])})" if f.metadata["choices"] else "")
+
+
+def help_text(width: int = 100) -> str:
+    """`--key=default  meaning` for every option, generated from TrainConfig, wrapped for a terminal."""
+    rows = [("--config=FILE.json", "JSON file of options (keys = the names below); later --key=value override it")]
+    rows += [(f"--{f.name}={shown(f.default)}", meaning(f)) for f in fields(TrainConfig)]
+    indent = 2 + max(len(key) for key, _ in rows if len(key) <= 24) + 2
+    lines = ["usage: [torchrun ...] train.py [--config=FILE.json] [--key=value ...]",
+             "no arguments: the embedded demo (--demo=true)", ""]
+    for key, text in rows:
+        first = f"  {key}".ljust(indent - 2) + "  "
+        if len(first) > indent:  # a long default: its meaning starts on the next line
+            lines.append(first.rstrip())
+            first = " " * indent
+        lines.append(textwrap.fill(text, width, initial_indent=first, subsequent_indent=" " * indent))
+    return "\n".join(lines)
+
+
+def options_table() -> str:
+    """The Markdown table of every option, generated from TrainConfig: docs/training.md pastes it (a test checks)."""
     rows = ["| option | default | meaning |", "|---|---|---|",
             "| `config` | | JSON file of options (keys = the names below); later `--key=value` override it |"]
-    for f in fields(TrainConfig):
-        meaning = f.metadata["help"] + (f" ({' / '.join(f.metadata['choices'])})" if f.metadata["choices"] else "")
-        rows.append(f"| `{f.name}` | `{json.dumps(f.default)}` | {meaning} |")
-    return "usage: [torchrun ...] train.py [--config=FILE.json] [--key=value ...]\n\n" + "\n".join(rows)
+    rows += [f"| `{f.name}` | `{json.dumps(f.default)}` | {meaning(f)} |" for f in fields(TrainConfig)]
+    return "\n".join(rows)
 
 
 def parse_config(argv: list[str], world_size: int | None = None) -> TrainConfig:
@@ -205,8 +232,29 @@ def validate(cfg: TrainConfig, world_size: int):
             checkpoint.model_dir(cfg.init_from)
         except ValueError as e:
             fail(f"init_from={e}")
+    if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
+        fail(f"wandb_project={cfg.wandb_project} needs the wandb package (pip install wandb)")
     if cfg.data == "synthetic" and cfg.tokenizer != "byte":
         fail(f"data=synthetic is a byte-level task: tokenizer must be 'byte', not {cfg.tokenizer!r}")
+
+
+def schedule_warning(cfg: TrainConfig) -> str | None:
+    """A TR run whose first reference update would come at or after its last step is the static method in disguise."""
+    if cfg.ref_update != "static" and cfg.tau >= cfg.max_steps:
+        return (f"warning: ref_update={cfg.ref_update} with tau={cfg.tau} >= max_steps={cfg.max_steps}: π_ref is "
+                f"never updated before the run ends, so this is plain {cfg.loss.upper()} (lower --tau for TR)")
+    return None
+
+
+def truncation_warnings(name: str, report: dict, cfg: TrainConfig) -> list[str]:
+    """One line for each length limit that cuts most of the examples kept (data.tokenize's report)."""
+    n, lines = max(1, report["examples"]), []
+    for part, limit in (("prompt", f"max_prompt_length={cfg.max_prompt_length}"),
+                        ("response", f"max_length={cfg.max_length}")):
+        if (cut := report["truncated"][part]) > n / 2:
+            lines.append(f"warning: {name} data: {limit} cuts the {part} of {cut} of {n} examples ({cut / n:.0%}); "
+                         f"raise it unless that is meant (a cut response is trained without its EOS)")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -378,7 +426,7 @@ def grad_sync(policy, cfg: TrainConfig, last_micro_step: bool):
 
 # options a resume may change: run length, bookkeeping, where the run lives, and how (not what) is computed
 RESUMABLE = ("max_steps", "eval_every", "ckpt_every", "keep_last", "log_every", "resume", "num_samples", "out_dir",
-             "fsdp", "device", "compile", "max_bad_steps")
+             "fsdp", "device", "compile", "max_bad_steps", "wandb_project")
 
 
 def resume_checkpoint(cfg: TrainConfig) -> Path | None:
@@ -428,6 +476,8 @@ def make_data(cfg: TrainConfig, tok, rank: int, world: int):
             r = ds.report
             log(f"{name} data: {r['examples']} {kind} of {r['rows']} rows | dropped {r['dropped']} | truncated "
                 f"{r['truncated']} | sequence tokens {r['tokens']['sequence']}")
+            for warning in truncation_warnings(name, r, cfg):
+                log(warning)
         if not train_set.items:
             fail(f"data={cfg.data}: every one of its {train_set.report['rows']} training rows was dropped "
                  f"({train_set.report['dropped']}); check max_length / max_prompt_length")
@@ -502,6 +552,14 @@ def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list
     return out
 
 
+def start_wandb(cfg: TrainConfig, rank: int):
+    """Optional experiment tracking, as in nanoGPT: a W&B run on rank 0 when wandb_project is set, else None."""
+    if not cfg.wandb_project or rank != 0:
+        return None
+    import wandb  # only here: the package is optional
+    return wandb.init(project=cfg.wandb_project, name=Path(cfg.out_dir).name, config=asdict(cfg), dir=cfg.out_dir)
+
+
 def log(msg: str):
     if int(os.environ.get("RANK", "0")) == 0:
         print(msg, flush=True)
@@ -548,6 +606,8 @@ def run(cfg: TrainConfig) -> dict:
     out = Path(cfg.out_dir)
     ckpt = resume_checkpoint(cfg)
     log(f"config: {json.dumps(asdict(cfg))}")
+    if warning := schedule_warning(cfg):
+        log(warning)
     try:
         tok = data.get_tokenizer(cfg.tokenizer)
     except (ValueError, RuntimeError) as e:
@@ -593,11 +653,16 @@ def run(cfg: TrainConfig) -> dict:
     log(f"{n_params / 1e6:.2f}M parameters | {world} process(es) on {device} | {accum} micro step(s) of "
         f"{cfg.micro_batch_size} per process per optimizer step" + (f" | resuming {ckpt}" if ckpt else ""))
 
+    tracker = start_wandb(cfg, rank)
+
     def record(row: dict):
         if rank == 0:  # strict JSON: a non-finite number is written as null
             with open(metrics_file, "a") as f:
                 f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
                                     for k, v in row.items()}) + "\n")
+        if tracker is not None:  # the same row, as "train/loss", "eval/kl_init", ... at its step
+            tracker.log({f"{row['split']}/{k}": v for k, v in row.items() if k not in ("step", "split")},
+                        step=row["step"])
 
     run_policy, run_ref = policy, reference
     if cfg.compile:  # the training step's forwards only: evaluation, generation, TR updates and checkpoints use the
@@ -650,6 +715,8 @@ def run(cfg: TrainConfig) -> dict:
             record(row)
             log(f"eval {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "split")))
             result["eval"] = row
+    if tracker is not None:
+        tracker.finish()
     return result
 
 

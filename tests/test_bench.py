@@ -32,9 +32,12 @@ def test_compiled_step_runs():
 
 
 def test_profile_prints_the_op_table(capsys):
+    """The table's shape only: which ops lead it depends on the machine's load."""
     r = bench.main([*TINY, "--steps", "1", "--profile", "--profile_rows", "5"])
-    out = capsys.readouterr().out
-    assert "aten::mm" in out and "Self CPU" in out and len(r["step_ms_all"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith("-----")]
+    assert len(rules) == 3 and "Self CPU" in lines[rules[0] + 1] and rules[2] - rules[1] - 1 == 5  # 5 op rows
+    assert lines[rules[2] + 1].startswith("Self CPU time total") and len(r["step_ms_all"]) == 1
 
 
 @pytest.mark.parametrize("loss, extra, ref_passes", [("ipo", ["--ref_update", "static", "--precompute_ref"], 0),

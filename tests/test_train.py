@@ -1,5 +1,6 @@
 """train.py: config parsing and validation, schedules, and whole runs (1 process, torchrun DDP and FSDP2 on CPU,
 SIGKILL + --resume, KTO across ranks, the HH-RLHF recipe, the embedded demo) on a tiny Llama."""
+import dataclasses
 import json
 import os
 import platform
@@ -105,14 +106,83 @@ def test_cli_rejects_bad_config_without_traceback_and_help_lists_every_option():
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stdout == ""
     assert p.stderr.strip() == "train.py: error: beta=-1.0 and lr=0.001 must be > 0"
-    text = train.help_text()
+
+
+def test_help_lists_every_option_wrapped():
+    """`--key=default  meaning`, one option after another, no line past the width."""
+    p = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0 and p.stdout == train.help_text() + "\n"
+    lines = train.help_text(width=80).splitlines()
+    assert max(map(len, lines)) <= 80 and lines[0].startswith("usage: ")
+    starts = [line.split()[0] for line in lines[2:] if line.startswith("  --")]
+    assert starts == ["--config=FILE.json"] + [f"--{f.name}={train.shown(f.default)}"
+                                               for f in train.fields(train.TrainConfig)]
+    assert "  --eval_data=\"\"  " in train.help_text() and "  --fsdp=false  " in train.help_text()
+    assert "  --loss=sft  " in train.help_text() and "(one of sft, dpo, ipo, kto)" in train.help_text()
+
+
+def test_docs_option_table_is_generated_from_train_config():
+    """docs/training.md pastes train.options_table(); after adding or changing an option, regenerate it with
+    python -c "import train; print(train.options_table())" """
+    table = train.options_table()
     for f in train.fields(train.TrainConfig):
-        assert f"| `{f.name}` | `{json.dumps(f.default)}` |" in text
+        assert f"| `{f.name}` | `{json.dumps(f.default)}` |" in table
+    assert table in (ROOT / "docs" / "training.md").read_text()
 
 
-def test_readme_option_table_is_the_help_table():
-    """README.md pastes `python train.py --help`; a new or changed option must be pasted again."""
-    assert train.help_text().split("\n\n", 1)[1] in (ROOT / "README.md").read_text()
+def test_startup_warnings(tmp_path, capsys):
+    """A TR run with τ >= max_steps never updates π_ref; limits that cut most examples: one line each at start-up."""
+    tr = train.TrainConfig(loss="dpo", ref_update="soft", tau=30, max_steps=30)
+    assert train.schedule_warning(tr) == ("warning: ref_update=soft with tau=30 >= max_steps=30: π_ref is never "
+                                          "updated before the run ends, so this is plain DPO (lower --tau for TR)")
+    assert train.schedule_warning(dataclasses.replace(tr, tau=29)) is None
+    assert train.schedule_warning(dataclasses.replace(tr, ref_update="static")) is None
+    report = {"examples": 10, "truncated": {"prompt": 5, "response": 6}}  # a half is not most
+    assert train.truncation_warnings("eval", report, tr) == [
+        "warning: eval data: max_length=64 cuts the response of 6 of 10 examples (60%); raise it unless that is "
+        "meant (a cut response is trained without its EOS)"]
+    # synthetic prompts are BOS + 4 characters: max_prompt_length=3 cuts every one, max_length=10 no response
+    train.train(train.parse_config(["--loss=ipo", "--ref_update=hard", "--tau=2", "--max_steps=2", "--eval_size=8",
+                                    "--max_prompt_length=3", "--max_length=10", "--batch_size=4",
+                                    "--micro_batch_size=4", "--num_samples=2", "--max_new_tokens=2",
+                                    f"--out_dir={tmp_path}"], world_size=1))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert [w.split(":")[1] for w in warnings] == [" ref_update=hard with tau=2 >= max_steps=2", " train data",
+                                                   " eval data"]
+    assert "plain IPO" in warnings[0] and "max_prompt_length=3 cuts the prompt of 4096 of 4096 examples (100%)" \
+        in warnings[1] and "of 8 of 8 examples" in warnings[2]
+
+
+WANDB_RUNS = """
+import sys, train
+args = ["--loss=dpo", "--ref_update=soft", "--tau=1", "--max_steps=3", "--eval_every=2", "--eval_size=8",
+        "--num_samples=2", "--max_new_tokens=2", "--batch_size=4", "--micro_batch_size=4"]
+assert train.main(args + ["--out_dir=" + sys.argv[1] + "/plain"]) == 0
+print("wandb" in sys.modules)
+assert train.main(args + ["--out_dir=" + sys.argv[1] + "/tracked", "--wandb_project=nanotr-test"]) == 0
+"""
+
+
+def test_wandb_logs_the_metrics_rows_and_is_imported_only_when_set(tmp_path):
+    """--wandb_project: W&B (offline here) receives every metrics.jsonl row under "split/key" and the config."""
+    pytest.importorskip("wandb", reason="wandb_project needs the optional wandb package")
+    env = {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    p = subprocess.run([sys.executable, "-c", WANDB_RUNS, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [line for line in p.stdout.splitlines() if line in ("True", "False")] == ["False"]  # not imported
+    assert not (tmp_path / "plain" / "wandb").exists()
+    [run_file] = (tmp_path / "tracked" / "wandb").glob("offline-run-*/run-*.wandb")
+    raw = run_file.read_bytes()  # W&B's record log: protobuf records holding each key and value as JSON text
+    rows = [json.loads(line) for line in (tmp_path / "tracked" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (2, "eval"), (3, "train"),
+                                                       (3, "eval")]
+    for r in rows:
+        for k, v in r.items():
+            if k not in ("step", "split"):
+                assert f"{r['split']}/{k}".encode() in raw and json.dumps(v).encode() in raw, (r["split"], k)
+    assert b"nanotr-test" in raw and b"wandb_project" in raw and b"ref_update" in raw  # the project and the config
 
 
 FAULTS_AFTER_FREE = """
@@ -276,6 +346,7 @@ def test_hh_rlhf_recipe_runs_on_a_tiny_hf_llama(tmp_path):
     bf16 autocast on CPU, two TR-DPO steps; the checkpoint loads back and its reference took one soft update (τ = 2)."""
     from model import Llama, ModelConfig
     hh = shared_path("data", "hh-rlhf", "helpful-base-test.jsonl.gz")
+    shared_path("tiktoken_cache")  # gpt2's BPE files: skip rather than let tiktoken go to the network
     torch.manual_seed(0)
     Llama(ModelConfig(vocab_size=50257, dim=32, n_layers=2, n_heads=4, max_seq_len=128, bos_id=50256,
                       eos_id=50256)).save_pretrained(tmp_path / "hf")
@@ -300,12 +371,18 @@ def test_no_arguments_run_the_demo(monkeypatch):
 
 
 def test_demo_pipeline_writes_its_table(tmp_path):
-    """The demo's four stages at toy size: SFT, then DPO, TR-DPO soft and hard from the SFT checkpoint."""
-    run(["--demo", f"--out_dir={tmp_path}", "--max_steps=4", "--batch_size=8", "--micro_batch_size=8",
-         "--eval_size=16", "--num_samples=8", "--max_new_tokens=8", "--warmup_steps=1"])
+    """The demo's four stages at toy size: SFT, then DPO, TR-DPO soft and hard from the SFT checkpoint; a progress
+    line every max_steps/20 steps; the figure of the four runs, named on the last line."""
+    p = run(["--demo", f"--out_dir={tmp_path}", "--max_steps=40", "--batch_size=8", "--micro_batch_size=8",
+             "--eval_size=16", "--num_samples=8", "--max_new_tokens=8", "--warmup_steps=1"])
+    progress = [line for line in p.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == [f"{s}/40" for s in range(2, 41, 2)] * 4
+    assert all(" | ETA " in line for line in progress)
+    assert p.stdout.splitlines()[-1].startswith(f"figure: {tmp_path / 'demo.png'} (python plot.py ")
+    assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
     table = (tmp_path / "demo_table.md").read_text().splitlines()
     assert [row.split(" | ")[0] for row in table[2:6]] == ["| SFT", "| DPO", "| TR-DPO soft", "| TR-DPO hard"]
     soft = json.loads((tmp_path / "tr-dpo-soft" / "train_config.json").read_text())
     assert (soft["init_from"], soft["ref_update"], soft["loss"]) == (str(tmp_path / "sft"), "soft", "dpo")
     for stage in ("sft", "dpo", "tr-dpo-soft", "tr-dpo-hard"):
-        assert [r["step"] for r in metrics(tmp_path / stage) if r["split"] == "eval"] == [4]
+        assert [r["step"] for r in metrics(tmp_path / stage) if r["split"] == "eval"] == [40]
