@@ -13,7 +13,7 @@ Weights and optimizer state are gathered into full, parameter-name-keyed state d
 checkpoint does not depend on the world size or on DDP vs FSDP2. A checkpoint is written into a temp directory and
 renamed into place: after a crash, even SIGKILL mid-write, the newest ckpt-* is always whole. Nothing is unpickled.
 A checkpoint never holds a non-finite tensor (save refuses), and --resume takes the newest one whose manifest still
-matches its files (usable), so a checkpoint damaged after it was written (a truncated copy, a deleted reference/) is
+matches its files (resumable), so a checkpoint damaged after it was written (a truncated copy, a deleted reference/) is
 passed over for the one before it.
 """
 import errno
@@ -72,13 +72,18 @@ def lock(out_dir: str | Path):
         if f is not None:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                f.truncate(0), f.write(f"{os.getpid()}\n"), f.flush()
+                f.truncate(0)  # "a+" appends: the file now holds only this pid
+                f.write(f"{os.getpid()}\n")
+                f.flush()
             except BlockingIOError:
                 f.seek(0)
                 pid = f.read().strip() or "?"
                 f.close()
                 problem = (f"out_dir={out_dir} is in use by another run (pid {pid} holds {path}); wait for it to "
                            f"end or choose another out_dir")
+            except OSError as e:  # a file system without flock (ENOLCK)
+                f.close()
+                problem = f"out_dir={out_dir}: cannot lock {path}: {e.strerror}"
     problem = agree(problem)
     if problem:
         raise CheckpointError(problem)
@@ -158,15 +163,20 @@ def verify(ckpt: Path) -> str | None:
     return nonfinite(torch.load(ckpt / "optimizer.pt", weights_only=True), str(ckpt / "optimizer.pt"))
 
 
-def usable(out_dir: str | Path) -> tuple[Path | None, list[str]]:
-    """(the newest checkpoint that verifies, or None; what was wrong with each newer one, newest first)."""
+def resumable(out_dir: str | Path, warn) -> Path:
+    """The newest checkpoint of out_dir that verifies, for --resume; warn(message) for each newer one passed over;
+    CheckpointError when there is none (none at all: a typo in out_dir, or a run that never reached a checkpoint)."""
     problems = []
     for ckpt in sorted(Path(out_dir).glob("ckpt-*[0-9]"), reverse=True):
         problem = verify(ckpt)
         if problem is None:
-            return ckpt, problems
+            for p in problems:
+                warn(f"warning: --resume: passing over {p}; falling back to {ckpt}")
+            return ckpt
         problems.append(problem)
-    return None, problems
+    if problems:
+        raise CheckpointError(f"--resume: no usable checkpoint in out_dir={out_dir}: " + "; ".join(problems))
+    raise CheckpointError(f"--resume: no checkpoint (ckpt-*) in out_dir={out_dir}; drop --resume to start a fresh run")
 
 
 def set_aside(out_dir: str | Path, after: Path) -> list[Path]:

@@ -435,12 +435,7 @@ def resume_checkpoint(cfg: TrainConfig) -> Path | None:
     max_steps is refused unless schedule=constant: it would move the decaying learning rate at the resume step."""
     if not cfg.resume:
         return None
-    ckpt, problems = checkpoint.usable(cfg.out_dir)
-    if ckpt is None:
-        fail(f"--resume: no usable checkpoint in out_dir={cfg.out_dir}: " + "; ".join(problems) if problems else
-             f"--resume: no checkpoint (ckpt-*) in out_dir={cfg.out_dir}; drop --resume to start a fresh run")
-    for problem in problems:
-        log(f"warning: --resume: passing over {problem}; falling back to {ckpt}")
+    ckpt = checkpoint.resumable(cfg.out_dir, log)
     saved = json.loads((ckpt / "train_config.json").read_text())
     changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
     if changed:
@@ -706,9 +701,10 @@ def run(cfg: TrainConfig) -> dict:
                 + "".join(f"{k} {row[k]:.3f} | " for k in ("reward_acc", "margin", "kl_ref") if k in row)
                 + f"gnorm {row['grad_norm']:.2f} | lr {lr:.2e} | {row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s")
             result["train"], t_log, tokens = row, now, 0
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:  # before eval: training is
-            checkpoint.save(out, step, policy, reference, optimizer, {"data": train_loader.state_dict()},  # never
-                            asdict(cfg), cfg.keep_last)  # lost to a failing evaluation
+        # the checkpoint before the evaluation: training is never lost to a failing evaluation
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
+            checkpoint.save(out, step, policy, reference, optimizer, {"data": train_loader.state_dict()},
+                            asdict(cfg), cfg.keep_last)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
             row = {"step": step, "split": "eval", **evaluate(policy, reference, initial, eval_batches, prompts, cfg,
                                                               tok, device)}
