@@ -23,6 +23,18 @@ import torch.nn.functional as F
 CHUNK_ELEMENTS = {"cpu": 2 ** 21, "cuda": 2 ** 27}
 
 
+def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """log softmax(logits)[targets] over the last dim, computed in acc (fp32, or fp64 for gradcheck)."""
+    # log_softmax with dtype= reads bf16 logits and writes fp32 in one kernel; logsumexp would take an fp32 copy and
+    # run max, subtract, exp and sum as separate passes over it (3x the memory traffic)
+    return torch.log_softmax(logits, -1, dtype=acc).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def _chunk_grad(logits: torch.Tensor, targets: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """d (g · log p(targets)) / d logits = g · (onehot(targets) − softmax(logits)); g has a trailing 1 dim."""
+    return torch.softmax(logits, -1, dtype=g.dtype).mul_(-g).scatter_add_(-1, targets[..., None], g)
+
+
 class _NextTokenLogps(torch.autograd.Function):
     """log softmax(logits[:, t-1])[input_ids[:, t]] for t = 1..T-1, chunk by chunk over time, in (at least) fp32.
 
@@ -40,10 +52,7 @@ class _NextTokenLogps(torch.autograd.Function):
         with torch.autocast(logits.device.type, enabled=False):  # the dtype is chosen here, not by autocast
             for t0 in range(0, T - 1, chunk):
                 t1 = min(t0 + chunk, T - 1)
-                # log_softmax with dtype= reads bf16 logits and writes fp32 in one kernel; logsumexp would take an
-                # fp32 copy and run max, subtract, exp and sum as separate passes over it (3x the memory traffic)
-                logp = torch.log_softmax(logits[:, t0:t1], -1, dtype=acc)
-                out[:, t0:t1] = logp.gather(-1, input_ids[:, t0 + 1:t1 + 1, None]).squeeze(-1)
+                out[:, t0:t1] = _chunk_logps(logits[:, t0:t1], input_ids[:, t0 + 1:t1 + 1], acc)
         ctx.save_for_backward(logits, input_ids)
         ctx.chunk = chunk
         return out
@@ -58,9 +67,48 @@ class _NextTokenLogps(torch.autograd.Function):
             for t0 in range(0, T - 1, ctx.chunk):
                 t1 = min(t0 + ctx.chunk, T - 1)
                 g = grad_out[:, t0:t1, None]
-                gx = torch.softmax(logits[:, t0:t1], -1, dtype=g.dtype).mul_(-g)
-                grad[:, t0:t1].copy_(gx.scatter_add_(-1, input_ids[:, t0 + 1:t1 + 1, None], g))
+                grad[:, t0:t1].copy_(_chunk_grad(logits[:, t0:t1], input_ids[:, t0 + 1:t1 + 1], g))
         return grad, None, None
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log softmax(logits[i])[targets[i]] for gathered positions, logits (N, V): _NextTokenLogps without the shift,
+    chunked over N, for packed rows (packing.py) whose scored positions are gathered before the LM head."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        out = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
+        with torch.autocast(logits.device.type, enabled=False):
+            for i in range(0, logits.shape[0], chunk):
+                out[i:i + chunk] = _chunk_logps(logits[i:i + chunk], targets[i:i + chunk], acc)
+        ctx.save_for_backward(logits, targets)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, targets = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        with torch.autocast(logits.device.type, enabled=False):
+            for i in range(0, logits.shape[0], ctx.chunk):
+                grad[i:i + ctx.chunk].copy_(_chunk_grad(logits[i:i + ctx.chunk], targets[i:i + ctx.chunk],
+                                                        grad_out[i:i + ctx.chunk, None]))
+        return grad, None, None
+
+
+def _chunk_positions(logits: torch.Tensor) -> int:
+    """Positions per log-softmax chunk, from the device's element budget."""
+    return max(1, CHUNK_ELEMENTS.get(logits.device.type, CHUNK_ELEMENTS["cuda"]) // logits.shape[-1])
+
+
+def gathered_logps(logits: torch.Tensor, targets: torch.Tensor, example: torch.Tensor,
+                   counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_logps for gathered positions: logits (N, V) of the N scored positions, targets (N,) the tokens they
+    predict, example (N,) which of the E examples each belongs to, counts (E,) its scored tokens (float).
+    Returns (logps, counts), both (E,): log π(y|x) = Σ over example e's positions of log p(target)."""
+    token_logps = _TokenLogps.apply(logits, targets, _chunk_positions(logits))
+    return token_logps.new_zeros(counts.shape[0]).index_add(0, example, token_logps), counts.to(token_logps.dtype)
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
@@ -78,8 +126,8 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
     if not logits.is_floating_point() or input_ids.dtype != torch.long:
         raise ValueError(f"losses.py sequence_logps: need float logits and int64 input_ids, "
                          f"got {logits.dtype} and {input_ids.dtype}")
-    if chunk_tokens is None:  # positions per chunk, from the device's element budget
-        chunk_tokens = CHUNK_ELEMENTS.get(logits.device.type, CHUNK_ELEMENTS["cuda"]) // logits.shape[-1]
+    if chunk_tokens is None:
+        chunk_tokens = _chunk_positions(logits)
     chunk = max(1, chunk_tokens // logits.shape[0])  # time steps per chunk, so a chunk holds ~chunk_tokens positions
     token_logps = _NextTokenLogps.apply(logits, input_ids, chunk)
     mask = loss_mask[:, 1:].to(token_logps.dtype)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import checkpoint
 import data
 import losses
+import packing
 import reference as ref_lib
 import synthetic
 from model import Llama, ModelConfig
@@ -234,22 +235,34 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
     Rewards are β·(log π − log π_ref) per sequence; kl_ref is Σ(log π − log π_ref) / Σ tokens on the chosen responses,
     a per-token estimate of KL(π‖π_ref) on the data (on-policy estimates are made at eval time).
     """
-    ids, mask = batch["input_ids"], batch["loss_mask"]
-    keep = losses.logits_to_keep(mask)  # once for the policy and the reference forward
+    ids, packed = batch["input_ids"], "pos" in batch
+    if packed:  # packing.py's rows: one forward gives every example's log-probs (KTO: and its KL row's)
+        def forward_logps(model, reference=False):
+            return packing.packed_logps(model, batch, reference)
+    else:
+        mask = batch["loss_mask"]
+        keep = losses.logits_to_keep(mask)  # once for the policy and the reference forward
+
+        def forward_logps(model, reference=False):
+            return batch_logps(model, ids, mask, reference, keep)
     with autocast(cfg, ids.device):
-        logps, n = batch_logps(policy, ids, mask, keep=keep)
+        logps, n = forward_logps(policy)
         if cfg.loss == "sft":  # next-token cross-entropy on the response tokens
             loss = -logps.sum() / n.sum().clamp(min=1)
             return loss, {"loss": loss.item()}
         if ref_logps is None:
             with torch.no_grad():
-                ref_logps, _ = batch_logps(reference, ids, mask, reference=True, keep=keep)
-        if cfg.loss == "kto":  # z_ref from the mismatched KL rows; detached, so the policy side needs no gradient
+                ref_logps, _ = forward_logps(reference, reference=True)
+        if cfg.loss == "kto" and packed:  # [completions ; KL completions]; z_ref takes no gradient
+            b = len(batch["desirable"])
+            logps, policy_kl, ref_logps, ref_kl, n = logps[:b], logps[b:].detach(), ref_logps[:b], ref_logps[b:], n[:b]
+        elif cfg.loss == "kto":  # z_ref from the mismatched KL rows; detached, so the policy side needs no gradient
             kl_ids, kl_mask = batch["kl_input_ids"], batch["kl_loss_mask"]
             kl_keep = losses.logits_to_keep(kl_mask)
             with torch.no_grad():
                 policy_kl, _ = batch_logps(policy, kl_ids, kl_mask, keep=kl_keep)
                 ref_kl, _ = batch_logps(reference, kl_ids, kl_mask, reference=True, keep=kl_keep)
+        if cfg.loss == "kto":
             good = batch["desirable"]
             per_example, rewards, z_ref = losses.kto_loss(logps, ref_logps, good, policy_kl, ref_kl, cfg.beta)
             good_f = good.float()
@@ -259,7 +272,7 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
                      "rejected_logp": masked_mean(logps.detach(), 1 - good_f), "kto_z_ref": z_ref,
                      "kl_ref": ((logps.detach() - ref_logps) * good_f).sum() / (n * good_f).sum().clamp(min=1)}
         else:
-            b = ids.shape[0] // 2  # rows are [chosen_1..b ; rejected_1..b]
+            b = logps.shape[0] // 2  # examples are [chosen_1..b ; rejected_1..b]
             pol, ref = (logps / n, ref_logps / n) if cfg.loss == "ipo" else (logps, ref_logps)  # IPO: length-averaged
             args = (pol[:b], pol[b:], ref[:b], ref[b:], cfg.beta)
             per_example, chosen_r, rejected_r = (losses.ipo_loss(*args) if cfg.loss == "ipo"
