@@ -69,6 +69,10 @@ class TrainConfig:
     # optimisation
     batch_size: int = opt(32, "global pairs (dpo/ipo), examples (sft/kto) per optimizer step, for any world size")
     micro_batch_size: int = opt(16, "pairs/examples per process per forward; the rest is gradient accumulation")
+    packing: bool = opt(True, "pack training examples into rows, no padding, a pair's prompt computed once "
+                        "(docs/packing.md); false: padded rows of micro_batch_size examples")
+    micro_batch_tokens: int = opt(0, "with packing: tokens per forward (0: what micro_batch_size padded examples "
+                                  "hold at most, micro_batch_size x max_length x 2 for pairs and kto, x 1 for sft)")
     max_steps: int = opt(200, "optimizer steps")
     lr: float = opt(1e-3, "peak learning rate (AdamW)")
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
@@ -172,7 +176,8 @@ def validate(cfg: TrainConfig, world_size: int):
                  "micro_batch_size", "max_steps", "log_every", "keep_last", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             fail(f"{name}={getattr(cfg, name)} must be >= 1")
-    for name in ("warmup_steps", "eval_every", "ckpt_every", "num_samples", "weight_decay", "grad_clip"):
+    for name in ("warmup_steps", "eval_every", "ckpt_every", "num_samples", "weight_decay", "grad_clip",
+                 "micro_batch_tokens"):
         if getattr(cfg, name) < 0:
             fail(f"{name}={getattr(cfg, name)} must be >= 0")
     if not 0 < cfg.alpha <= 1:
@@ -408,6 +413,9 @@ def make_data(cfg: TrainConfig, tok, rank: int, world: int):
         log(f"eval data: the last {len(eval_set.items) % world} example(s) left out to split over {world} ranks")
         eval_set.items = eval_set.items[:len(eval_set.items) - len(eval_set.items) % world]
     train_batches = data.Batches(train_set, cfg.batch_size, cfg.micro_batch_size, rank, world, cfg.seed)
+    if cfg.packing:
+        budget = cfg.micro_batch_tokens or cfg.micro_batch_size * cfg.max_length * (1 if kind == "sft" else 2)
+        train_batches = packing.PackedBatches(train_batches, budget)
     prompts = [it.prompt for it in eval_set.items[:cfg.num_samples]]
     return train_batches, data.eval_batches(eval_set, cfg.micro_batch_size, rank, world), prompts
 
@@ -482,7 +490,8 @@ def train(cfg: TrainConfig) -> dict:
     except ValueError as e:
         fail(f"tokenizer={cfg.tokenizer}: {e}")
     train_loader, eval_batches, prompts = make_data(cfg, tok, rank, world)
-    accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    accum = (f"packed micro steps of <= {train_loader.rows} x {train_loader.capacity} tokens" if cfg.packing else
+             f"{cfg.batch_size // (cfg.micro_batch_size * world)} micro step(s) of {cfg.micro_batch_size}")
 
     # models: the policy π_θ, the reference π_ref (a frozen copy, TR-updated), the initial policy for KL at eval time
     init = load_model(cfg, tok).to(device)
@@ -516,8 +525,8 @@ def train(cfg: TrainConfig) -> dict:
             line for line in metrics_file.read_text().splitlines(keepends=True)
             if line.endswith("\n") and json.loads(line)["step"] <= start]  # drop what ran after the checkpoint
         metrics_file.write_text("".join(kept))
-    log(f"{n_params / 1e6:.2f}M parameters | {world} process(es) on {device} | {accum} micro step(s) of "
-        f"{cfg.micro_batch_size} per process per optimizer step" + (f" | resuming {ckpt}" if ckpt else ""))
+    log(f"{n_params / 1e6:.2f}M parameters | {world} process(es) on {device} | {accum} per process per optimizer "
+        "step" + (f" | resuming {ckpt}" if ckpt else ""))
 
     def record(row: dict):
         if rank == 0:
@@ -536,12 +545,16 @@ def train(cfg: TrainConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         sums: dict[str, float] = {}
-        for i, batch in enumerate(next(train_loader)):
+        micro_batches = next(train_loader)
+        for i, batch in enumerate(micro_batches):
+            # padded: the mean over micro steps; packed: each micro batch's share (packing.PackedBatches). Then
+            # DDP/FSDP average over ranks: the global batch mean
+            weight = batch.pop("weight", 1 / len(micro_batches))
             batch = {k: v.to(device) for k, v in batch.items()}
-            with grad_sync(policy, cfg, i == accum - 1):
+            with grad_sync(policy, cfg, i == len(micro_batches) - 1):
                 loss, m = compute_loss(run_policy, run_ref, batch, cfg)
-                (loss / accum).backward()  # mean over micro steps; DDP/FSDP average over ranks: a global batch mean
-            sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
+                (loss * weight).backward()
+            sums = {k: sums.get(k, 0.0) + v * weight for k, v in m.items()}
             tokens += sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -554,7 +567,7 @@ def train(cfg: TrainConfig) -> dict:
             keys = sorted(sums)
             totals = all_reduce_sum([sums[k] for k in keys] + [tokens], device)
             now = time.time()
-            row = {"step": step, "split": "train", **{k: v / (accum * world) for k, v in zip(keys, totals)},
+            row = {"step": step, "split": "train", **{k: v / world for k, v in zip(keys, totals)},
                    "grad_norm": grad_norm.item(), "lr": lr, "tokens_per_s": totals[-1] / (now - t_log)}
             record(row)
             eta = (now - t0) / (step - start) * (cfg.max_steps - step)
