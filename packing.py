@@ -177,40 +177,47 @@ def real_tokens(items: list[data.Item], kind: str) -> int:
     return sum(len(it.prompt) + sum(len(r) for r in responses(it, kind, []) if r is not None) for it in items)
 
 
+def pack_step(items: list[data.Item], kl: list, kind: str, pad_id: int, max_length: int, budget: int,
+              shared: bool = True, rank: int = 0, world: int = 1) -> list[dict]:
+    """This rank's packed micro batches of one optimizer step's global batch `items` (rank r's share is its r-th
+    contiguous slice, as in data.Batches), at most budget // row_capacity rows each, as many on every rank. Each dict
+    also has `weight` (a float): the factor of its mean loss in the step's loss, so that the step's gradient is the
+    global batch mean's after DDP/FSDP average over ranks (pairs, KTO: its examples / examples per rank; SFT, whose
+    loss is a token mean: its response tokens × world / the global batch's)."""
+    capacity = row_capacity(kind, max_length, shared)
+    rows = max(1, budget // capacity)
+    per = len(items) // world
+    shares = [(items[r * per:(r + 1) * per], kl[r * per:(r + 1) * per]) for r in range(world)]
+    lengths = [[segment_lengths(it, kind, k, shared) for it, k in zip(*share)] for share in shares]
+    groups = [group(ls, capacity, rows) for ls in lengths]
+    mine = equalize(groups[rank], max(map(len, groups)))  # every rank computes every rank's count
+    my_items, my_kl = shares[rank]
+    global_tokens = sum(len(it.response) for it in items)
+    out = []
+    for g in mine:
+        batch = collate([my_items[i] for i in g], kind, [my_kl[i] for i in g], pad_id, capacity, shared)
+        tokens = sum(len(my_items[i].response) for i in g)
+        batch["weight"] = tokens * world / global_tokens if kind == "sft" else len(g) / per
+        out.append(batch)
+    return out
+
+
 class PackedBatches:
-    """data.Batches' optimizer steps (the same global batch, sharded the same way), as packed micro batches of at most
-    budget // capacity rows each. Every micro batch dict also has `weight` (a float): the factor of its mean loss in
-    the step's loss, so that the step's gradient is the one of the global batch's mean (pairs, KTO: examples in it /
-    examples on this rank; SFT, whose loss is a token mean: its response tokens × world / the global batch's)."""
+    """data.Batches' optimizer steps (the same global batches, sharded the same way, resumable the same way), each as
+    this rank's packed micro batches (pack_step)."""
 
     def __init__(self, batches: data.Batches, budget: int, shared: bool = True):
-        self.batches, self.shared = batches, shared
-        ds = batches.data
-        self.kind, self.pad_id = ds.kind, ds.pad_id
-        self.capacity = row_capacity(ds.kind, ds.max_length, shared)
+        self.batches, self.budget, self.shared = batches, budget, shared
+        self.capacity = row_capacity(batches.data.kind, batches.data.max_length, shared)
         self.rows = max(1, budget // self.capacity)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> list[dict]:
-        b = self.batches
+        b, ds = self.batches, self.batches.data
         items, kl = b.next_items()
-        per = len(items) // b.world
-        shares = [(items[r * per:(r + 1) * per], kl[r * per:(r + 1) * per]) for r in range(b.world)]
-        lengths = [[segment_lengths(it, self.kind, k, self.shared) for it, k in zip(*share)] for share in shares]
-        groups = [group(ls, self.capacity, self.rows) for ls in lengths]
-        mine = equalize(groups[b.rank], max(map(len, groups)))  # every rank computes every rank's count
-        my_items, my_kl = shares[b.rank]
-        global_tokens = sum(len(it.response) for it in items)
-        out = []
-        for g in mine:
-            batch = collate([my_items[i] for i in g], self.kind, [my_kl[i] for i in g], self.pad_id, self.capacity,
-                            self.shared)
-            tokens = sum(len(my_items[i].response) for i in g)
-            batch["weight"] = tokens * b.world / global_tokens if self.kind == "sft" else len(g) / per
-            out.append(batch)
-        return out
+        return pack_step(items, kl, ds.kind, ds.pad_id, ds.max_length, self.budget, self.shared, b.rank, b.world)
 
     def state_dict(self) -> dict:
         return self.batches.state_dict()
