@@ -26,7 +26,10 @@ import argparse
 import json
 import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,6 +40,7 @@ import reference as ref_lib
 import train
 from model import Llama, ModelConfig
 
+ROOT = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -65,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one more step")
     p.add_argument("--profile_rows", type=int, default=25, help="rows of that table")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--compare", default="", help="with --data: comma-separated runs among off, rows, shared "
+                   "(--packing), trl (bench_trl.py), fixed (random tokens of --prompt_len + --response_len, the "
+                   "file's vocabulary), each in a fresh process, interleaved --repeat times; prints their table")
+    p.add_argument("--repeat", type=int, default=3, help="rounds of --compare")
     real = p.add_argument_group("real data (--data): batches drawn from a preference file, as train.py draws them")
     real.add_argument("--data", default="", help="a preference JSONL(.gz); --vocab_size and the lengths come from it")
     real.add_argument("--tokenizer", default="gpt2", help="byte, a tiktoken name or a Llama 3 tokenizer.model path")
@@ -306,8 +314,64 @@ def run(args) -> dict:
     }
 
 
+DATA_OPTIONS = {"--data", "--tokenizer", "--max_length", "--max_prompt_length", "--micro_batch_size",
+                "--micro_batch_tokens"}
+BENCH_ONLY = {"--micro_batch_tokens", "--ref_update", "--loss", "--compile", "--device", "--precompute_ref",
+              "--profile", "--profile_rows"}  # what bench_trl.py does not take
+FLAGS = {"--json", "--compile", "--precompute_ref", "--profile"}
+COMPARE_KEYS = ("tokens_per_s", "real_tokens_per_s", "mfu", "peak_mem_mb", "padding_fraction")
+
+
+def compare(argv: list[str], args) -> dict:
+    """Run each of args.compare in its own process (peak memory is per process), round-robin args.repeat times, and
+    print a Markdown table of each column's median [min, max]. TRL's MFU counts our useful FLOPs per step over its
+    step time, against our runs' median matmul peak. Returns {run: [result of each round]}."""
+    base = strip_options(argv, {"--compare", "--repeat", "--packing", "--json"})
+    runs = {name: [] for name in args.compare.split(",")}
+    for _ in range(args.repeat):
+        for name in runs:
+            cmd = {"trl": ["bench_trl.py", *strip_options(base, BENCH_ONLY)],
+                   "fixed": ["bench.py", *strip_options(base, DATA_OPTIONS), "--vocab_size", str(args.vocab_size)]}.get(
+                name, ["bench.py", *base, "--packing", name])
+            out = subprocess.run([sys.executable, *cmd, "--json"], capture_output=True, text=True, cwd=ROOT)
+            if out.returncode:
+                raise SystemExit(f"bench.py --compare: {' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"{name}: " + " ".join(f"{k} {runs[name][-1].get(k)}" for k in COMPARE_KEYS), flush=True)
+    ours = [r for name, rs in runs.items() if name not in ("trl", "fixed") for r in rs]
+    if "trl" in runs and ours:
+        peak = statistics.median(r["matmul_peak_tflops"] for r in ours) * 1e12
+        for r in runs["trl"]:
+            r["mfu"], r["padding_fraction"] = ours[0]["flops_per_step"] / (r["step_ms"] / 1000) / peak, None
+    print("| run | " + " | ".join(COMPARE_KEYS) + " |\n|---|" + "---|" * len(COMPARE_KEYS))
+    for name, rs in runs.items():
+        cells = []
+        for k in COMPARE_KEYS:
+            v = [r[k] for r in rs if r.get(k) is not None]
+            cells.append(f"{statistics.median(v):.4g} [{min(v):.4g}, {max(v):.4g}]" if v else "")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    return runs
+
+
+def strip_options(argv: list[str], names: set[str]) -> list[str]:
+    """argv without the options in names and their values (--key value or --key=value; FLAGS take none)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a.split("=")[0] in names:
+            skip = "=" not in a and a not in FLAGS
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.compare:
+        args.vocab_size = data.get_tokenizer(args.tokenizer).n_vocab
+        return compare(argv, args)
     r = run(args)
     ref = "precomputed" if r["precompute_ref"] else f"{r['ref_forward_ms']:.0f} ms ({r['ref_forward_share']:.1%})"
     print(f"{r['loss']} ref={r['ref_update']} tau={r['tau']} {r['dtype']} {r['device']}"

@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import statistics
 import time
 import warnings
@@ -185,7 +186,10 @@ def main(argv=None) -> dict:
     gaps = [b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:])]
     step_s = sum(gaps) / len(gaps) if args.data else statistics.median(gaps)  # real steps differ: the mean
     n_params = sum(p.numel() for p in model.parameters())
-    result = {"impl": "trl.DPOTrainer", "trl": __import__("trl").__version__, "tokens_per_step": tokens,
+    peak_mem_mb = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20  # as bench.py
+    result = {"impl": "trl.DPOTrainer", "peak_mem_mb": peak_mem_mb, "trl": __import__("trl").__version__,
+              "tokens_per_step": tokens,
               "step_ms": 1000 * step_s, "tokens_per_s": tokens / step_s, "n_params": n_params, "dtype": args.dtype,
               "data": args.data, "real_tokens_per_step": real, "real_tokens_per_s": real and real / step_s,
               "alpha": args.alpha, "tau": args.tau, "timed_steps": args.steps}
