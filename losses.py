@@ -35,8 +35,10 @@ def _chunk_grad(logits: torch.Tensor, targets: torch.Tensor, g: torch.Tensor) ->
     return torch.softmax(logits, -1, dtype=g.dtype).mul_(-g).scatter_add_(-1, targets[..., None], g)
 
 
-class _NextTokenLogps(torch.autograd.Function):
-    """log softmax(logits[:, t-1])[input_ids[:, t]] for t = 1..T-1, chunk by chunk over time, in (at least) fp32.
+class _TokenLogps(torch.autograd.Function):
+    """log softmax(logits[:, t])[targets[:, t]] for t < T' (targets (B, T'), T' <= T), chunk by chunk over time, in
+    (at least) fp32; positions t >= T' predict nothing and get no gradient. Next-token log-probs are targets =
+    input_ids[:, 1:]; packed rows (packing.py) pass their gathered positions as one row, logits (1, N, V).
 
     Autograd through `logits.float().log_softmax(-1)` would keep an fp32 copy of every chunk for backward, i.e. the
     whole (B, T, V) tensor again; this Function keeps only the input logits and recomputes the softmax per chunk in
@@ -45,43 +47,14 @@ class _NextTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, input_ids: torch.Tensor, chunk: int) -> torch.Tensor:
-        acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for gradcheck
-        B, T, _ = logits.shape
-        out = torch.empty(B, T - 1, dtype=acc, device=logits.device)
-        with torch.autocast(logits.device.type, enabled=False):  # the dtype is chosen here, not by autocast
-            for t0 in range(0, T - 1, chunk):
-                t1 = min(t0 + chunk, T - 1)
-                out[:, t0:t1] = _chunk_logps(logits[:, t0:t1], input_ids[:, t0 + 1:t1 + 1], acc)
-        ctx.save_for_backward(logits, input_ids)
-        ctx.chunk = chunk
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        logits, input_ids = ctx.saved_tensors
-        T = logits.shape[1]
-        grad = torch.empty_like(logits)
-        grad[:, -1] = 0  # the last position predicts nothing
-        with torch.autocast(logits.device.type, enabled=False):
-            for t0 in range(0, T - 1, ctx.chunk):
-                t1 = min(t0 + ctx.chunk, T - 1)
-                g = grad_out[:, t0:t1, None]
-                grad[:, t0:t1].copy_(_chunk_grad(logits[:, t0:t1], input_ids[:, t0 + 1:t1 + 1], g))
-        return grad, None, None
-
-
-class _TokenLogps(torch.autograd.Function):
-    """log softmax(logits[i])[targets[i]] for gathered positions, logits (N, V): _NextTokenLogps without the shift,
-    chunked over N, for packed rows (packing.py) whose scored positions are gathered before the LM head."""
-
-    @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        acc = torch.promote_types(logits.dtype, torch.float32)
-        out = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
-        with torch.autocast(logits.device.type, enabled=False):
-            for i in range(0, logits.shape[0], chunk):
-                out[i:i + chunk] = _chunk_logps(logits[i:i + chunk], targets[i:i + chunk], acc)
+        acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+        B, T = targets.shape
+        out = torch.empty(B, T, dtype=acc, device=logits.device)
+        with torch.autocast(logits.device.type, enabled=False):  # the dtype is chosen here, not by autocast
+            for t0 in range(0, T, chunk):
+                t = slice(t0, min(t0 + chunk, T))  # logits may have more positions than targets
+                out[:, t] = _chunk_logps(logits[:, t], targets[:, t], acc)
         ctx.save_for_backward(logits, targets)
         ctx.chunk = chunk
         return out
@@ -89,11 +62,13 @@ class _TokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         logits, targets = ctx.saved_tensors
+        T = targets.shape[1]
         grad = torch.empty_like(logits)
+        grad[:, T:] = 0  # positions that predict nothing
         with torch.autocast(logits.device.type, enabled=False):
-            for i in range(0, logits.shape[0], ctx.chunk):
-                grad[i:i + ctx.chunk].copy_(_chunk_grad(logits[i:i + ctx.chunk], targets[i:i + ctx.chunk],
-                                                        grad_out[i:i + ctx.chunk, None]))
+            for t0 in range(0, T, ctx.chunk):
+                t = slice(t0, min(t0 + ctx.chunk, T))
+                grad[:, t].copy_(_chunk_grad(logits[:, t], targets[:, t], grad_out[:, t, None]))
         return grad, None, None
 
 
@@ -107,7 +82,7 @@ def gathered_logps(logits: torch.Tensor, targets: torch.Tensor, example: torch.T
     """sequence_logps for gathered positions: logits (N, V) of the N scored positions, targets (N,) the tokens they
     predict, example (N,) which of the E examples each belongs to, counts (E,) its scored tokens (float).
     Returns (logps, counts), both (E,): log π(y|x) = Σ over example e's positions of log p(target)."""
-    token_logps = _TokenLogps.apply(logits, targets, _chunk_positions(logits))
+    token_logps = _TokenLogps.apply(logits[None], targets[None], _chunk_positions(logits))[0]
     return token_logps.new_zeros(counts.shape[0]).index_add(0, example, token_logps), counts.to(token_logps.dtype)
 
 
@@ -129,7 +104,7 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
     if chunk_tokens is None:
         chunk_tokens = _chunk_positions(logits)
     chunk = max(1, chunk_tokens // logits.shape[0])  # time steps per chunk, so a chunk holds ~chunk_tokens positions
-    token_logps = _NextTokenLogps.apply(logits, input_ids, chunk)
+    token_logps = _TokenLogps.apply(logits, input_ids[:, 1:], chunk)
     mask = loss_mask[:, 1:].to(token_logps.dtype)
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
