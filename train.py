@@ -490,8 +490,8 @@ def train(cfg: TrainConfig) -> dict:
     except ValueError as e:
         fail(f"tokenizer={cfg.tokenizer}: {e}")
     train_loader, eval_batches, prompts = make_data(cfg, tok, rank, world)
-    accum = (f"packed micro steps of <= {train_loader.rows} x {train_loader.capacity} tokens" if cfg.packing else
-             f"{cfg.batch_size // (cfg.micro_batch_size * world)} micro step(s) of {cfg.micro_batch_size}")
+    micro_steps = (f"packed micro steps of <= {train_loader.rows} x {train_loader.capacity} tokens" if cfg.packing else
+                   f"{cfg.batch_size // (cfg.micro_batch_size * world)} micro step(s) of {cfg.micro_batch_size}")
 
     # models: the policy π_θ, the reference π_ref (a frozen copy, TR-updated), the initial policy for KL at eval time
     init = load_model(cfg, tok).to(device)
@@ -525,7 +525,7 @@ def train(cfg: TrainConfig) -> dict:
             line for line in metrics_file.read_text().splitlines(keepends=True)
             if line.endswith("\n") and json.loads(line)["step"] <= start]  # drop what ran after the checkpoint
         metrics_file.write_text("".join(kept))
-    log(f"{n_params / 1e6:.2f}M parameters | {world} process(es) on {device} | {accum} per process per optimizer "
+    log(f"{n_params / 1e6:.2f}M parameters | {world} process(es) on {device} | {micro_steps} per process per optimizer "
         "step" + (f" | resuming {ckpt}" if ckpt else ""))
 
     def record(row: dict):
