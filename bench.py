@@ -338,11 +338,17 @@ def compare(argv: list[str], args) -> dict:
                 raise SystemExit(f"bench.py --compare: {' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"{name}: " + " ".join(f"{k} {runs[name][-1].get(k)}" for k in COMPARE_KEYS), flush=True)
-    ours = [r for name, rs in runs.items() if name not in ("trl", "fixed") for r in rs]
-    if "trl" in runs and ours:
-        peak = statistics.median(r["matmul_peak_tflops"] for r in ours) * 1e12
-        for r in runs["trl"]:
-            r["mfu"], r["padding_fraction"] = ours[0]["flops_per_step"] / (r["step_ms"] / 1000) / peak, None
+    # One peak for every row: each process's own matmul peak swings with the load on a shared machine, so MFU ratios
+    # between rows would mix its noise in. TRL does our runs' useful FLOPs per step.
+    ours = [r for name, rs in runs.items() if name != "trl" for r in rs]
+    peak = statistics.median(r["matmul_peak_tflops"] for r in ours) * 1e12
+    real_flops = next((r["flops_per_step"] for name, rs in runs.items() if name not in ("trl", "fixed") for r in rs),
+                      None)
+    for name, rs in runs.items():
+        for r in rs:
+            flops = real_flops if name == "trl" else r["flops_per_step"]
+            r["mfu"] = None if flops is None else flops / (r["step_ms"] / 1000) / peak
+    print(f"MFU against the median matmul peak of the runs, {peak / 1e12:.3f} TFLOP/s")
     print("| run | " + " | ".join(COMPARE_KEYS) + " |\n|---|" + "---|" * len(COMPARE_KEYS))
     for name, rs in runs.items():
         cells = []
@@ -350,6 +356,8 @@ def compare(argv: list[str], args) -> dict:
             v = [r[k] for r in rs if r.get(k) is not None]
             cells.append(f"{statistics.median(v):.4g} [{min(v):.4g}, {max(v):.4g}]" if v else "")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.json:
+        print(json.dumps(runs))
     return runs
 
 

@@ -119,3 +119,15 @@ def test_trl_baseline_runs_on_the_same_real_steps(tmp_path):
     assert r["real_tokens_per_step"] == ours["real_tokens_per_step"]
     # TRL pads like our padded path; a response cut at max_length gains TRL's EOS, so at most one more per sequence
     assert ours["tokens_per_step"] <= r["tokens_per_step"] <= ours["tokens_per_step"] + 2 * 4 * 2
+
+
+def test_compare_runs_each_configuration_in_its_own_process(tmp_path, capsys):
+    """--compare: one fresh process per run and round, a Markdown row per run, MFU against one shared peak."""
+    path = preference_file(tmp_path)
+    runs = bench.main([*DATA, "--steps", "1", "--data", str(path), "--compare", "shared,off,fixed", "--repeat", "1"])
+    assert list(runs) == ["shared", "off", "fixed"] and all(len(rs) == 1 for rs in runs.values())
+    assert runs["fixed"][0]["data"] == "" and runs["shared"][0]["packing"] == "shared"
+    out = capsys.readouterr().out
+    assert "| shared |" in out and "| off |" in out and "| fixed |" in out
+    s, o = runs["shared"][0], runs["off"][0]  # the same useful FLOPs: MFU ratio = speed ratio
+    assert s["mfu"] / o["mfu"] == pytest.approx(o["step_ms"] / s["step_ms"])
