@@ -26,16 +26,21 @@ import argparse
 import json
 import resource
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+import data
 import losses
+import packing
 import reference as ref_lib
 import train
 from model import Llama, ModelConfig
 
+ROOT = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -64,6 +69,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one more step")
     p.add_argument("--profile_rows", type=int, default=25, help="rows of that table")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--compare", default="", help="with --data: comma-separated runs among off, rows, shared "
+                   "(--packing), trl (bench_trl.py), fixed (random tokens of --prompt_len + --response_len, the "
+                   "file's vocabulary), each in a fresh process, interleaved --repeat times; prints their table")
+    p.add_argument("--repeat", type=int, default=3, help="rounds of --compare")
+    real = p.add_argument_group("real data (--data): batches drawn from a preference file, as train.py draws them")
+    real.add_argument("--data", default="", help="a preference JSONL(.gz); --vocab_size and the lengths come from it")
+    real.add_argument("--tokenizer", default="gpt2", help="byte, a tiktoken name or a Llama 3 tokenizer.model path")
+    real.add_argument("--max_length", type=int, default=512)
+    real.add_argument("--max_prompt_length", type=int, default=256)
+    real.add_argument("--micro_batch_size", type=int, default=4, help="pairs per padded forward (--packing off)")
+    real.add_argument("--packing", choices=("off", "rows", "shared"), default="shared",
+                      help="off: padded rows; rows: one packed segment per sequence; shared: [prompt|chosen|rejected]")
+    real.add_argument("--micro_batch_tokens", type=int, default=0,
+                      help="packed tokens per forward (0: micro_batch_size x 2 x max_length, train.py's default)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.pairs < 1 or args.prompt_len < 1 or args.response_len < 1:
         p.error("--steps, --pairs, --prompt_len and --response_len must be >= 1, --warmup >= 0")
@@ -73,7 +92,51 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda but torch sees no GPU")
     if args.precompute_ref and args.ref_update != "static":
         p.error(f"--precompute_ref needs --ref_update static (a {args.ref_update} reference changes during training)")
+    if args.data and (args.precompute_ref or args.loss == "kto" or args.pairs % args.micro_batch_size):
+        p.error("--data: --pairs must be a multiple of --micro_batch_size; no --precompute_ref, no kto")
     return args
+
+
+def data_batches(args):
+    """(tokenizer, data.Batches of --pairs pairs per step from the file, in train.py's seeded order); bench_trl.py
+    feeds TRL the same steps."""
+    tok = data.get_tokenizer(args.tokenizer)
+    ds = data.tokenize(data.read_examples(args.data), tok, "pairs", args.max_length, args.max_prompt_length)
+    return tok, data.Batches(ds, args.pairs, args.micro_batch_size, seed=args.seed)
+
+
+def data_steps(args, device: torch.device):
+    """(vocab size, steps): per optimizer step, its micro batches (train.py's, on device) and its items, for
+    warmup + steps steps."""
+    tok, batches = data_batches(args)
+    steps = []
+    for _ in range(args.warmup + args.steps):
+        items, _ = batches.next_items()
+        if args.packing == "off":
+            micro = [data.collate(items[j:j + args.micro_batch_size], "pairs", tok.pad_id)  # train.py's padded ones
+                     for j in range(0, len(items), args.micro_batch_size)]
+        else:
+            budget = args.micro_batch_tokens or args.micro_batch_size * 2 * args.max_length
+            micro = packing.pack_step(items, [None] * len(items), "pairs", tok.pad_id, args.max_length, budget,
+                                      shared=args.packing == "shared")
+        steps.append(([{k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()} for mb in micro], items))
+    return tok.n_vocab, steps
+
+
+def useful_flops(model: Llama, items: list) -> int:
+    """Forward FLOPs of the work a pair needs: every distinct real token (the prompt once) through the layers, with
+    attention counted over its own sequence (prompt tokens: the prompt; response tokens: prompt + that response;
+    nanoGPT's full-length convention, as flops_per_token), and the LM head only where a response token is scored."""
+    head = 2 * model.config.dim * model.config.vocab_size
+
+    def body(T: int) -> int:
+        return model.flops_per_token(T) - head
+
+    total = 0
+    for it in items:
+        P, C, R = len(it.prompt), len(it.response), len(it.rejected)
+        total += P * body(P) + C * body(P + C) + R * body(P + R) + head * (C + R)
+    return total
 
 
 class Clock:
@@ -143,9 +206,12 @@ def run(args) -> dict:
                           else "cpu")
     dtype = DTYPES[args.dtype]
     train.keep_freed_memory(device)  # as train.py does
+    if args.data:
+        args.vocab_size, steps = data_steps(args, device)
     torch.manual_seed(args.seed)
     config = ModelConfig(vocab_size=args.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
-                         n_kv_heads=args.n_kv_heads, max_seq_len=args.prompt_len + args.response_len)
+                         n_kv_heads=args.n_kv_heads,
+                         max_seq_len=2 * args.max_length if args.data else args.prompt_len + args.response_len)
     with torch.device(device):  # initialise in place: a 1B model is slow to init on the CPU and copy over
         policy = Llama(config)
     reference = ref_lib.make_reference(policy)
@@ -155,7 +221,9 @@ def run(args) -> dict:
     train.validate(cfg, world_size=1)
     updater = ref_lib.ReferenceUpdater(args.ref_update, args.alpha, args.tau)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5, weight_decay=cfg.weight_decay, fused=True)
-    batch = random_batch(args, device, torch.Generator().manual_seed(args.seed))
+    if not args.data:  # the same random batch at every step, one micro batch
+        batch = random_batch(args, device, torch.Generator().manual_seed(args.seed))
+        steps = [([batch], None)] * (args.warmup + args.steps)
     run_policy, run_ref = (torch.compile(policy), torch.compile(reference)) if args.compile else (policy, reference)
 
     ref_logps = None
@@ -172,9 +240,13 @@ def run(args) -> dict:
     def one_step(step: int):
         """One optimizer step and the TR update; returns its (start, stepped, end) marks and whether it updated."""
         ref_marks.clear()
+        micro = steps[min(step, len(steps)) - 1][0]  # (the --profile step repeats the last one)
         start = clock.mark()
-        loss, _ = train.compute_loss(run_policy, run_ref, batch, cfg, ref_logps)
-        loss.backward()
+        for mb in micro:  # train.py's loop: each micro batch's share of the step's mean loss
+            weight = mb.get("weight", 1 / len(micro))
+            loss, _ = train.compute_loss(run_policy, run_ref, {k: v for k, v in mb.items() if k != "weight"}, cfg,
+                                         ref_logps)
+            (loss * weight).backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -201,18 +273,31 @@ def run(args) -> dict:
         print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                         row_limit=args.profile_rows, max_name_column_width=60))
 
-    tokens = batch["input_ids"].numel()
-    forward = forward_flops(policy, batch["input_ids"], batch["loss_mask"])
-    flops_per_step = 3 * forward + (0 if args.precompute_ref else forward)  # policy forward + backward, reference
-    if args.loss == "kto":  # KL rows: a no-grad forward of the policy and one of the reference
-        flops_per_step += 2 * forward_flops(policy, batch["kl_input_ids"], batch["kl_loss_mask"])
+    timed = steps[args.warmup:]
+    if args.data:  # per step, averaged over the timed steps (each has its own data)
+        tokens = statistics.mean(sum(mb["input_ids"].numel() for mb in micro) for micro, _ in timed)
+        real = statistics.mean(packing.real_tokens(items, "pairs") for _, items in timed)
+        # positions holding a token (not padding): padded and "rows" repeat each prompt, "shared" does not
+        filled = statistics.mean(sum(int(mb["seg"].gt(0).sum()) for mb in micro) if args.packing != "off" else
+                                 sum(2 * len(it.prompt) + len(it.response) + len(it.rejected) for it in items)
+                                 for micro, items in timed)
+        forward = statistics.mean(useful_flops(policy, items) for _, items in timed)
+        flops_per_step = 4 * forward  # policy forward + backward (3), reference forward (1): useful work only
+        ms = sum(step_ms) / len(step_ms)  # the steps differ in data: rates from the total time
+    else:
+        batch = steps[0][0][0]
+        tokens = real = filled = batch["input_ids"].numel()
+        forward = forward_flops(policy, batch["input_ids"], batch["loss_mask"])
+        flops_per_step = 3 * forward + (0 if args.precompute_ref else forward)  # policy forward + backward, reference
+        if args.loss == "kto":  # KL rows: a no-grad forward of the policy and one of the reference
+            flops_per_step += 2 * forward_flops(policy, batch["kl_input_ids"], batch["kl_loss_mask"])
+        ms = statistics.median(step_ms)
     ladder, floor = ((1024, 2048, 4096, 8192), 2048) if device.type == "cuda" else ((256, 512, 1024, 2048), 512)
     peak = matmul_peak(device, dtype, tuple(n for n in ladder if n <= max(floor, 4 * args.dim)))
     if device.type == "cuda":
         peak_mem_mb, peak_mem_kind = torch.cuda.max_memory_allocated() / 2 ** 20, "cuda_max_allocated"
     else:
         peak_mem_mb, peak_mem_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
-    ms = statistics.median(step_ms)
     tr_ms = statistics.median(update_ms) if update_ms else 0.0
     ref_fwd = statistics.median(ref_ms)
     return {
@@ -221,7 +306,10 @@ def run(args) -> dict:
         "precompute_ref": args.precompute_ref, "compile": args.compile, "n_params": policy.num_params(),
         "shape": {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "prompt_len",
                                                   "response_len", "pairs")},
+        "data": args.data, "packing": args.packing if args.data else None,
+        "micro_batches_per_step": statistics.mean(len(micro) for micro, _ in timed),
         "timed_steps": args.steps, "tokens_per_step": tokens, "step_ms": ms, "tokens_per_s": tokens / (ms / 1000),
+        "real_tokens_per_step": real, "real_tokens_per_s": real / (ms / 1000), "padding_fraction": 1 - filled / tokens,
         "ref_forward_ms": ref_fwd, "ref_forward_share": ref_fwd / ms, "tr_update_ms": tr_ms,
         "tr_update_share": tr_ms / ms, "flops_per_step": flops_per_step,
         "achieved_tflops": flops_per_step / (ms / 1000) / 1e12, "matmul_peak_tflops": peak / 1e12,
@@ -230,8 +318,72 @@ def run(args) -> dict:
     }
 
 
+DATA_OPTIONS = {"--data", "--tokenizer", "--max_length", "--max_prompt_length", "--micro_batch_size",
+                "--micro_batch_tokens"}
+BENCH_ONLY = {"--micro_batch_tokens", "--ref_update", "--loss", "--compile", "--device", "--precompute_ref",
+              "--profile", "--profile_rows"}  # what bench_trl.py does not take
+FLAGS = {"--json", "--compile", "--precompute_ref", "--profile"}
+COMPARE_KEYS = ("tokens_per_s", "real_tokens_per_s", "mfu", "peak_mem_mb", "padding_fraction")
+
+
+def compare(argv: list[str], args) -> dict:
+    """Run each of args.compare in its own process (peak memory is per process), round-robin args.repeat times, and
+    print a Markdown table of each column's median [min, max]. TRL's MFU counts our useful FLOPs per step over its
+    step time, against our runs' median matmul peak. Returns {run: [result of each round]}."""
+    base = strip_options(argv, {"--compare", "--repeat", "--packing", "--json"})
+    runs = {name: [] for name in args.compare.split(",")}
+    for _ in range(args.repeat):
+        for name in runs:
+            cmd = {"trl": ["bench_trl.py", *strip_options(base, BENCH_ONLY)],
+                   "fixed": ["bench.py", *strip_options(base, DATA_OPTIONS), "--vocab_size", str(args.vocab_size)]}.get(
+                name, ["bench.py", *base, "--packing", name])
+            out = subprocess.run([sys.executable, *cmd, "--json"], capture_output=True, text=True, cwd=ROOT)
+            if out.returncode:
+                raise SystemExit(f"bench.py --compare: {' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"{name}: " + " ".join(f"{k} {runs[name][-1].get(k)}" for k in COMPARE_KEYS), flush=True)
+    # One peak for every row: each process's own matmul peak swings with the load on a shared machine, so MFU ratios
+    # between rows would mix its noise in. TRL does our runs' useful FLOPs per step.
+    ours = [r for name, rs in runs.items() if name != "trl" for r in rs]
+    peak = statistics.median(r["matmul_peak_tflops"] for r in ours) * 1e12
+    real_flops = next((r["flops_per_step"] for name, rs in runs.items() if name not in ("trl", "fixed") for r in rs),
+                      None)
+    for name, rs in runs.items():
+        for r in rs:
+            flops = real_flops if name == "trl" else r["flops_per_step"]
+            r["mfu"] = None if flops is None else flops / (r["step_ms"] / 1000) / peak
+    print(f"MFU against the median matmul peak of the runs, {peak / 1e12:.3f} TFLOP/s")
+    print("| run | " + " | ".join(COMPARE_KEYS) + " |\n|---|" + "---|" * len(COMPARE_KEYS))
+    for name, rs in runs.items():
+        cells = []
+        for k in COMPARE_KEYS:
+            v = [r[k] for r in rs if r.get(k) is not None]
+            cells.append(f"{statistics.median(v):.4g} [{min(v):.4g}, {max(v):.4g}]" if v else "")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.json:
+        print(json.dumps(runs))
+    return runs
+
+
+def strip_options(argv: list[str], names: set[str]) -> list[str]:
+    """argv without the options in names and their values (--key value or --key=value; FLAGS take none)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a.split("=")[0] in names:
+            skip = "=" not in a and a not in FLAGS
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.compare:
+        args.vocab_size = data.get_tokenizer(args.tokenizer).n_vocab
+        return compare(argv, args)
     try:
         r = run(args)
     except ValueError as e:  # a model or option the code refuses (train.ConfigError, ModelConfig): one line
@@ -241,6 +393,10 @@ def main(argv=None) -> dict:
     print(f"{r['loss']} ref={r['ref_update']} tau={r['tau']} {r['dtype']} {r['device']}"
           f"{' compiled' if r['compile'] else ''}: {r['n_params'] / 1e6:.1f}M params, {r['tokens_per_step']} "
           f"tokens/step")
+    if r["data"]:
+        print(f"{r['data']} packing={r['packing']}: {r['micro_batches_per_step']:.1f} micro batches/step | "
+              f"{r['real_tokens_per_step']:.0f} real tokens/step ({r['real_tokens_per_s']:.0f}/s) | padding "
+              f"{r['padding_fraction']:.1%} of {r['tokens_per_step']:.0f} positions/step")
     print(f"step {r['step_ms']:.1f} ms | {r['tokens_per_s']:.0f} tokens/s | reference forward {ref} | "
           f"TR update {r['tr_update_ms']:.2f} ms ({r['tr_update_share']:.2%}) | {r['achieved_tflops']:.3f} TFLOP/s "
           f"= MFU {r['mfu']:.1%} of a measured {r['matmul_peak_tflops']:.3f} TFLOP/s matmul peak | "

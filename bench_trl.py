@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import statistics
 import time
 import warnings
@@ -51,12 +52,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    real = p.add_argument_group("real data: bench.py --data's optimizer steps, fed to TRL in the same order")
+    real.add_argument("--data", default="", help="a preference JSONL(.gz)")
+    real.add_argument("--tokenizer", default="gpt2")
+    real.add_argument("--max_length", type=int, default=512)
+    real.add_argument("--max_prompt_length", type=int, default=256)
+    real.add_argument("--micro_batch_size", type=int, default=4, help="per-device batch; --pairs / it accumulation")
     args = p.parse_args(argv)
     if args.response_len < 2 or args.prompt_len < 1:
         p.error("--response_len must be >= 2 (random tokens + EOS) and --prompt_len >= 1")
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be >= 1 (a timed step runs from the end of the previous one)")
+    if args.data and args.pairs % args.micro_batch_size:
+        p.error("--pairs must be a multiple of --micro_batch_size")
     return args
+
+
+def real_preference_dataset(args):
+    """(dataset, vocab size, distinct real tokens per timed step, [items of each step]) of bench.py --data's steps:
+    our token ids as words, each response without its final EOS (TRL appends its own, so an uncut response keeps its
+    length; one cut at max_length gains one token)."""
+    from datasets import Dataset
+
+    import bench
+    import packing
+
+    tok, batches = bench.data_batches(args)
+    steps = [batches.next_items()[0] for _ in range(args.warmup + args.steps)]
+
+    def text(ids: list[int], lead: str = "") -> str:
+        ids = ids[:-1] if ids and ids[-1] == tok.eos_id else ids
+        return lead + " ".join(f"t{i}" for i in ids)
+
+    rows = [{"prompt": text(it.prompt), "chosen": text(it.response, " "), "rejected": text(it.rejected, " ")}
+            for items in steps for it in items]
+    real = sum(packing.real_tokens(items, "pairs") for items in steps[args.warmup:]) / args.steps
+    return Dataset.from_list(rows), tok.n_vocab + 1, real
 
 
 def word_tokenizer(vocab_size: int):
@@ -93,6 +124,9 @@ def main(argv=None) -> dict:
     from transformers.utils import logging as hf_logging
     from trl import DPOConfig, DPOTrainer
 
+    real = None
+    if args.data:  # word t<i> is our token i; the word tokenizer's EOS is one more id
+        train_dataset, args.vocab_size, real = real_preference_dataset(args)
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5's renames, not ours to fix
     datasets.disable_progress_bars()
@@ -113,7 +147,8 @@ def main(argv=None) -> dict:
 
     n_steps = args.warmup + args.steps
     train_config = DPOConfig(
-        output_dir="/tmp/bench_trl", per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1,
+        output_dir="/tmp/bench_trl", per_device_train_batch_size=args.micro_batch_size if args.data else args.pairs,
+        gradient_accumulation_steps=args.pairs // args.micro_batch_size if args.data else 1,
         max_steps=n_steps, learning_rate=1e-6, beta=args.beta, loss_type=["sigmoid"], max_length=None,
         sync_ref_model=True, ref_model_mixup_alpha=args.alpha, ref_model_sync_steps=args.tau,
         bf16=args.dtype == "bfloat16", use_cpu=not torch.cuda.is_available(), seed=args.seed,
@@ -128,20 +163,35 @@ def main(argv=None) -> dict:
                 torch.cuda.synchronize()
             ends.append(time.perf_counter())
 
+    if not args.data:
+        train_dataset = random_preference_dataset(args, args.pairs * n_steps)
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=train_config, processing_class=word_tokenizer(
-        args.vocab_size), train_dataset=random_preference_dataset(args, args.pairs * n_steps))
+        args.vocab_size), train_dataset=train_dataset)
     trainer.add_callback(StepClock())
-    batch = next(iter(trainer.get_train_dataloader()))
-    tokens = batch["input_ids"].numel()  # the [chosen; rejected] rows TRL trains on, prompts included
-    expected = 2 * args.pairs * (args.prompt_len + args.response_len)
-    if tokens != expected:
-        raise RuntimeError(f"bench_trl.py: TRL's batch has {tokens} tokens, expected {expected}: the tokenizer split "
-                           f"the random text differently")
+    if args.data:  # bench.py's steps in bench.py's order, not reshuffled
+        from torch.utils.data import SequentialSampler
+        trainer._get_train_sampler = lambda *a, **k: SequentialSampler(trainer.train_dataset)
+        micro = list(trainer.get_train_dataloader())
+        per_step = args.pairs // args.micro_batch_size
+        # the positions TRL computes (padded [chosen; rejected] rows) per timed step
+        tokens = sum(b["input_ids"].numel() for b in micro[args.warmup * per_step:]) / args.steps
+    else:
+        batch = next(iter(trainer.get_train_dataloader()))
+        tokens = batch["input_ids"].numel()  # the [chosen; rejected] rows TRL trains on, prompts included
+        expected = 2 * args.pairs * (args.prompt_len + args.response_len)
+        if tokens != expected:
+            raise RuntimeError(f"bench_trl.py: TRL's batch has {tokens} tokens, expected {expected}: the tokenizer "
+                               f"split the random text differently")
     trainer.train()
-    step_s = statistics.median(b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:]))
+    gaps = [b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:])]
+    step_s = sum(gaps) / len(gaps) if args.data else statistics.median(gaps)  # real steps differ: the mean
     n_params = sum(p.numel() for p in model.parameters())
-    result = {"impl": "trl.DPOTrainer", "trl": __import__("trl").__version__, "tokens_per_step": tokens,
+    peak_mem_mb = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20  # as bench.py
+    result = {"impl": "trl.DPOTrainer", "peak_mem_mb": peak_mem_mb, "trl": __import__("trl").__version__,
+              "tokens_per_step": tokens,
               "step_ms": 1000 * step_s, "tokens_per_s": tokens / step_s, "n_params": n_params, "dtype": args.dtype,
+              "data": args.data, "real_tokens_per_step": real, "real_tokens_per_s": real and real / step_s,
               "alpha": args.alpha, "tau": args.tau, "timed_steps": args.steps}
     print(f"TRL DPOTrainer (sync_ref_model, alpha={args.alpha}, tau={args.tau}): {n_params / 1e6:.1f}M params, "
           f"{tokens} tokens/step, {result['step_ms']:.0f} ms/step, {result['tokens_per_s']:.0f} tokens/s")

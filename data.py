@@ -510,15 +510,21 @@ class Batches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> list[dict]:
+    def next_items(self) -> tuple[list[Item], list]:
+        """The next step's global batch (every rank's items, rank 0's first) and its KTO KL completions (else Nones);
+        advances the step. packing.PackedBatches packs these instead of padding them."""
         epoch, s = divmod(self.step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._epoch, self._order = epoch, self.order(epoch)
         items = [self.data.items[i] for i in self._order[s * self.B:(s + 1) * self.B]]
         kl = _kl_completions(items, self.data.max_length) if self.data.kind == "kto" else [None] * self.B
+        self.step += 1
+        return items, kl
+
+    def __next__(self) -> list[dict]:
+        items, kl = self.next_items()
         per_rank = self.B // self.world
         lo = self.rank * per_rank
-        self.step += 1
         return [collate(items[j:j + self.micro], self.data.kind, self.data.pad_id, kl[j:j + self.micro])
                 for j in range(lo, lo + per_rank, self.micro)]
 

@@ -23,8 +23,22 @@ import torch.nn.functional as F
 CHUNK_ELEMENTS = {"cpu": 2 ** 21, "cuda": 2 ** 27}
 
 
-class _NextTokenLogps(torch.autograd.Function):
-    """log softmax(logits[:, t-1])[input_ids[:, t]] for t = 1..T-1, chunk by chunk over time, in (at least) fp32.
+def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """log softmax(logits)[targets] over the last dim, computed in acc (fp32, or fp64 for gradcheck)."""
+    # log_softmax with dtype= reads bf16 logits and writes fp32 in one kernel; logsumexp would take an fp32 copy and
+    # run max, subtract, exp and sum as separate passes over it (3x the memory traffic)
+    return torch.log_softmax(logits, -1, dtype=acc).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def _chunk_grad(logits: torch.Tensor, targets: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """d (g · log p(targets)) / d logits = g · (onehot(targets) − softmax(logits)); g has a trailing 1 dim."""
+    return torch.softmax(logits, -1, dtype=g.dtype).mul_(-g).scatter_add_(-1, targets[..., None], g)
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log softmax(logits[:, t])[targets[:, t]] for t < T' (targets (B, T'), T' <= T), chunk by chunk over time, in
+    (at least) fp32; positions t >= T' predict nothing and get no gradient. Next-token log-probs are targets =
+    input_ids[:, 1:]; packed rows (packing.py) pass their gathered positions as one row, logits (1, N, V).
 
     Autograd through `logits.float().log_softmax(-1)` would keep an fp32 copy of every chunk for backward, i.e. the
     whole (B, T, V) tensor again; this Function keeps only the input logits and recomputes the softmax per chunk in
@@ -33,34 +47,43 @@ class _NextTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, input_ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
         acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for gradcheck
-        B, T, _ = logits.shape
-        out = torch.empty(B, T - 1, dtype=acc, device=logits.device)
+        B, T = targets.shape
+        out = torch.empty(B, T, dtype=acc, device=logits.device)
         with torch.autocast(logits.device.type, enabled=False):  # the dtype is chosen here, not by autocast
-            for t0 in range(0, T - 1, chunk):
-                t1 = min(t0 + chunk, T - 1)
-                # log_softmax with dtype= reads bf16 logits and writes fp32 in one kernel; logsumexp would take an
-                # fp32 copy and run max, subtract, exp and sum as separate passes over it (3x the memory traffic)
-                logp = torch.log_softmax(logits[:, t0:t1], -1, dtype=acc)
-                out[:, t0:t1] = logp.gather(-1, input_ids[:, t0 + 1:t1 + 1, None]).squeeze(-1)
-        ctx.save_for_backward(logits, input_ids)
+            for t0 in range(0, T, chunk):
+                t = slice(t0, min(t0 + chunk, T))  # logits may have more positions than targets
+                out[:, t] = _chunk_logps(logits[:, t], targets[:, t], acc)
+        ctx.save_for_backward(logits, targets)
         ctx.chunk = chunk
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        logits, input_ids = ctx.saved_tensors
-        T = logits.shape[1]
+        logits, targets = ctx.saved_tensors
+        T = targets.shape[1]
         grad = torch.empty_like(logits)
-        grad[:, -1] = 0  # the last position predicts nothing
+        grad[:, T:] = 0  # positions that predict nothing
         with torch.autocast(logits.device.type, enabled=False):
-            for t0 in range(0, T - 1, ctx.chunk):
-                t1 = min(t0 + ctx.chunk, T - 1)
-                g = grad_out[:, t0:t1, None]
-                gx = torch.softmax(logits[:, t0:t1], -1, dtype=g.dtype).mul_(-g)
-                grad[:, t0:t1].copy_(gx.scatter_add_(-1, input_ids[:, t0 + 1:t1 + 1, None], g))
+            for t0 in range(0, T, ctx.chunk):
+                t = slice(t0, min(t0 + ctx.chunk, T))
+                grad[:, t].copy_(_chunk_grad(logits[:, t], targets[:, t], grad_out[:, t, None]))
         return grad, None, None
+
+
+def _chunk_positions(logits: torch.Tensor) -> int:
+    """Positions per log-softmax chunk, from the device's element budget."""
+    return max(1, CHUNK_ELEMENTS.get(logits.device.type, CHUNK_ELEMENTS["cuda"]) // logits.shape[-1])
+
+
+def gathered_logps(logits: torch.Tensor, targets: torch.Tensor, example: torch.Tensor,
+                   counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_logps for gathered positions: logits (N, V) of the N scored positions, targets (N,) the tokens they
+    predict, example (N,) which of the E examples each belongs to, counts (E,) its scored tokens (float).
+    Returns (logps, counts), both (E,): log π(y|x) = Σ over example e's positions of log p(target)."""
+    token_logps = _TokenLogps.apply(logits[None], targets[None], _chunk_positions(logits))[0]
+    return token_logps.new_zeros(counts.shape[0]).index_add(0, example, token_logps), counts.to(token_logps.dtype)
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
@@ -78,10 +101,10 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
     if not logits.is_floating_point() or input_ids.dtype != torch.long:
         raise ValueError(f"losses.py sequence_logps: need float logits and int64 input_ids, "
                          f"got {logits.dtype} and {input_ids.dtype}")
-    if chunk_tokens is None:  # positions per chunk, from the device's element budget
-        chunk_tokens = CHUNK_ELEMENTS.get(logits.device.type, CHUNK_ELEMENTS["cuda"]) // logits.shape[-1]
+    if chunk_tokens is None:
+        chunk_tokens = _chunk_positions(logits)
     chunk = max(1, chunk_tokens // logits.shape[0])  # time steps per chunk, so a chunk holds ~chunk_tokens positions
-    token_logps = _NextTokenLogps.apply(logits, input_ids, chunk)
+    token_logps = _TokenLogps.apply(logits, input_ids[:, 1:], chunk)
     mask = loss_mask[:, 1:].to(token_logps.dtype)
     return (token_logps * mask).sum(-1), mask.sum(-1)
 

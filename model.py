@@ -140,7 +140,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
-        # softmax(q k^T / sqrt(head_dim)) v; without a mask (training) the kernel applies the causal mask itself
+        # softmax(q k^T / sqrt(head_dim)) v; without a mask (unpacked training rows) the kernel applies the causal mask
+        # itself. With a boolean mask, CPU runs the same flash kernel; CUDA picks the memory-efficient kernel (flash
+        # takes no mask there), which computes every block, masked or not: simple and exact, not the fastest.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -193,11 +195,15 @@ class Llama(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers) if residual else 0.02)
 
     def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: list[KVCache] | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                cache: list[KVCache] | None = None, logits_to_keep: int = 0,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T), causal. logits_to_keep = k > 0 keeps the last k positions,
         (B, k, vocab), as in transformers: the final norm and the LM head, a large share of a small model's work, skip
-        positions whose next-token distribution nobody needs (a prompt's, a prefill's). pos, mask and cache are
-        generate()'s business: positions (B, T), a boolean attention mask (B, 1, T, T_keys), one KVCache per layer."""
+        positions whose next-token distribution nobody needs (a prompt's, a prefill's). logits_index (N,), indices
+        into the flattened B * T positions (repeats allowed), keeps exactly those and returns (N, vocab).
+        pos and mask replace the default positions 0..T-1 and causal attention: positions (B, T) and a boolean
+        attention mask (B, 1, T, T_keys), True where a query may see a key (generate()'s left-padded rows, packing.py's
+        packed rows); cache is generate()'s, one KVCache per layer."""
         if pos is None:
             pos = torch.arange(idx.shape[1], device=idx.device)
         if self.inv_freq.device != idx.device:  # once: a plain attribute does not follow model.to(device), and a copy
@@ -206,7 +212,8 @@ class Llama(nn.Module):
         x = self.embed_tokens(idx)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache[i])
-        return self.lm_head(self.norm(x[:, -logits_to_keep:]))  # -0: every position
+        x = x[:, -logits_to_keep:] if logits_index is None else x.flatten(0, 1)[logits_index]  # -0: every position
+        return self.lm_head(self.norm(x))
 
     def num_params(self) -> int:
         """Number of parameters, the tied embedding/head counted once."""

@@ -61,11 +61,14 @@ def reshard(module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def reference_logits(reference: nn.Module, input_ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+def reference_logits(reference: nn.Module, input_ids: torch.Tensor, logits_to_keep: int = 0, **kwargs) -> torch.Tensor:
     """The reference forward, without autograd: logits of the last logits_to_keep positions (a Llama's option; 0, all
-    of them, works for any module). An FSDP2 root keeps its all-gathered parameters after a forward (it expects a
-    backward that never comes for π_ref), so the reference is resharded before returning."""
-    logits = reference(input_ids, logits_to_keep=logits_to_keep) if logits_to_keep else reference(input_ids)
+    of them, works for any module); kwargs go to the forward too (packed rows: pos, mask, logits_index). An FSDP2 root
+    keeps its all-gathered parameters after a forward (it expects a backward that never comes for π_ref), so the
+    reference is resharded before returning."""
+    if logits_to_keep:
+        kwargs["logits_to_keep"] = logits_to_keep
+    logits = reference(input_ids, **kwargs)
     reshard(reference)
     return logits
 

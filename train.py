@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 import checkpoint
 import data
 import losses
+import packing
 import reference as ref_lib
 import synthetic
 from model import Llama, ModelConfig
@@ -71,6 +72,10 @@ class TrainConfig:
     # optimisation
     batch_size: int = opt(32, "global pairs (dpo/ipo), examples (sft/kto) per optimizer step, for any world size")
     micro_batch_size: int = opt(16, "pairs/examples per process per forward; the rest is gradient accumulation")
+    packing: bool = opt(True, "pack training examples into rows, no padding, a pair's prompt computed once "
+                        "(docs/packing.md); false: padded rows of micro_batch_size examples")
+    micro_batch_tokens: int = opt(0, "with packing: tokens per forward (0: what micro_batch_size padded examples "
+                                  "hold at most, micro_batch_size x max_length x 2 for pairs and kto, x 1 for sft)")
     max_steps: int = opt(200, "optimizer steps")
     lr: float = opt(1e-3, "peak learning rate (AdamW)")
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
@@ -203,7 +208,8 @@ def validate(cfg: TrainConfig, world_size: int):
                  "micro_batch_size", "max_steps", "log_every", "keep_last", "max_new_tokens", "max_bad_steps"):
         if getattr(cfg, name) < 1:
             fail(f"{name}={getattr(cfg, name)} must be >= 1")
-    for name in ("warmup_steps", "eval_every", "ckpt_every", "num_samples", "weight_decay", "grad_clip"):
+    for name in ("warmup_steps", "eval_every", "ckpt_every", "num_samples", "weight_decay", "grad_clip",
+                 "micro_batch_tokens"):
         if getattr(cfg, name) < 0:
             fail(f"{name}={getattr(cfg, name)} must be >= 0")
     if not 0 < cfg.alpha <= 1:
@@ -287,22 +293,34 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
     Rewards are β·(log π − log π_ref) per sequence; kl_ref is Σ(log π − log π_ref) / Σ tokens on the chosen responses,
     a per-token estimate of KL(π‖π_ref) on the data (on-policy estimates are made at eval time).
     """
-    ids, mask = batch["input_ids"], batch["loss_mask"]
-    keep = losses.logits_to_keep(mask)  # once for the policy and the reference forward
+    ids, packed = batch["input_ids"], "pos" in batch
+    if packed:  # packing.py's rows: one forward gives every example's log-probs (KTO: and its KL row's)
+        def forward_logps(model, reference=False):
+            return packing.packed_logps(model, batch, reference)
+    else:
+        mask = batch["loss_mask"]
+        keep = losses.logits_to_keep(mask)  # once for the policy and the reference forward
+
+        def forward_logps(model, reference=False):
+            return batch_logps(model, ids, mask, reference, keep)
     with autocast(cfg, ids.device):
-        logps, n = batch_logps(policy, ids, mask, keep=keep)
+        logps, n = forward_logps(policy)
         if cfg.loss == "sft":  # next-token cross-entropy on the response tokens
             loss = -logps.sum() / n.sum().clamp(min=1)
             return loss, {"loss": loss.item()}
         if ref_logps is None:
             with torch.no_grad():
-                ref_logps, _ = batch_logps(reference, ids, mask, reference=True, keep=keep)
-        if cfg.loss == "kto":  # z_ref from the mismatched KL rows; detached, so the policy side needs no gradient
+                ref_logps, _ = forward_logps(reference, reference=True)
+        if cfg.loss == "kto" and packed:  # [completions ; KL completions]; z_ref takes no gradient
+            b = len(batch["desirable"])
+            logps, policy_kl, ref_logps, ref_kl, n = logps[:b], logps[b:].detach(), ref_logps[:b], ref_logps[b:], n[:b]
+        elif cfg.loss == "kto":  # z_ref from the mismatched KL rows; detached, so the policy side needs no gradient
             kl_ids, kl_mask = batch["kl_input_ids"], batch["kl_loss_mask"]
             kl_keep = losses.logits_to_keep(kl_mask)
             with torch.no_grad():
                 policy_kl, _ = batch_logps(policy, kl_ids, kl_mask, keep=kl_keep)
                 ref_kl, _ = batch_logps(reference, kl_ids, kl_mask, reference=True, keep=kl_keep)
+        if cfg.loss == "kto":
             good = batch["desirable"]
             per_example, rewards, z_ref = losses.kto_loss(logps, ref_logps, good, policy_kl, ref_kl, cfg.beta)
             good_f = good.float()
@@ -312,7 +330,7 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
                      "rejected_logp": masked_mean(logps.detach(), 1 - good_f), "kto_z_ref": z_ref,
                      "kl_ref": ((logps.detach() - ref_logps) * good_f).sum() / (n * good_f).sum().clamp(min=1)}
         else:
-            b = ids.shape[0] // 2  # rows are [chosen_1..b ; rejected_1..b]
+            b = logps.shape[0] // 2  # examples are [chosen_1..b ; rejected_1..b]
             pol, ref = (logps / n, ref_logps / n) if cfg.loss == "ipo" else (logps, ref_logps)  # IPO: length-averaged
             args = (pol[:b], pol[b:], ref[:b], ref[b:], cfg.beta)
             per_example, chosen_r, rejected_r = (losses.ipo_loss(*args) if cfg.loss == "ipo"
@@ -480,6 +498,9 @@ def make_data(cfg: TrainConfig, tok, rank: int, world: int):
             log(f"eval data: the last {len(eval_set.items) % world} example(s) left out to split over {world} ranks")
             eval_set.items = eval_set.items[:len(eval_set.items) - len(eval_set.items) % world]
         train_batches = data.Batches(train_set, cfg.batch_size, cfg.micro_batch_size, rank, world, cfg.seed)
+        if cfg.packing:
+            budget = cfg.micro_batch_tokens or cfg.micro_batch_size * cfg.max_length * (1 if kind == "sft" else 2)
+            train_batches = packing.PackedBatches(train_batches, budget)
     except data.DataError:
         raise
     except ValueError as e:
@@ -609,7 +630,8 @@ def run(cfg: TrainConfig) -> dict:
         fail(f"tokenizer={cfg.tokenizer}: {e}")
     check_vocab(cfg, tok)
     train_loader, eval_batches, prompts = make_data(cfg, tok, rank, world)
-    accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    micro_steps = (f"packed micro steps of <= {train_loader.rows} x {train_loader.capacity} tokens" if cfg.packing else
+                   f"{cfg.batch_size // (cfg.micro_batch_size * world)} micro step(s) of {cfg.micro_batch_size}")
 
     # models: the policy π_θ, the reference π_ref (a frozen copy, TR-updated), the initial policy for KL at eval time
     init = load_model(cfg, tok).to(device)
@@ -645,8 +667,8 @@ def run(cfg: TrainConfig) -> dict:
             line for line in metrics_file.read_text().splitlines(keepends=True)
             if line.endswith("\n") and json.loads(line)["step"] <= start]  # drop what ran after the checkpoint
         metrics_file.write_text("".join(kept))
-    log(f"{n_params / 1e6:.2f}M parameters | {world} process(es) on {device} | {accum} micro step(s) of "
-        f"{cfg.micro_batch_size} per process per optimizer step" + (f" | resuming {ckpt}" if ckpt else ""))
+    log(f"{n_params / 1e6:.2f}M parameters | {world} process(es) on {device} | {micro_steps} per process per optimizer "
+        "step" + (f" | resuming {ckpt}" if ckpt else ""))
 
     tracker = start_wandb(cfg, rank)
 
@@ -671,17 +693,21 @@ def run(cfg: TrainConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         sums: dict[str, float] = {}
-        for i, batch in enumerate(next(train_loader)):
+        micro_batches = next(train_loader)
+        for i, batch in enumerate(micro_batches):
+            # padded: the mean over micro steps; packed: each micro batch's share (packing.PackedBatches). Then
+            # DDP/FSDP average over ranks: the global batch mean
+            weight = batch.pop("weight", 1 / len(micro_batches))
             batch = {k: v.to(device) for k, v in batch.items()}
-            with grad_sync(policy, cfg, i == accum - 1):
+            with grad_sync(policy, cfg, i == len(micro_batches) - 1):
                 loss, m = compute_loss(run_policy, run_ref, batch, cfg)
-                (loss / accum).backward()  # mean over micro steps; DDP/FSDP average over ranks: a global batch mean
-            sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
+                (loss * weight).backward()
+            sums = {k: sums.get(k, 0.0) + v * weight for k, v in m.items()}
             tokens += sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         norm = grad_norm.item()  # the one host sync of the guard, reused by the log line
-        if bad_steps := guard(norm, sums["loss"] / accum, bad_steps, step, cfg, out, record):
+        if bad_steps := guard(norm, sums["loss"], bad_steps, step, cfg, out, record):
             optimizer.zero_grad(set_to_none=True)  # skipped: no optimizer step, no TR update, the step is retried
             continue
         optimizer.step()
@@ -693,7 +719,7 @@ def run(cfg: TrainConfig) -> dict:
             keys = sorted(sums)
             totals = all_reduce_sum([sums[k] for k in keys] + [tokens], device)
             now = time.time()
-            row = {"step": step, "split": "train", **{k: v / (accum * world) for k, v in zip(keys, totals)},
+            row = {"step": step, "split": "train", **{k: v / world for k, v in zip(keys, totals)},
                    "grad_norm": norm, "lr": lr, "tokens_per_s": totals[-1] / (now - t_log)}
             record(row)
             eta = (now - t0) / (step - start) * (cfg.max_steps - step)

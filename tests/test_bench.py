@@ -86,3 +86,61 @@ def test_trl_baseline_runs_on_the_same_tokens():
     r = bench_trl.main(["--dim", "32", "--n_layers", "1", "--n_heads", "2", "--vocab_size", "97", "--prompt_len", "4",
                         "--response_len", "6", "--pairs", "2", "--warmup", "1", "--steps", "1"])
     assert r["tokens_per_step"] == 2 * 2 * (4 + 6) and r["tokens_per_s"] > 0
+
+
+def preference_file(tmp_path, n: int = 24):
+    """A small JSONL of prompt/chosen/rejected texts of varied lengths."""
+    rng = __import__("random").Random(0)
+    words = "the a cat dog sat ran on under mat tree quickly slowly".split()
+
+    def text(lo, hi):
+        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": text(1, 8), "chosen": text(1, 10), "rejected": text(1, 10)}) + "\n"
+                            for _ in range(n)))
+    return path
+
+
+DATA = ["--dim", "32", "--n_layers", "1", "--n_heads", "2", "--tokenizer", "byte", "--max_length", "64",
+        "--max_prompt_length", "32", "--pairs", "4", "--micro_batch_size", "2", "--warmup", "1", "--steps", "2"]
+
+
+def test_real_data_modes_do_the_same_useful_work(tmp_path):
+    """--data: the same steps under every packing mode; shared packing computes the fewest positions (no padding, each
+    prompt once), and MFU counts only the useful FLOPs, the same for all modes."""
+    path = preference_file(tmp_path)
+    r = {m: bench.main([*DATA, "--data", str(path), "--packing", m]) for m in ("off", "rows", "shared")}
+    assert len({x["flops_per_step"] for x in r.values()}) == 1
+    assert len({x["real_tokens_per_step"] for x in r.values()}) == 1
+    assert r["shared"]["tokens_per_step"] < r["rows"]["tokens_per_step"] < r["off"]["tokens_per_step"]
+    assert r["off"]["padding_fraction"] > 0 and r["off"]["micro_batches_per_step"] == 2
+    assert r["shared"]["real_tokens_per_step"] <= r["shared"]["tokens_per_step"]
+    for x in r.values():
+        assert x["real_tokens_per_s"] == pytest.approx(x["real_tokens_per_step"] / x["step_ms"] * 1000)
+    items = bench.data_batches(bench.parse_args([*DATA, "--data", str(path)]))[1].next_items()[0]
+    for it in items[:1]:  # the real tokens: each prompt once, both responses
+        assert bench.packing.real_tokens([it], "pairs") == len(it.prompt) + len(it.response) + len(it.rejected)
+
+
+def test_trl_baseline_runs_on_the_same_real_steps(tmp_path):
+    pytest.importorskip("trl")
+    import bench_trl
+    path = preference_file(tmp_path)
+    r = bench_trl.main([*DATA, "--data", str(path)])
+    ours = bench.main([*DATA, "--data", str(path), "--packing", "off"])
+    assert r["real_tokens_per_step"] == ours["real_tokens_per_step"]
+    # TRL pads like our padded path; a response cut at max_length gains TRL's EOS, so at most one more per sequence
+    assert ours["tokens_per_step"] <= r["tokens_per_step"] <= ours["tokens_per_step"] + 2 * 4 * 2
+
+
+def test_compare_runs_each_configuration_in_its_own_process(tmp_path, capsys):
+    """--compare: one fresh process per run and round, a Markdown row per run, MFU against one shared peak."""
+    path = preference_file(tmp_path)
+    runs = bench.main([*DATA, "--steps", "1", "--data", str(path), "--compare", "shared,off,fixed", "--repeat", "1"])
+    assert list(runs) == ["shared", "off", "fixed"] and all(len(rs) == 1 for rs in runs.values())
+    assert runs["fixed"][0]["data"] == "" and runs["shared"][0]["packing"] == "shared"
+    out = capsys.readouterr().out
+    assert "| shared |" in out and "| off |" in out and "| fixed |" in out
+    s, o = runs["shared"][0], runs["off"][0]  # the same useful FLOPs: MFU ratio = speed ratio
+    assert s["mfu"] / o["mfu"] == pytest.approx(o["step_ms"] / s["step_ms"])

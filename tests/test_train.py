@@ -284,6 +284,33 @@ def test_other_runs_match_one_eager_process_with_accumulation(straight, tmp_path
         assert a.keys() == b.keys() and all(v == pytest.approx(b[k], abs=1e-4) for k, v in a.items())
 
 
+def test_the_padded_path_matches_the_packed_default(straight, tmp_path):
+    """--packing=false (padded rows, the prompt computed twice) trains to the same weights and metrics."""
+    run(TINY + [f"--out_dir={tmp_path}", "--packing=false"])
+    for sub in ("", "reference"):
+        assert_close(weights(tmp_path, sub), weights(straight, sub), atol=1e-5)
+    for a, b in zip(metrics(tmp_path), metrics(straight), strict=True):
+        assert a.keys() == b.keys() and all(v == pytest.approx(b[k], abs=1e-4) for k, v in a.items())
+
+
+@pytest.mark.parametrize("loss", ["dpo", "sft"])
+def test_packed_micro_batches_of_a_small_budget_are_world_size_invariant(tmp_path, loss):
+    """A budget of 3 rows gives one process uneven micro batches (3 + 1 examples, 2 + 2 on each of 2 ranks); DDP and
+    FSDP2 on 2 processes still reproduce 1 process: the loss weights make the global batch mean (SFT: its token
+    mean) of any split."""
+    args = [a for a in TINY if not a.startswith(("--loss", "--ref_update"))]
+    args += [f"--loss={loss}", "--ref_update=static" if loss == "sft" else "--ref_update=soft",
+             f"--micro_batch_tokens={93 if loss == 'dpo' else 48}", "--max_steps=6", "--eval_every=0", "--ckpt_every=0"]
+    runs = {}
+    for name, extra, nproc in (("one", [], 0), ("ddp", [], 2), ("fsdp", ["--fsdp=true"], 2)):
+        runs[name] = tmp_path / name
+        run(args + [f"--out_dir={runs[name]}", *extra], nproc=nproc)
+    for name in ("ddp", "fsdp"):
+        assert_close(weights(runs[name]), weights(runs["one"]), atol=1e-5)
+        for a, b in zip(metrics(runs[name]), metrics(runs["one"]), strict=True):
+            assert all(v == pytest.approx(b[k], abs=1e-4) for k, v in a.items())
+
+
 def test_a_fresh_run_replaces_an_earlier_runs_checkpoints(straight, tmp_path):
     """Running again into the same out_dir without --resume (the demo twice, say) must not trip over the earlier
     run's ckpt-<step> of the same step, nor leave a newer one that init_from or --resume would pick."""
