@@ -54,7 +54,7 @@ class TrainConfig:
     data: str = opt("synthetic", "'synthetic' (the built-in task of synthetic.py) or a preference JSONL(.gz) file")
     eval_data: str = opt("", "held-out JSONL(.gz); empty: hold out the first eval_size examples of data")
     eval_size: int = opt(128, "number of held-out examples evaluated (pairs, or examples for sft)")
-    tokenizer: str = opt("auto", "'auto' (init_from's own: a llama2.c tok*.bin beside its weights, or the tokenizer its "
+    tokenizer: str = opt("auto", "'auto' (init_from's own: a llama2.c tok*.bin beside its weights, or the one its "
                          "checkpoint was trained with; else byte), 'byte', a tiktoken name (gpt2), or the path of a "
                          "Llama 3 tokenizer.model or a llama2.c tokenizer .bin")
     max_length: int = opt(64, "max tokens of prompt + response (longer examples are truncated, see data.py)")
