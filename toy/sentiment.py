@@ -40,15 +40,15 @@ MODEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories
 OPENINGS = ["Once upon a time", "One day,", "Tom and his dog", "Lily went to the park", "There was a little bird",
             "The sun was", "Ben had a red ball", "Mom said", "In a small house", "A big cat", "Sue found a box",
             "It was raining", "The boy wanted", "Max saw a tree", "Anna and her friend", "At the beach,"]
-RESPONSE_TOKENS = 32
+RESPONSE_TOKENS = 24
 GOLD_SCALE = 4.0  # a compound difference of 0.5 wins with probability σ(2) ≈ 0.88
 TR_BETA = 0.1
 
 # the study, fixed before any result was looked at
 # (sizes: pairs per loss; the first is the main size of the figure's left column and of the stories)
-FULL = dict(seeds=[0, 1, 2, 3, 4], sizes={"dpo": [128, 512], "ipo": [128], "kto": [128]}, betas=[0.03, 0.1, 0.3],
-            soft=[(0.6, 4), (0.6, 16)], hard=[16], steps=48, eval_every=6, eval_samples=64, batch_pairs=16, lr=4e-4,
-            warmup=3, kl_grid=[1, 2, 4, 8, 16, 32, 64])
+FULL = dict(seeds=[0, 1, 2, 3, 4], sizes={"dpo": [128, 512], "ipo": [128], "kto": [128]}, betas=[0.1, 0.3],
+            soft=[(0.6, 4)], hard=[16], steps=40, eval_every=5, eval_samples=48, batch_pairs=16, lr=4e-4, warmup=3,
+            kl_grid=[0.5, 1, 2, 4, 8, 16, 32])
 QUICK = dict(seeds=[0, 1], sizes={"dpo": [16], "ipo": [16], "kto": [16]}, betas=[0.1], soft=[(0.6, 2)], hard=[4],
              steps=6, eval_every=3, eval_samples=16, batch_pairs=4, lr=3e-4, warmup=1, kl_grid=[1, 2, 4])
 
@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
             del p["texts"]  # only the matched stories are kept: every sample of every run would be megabytes
     summary = summarise(runs, grid)
     for cell, s in summary.items():
-        print(f"{cell} frontier (best gold at KL ≤ K), static vs TR, Δ = TR − static [paired 95% CI]:\n  " + "\n  ".join(
+        print(f"{cell} frontier (best gold at KL ≤ K), static vs TR, Δ = TR − static [paired 95% CI]:\n  "
+              + "\n  ".join(
             f"K={r['K']:<3g} {r['static']:.3f} vs {r['tr']:.3f}  Δ {r['diff']['mean']:+.3f} [{r['diff']['lo']:+.3f}, "
             f"{r['diff']['hi']:+.3f}]  {r['verdict']}" for r in s["frontier"]))
     for k, v in stories.items():
