@@ -158,8 +158,8 @@ def llama2c_tokenizer(path: str | Path) -> Tokenizer:
     character its own piece, since tiktoken forms a character only from its bytes. In a vocabulary that merges non-ASCII
     characters (Llama 2's) those merges are not made: such text gets more, shorter tokens than llama2.c gives it."""
     path = Path(path)
-    if path.is_dir():
-        path = find_llama2c(path) or path / "tokenizer.bin"
+    if path.is_dir() and (path := find_llama2c(directory := path)) is None:
+        raise ValueError(f"{directory}: no llama2.c tokenizer (tok*.bin) in this directory")
     try:
         raw = path.read_bytes()
     except OSError as e:

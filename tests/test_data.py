@@ -168,6 +168,9 @@ def test_llama2c_bad_files_fail_with_the_file_named(tmp_path):
     (tmp_path / "tokenizer.bin").write_bytes(good)
     with pytest.raises(ValueError, match="2 llama2.c tokenizers"):
         data.get_tokenizer(str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty: no llama2.c tokenizer"):
+        data.get_tokenizer(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="missing.bin: cannot read"):
         data.get_tokenizer(str(tmp_path / "missing.bin"))
 
