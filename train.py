@@ -384,7 +384,8 @@ def resume_checkpoint(cfg: TrainConfig) -> Path | None:
     ckpt = checkpoint.newest(cfg.out_dir) if cfg.resume else None
     if ckpt is not None:
         saved = json.loads((ckpt / "train_config.json").read_text())
-        changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
+        resolved = asdict(replace(cfg, tokenizer=auto_tokenizer(cfg)))  # saved configs hold the resolved tokenizer
+        changed = [k for k, v in resolved.items() if k not in RESUMABLE and saved.get(k) != v]
         if changed:
             fail(f"--resume: {ckpt} was trained with other values of {', '.join(changed)}")
     return ckpt
