@@ -9,8 +9,8 @@ one drawn by Bradley–Terry on the gold reward, P(y1 ≻ y2) = σ(GOLD_SCALE·(
 
 Training: train.compute_loss (losses.py's DPO / IPO / KTO) against reference.py's static, soft (θ_ref ← α·θ +
 (1−α)·θ_ref every τ steps) or hard (θ_ref ← θ every τ) reference, AdamW and gradient clipping as in train.py.
-Evaluation along training, on fresh samples from the policy (EVAL_SAMPLES per evaluation, the same sampling noise at
-every evaluation of every run of a seed): the mean gold reward, and KL(π‖π_SFT) estimated on those samples as
+Evaluation along training, on fresh samples from the policy (the grid's eval_samples per evaluation, the same
+sampling noise at every evaluation of every run of a seed): the mean gold reward, and KL(π‖π_SFT) estimated on them as
 train.evaluate's kl_init does: the mean over y ~ π of log π(y|x) − log π_SFT(y|x), in nats per response. That
 estimator is unbiased but noisy (its standard error, std/√n, is recorded with every point) and can be < 0 near π_SFT.
 
