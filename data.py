@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import re
+import struct
 import sys
 import zlib
 from dataclasses import dataclass
@@ -37,12 +38,14 @@ class Tokenizer:
     """A tiktoken Encoding plus the ids the pipeline needs: every sequence starts with bos_id, a response ends with
     eos_id (Llama 3 chat responses with <|eot_id|>), pads are pad_id (masked out of every loss)."""
 
-    def __init__(self, enc: tiktoken.Encoding, bos: str, eos: str, pad: str, chat: str = "plain"):
+    def __init__(self, enc: tiktoken.Encoding, bos: str, eos: str, pad: str, chat: str = "plain", prefix: str = ""):
         self.enc, self.name, self.n_vocab, self.chat = enc, enc.name, enc.n_vocab, chat
         self.bos_id, self.eos_id, self.pad_id = (enc.encode_single_token(t) for t in (bos, eos, pad))
+        self.prefix = prefix  # sentencepiece's dummy prefix: " " before the text that starts a sequence
 
     def encode(self, text: str) -> list[int]:
-        return self.enc.encode_ordinary(text)
+        """The text as the start of a sequence (after BOS): with the dummy prefix, if any, when text is not empty."""
+        return self.enc.encode_ordinary(self.prefix + text if text else text)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode(list(ids))
@@ -57,7 +60,7 @@ class Tokenizer:
         <|eot_id|>, the prompt ending with the assistant header; the response is content.strip() <|eot_id|>.
         Plain chat (other tokenizers): HH-style text "\\n\\nHuman: ..\\n\\nAssistant:" and the response " content"."""
         if isinstance(x, str):
-            return [x, self.eos_id] if response else [self.bos_id, x]
+            return [x, self.eos_id] if response else [self.bos_id, self.prefix + x]
         if self.chat == "llama3":
             if response:
                 return [x[0]["content"].strip(), self.special("<|eot_id|>")]
@@ -69,12 +72,14 @@ class Tokenizer:
             return segs
         if response:
             return [" " + x[0]["content"], self.eos_id]
-        return [self.bos_id, "".join(f"\n\n{PLAIN_ROLES[m['role']]}: {m['content']}" for m in x) + "\n\nAssistant:"]
+        return [self.bos_id, self.prefix + "".join(f"\n\n{PLAIN_ROLES[m['role']]}: {m['content']}" for m in x)
+                + "\n\nAssistant:"]
 
 
 def get_tokenizer(name_or_path: str) -> Tokenizer:
     """'byte' (built in, no file), a tiktoken encoding name (gpt2, r50k_base, cl100k_base, o200k_base; their
-    <|endoftext|> serves as BOS, EOS and pad), or the path of a Llama 3 tokenizer.model."""
+    <|endoftext|> serves as BOS, EOS and pad), the path of a Llama 3 tokenizer.model, or a llama2.c tokenizer: its
+    .bin file or a model directory holding one (llama2c_tokenizer)."""
     if name_or_path == "byte":  # 256 byte tokens and no merges: for offline demos and tests
         specials = {"<|bos|>": 256, "<|eos|>": 257, "<|pad|>": 258}
         enc = tiktoken.Encoding("byte", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
@@ -88,9 +93,11 @@ def get_tokenizer(name_or_path: str) -> Tokenizer:
                                f"TIKTOKEN_CACHE_DIR at a directory holding its files (e.g. ../shared/tiktoken_cache)")
         return Tokenizer(enc, "<|endoftext|>", "<|endoftext|>", "<|endoftext|>")
     path = Path(name_or_path)
+    if path.suffix == ".bin" or path.is_dir():
+        return llama2c_tokenizer(path)
     if not path.is_file():
         raise ValueError(f"unknown tokenizer {name_or_path!r}: 'byte', one of {tiktoken.list_encoding_names()}, "
-                         "or the path of a Llama 3 tokenizer.model")
+                         "the path of a Llama 3 tokenizer.model, or a llama2.c tokenizer .bin (or its directory)")
     ranks = {}  # tiktoken's BPE file: "<base64 token> <rank>" per line; read here, not through tiktoken's URL cache
     for line_no, line in enumerate(path.read_text().splitlines(), 1):
         try:
@@ -107,6 +114,97 @@ def get_tokenizer(name_or_path: str) -> Tokenizer:
 def response_end_ids(tok) -> list[int]:
     """The ids that end a response in tokenize (generation stops on them): EOS, and Llama 3 chat's <|eot_id|>."""
     return [tok.eos_id] + ([tok.special("<|eot_id|>")] if getattr(tok, "chat", "") == "llama3" else [])
+
+
+# llama2.c's tokenizer.bin (karpathy/llama2.c's export of a sentencepiece BPE model, e.g. stories260K's tok512.bin,
+# Llama 2's tokenizer.bin): int32 max token length, then per token float32 score, int32 byte length, the bytes. Ids 0-2
+# are <unk>, BOS "\n<s>\n", EOS "\n</s>\n"; ids 3-258 the byte-fallback tokens <0x00>..<0xFF>; then the pieces (merges
+# and single characters, sentencepiece's ▁ written as " "). llama2.c's encode: " " + text (the dummy prefix) split into
+# characters, each its own piece or else its UTF-8 bytes as byte tokens, then the adjacent pair whose concatenation is
+# the highest-scoring piece is merged, the leftmost on ties, until no pair is a piece. As a tiktoken Encoding: a piece's
+# rank is its id (tiktoken merges the lowest rank first, so the merges must be in descending score order, checked), a
+# byte's rank is its character piece, or its byte token when it has none.
+BYTE_TOKENS = 3  # id of <0x00>
+
+
+def find_llama2c(directory: str | Path) -> Path | None:
+    """The llama2.c tokenizer in a model directory (tokenizer.bin, tok512.bin, ...: llama2.c's names), or None."""
+    found = sorted(Path(directory).glob("tok*.bin"))
+    if len(found) > 1:
+        raise ValueError(f"{directory}: {len(found)} llama2.c tokenizers ({', '.join(p.name for p in found)}): "
+                         "name the file")
+    return found[0] if found else None
+
+
+class Llama2cEncoding(tiktoken.Encoding):
+    """A tiktoken Encoding that also decodes the byte tokens whose byte has a character piece of its own (<0x65> beside
+    "e"): tiktoken keeps one rank per byte string, the character's, so these ids are decoded here. Encoding never
+    produces them (llama2.c does not either); a sampling model can."""
+
+    def __init__(self, name: str, *, byte_tokens: dict[int, bytes], **kwargs):
+        super().__init__(name, **kwargs)
+        self.byte_tokens = byte_tokens
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        return self.byte_tokens[token] if token in self.byte_tokens else super().decode_single_token_bytes(token)
+
+    def decode_bytes(self, tokens: list[int]) -> bytes:
+        if self.byte_tokens.keys().isdisjoint(tokens):
+            return super().decode_bytes(tokens)
+        return b"".join(map(self.decode_single_token_bytes, tokens))
+
+    def decode(self, tokens: list[int], errors: str = "replace") -> str:
+        return self.decode_bytes(tokens).decode("utf-8", errors=errors)
+
+
+def llama2c_tokenizer(path: str | Path) -> Tokenizer:
+    """A llama2.c tokenizer .bin (or the model directory holding it) as a tiktoken Encoding with llama2.c's ids.
+
+    Equal to llama2.c's encode when no merged piece holds a non-ASCII character (stories260K's tok512.bin: its
+    non-ASCII pieces are single characters): the pre-split pattern keeps ASCII runs whole and gives every other
+    character its own piece, since tiktoken forms a character only from its bytes. In a vocabulary that merges non-ASCII
+    characters (Llama 2's) those merges are not made: such text gets more, shorter tokens than llama2.c gives it."""
+    path = Path(path)
+    if path.is_dir() and (path := find_llama2c(directory := path)) is None:
+        raise ValueError(f"{directory}: no llama2.c tokenizer (tok*.bin) in this directory")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"llama2.c tokenizer {path}: cannot read ({e.strerror})") from None
+    pieces, scores, at = [], [], 4
+    while at < len(raw):
+        if at + 8 > len(raw) or at + 8 + (n := struct.unpack_from("<i", raw, at + 4)[0]) > len(raw) or n < 0:
+            raise DataError(f"{path}: byte {at}: truncated record of token {len(pieces)}")
+        scores.append(struct.unpack_from("<f", raw, at)[0])
+        pieces.append(raw[at + 8:at + 8 + n])
+        at += 8 + n
+    byte_names = [f"<0x{b:02X}>".encode() for b in range(256)]
+    if len(raw) < 4 or pieces[BYTE_TOKENS:BYTE_TOKENS + 256] != byte_names:
+        raise DataError(f"{path}: not a llama2.c tokenizer: ids {BYTE_TOKENS}-{BYTE_TOKENS + 255} must be the byte "
+                        "tokens <0x00>..<0xFF>")
+    first = BYTE_TOKENS + 256
+    ranks = {bytes([b]): BYTE_TOKENS + b for b in range(256)}
+    last_merge = None
+    for i in range(first, len(pieces)):
+        p = pieces[i]
+        try:
+            n_chars = len(p.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: token {i} {p!r} is not UTF-8") from None
+        if p in ranks and ranks[p] >= first:
+            raise DataError(f"{path}: token {i} {p!r} repeats token {ranks[p]}")
+        if n_chars > 1:
+            if last_merge is not None and not scores[i] < scores[last_merge]:
+                raise DataError(f"{path}: token {i} {p!r}: merges must be in descending score order for tiktoken "
+                                f"(score {scores[i]} after token {last_merge}'s {scores[last_merge]})")
+            last_merge = i
+        ranks[p] = i
+    byte_tokens = {BYTE_TOKENS + b: bytes([b]) for b in range(256) if ranks[bytes([b])] != BYTE_TOKENS + b}
+    unk, bos, eos = (p.decode().strip() for p in pieces[:BYTE_TOKENS])  # "\n<s>\n" is llama2.c's print form of <s>
+    enc = Llama2cEncoding(path.name, pat_str=r"[\x00-\x7f]+|[^\x00-\x7f]", mergeable_ranks=ranks,
+                          special_tokens={unk: 0, bos: 1, eos: 2}, byte_tokens=byte_tokens)
+    # pad: EOS (what pads hold never matters: right padding, causal attention, loss_mask 0)
+    return Tokenizer(enc, bos, eos, eos, prefix=" ")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

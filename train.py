@@ -58,7 +58,9 @@ class TrainConfig:
     data: str = opt("synthetic", "'synthetic' (the built-in task of synthetic.py) or a preference JSONL(.gz) file")
     eval_data: str = opt("", "held-out JSONL(.gz); empty: hold out the first eval_size examples of data")
     eval_size: int = opt(128, "number of held-out examples evaluated (pairs, or examples for sft)")
-    tokenizer: str = opt("byte", "'byte', a tiktoken name (gpt2) or a Llama 3 tokenizer.model path")
+    tokenizer: str = opt("auto", "'auto' (init_from's own: a llama2.c tok*.bin beside its weights, or the one its "
+                         "checkpoint was trained with; else byte), 'byte', a tiktoken name (gpt2), or the path of a "
+                         "Llama 3 tokenizer.model or a llama2.c tokenizer .bin")
     max_length: int = opt(64, "max tokens of prompt + response (longer examples are truncated, see data.py)")
     max_prompt_length: int = opt(32, "max prompt tokens (prompts are cut from the left)")
     # objective
@@ -240,8 +242,24 @@ def validate(cfg: TrainConfig, world_size: int):
             fail(f"init_from={e}")
     if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
         fail(f"wandb_project={cfg.wandb_project} needs the wandb package (pip install wandb)")
-    if cfg.data == "synthetic" and cfg.tokenizer != "byte":
-        fail(f"data=synthetic is a byte-level task: tokenizer must be 'byte', not {cfg.tokenizer!r}")
+    try:
+        tokenizer = auto_tokenizer(cfg)
+    except ValueError as e:
+        fail(f"tokenizer=auto: {e}")
+    if cfg.data == "synthetic" and tokenizer != "byte":
+        fail(f"data=synthetic is a byte-level task: tokenizer must be 'byte', not {tokenizer!r}")
+
+
+def auto_tokenizer(cfg: TrainConfig) -> str:
+    """cfg.tokenizer, or for 'auto' the one that came with the initial model: a llama2.c tokenizer beside its weights
+    (stories260K's tok512.bin), else the one its checkpoint was trained with, else byte (a model from scratch)."""
+    if cfg.tokenizer != "auto" or cfg.init_from == "scratch":
+        return "byte" if cfg.tokenizer == "auto" else cfg.tokenizer
+    model = checkpoint.model_dir(cfg.init_from)
+    if (found := data.find_llama2c(model)) is not None:
+        return str(found)
+    saved = model / "train_config.json"
+    return json.loads(saved.read_text())["tokenizer"] if saved.exists() else "byte"
 
 
 def schedule_warning(cfg: TrainConfig) -> str | None:
@@ -455,7 +473,7 @@ def resume_checkpoint(cfg: TrainConfig) -> Path | None:
         return None
     ckpt = checkpoint.resumable(cfg.out_dir, log)
     saved = json.loads((ckpt / "train_config.json").read_text())
-    changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
+    changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]  # cfg: train() resolved
     if changed:
         fail(f"--resume: {ckpt} was trained with other values of {', '.join(changed)}")
     step = json.loads((ckpt / "state.json").read_text())["step"]
@@ -610,6 +628,7 @@ def guard(norm: float, loss: float, bad_steps: int, step: int, cfg: TrainConfig,
 def train(cfg: TrainConfig) -> dict:
     """One run (sft, or a preference loss with a static / soft / hard reference); returns the last train and eval
     metrics. Writes out_dir/train_config.json, metrics.jsonl and checkpoints, holding out_dir/.lock throughout."""
+    cfg = replace(cfg, tokenizer=auto_tokenizer(cfg))  # resolved first: train_config.json and --resume see it
     setup_distributed(cfg)
     with checkpoint.lock(cfg.out_dir):  # one run per out_dir: a second one stops here, naming the first's pid
         return run(cfg)

@@ -413,3 +413,33 @@ def test_demo_pipeline_writes_its_table(tmp_path):
     assert (soft["init_from"], soft["ref_update"], soft["loss"]) == (str(tmp_path / "sft"), "soft", "dpo")
     for stage in ("sft", "dpo", "tr-dpo-soft", "tr-dpo-hard"):
         assert [r["step"] for r in metrics(tmp_path / stage) if r["split"] == "eval"] == [40]
+
+
+def test_stories260K_dpo_with_its_llama2c_tokenizer_end_to_end(tmp_path, capsys):
+    """karpathy's stories260K with the tok512.bin beside it: --tokenizer left at auto finds it (and a run from our
+    checkpoint finds it in the checkpoint's train_config.json); DPO trains, evaluates with decoded samples,
+    checkpoints, and sample.py continues a story from the result."""
+    import sample
+    stories = shared_path("models", "stories260K")
+    tok512 = str(stories / "tok512.bin")
+    pairs = [{"prompt": "Once upon a time", "chosen": " there was a happy girl. She smiled.",
+              "rejected": " there was a sad boy. He cried."},
+             {"prompt": "One day, Tom", "chosen": " found a red ball and laughed.", "rejected": " fell and hurt."}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs * 4))
+    with pytest.raises(train.ConfigError, match="byte-level task: tokenizer must be 'byte', not '.*tok512.bin'"):
+        train.parse_config([f"--init_from={stories}"], world_size=1)  # data=synthetic is letters, not stories
+    explicit = train.TrainConfig(init_from=str(stories), tokenizer=tok512)
+    assert train.auto_tokenizer(explicit) == tok512 == train.auto_tokenizer(train.TrainConfig(init_from=str(stories)))
+    common = [f"--data={tmp_path / 'pairs.jsonl'}", "--loss=dpo", "--eval_size=2", "--batch_size=2",
+              "--micro_batch_size=2", "--max_steps=2", "--num_samples=2", "--max_new_tokens=12", "--lr=1e-4"]
+    p = run([f"--init_from={stories}", f"--out_dir={tmp_path / 'dpo'}", *common])
+    assert "sample | '<s> Once upon a time' -> '" in p.stdout  # decoded text, BOS shown as <s>
+    saved = json.loads((tmp_path / "dpo" / "train_config.json").read_text())
+    assert saved["tokenizer"] == tok512
+    assert [(r["step"], r["split"]) for r in metrics(tmp_path / "dpo")][-1] == (2, "eval")
+    run([f"--init_from={tmp_path / 'dpo'}", f"--out_dir={tmp_path / 'tr'}", "--ref_update=hard", "--tau=1", *common])
+    assert json.loads((tmp_path / "tr" / "train_config.json").read_text())["tokenizer"] == tok512
+    sample.main(["--ckpt", str(checkpoint.model_dir(tmp_path / "tr")), "--tokenizer", tok512, "--prompt",
+                 "Once upon a time", "--max_new_tokens", "20", "--temperature", "0"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("Once upon a time") and len(printed.split()) > 8
