@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from toy import bandit, common, curvature, overoptimization, sequences
+from toy import bandit, common, curvature, overoptimization, sequences, stats
 
 
 def run_quick(module, tmp_path_factory) -> tuple[dict, dict]:
@@ -136,3 +136,49 @@ def test_bad_run_config_is_refused():
         common.RunConfig(loss="orpo")
     with pytest.raises(ValueError, match="mode one of"):
         common.RunConfig(mode="ema")
+
+
+# ---- toy/stats.py: known inputs -> known outputs ----
+
+def test_bootstrap_ci_known_values():
+    assert stats.bootstrap_ci([2.0, 2.0, 2.0]) == (2.0, 2.0)  # no spread, no interval
+    # two seeds {0, 1}: the resampled mean is 0, 0.5 or 1 with probability 1/4, 1/2, 1/4
+    assert stats.bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
+    assert stats.bootstrap_ci([0.0, 1.0], level=0.4) == (0.5, 0.5)  # the 30% and 70% quantiles are both 0.5
+    assert stats.bootstrap_ci([3.0]) == (3.0, 3.0)
+    x = [0.1, 0.4, 0.35, 0.8, 0.05, 0.6, 0.2, 0.9, 0.3, 0.5]
+    lo, hi = stats.bootstrap_ci(x)
+    assert lo < sum(x) / len(x) < hi and (lo, hi) == stats.bootstrap_ci(x)  # fixed seed: reproducible
+    assert (stats.bootstrap_means(x, seed=1) != stats.bootstrap_means(x, seed=0)).any()
+    lo90, hi90 = stats.bootstrap_ci(x, level=0.9)
+    assert lo < lo90 < hi90 < hi
+
+
+def test_paired_diff_removes_the_shared_seed_spread():
+    seed_effect = [10.0, -30.0, 55.0, 3.0, -12.0, 40.0, -8.0, 21.0, 0.0, -5.0]  # shared by both methods
+    b = seed_effect
+    a = [s + 1.0 for s in seed_effect]
+    d = stats.paired_diff(a, b)
+    assert d == {"mean": 1.0, "lo": 1.0, "hi": 1.0, "n": 10,
+                 "method": "paired percentile bootstrap over seeds, 10000 resamples"}
+    a = [s + e for s, e in zip(seed_effect, [0.0, 1.0] * 5)]
+    d = stats.paired_diff(a, b)
+    assert d["mean"] == pytest.approx(0.5) and (d["lo"], d["hi"]) == stats.bootstrap_ci([0.0, 1.0] * 5)
+    assert stats.verdict(d) == "TR higher" and stats.verdict(stats.paired_diff(b, a)) == "TR lower"
+    assert stats.verdict(stats.paired_diff([0.0, 1.0], [0.5, 0.5])) == "no resolved difference"
+    with pytest.raises(ValueError, match="one value per seed"):
+        stats.paired_diff([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        stats.bootstrap_ci([1.0, float("nan")])
+
+
+def test_frontier_is_the_best_gold_within_each_kl_budget():
+    kl, gold = [0.0, 1.0, 2.0, 3.0], [0.0, 2.0, 1.0, 3.0]
+    f = stats.frontier(kl, gold, [-1.0, 0.0, 0.5, 1.0, 2.5, 10.0])
+    assert math.isnan(f[0]) and f[1:].tolist() == [0.0, 0.0, 2.0, 2.0, 3.0]
+    # a family of runs (runs × evaluations): the frontier takes the best run at each budget, unordered KLs included
+    f = stats.frontier([[0.0, 2.0, 1.0], [0.0, 0.5, 3.0]], [[0.0, 1.0, 0.2], [0.0, 0.7, 0.4]], [0.5, 1.0, 2.0, 3.0])
+    assert f.tolist() == [0.7, 0.7, 1.0, 1.0]
+    assert math.isnan(stats.frontier([], [], [1.0])[0])
+    with pytest.raises(ValueError, match="one gold per KL"):
+        stats.frontier([0.0, 1.0], [0.0], [1.0])
