@@ -11,8 +11,8 @@ Frontiers. A static reference reaches larger KL through a smaller β, TR through
 hyper-parameters: the frontier of a family at KL budget K is the best gold reward any of its runs reaches at any
 evaluation with KL(π‖π_SFT) ≤ K (toy/stats.py frontier), per seed; TR − static is then paired over seeds.
 
-Regimes. B = 64 pairs per step for 100 steps (6,400 pair draws) from N distinct pairs: N = 16 or 64 is full-batch
-training for 100 passes, N = 1024 6.25 passes, and "stream" draws fresh pairs from π_SFT every step
+Regimes. B = 64 pairs per step for 100 steps (6,400 pair draws) from N distinct pairs: N = 64 is full-batch training
+for 100 passes, N = 1024 6.25 passes, and "stream" draws fresh pairs from π_SFT every step
 (each pair seen once: the paper's one-epoch setting). The regime map shows the paired frontier gap per N.
 
     python -m toy.overoptimization [--out toy/figures] [--quick] [--workers 2]   # writes overoptimization.*, regimes.*
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         seeds, steps, lr, tau, sft_steps, betas, regimes = [0, 1], 20, 1e-3, 6, 30, (0.1, 0.3), (16, 64, STREAM)
     else:
         seeds, steps, lr, tau, sft_steps = list(range(10)), 100, 4e-4, 8, SFT_STEPS
-        betas, regimes = (0.01, 0.03, 0.1, 0.3, 1.0), (16, 64, 1024, STREAM)
+        betas, regimes = (0.01, 0.03, 0.1, 0.3, 1.0), (64, 1024, STREAM)
     base = dict(lr=lr, alpha=0.6, tau=tau, steps=steps, eval_every=4 if args.quick else 5)
     regime_betas = betas if args.quick else (0.03, 0.1, 0.3)
 
@@ -195,15 +195,15 @@ def main(argv: list[str] | None = None) -> dict:
         extra = "" if mode == "static" else f"/alpha={c.alpha:g}/tau={c.tau}" if mode == "soft" else f"/tau={c.tau}"
         return f"{loss}/{mode}/beta={beta:g}{extra}", c
 
-    # The grids, fixed before any result: static over β; TR soft (α = 0.6, τ) and hard (τ) at β = 0.1 and soft at
-    # β = 0.3; DPO also soft α ∈ {0.3, 0.9} and τ / 4.
-    main_grid = []
-    for loss in LOSSES:
-        main_grid += [cfg(loss, "static", b) for b in betas]
-        main_grid += [cfg(loss, "soft", 0.1), cfg(loss, "hard", 0.1)]
-        main_grid += [] if args.quick else [cfg(loss, "soft", 0.3)]
+    # The grids, fixed before any result (cut to fit the shared CPU, never by outcome). DPO: static over the full β
+    # grid; TR soft (α = 0.6, τ) and hard (τ) at β = 0.1, soft at β = 0.3, soft α ∈ {0.3, 0.9} and τ / 4. IPO / KTO:
+    # static over the regime grid's three β, TR soft and hard at β = 0.1.
+    main_grid = [cfg("dpo", "static", b) for b in betas] + [cfg("dpo", "soft", 0.1), cfg("dpo", "hard", 0.1)]
     if not args.quick:
-        main_grid += [cfg("dpo", "soft", 0.1, alpha=a) for a in (0.3, 0.9)] + [cfg("dpo", "soft", 0.1, tau=tau // 4)]
+        main_grid += [cfg("dpo", "soft", 0.3)] + [cfg("dpo", "soft", 0.1, alpha=a) for a in (0.3, 0.9)]
+        main_grid += [cfg("dpo", "soft", 0.1, tau=tau // 4)]
+    for loss in LOSSES[1:]:
+        main_grid += [cfg(loss, "static", b) for b in regime_betas] + [cfg(loss, "soft", 0.1), cfg(loss, "hard", 0.1)]
     main_grid = dict(main_grid)
     regime_grid = dict([cfg("dpo", "static", b) for b in regime_betas] + [cfg("dpo", "soft", 0.1),
                                                                         cfg("dpo", "hard", 0.1)])
@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
                f"bands: 95% bootstrap CI over {n_seeds}")
     fig = frontier_figure(fronts, f"over-optimisation frontiers: tiny Llama, {VOCAB ** LENGTH} responses, "
                                   f"{MAIN_PAIRS} noisy BT pairs full-batch, {steps} steps, Adam lr={lr}; static β ∈ "
-                                  f"{list(betas)}, TR α/τ/β grid; {n_seeds}", caption)
+                                  f"{list(betas)} (DPO), {list(regime_betas)} (IPO, KTO); TR α/τ/β grid; {n_seeds}",
+                         caption)
     payload = {"setup": {"vocab": VOCAB, "length": LENGTH, "n_pairs": MAIN_PAIRS, "n_sft": N_SFT,
                          "base_temperature": BASE_TEMPERATURE, "sft_steps": sft_steps, "sft_lr": SFT_LR,
                          "kl_levels": list(KL_LEVELS), "seeds": seeds, "ci": CI_METHOD, **base},
