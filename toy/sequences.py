@@ -55,9 +55,10 @@ def build(seed: int, sft_steps: int = SFT_STEPS):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv, __doc__.splitlines()[0])
-    # --quick: τ = 8 gives the TR runs 3 reference updates in 30 steps
-    steps, seeds, sft_steps, tau = (30, [0, 1], 100, 8) if args.quick else (300, list(range(10)), SFT_STEPS, 32)
-    base = dict(beta=0.1, lr=1e-4, alpha=0.6, tau=tau, steps=steps, eval_every=max(steps // 15, 1))
+    # --quick: τ = 8 gives the TR runs 3 reference updates in 30 steps, lr 1e-3 so that they move visibly
+    steps, seeds, sft_steps, tau, lr = ((30, [0, 1], 100, 8, 1e-3) if args.quick else
+                                        (300, list(range(10)), SFT_STEPS, 32, 1e-4))
+    base = dict(beta=0.1, lr=lr, alpha=0.6, tau=tau, steps=steps, eval_every=max(steps // 15, 1))
     configs = loss_mode_grid(base)
     runs = likelihood_grid(partial(build, sft_steps=sft_steps), configs, seeds, args.workers)
     rows = {loss.upper(): [f"{loss}/{mode}" for mode in MODES] for loss in LOSSES}
