@@ -14,10 +14,11 @@ from toy import bandit, common, curvature, overoptimization, sequences, stats
 
 
 def run_quick(module, tmp_path_factory) -> tuple[dict, dict]:
-    """main(["--quick", "--out", tmp]) in-process; the payload it returns and the JSON it wrote."""
+    """main(["--quick", "--out", tmp, "--workers", "1"]) in-process (the pool has its own test); the payload it
+    returns and the JSON it wrote."""
     name = module.__name__.split(".")[-1]
     out = tmp_path_factory.mktemp(name)
-    payload = module.main(["--quick", "--out", str(out)])
+    payload = module.main(["--quick", "--out", str(out), "--workers", "1"])
     assert (out / f"{name}.png").stat().st_size > 10_000
     with open(out / f"{name}.json") as f:
         return payload, json.load(f)
