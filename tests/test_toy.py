@@ -3,6 +3,7 @@
 Only robust properties are asserted (probabilities sum to 1, curves have the configured length, KL starts at 0 and is
 non-negative, autograd matches the closed forms), never the scientific verdicts, which the README reports from the
 full runs."""
+import functools
 import json
 import math
 
@@ -13,10 +14,11 @@ from toy import bandit, common, curvature, overoptimization, sequences, stats
 
 
 def run_quick(module, tmp_path_factory) -> tuple[dict, dict]:
-    """main(["--quick", "--out", tmp]) in-process; the payload it returns and the JSON it wrote."""
+    """main(["--quick", "--out", tmp, "--workers", "1"]) in-process (the pool has its own test); the payload it
+    returns and the JSON it wrote."""
     name = module.__name__.split(".")[-1]
     out = tmp_path_factory.mktemp(name)
-    payload = module.main(["--quick", "--out", str(out)])
+    payload = module.main(["--quick", "--out", str(out), "--workers", "1"])
     assert (out / f"{name}.png").stat().st_size > 10_000
     with open(out / f"{name}.json") as f:
         return payload, json.load(f)
@@ -45,7 +47,8 @@ def curvature_run(tmp_path_factory):
 @pytest.mark.parametrize("run", ["bandit_run", "sequences_run", "overoptimization_run", "curvature_run"])
 def test_json_matches_the_returned_payload_and_is_complete(run, request):
     payload, on_disk = request.getfixturevalue(run)
-    assert on_disk == json.loads(json.dumps(common.rounded(payload)))
+    written = {k: v for k, v in payload.items() if k != "regimes"}  # overoptimization writes regimes.json apart
+    assert on_disk == json.loads(json.dumps(common.rounded(written)))
     assert {"setup", "summary", "runs"} <= set(on_disk) and set(on_disk["runs"]) == set(on_disk["summary"])
     seeds, steps, every = (on_disk["setup"][k] for k in ("seeds", "steps", "eval_every"))
     n_points = len([s for s in range(steps + 1) if s % every == 0 or s == steps])  # as common.train records
@@ -74,8 +77,10 @@ def test_likelihood_toys_have_exact_masses(run, request):
 
 def test_overoptimization_records_gold_and_kl(overoptimization_run):
     payload, _ = overoptimization_run
-    expected = {f"{loss}/{mode}" for loss in common.LOSSES for mode in ("static", "soft", "hard")}
-    expected |= {"dpo/soft/alpha=0.1", "dpo/hard/tau=8", "dpo/static/lr=0.001", "dpo/hard/pairs=256"}
+    tau = payload["setup"]["tau"]
+    expected = {f"{loss}/{mode}" for loss in common.LOSSES for mode in ("static/beta=0.1", "static/beta=0.3",
+                                                                       f"soft/beta=0.1/alpha=0.6/tau={tau}",
+                                                                       f"hard/beta=0.1/tau={tau}")}
     assert expected <= set(payload["runs"]) and set(payload["runs"]) == set(payload["configs"])
     for name, histories in payload["runs"].items():
         for h in histories:
@@ -83,6 +88,104 @@ def test_overoptimization_records_gold_and_kl(overoptimization_run):
             assert all(abs(g) < 5 for g in h["gold"]), name  # a standardised reward: |E_π r*| ≤ max |r*|
         summary = payload["summary"][name]
         assert summary["gold_peak"]["mean"] >= summary["gold_final"]["mean"] - 1e-9, name
+    for loss, f in payload["frontiers"].items():  # a frontier never falls as the KL budget grows; at K = 0 it is SFT
+        for fam in ("static", "tr"):
+            means = [d["mean"] for d in f[fam]]
+            assert all(b >= a - 1e-12 for a, b in zip(means, means[1:])), (loss, fam)
+        assert f["gap"][0]["mean"] == pytest.approx(0, abs=1e-6)
+
+
+def test_regime_map_covers_every_regime_with_paired_gaps(overoptimization_run):
+    payload, _ = overoptimization_run
+    regimes = payload["regimes"]
+    assert set(regimes["gaps"]) == set(regimes["setup"]["regimes"]) and "stream" in regimes["gaps"]
+    n = len(payload["setup"]["seeds"])
+    for r, gaps in regimes["gaps"].items():
+        for k in payload["setup"]["kl_levels"]:
+            g = gaps[f"{k:g}"]
+            assert g["n"] == n and g["lo"] <= g["mean"] <= g["hi"], (r, k)
+    # the N = 64 cell is the main study's runs, not a second copy of them
+    assert not any(name.startswith("n=64/") for name in regimes["runs"])
+
+
+def test_regime_data_pairs_methods_on_the_same_batches():
+    _, tokens, _, gold, p_sft = fake_space()
+    c, r, batches = overoptimization.regime_data(16, p_sft, gold, seed=0)
+    assert batches is None and len(c) == 16 and (gold[c] != gold[r]).any()
+    c, r, batches = overoptimization.regime_data(256, p_sft, gold, seed=0)
+    epoch = [batches(s) for s in range(256 // overoptimization.BATCH)]
+    assert sorted(torch.cat([b[0] for b in epoch]).tolist()) == sorted(c.tolist())  # one pass sees every pair once
+    assert all((x[0] == y[0]).all() for x, y in zip(epoch, [batches(s) for s in range(4)]))  # same seed, same order
+    _, _, stream = overoptimization.regime_data("stream", p_sft, gold, seed=0)
+    assert (stream(3)[0] == stream(3)[0]).all() and not (stream(3)[0] == stream(4)[0]).all()
+    assert len(stream(0)[0]) == overoptimization.BATCH
+
+
+def fake_space():
+    """A 1024-response space with a random gold reward and a uniform π_SFT, without training an SFT policy."""
+    tokens, mask = common.enumerate_sequences(overoptimization.VOCAB, overoptimization.LENGTH)
+    gold = torch.randn(len(tokens), generator=torch.Generator().manual_seed(0))
+    return None, tokens, mask, gold, torch.full((len(tokens),), 1 / len(tokens))
+
+
+def test_frontiers_pair_the_families_per_seed():
+    # two seeds; static: one run, TR: two runs; (KL, gold) per evaluation
+    runs = {"s": [{"kl_sft": [0, 1, 2], "gold": [0, 1, 2]}, {"kl_sft": [0, 1, 2], "gold": [0, 3, 3]}],
+            "t1": [{"kl_sft": [0, 0.5, 1], "gold": [0, 2, 2.5]}, {"kl_sft": [0, 2, 4], "gold": [0, 1, 1]}],
+            "t2": [{"kl_sft": [0, 3, 5], "gold": [0, 5, 5]}, {"kl_sft": [0, 1, 2], "gold": [0, 3, 4]}]}
+    f = overoptimization.frontiers(runs, ["s"], ["t1", "t2"], [1.0, 2.0, 3.0])
+    assert f["static_per_seed"] == [[1, 2, 2], [3, 3, 3]] and f["tr_per_seed"] == [[2.5, 2.5, 5], [3, 4, 4]]
+    assert [g["mean"] for g in f["gap"]] == pytest.approx([0.75, 0.75, 2.0])
+    assert f["gap"][2]["lo"] == pytest.approx(1.0) and f["gap"][2]["hi"] == pytest.approx(3.0)
+    rows = overoptimization.frontier_verdicts("DPO", f, (1.0, 3.0))
+    assert [r["verdict"] for r in rows] == ["not resolved", "holds"] and rows[0]["tr"]["mean"] == pytest.approx(2.75)
+
+
+@pytest.mark.parametrize("run,tr,static,key", [
+    ("bandit_run", "dpo/soft", "dpo/static", "logp_chosen"),
+    ("sequences_run", "dpo/soft", "dpo/static", "logp_chosen"),
+    ("curvature_run", "dpo/hard", "dpo/static", "beta_margin"),
+    ("overoptimization_run", "dpo/soft/beta=0.1/alpha=0.6/tau={tau}", "dpo/static/beta=0.1", "kl_sft")])
+def test_quick_modes_update_the_reference_and_tr_differs_from_static(run, tr, static, key, request):
+    payload, _ = request.getfixturevalue(run)
+    setup = payload["setup"]
+    assert setup["steps"] // setup["tau"] >= 2  # at least two reference updates inside the quick run
+    tr = tr.format(tau=setup["tau"])
+    for h_tr, h_static in zip(payload["runs"][tr], payload["runs"][static]):
+        assert h_tr[key][0] == pytest.approx(h_static[key][0])  # the same start (SFT policy, data)
+        assert max(abs(a - b) for a, b in zip(h_tr[key], h_static[key])) > 1e-3, (tr, key)
+
+
+@pytest.mark.parametrize("run", ["bandit_run", "sequences_run", "overoptimization_run", "curvature_run"])
+def test_every_toy_reports_verdicts_with_paired_cis(run, request):
+    payload, on_disk = request.getfixturevalue(run)
+    n = len(payload["setup"]["seeds"])
+    assert payload["verdicts"] and on_disk["setup"]["ci"].startswith("percentile bootstrap over seeds")
+    for row in payload["verdicts"]:
+        assert row["verdict"] in ("holds", "reversed", "not resolved") and row["n"] == n, row
+        assert row["lo"] <= row["mean"] + 1e-12 and row["mean"] <= row["hi"] + 1e-12, row
+        assert "paired" in row["method"] or row["claim"].startswith("(a)"), row  # (a) is about static alone
+
+
+def test_verdict_table_is_printed(capsys):
+    d = stats.paired_diff([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    common.print_verdicts("title", [common.claim_row("(c) DPO TR − static", "gold", d, +1)])
+    out = capsys.readouterr().out
+    assert "title" in out and "(c) DPO TR − static" in out and "holds" in out and "n = 3 seeds" in out
+
+
+def test_quick_writes_under_out_and_pairs_tr_with_static():
+    assert common.parse_args(["--quick"], "").out == "out/toy-quick"
+    assert common.parse_args([], "").out == "toy/figures"
+    assert common.parse_args(["--quick", "--out", "x"], "").out == "x"
+    assert common.static_of("dpo/soft/beta=0.1/alpha=0.6/tau=32") == "dpo/static/beta=0.1"
+    assert common.static_of("n=16/kto/hard/beta=0.3/tau=8") == "n=16/kto/static/beta=0.3"
+    assert common.static_of("dpo/soft/lr=0.01") == "dpo/static/lr=0.01"
+
+
+def test_map_seeds_gives_the_same_results_with_a_process_pool():
+    fn = functools.partial(pow, 2)
+    assert common.map_seeds(fn, [1, 2, 3], workers=2) == common.map_seeds(fn, [1, 2, 3], workers=1) == [2, 4, 8]
 
 
 def test_curvature_autograd_matches_closed_forms(curvature_run):
@@ -126,11 +229,6 @@ def test_preference_loss_goes_through_losses_py():
     assert loss.item() == pytest.approx(expected.item())
 
 
-def test_gold_at_kl_interpolates_first_crossing():
-    assert overoptimization.gold_at_kl([0, 1, 3, 2, 5], [0, 1, 2, 9, 4], 2.0) == pytest.approx(1.5)
-    assert overoptimization.gold_at_kl([0, 1], [0, 1], 4.0) is None
-
-
 def test_bad_run_config_is_refused():
     with pytest.raises(ValueError, match="loss must be one of"):
         common.RunConfig(loss="orpo")
@@ -166,6 +264,10 @@ def test_paired_diff_removes_the_shared_seed_spread():
     assert d["mean"] == pytest.approx(0.5) and (d["lo"], d["hi"]) == stats.bootstrap_ci([0.0, 1.0] * 5)
     assert stats.verdict(d) == "TR higher" and stats.verdict(stats.paired_diff(b, a)) == "TR lower"
     assert stats.verdict(stats.paired_diff([0.0, 1.0], [0.5, 0.5])) == "no resolved difference"
+    assert [stats.judge(d, +1), stats.judge(d, -1)] == ["holds", "reversed"]
+    assert stats.judge({"lo": -1.0, "hi": 2.0}, +1) == "not resolved"
+    m = stats.mean_ci([1.0, 1.0, 4.0])
+    assert m["mean"] == 2.0 and m["n"] == 3 and 1.0 <= m["lo"] < 2.0 < m["hi"] <= 4.0
     with pytest.raises(ValueError, match="one value per seed"):
         stats.paired_diff([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="finite"):

@@ -6,13 +6,13 @@ policy is fitted to those 2P responses (they were "sampled from it"), and is bot
 DPO / IPO / KTO then run with a static, soft (α, τ) and hard (τ) reference; the exact probabilities of the chosen set,
 the rejected set and the other K − 2P (out-of-distribution) responses are recorded through training.
 
-    python -m toy.bandit [--out toy/figures] [--quick]
+    python -m toy.bandit [--out toy/figures] [--quick] [--workers 2]
 """
 import torch
 import torch.nn as nn
 
-from toy.common import (LOSSES, MODES, RunConfig, likelihood_figure, likelihood_grid, loss_mode_grid, one_thread,
-                        parse_args, save, sft, summarise)
+from toy.common import (CI_METHOD, LOSSES, MODES, RunConfig, likelihood_figure, likelihood_grid, likelihood_verdicts,
+                        loss_mode_grid, parse_args, print_verdicts, save, sft, summarise)
 
 K, D, HIDDEN, N_PAIRS = 64, 8, 32, 4  # responses, feature size, MLP width, preference pairs
 SFT_STEPS, SFT_LR = 60, 1e-2  # early-stopped SFT: the 2P data responses hold ~80% of the mass
@@ -46,22 +46,25 @@ def build(seed: int):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv, __doc__.splitlines()[0], "toy/figures")
-    steps, seeds = (100, [0]) if args.quick else (1500, [0, 1, 2])
-    base = dict(beta=0.1, lr=1e-3, alpha=0.6, tau=32, steps=steps, eval_every=max(steps // 50, 1))
+    args = parse_args(argv, __doc__.splitlines()[0])
+    # --quick: τ = 25 gives the TR runs 3 reference updates in 100 steps
+    steps, seeds, tau = (100, [0, 1], 25) if args.quick else (1500, list(range(10)), 32)
+    base = dict(beta=0.1, lr=1e-3, alpha=0.6, tau=tau, steps=steps, eval_every=max(steps // 50, 1))
     configs = loss_mode_grid(base)
     counter = {f"dpo/{mode}/lr=0.01": RunConfig(mode=mode, **{**base, "lr": 1e-2}) for mode in MODES}
-    with one_thread():
-        runs = likelihood_grid(build, {**configs, **counter}, seeds)
+    runs = likelihood_grid(build, {**configs, **counter}, seeds, args.workers)
     rows = {loss.upper(): [f"{loss}/{mode}" for mode in MODES] for loss in LOSSES}
     rows["DPO, lr=1e-2"] = list(counter)
     fig = likelihood_figure(runs, rows, f"bandit: K={K} responses, {N_PAIRS} pairs, β={base['beta']}, Adam "
                                         f"lr={base['lr']}, α={base['alpha']}, τ={base['tau']}; {len(seeds)} seeds")
+    summary = summarise(runs)
+    verdicts = likelihood_verdicts(summary, "bandit")
     payload = {"setup": {"K": K, "D": D, "hidden": HIDDEN, "n_pairs": N_PAIRS, "sft_steps": SFT_STEPS,
-                         "sft_lr": SFT_LR, "sft_on": "both", "seeds": seeds, **base},
-               "configs": {n: vars(c) for n, c in {**configs, **counter}.items()}, "summary": summarise(runs),
-               "runs": runs}
+                         "sft_lr": SFT_LR, "sft_on": "both", "seeds": seeds, "ci": CI_METHOD, **base},
+               "configs": {n: vars(c) for n, c in {**configs, **counter}.items()}, "summary": summary,
+               "verdicts": verdicts, "runs": runs}
     save(args.out, "bandit", payload, fig)
+    print_verdicts(f"bandit: claims (a), (b); {len(seeds)} seeds (figure and JSON in {args.out})", verdicts)
     return payload
 
 

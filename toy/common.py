@@ -9,7 +9,10 @@ import contextlib
 import itertools
 import json
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -18,8 +21,10 @@ import torch
 
 from losses import dpo_loss, ipo_loss, kto_loss, sequence_logps
 from reference import MODES, ReferenceUpdater, make_reference, reference_logits
+from toy.stats import bootstrap_ci, judge, paired_diff
 
 LOSSES = ("dpo", "ipo", "kto")
+CI_METHOD = "percentile bootstrap over seeds, 10000 resamples"  # toy/stats.py's defaults, as every summary uses them
 
 
 @dataclass
@@ -55,7 +60,7 @@ def logps(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[
 
 
 @torch.no_grad()
-def all_logps(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def all_logps(model: Callable, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log π(y) for every response of the space: one batched forward (sums to 1 in probability exactly)."""
     return logps(model, tokens, mask)[0]
 
@@ -101,21 +106,24 @@ def margin_stats(beta: float, h: torch.Tensor) -> dict[str, float]:
 
 
 def train(policy: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor, chosen: torch.Tensor,
-          rejected: torch.Tensor, cfg: RunConfig, evaluate: Callable[[torch.Tensor, torch.Tensor], dict]
-          ) -> dict[str, list]:
-    """Full-batch preference training on the pairs (chosen[i] ≻ rejected[i]); every cfg.eval_every steps records
-    evaluate(log π over the space, log π_SFT over the space) and the margin statistics against the current reference.
-    The reference starts as a frozen copy of the initial (SFT) policy and follows cfg.mode via reference.py."""
+          rejected: torch.Tensor, cfg: RunConfig, evaluate: Callable[[torch.Tensor, torch.Tensor], dict],
+          batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, list]:
+    """Preference training on the pairs (chosen[i] ≻ rejected[i]): full-batch, or batches(step) -> (chosen, rejected)
+    of that step (mini-batches, streaming). Every cfg.eval_every steps records evaluate(log π over the space,
+    log π_SFT over the space) and the margin statistics of the step's pairs against the current reference.
+    The reference starts as a frozen copy of the initial (SFT) policy and follows cfg.mode via reference.py. Its
+    log-probs are computed for the whole space once per reference update and indexed per pair: exact, and a static
+    reference costs one forward per run (the precomputed reference of train.py)."""
     reference = make_reference(policy)
     updater = ReferenceUpdater(cfg.mode, alpha=cfg.alpha, tau=cfg.tau)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-    sft_lp = all_logps(reference, tokens, mask)
-    pair_tokens, pair_mask = tokens[torch.cat([chosen, rejected])], mask[torch.cat([chosen, rejected])]
+    sft_lp = ref_table = all_logps(lambda x: reference_logits(reference, x), tokens, mask)
     history: dict[str, list] = {"step": [], "loss": []}
     for step in range(cfg.steps + 1):
-        lp, n_tok = logps(policy, pair_tokens, pair_mask)
-        ref_lp = logps(lambda x: reference_logits(reference, x), pair_tokens, pair_mask)[0]
-        loss, h = preference_loss(cfg, lp, ref_lp, n_tok)
+        c, r = (chosen, rejected) if batches is None else batches(step)
+        rows = torch.cat([c, r])
+        lp, n_tok = logps(policy, tokens[rows], mask[rows])
+        loss, h = preference_loss(cfg, lp, ref_table[rows], n_tok)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record = {"loss": loss.item(), **margin_stats(cfg.beta, h), **evaluate(all_logps(policy, tokens, mask),
                                                                                    sft_lp)}
@@ -127,7 +135,8 @@ def train(policy: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor, cho
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        updater.after_step(step + 1, reference, policy)
+        if updater.after_step(step + 1, reference, policy):
+            ref_table = all_logps(lambda x: reference_logits(reference, x), tokens, mask)
     return history
 
 
@@ -150,12 +159,35 @@ def kl(lp: torch.Tensor, lq: torch.Tensor) -> float:
     return (lp.exp() * (lp - lq)).sum().item()
 
 
-def parse_args(argv: list[str] | None, description: str, default_out: str) -> argparse.Namespace:
-    """--out and --quick, shared by every toy script."""
+def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
+    """--out, --quick and --workers, shared by every toy script. --quick writes under out/ unless told otherwise, so
+    it never overwrites the committed toy/figures/."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out", default=default_out, help="folder for the PNG figures and the JSON of every number")
-    parser.add_argument("--quick", action="store_true", help="a small version (seconds) for the test suite")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", default=None, help="folder for the PNG figure and the JSON of every number "
+                                                    "(default: toy/figures, or out/toy-quick with --quick)")
+    parser.add_argument("--quick", action="store_true", help="a small version (under a minute) for the test suite")
+    parser.add_argument("--workers", type=int, default=2, help="processes running seeds in parallel (1: in-process)")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    args.out = args.out or ("out/toy-quick" if args.quick else "toy/figures")
+    return args
+
+
+def _one_thread_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def map_seeds(fn: Callable, seeds: list[int], workers: int) -> list:
+    """[fn(seed) for seed in seeds], over a pool of `workers` processes (one thread each) when workers > 1. Each
+    seed's run is seeded by the seed alone, so the results do not depend on the number of workers. fn must be
+    picklable: a module-level function or a functools.partial of one."""
+    if workers == 1 or len(seeds) == 1:
+        with one_thread():
+            return [fn(seed) for seed in seeds]
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    with ProcessPoolExecutor(min(workers, len(seeds)), mp_context=ctx, initializer=_one_thread_worker) as pool:
+        return list(pool.map(fn, seeds))
 
 
 @contextlib.contextmanager
@@ -171,9 +203,10 @@ def one_thread():
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
-    """Mean and (population) standard deviation over seeds, as reported in the README."""
+    """Mean, (population) standard deviation and the 95% bootstrap CI of the mean over seeds (toy/stats.py)."""
     a = np.asarray(values, dtype=float)
-    return {"mean": float(a.mean()), "std": float(a.std()), "n": int(a.size)}
+    lo, hi = bootstrap_ci(a)
+    return {"mean": float(a.mean()), "std": float(a.std()), "n": int(a.size), "lo": lo, "hi": hi}
 
 
 def pyplot():
@@ -231,23 +264,28 @@ def loss_mode_grid(base: dict) -> dict[str, RunConfig]:
     return {f"{loss}/{mode}": RunConfig(loss=loss, mode=mode, **base) for loss in LOSSES for mode in MODES}
 
 
-def likelihood_grid(build: Callable[[int], tuple], configs: dict[str, RunConfig], seeds: list[int]
+def likelihood_seed(build: Callable[[int], tuple], configs: dict[str, RunConfig], seed: int) -> dict[str, dict]:
+    """Every config on one seed; build(seed) -> (sft_policy, tokens, mask, chosen, rejected) and each run starts from
+    a copy of that SFT policy (the static reference of the paper)."""
+    policy, tokens, mask, chosen, rejected = build(seed)
+    state = {k: v.clone() for k, v in policy.state_dict().items()}
+
+    def evaluate(lp, sft_lp):
+        return {**set_masses(lp, chosen, rejected), "kl_sft": kl(lp, sft_lp)}
+
+    out = {}
+    for name, cfg in configs.items():
+        policy.load_state_dict(state)
+        torch.manual_seed(seed)
+        out[name] = train(policy, tokens, mask, chosen, rejected, cfg, evaluate)
+    return out
+
+
+def likelihood_grid(build: Callable[[int], tuple], configs: dict[str, RunConfig], seeds: list[int], workers: int
                     ) -> dict[str, list[dict]]:
-    """Run every config on every seed; build(seed) -> (sft_policy, tokens, mask, chosen, rejected) is called once per
-    seed and each run starts from a copy of that SFT policy (the static reference of the paper)."""
-    runs: dict[str, list[dict]] = {name: [] for name in configs}
-    for seed in seeds:
-        policy, tokens, mask, chosen, rejected = build(seed)
-        state = {k: v.clone() for k, v in policy.state_dict().items()}
-
-        def evaluate(lp, sft_lp):
-            return {**set_masses(lp, chosen, rejected), "kl_sft": kl(lp, sft_lp)}
-
-        for name, cfg in configs.items():
-            policy.load_state_dict(state)
-            torch.manual_seed(seed)
-            runs[name].append(train(policy, tokens, mask, chosen, rejected, cfg, evaluate))
-    return runs
+    """name -> [history per seed, in the order of seeds]; the seeds run over `workers` processes."""
+    per_seed = map_seeds(partial(likelihood_seed, build, configs), seeds, workers)
+    return {name: [runs[name] for runs in per_seed] for name in configs}
 
 
 def likelihood_summary(history: dict[str, list]) -> dict[str, float]:
@@ -259,17 +297,68 @@ def likelihood_summary(history: dict[str, list]) -> dict[str, float]:
             "kl_sft_final": history["kl_sft"][-1]}
 
 
-def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
-    """mean / std over seeds of every likelihood_summary number, per config."""
+def static_of(name: str) -> str:
+    """The static-reference run a TR run is paired with: same loss, β and data, mode static."""
+    parts = name.split("/")
+    return "/".join(["static" if p in ("soft", "hard") else p for p in parts
+                     if not p.startswith(("alpha=", "tau="))])
+
+
+def summarise(runs: dict[str, list[dict]], per_run: Callable[[dict], dict] | None = None) -> dict[str, dict]:
+    """mean / std over seeds of every per_run number (default likelihood_summary), per config, and for each TR config
+    "paired": its paired difference TR − static on the same seeds with a 95% bootstrap CI (toy/stats.py)."""
+    per_run = per_run or likelihood_summary
+    per_seed = {name: [per_run(h) for h in histories] for name, histories in runs.items()}
     out = {}
-    for name, histories in runs.items():
-        per_seed = [likelihood_summary(h) for h in histories]
-        out[name] = {k: mean_std([s[k] for s in per_seed]) for k in per_seed[0]}
+    for name, rows in per_seed.items():
+        out[name] = {k: mean_std([r[k] for r in rows]) for k in rows[0]}
+        base = static_of(name)
+        if base != name and base in per_seed:
+            out[name]["paired"] = {k: paired_diff([r[k] for r in rows], [r[k] for r in per_seed[base]])
+                                   for k in rows[0]}
     return out
 
 
-LIKELIHOOD_PANELS = (("logp_chosen", "mean log π(chosen)"), ("logp_rejected", "mean log π(rejected)"),
+def claim_row(claim: str, quantity: str, diff: dict, expected: int, **means) -> dict:
+    """One line of a verdict table: the claim, what is measured, its CI (stats.paired_diff or stats.mean_ci), the
+    direction the paper predicts (+1 / −1) and the verdict; `means` are the per-method mean ± std beside it."""
+    return {"claim": claim, "quantity": quantity, "expected": "+" if expected > 0 else "−", **means,
+            **{k: diff[k] for k in ("mean", "lo", "hi", "n")}, "method": diff.get("method", CI_METHOD),
+            "verdict": judge(diff, expected)}
+
+
+def print_verdicts(title: str, rows: list[dict]) -> None:
+    """The verdict table every toy prints at its end."""
+    print(f"\n{title}")
+    print(f"{'claim':<34} {'quantity':<44} {'exp':>3}  {'mean [95% CI]':<28} verdict")
+    for r in rows:
+        ci = f"{r['mean']:+.3g} [{r['lo']:+.3g}, {r['hi']:+.3g}]"
+        print(f"{r['claim']:<34.34} {r['quantity']:<44.44} {r['expected']:>3}  {ci:<28} {r['verdict']}")
+    print(f"(CI: {rows[0]['method']}, n = {rows[0]['n']} seeds; exp = the sign the paper predicts)")
+
+
+def likelihood_verdicts(summary: dict[str, dict], toy: str) -> list[dict]:
+    """Claims (a) and (b) for every loss: (a) with a static reference the chosen and rejected log-likelihoods fall and
+    the OOD mass rises; (b) TR (soft and hard) recovers more of the chosen's dip and ends with less OOD mass than
+    static, on the same seeds."""
+    rows = []
+    for loss in LOSSES:
+        s = summary[f"{loss}/static"]
+        for key, sign in (("d_logp_chosen", -1), ("d_logp_rejected", -1), ("d_mass_ood", +1)):
+            rows.append(claim_row(f"(a) {toy} {loss.upper()} static", f"{key} (end − SFT)", s[key], sign,
+                                  static=s[key]))
+        for mode in ("soft", "hard"):
+            t = summary[f"{loss}/{mode}"]
+            for key, sign in (("chosen_recovery", +1), ("mass_ood_final", -1)):
+                rows.append(claim_row(f"(b) {toy} {loss.upper()} {mode} − static", key, t["paired"][key], sign,
+                                      static=s[key], tr=t[key]))
+    return rows
+
+
+LIKELIHOOD_PANELS = (("logp_chosen", "mean log π(chosen) [nats]"), ("logp_rejected", "mean log π(rejected) [nats]"),
                      ("mass_ood", "OOD mass"))
+LIKELIHOOD_CAPTION = ("OOD mass = exact probability π puts on responses in no preference pair; log π = summed over the "
+                      "response tokens; lines: mean over seeds, bands: ±1 std over seeds")
 
 
 def likelihood_figure(runs: dict[str, list[dict]], rows: dict[str, list[str]], title: str):
@@ -280,10 +369,12 @@ def likelihood_figure(runs: dict[str, list[dict]], rows: dict[str, list[str]], t
             for name in names:
                 band(ax, runs[name][0]["step"], [h[key] for h in runs[name]], name)
             ax.set_title(f"{row_title}: {label}", fontsize=9)
+            ax.set_ylabel(label, fontsize=8)
             ax.tick_params(labelsize=8)
         row_axes[0].legend(fontsize=7)
     for ax in axes[-1]:
         ax.set_xlabel("step")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.text(0.5, 0.005, LIKELIHOOD_CAPTION, ha="center", fontsize=8)
     return fig

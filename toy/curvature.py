@@ -6,15 +6,18 @@ loss goes flat. Moving π_ref towards π shrinks h, back to where the loss still
 and curvature from autograd through losses.dpo_loss (against the closed forms). Right: the margins and the mean
 curvature over the preference pairs along DPO training of the sequences toy (toy/sequences.py, same setup).
 
-    python -m toy.curvature [--out toy/figures] [--quick]
+    python -m toy.curvature [--out toy/figures] [--quick] [--workers 2]
 """
+from functools import partial
+
 import numpy as np
 import torch
 
 from losses import dpo_loss, ipo_loss
 from reference import MODES
-from toy.common import RunConfig, band, likelihood_grid, mean_std, one_thread, parse_args, pyplot, save
-from toy.sequences import SFT_STEPS, builder
+from toy.common import (CI_METHOD, RunConfig, band, claim_row, likelihood_grid, parse_args, print_verdicts, pyplot,
+                        save, summarise)
+from toy.sequences import SFT_STEPS, build
 
 BETA = 0.1
 
@@ -41,18 +44,21 @@ def analytic(beta: float) -> dict[str, list[float]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv, __doc__.splitlines()[0], "toy/figures")
-    steps, seeds, sft_steps = (30, [0], 100) if args.quick else (300, [0, 1, 2], SFT_STEPS)
-    base = dict(beta=BETA, lr=1e-4, alpha=0.6, tau=32, steps=steps, eval_every=max(steps // 60, 1))
+    args = parse_args(argv, __doc__.splitlines()[0])
+    # --quick: τ = 8 gives the TR runs 3 reference updates in 30 steps, lr 1e-3 so that they move visibly
+    steps, seeds, sft_steps, tau, lr = ((30, [0, 1], 100, 8, 1e-3) if args.quick else
+                                        (300, list(range(10)), SFT_STEPS, 32, 1e-4))
+    base = dict(beta=BETA, lr=lr, alpha=0.6, tau=tau, steps=steps, eval_every=max(steps // 15, 1))
     configs = {f"dpo/{mode}": RunConfig(mode=mode, **base) for mode in MODES}
-    with one_thread():
-        curves = analytic(BETA)
-        runs = likelihood_grid(builder("both", sft_steps), configs, seeds)
-    summary = {name: {key: mean_std([float(np.mean(h[key])) for h in hs])  # time-average over training, per seed
-                      for key in ("beta_margin", "dpo_weight", "dpo_curvature")} for name, hs in runs.items()}
-    for name, hs in runs.items():
-        summary[name]["final_beta_margin"] = mean_std([h["beta_margin"][-1] for h in hs])
-        summary[name]["final_dpo_weight"] = mean_std([h["dpo_weight"][-1] for h in hs])
+    curves = analytic(BETA)
+    runs = likelihood_grid(partial(build, sft_steps=sft_steps), configs, seeds, args.workers)
+    keep = ("step", "beta_margin", "dpo_weight", "dpo_curvature")
+    runs = {n: [{k: h[k] for k in keep} for h in hs] for n, hs in runs.items()}
+    summary = summarise(runs, run_summary)
+    verdicts = [row for mode in ("soft", "hard") for key, sign in (("mean_dpo_curvature", +1), ("mean_dpo_weight", +1),
+                                                                   ("mean_beta_margin", -1), ("final_dpo_weight", +1))
+                for row in [claim_row(f"(d) DPO {mode} − static", key, summary[f"dpo/{mode}"]["paired"][key], sign,
+                                      static=summary["dpo/static"][key], tr=summary[f"dpo/{mode}"][key])]]
 
     fig, (a0, a1, a2) = pyplot().subplots(1, 3, figsize=(14, 3.8))
     a0.plot(curves["beta_h"], curves["dpo_weight"], label="weight σ(−βh)")
@@ -60,25 +66,36 @@ def main(argv: list[str] | None = None) -> dict:
     a0.plot(curves["beta_h"], curves["dpo_loss"], label="loss −log σ(βh)", color="grey", lw=0.8)
     a0.set_ylim(-0.05, 1.5)
     a0.set_xlabel("βh")
+    a0.set_ylabel("value (autograd through losses.dpo_loss)", fontsize=8)
     a0.set_title("DPO: slope and curvature vanish as βh grows", fontsize=9)
     a0.legend(fontsize=7)
     for name, hs in runs.items():
         band(a1, hs[0]["step"], [h["beta_margin"] for h in hs], name)
         band(a2, hs[0]["step"], [h["dpo_curvature"] for h in hs], name)
     a1.set_title("mean βh over the pairs, against the current π_ref", fontsize=9)
+    a1.set_ylabel("mean βh", fontsize=8)
     a2.set_title("mean curvature β²σ(βh)σ(−βh) over the pairs", fontsize=9)
+    a2.set_ylabel("mean ℓ''(h)", fontsize=8)
     for ax in (a1, a2):
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.suptitle(f"sequences toy, DPO β={BETA}, Adam lr={base['lr']}, α={base['alpha']}, τ={base['tau']}; "
                  f"mean ± std over {len(seeds)} seeds", fontsize=10)
-    fig.tight_layout()
-    keep = ("step", "beta_margin", "dpo_weight", "dpo_curvature")
-    payload = {"setup": {"seeds": seeds, "sft_steps": sft_steps, **base, "toy": "toy/sequences.py, SFT on both"},
-               "analytic": curves, "summary": summary,
-               "runs": {n: [{k: h[k] for k in keep} for h in hs] for n, hs in runs.items()}}
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.text(0.5, 0.005, "h = (log π/π_ref)(y_w) − (log π/π_ref)(y_l), π_ref the current reference (it moves with TR); "
+                         "bands: ±1 std over seeds", ha="center", fontsize=8)
+    payload = {"setup": {"seeds": seeds, "sft_steps": sft_steps, **base, "toy": "toy/sequences.py", "ci": CI_METHOD},
+               "analytic": curves, "summary": summary, "verdicts": verdicts, "runs": runs}
     save(args.out, "curvature", payload, fig)
+    print_verdicts(f"curvature: claim (d); {len(seeds)} seeds (figure and JSON in {args.out})", verdicts)
     return payload
+
+
+def run_summary(h: dict[str, list]) -> dict[str, float]:
+    """Time-averages over training (the whole run, not only its end) and the final values of the margin statistics."""
+    return {"mean_beta_margin": float(np.mean(h["beta_margin"])), "mean_dpo_weight": float(np.mean(h["dpo_weight"])),
+            "mean_dpo_curvature": float(np.mean(h["dpo_curvature"])), "final_beta_margin": h["beta_margin"][-1],
+            "final_dpo_weight": h["dpo_weight"][-1]}
 
 
 if __name__ == "__main__":

@@ -1,26 +1,40 @@
-"""Toy 3, over-optimisation: exact expected gold reward against exact KL(π‖π_SFT), static vs updated reference.
+"""Toy 3, over-optimisation (claim (c)): gold-vs-KL frontiers of static and trust-region references, and the data
+regimes where TR helps.
 
 A tiny Llama (model.py) over all V**L responses to one prompt. A hidden gold reward r*(y) (per-position token values
 plus adjacent-token interactions, standardised over the space); an SFT policy fitted to samples of an unrelated base
-distribution; P preference pairs sampled from π_SFT and labelled by Bradley–Terry on the gold reward,
-P(y1 ≻ y2) = σ(r*(y1) − r*(y2)), so the labels are noisy. Then DPO / IPO / KTO with a static, soft (α, τ) or hard (τ)
-reference; E_π[r*] and KL(π‖π_SFT) are computed exactly over the space along training, for several seeds, plus an
-α / τ / learning-rate sweep for DPO.
+distribution; preference pairs sampled from π_SFT and labelled by Bradley–Terry on the gold reward,
+P(y1 ≻ y2) = σ(r*(y1) − r*(y2)), so the labels are noisy. E_π[r*] and KL(π‖π_SFT) are exact (enumerated) along
+training.
 
-    python -m toy.overoptimization [--out toy/figures] [--quick]
+Frontiers. A static reference reaches larger KL through a smaller β, TR through α / τ, so each is judged over its own
+hyper-parameters: the frontier of a family at KL budget K is the best gold reward any of its runs reaches at any
+evaluation with KL(π‖π_SFT) ≤ K (toy/stats.py frontier), per seed; TR − static is then paired over seeds.
+
+Regimes. B = 64 pairs per step for 100 steps (6,400 pair draws) from N distinct pairs: N = 64 is full-batch training
+for 100 passes, N = 1024 6.25 passes, and "stream" draws fresh pairs from π_SFT every step
+(each pair seen once: the paper's one-epoch setting). The regime map shows the paired frontier gap per N.
+
+    python -m toy.overoptimization [--out toy/figures] [--quick] [--workers 2]   # writes overoptimization.*, regimes.*
 """
+from functools import partial
+
 import numpy as np
 import torch
 
-from reference import MODES
-from toy.common import (LOSSES, RunConfig, all_logps, band, enumerate_sequences, kl, loss_mode_grid, mean_std,
-                        one_thread, parse_args, pyplot, save, sft, train)
+from toy.common import (CI_METHOD, LOSSES, RunConfig, all_logps, claim_row, enumerate_sequences, kl, map_seeds,
+                        mean_std, parse_args, print_verdicts, pyplot, save, sft, summarise, train)
 from toy.sequences import tiny_llama
+from toy.stats import frontier, paired_diff
 
 VOCAB, LENGTH = 4, 5
-N_PAIRS, N_SFT, BASE_TEMPERATURE = 64, 2000, 0.5  # preference pairs, SFT samples, base distribution sharpness
+N_SFT, BASE_TEMPERATURE = 2000, 0.5  # SFT samples, base distribution sharpness
 SFT_STEPS, SFT_LR = 300, 3e-3
-KL_LEVELS = (0.5, 1.0, 2.0, 4.0)  # where the gold reward of TR and static runs is compared at equal KL
+BATCH = 64  # pairs per step; N ≤ BATCH distinct pairs train full-batch
+MAIN_PAIRS = 64  # the frontier study's data: 64 distinct pairs, full batch
+KL_LEVELS = (0.5, 1.0, 2.0, 4.0)  # KL budgets of the verdict tables
+K_GRID = [round(k, 2) for k in np.arange(0, 6.01, 0.25)]  # KL budgets of the frontier plots
+STREAM = "stream"
 
 
 def random_score(tokens: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -32,107 +46,226 @@ def random_score(tokens: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (s - s.mean()) / s.std()
 
 
-def build(seed: int, sft_steps: int = SFT_STEPS, n_pairs: int = N_PAIRS):
-    """Gold reward, SFT policy and the noisy Bradley–Terry pairs for one seed."""
+def build(seed: int, sft_steps: int = SFT_STEPS):
+    """Gold reward and SFT policy for one seed (shared by every data regime of that seed)."""
     g = torch.Generator().manual_seed(seed)
     tokens, mask = enumerate_sequences(VOCAB, LENGTH)
     gold = random_score(tokens, g)
     base = torch.softmax(random_score(tokens, g) / BASE_TEMPERATURE, 0)
     policy = tiny_llama(seed)
     sft(policy, tokens, mask, torch.multinomial(base, N_SFT, replacement=True, generator=g), sft_steps, SFT_LR)
-    p_sft = all_logps(policy, tokens, mask).exp()
-    y1, y2 = torch.multinomial(p_sft, 2 * n_pairs, replacement=True, generator=g).view(2, n_pairs)
-    first_wins = torch.rand(n_pairs, generator=g) < torch.sigmoid(gold[y1] - gold[y2])
-    chosen, rejected = torch.where(first_wins, y1, y2), torch.where(first_wins, y2, y1)
-    return policy, tokens, mask, chosen, rejected, gold
+    return policy, tokens, mask, gold, all_logps(policy, tokens, mask).exp()
 
 
-def gold_at_kl(kls: list[float], golds: list[float], level: float) -> float | None:
-    """Gold reward when training first reaches KL(π‖π_SFT) = level (linear between evaluations); None if never."""
-    for i in range(1, len(kls)):
-        if kls[i] >= level:
-            t = (level - kls[i - 1]) / (kls[i] - kls[i - 1]) if kls[i] > kls[i - 1] else 1.0
-            return golds[i - 1] + max(0.0, t) * (golds[i] - golds[i - 1])
-    return None
+def sample_pairs(p_sft: torch.Tensor, gold: torch.Tensor, n: int, g: torch.Generator):
+    """n pairs y1, y2 ~ π_SFT, labelled by Bradley–Terry on the gold reward: (chosen, rejected) indices."""
+    y1, y2 = torch.multinomial(p_sft, 2 * n, replacement=True, generator=g).view(2, n)
+    first_wins = torch.rand(n, generator=g) < torch.sigmoid(gold[y1] - gold[y2])
+    return torch.where(first_wins, y1, y2), torch.where(first_wins, y2, y1)
 
 
-def run_summary(h: dict[str, list]) -> dict[str, float | None]:
-    """The numbers behind claim (c) for one run: the SFT, peak and final gold reward, their KLs, gold at KL_LEVELS."""
-    i = int(np.argmax(h["gold"]))
-    out = {"gold_sft": h["gold"][0], "gold_peak": h["gold"][i], "kl_at_peak": h["kl_sft"][i],
-           "gold_final": h["gold"][-1], "kl_final": h["kl_sft"][-1]}
-    out.update({f"gold_at_kl_{k:g}": gold_at_kl(h["kl_sft"], h["gold"], k) for k in KL_LEVELS})
-    return out
+def regime_data(regime: int | str, p_sft: torch.Tensor, gold: torch.Tensor, seed: int):
+    """(chosen, rejected, batches) of one data regime: N distinct pairs (full batch if N ≤ BATCH, else shuffled
+    mini-batches, a fresh permutation per pass) or STREAM (fresh pairs every step). batches(step) depends on the seed
+    and step only, so every method of a seed sees the same data in the same order (the pairing)."""
+    if regime == STREAM:
+        def stream(step: int):
+            return sample_pairs(p_sft, gold, BATCH, torch.Generator().manual_seed(seed * 1_000_003 + step))
+        return *stream(0), stream
+    chosen, rejected = sample_pairs(p_sft, gold, regime, torch.Generator().manual_seed(seed * 7919 + regime))
+    if regime <= BATCH:
+        return chosen, rejected, None
+
+    def minibatch(step: int):
+        epoch, start = divmod(step * BATCH, regime)
+        idx = torch.randperm(regime, generator=torch.Generator().manual_seed(seed * 7919 + epoch))[start:start + BATCH]
+        return chosen[idx], rejected[idx]
+    return chosen, rejected, minibatch
 
 
-def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
-    """mean / std over seeds per config; a gold_at_kl entry counts only the seeds that reached that KL (n says so)."""
+def seed_runs(configs: dict[str, dict[str, RunConfig]], sft_steps: int, seed: int) -> dict[str, dict]:
+    """Every regime's configs on one seed ({regime: {name: RunConfig}}), each run from the same SFT policy."""
+    policy, tokens, mask, gold, p_sft = build(seed, sft_steps)
+    state = {k: v.clone() for k, v in policy.state_dict().items()}
+
+    def evaluate(lp, sft_lp):
+        return {"gold": (lp.exp() * gold).sum().item(), "kl_sft": kl(lp, sft_lp)}
+
     out = {}
-    for name, histories in runs.items():
-        per_seed = [run_summary(h) for h in histories]
-        out[name] = {}
-        for key in per_seed[0]:
-            reached = [s[key] for s in per_seed if s[key] is not None]
-            out[name][key] = mean_std(reached) if reached else None
+    for regime, grid in configs.items():
+        chosen, rejected, batches = regime_data(regime, p_sft, gold, seed)
+        for name, cfg in grid.items():
+            policy.load_state_dict(state)
+            torch.manual_seed(seed)
+            h = train(policy, tokens, mask, chosen, rejected, cfg, evaluate, batches)
+            out[name] = {k: h[k] for k in ("step", "loss", "beta_margin", "gold", "kl_sft")}
     return out
 
 
-def figure(runs: dict[str, list[dict]], groups: dict[str, list[str]], title: str):
-    """Per group of configs: gold reward against KL (one line per seed) and against the step (mean ± std)."""
-    fig, axes = pyplot().subplots(2, len(groups), figsize=(4.2 * len(groups), 7), squeeze=False)
-    for (group, names), (ax_kl, ax_t) in zip(groups.items(), axes.T):
-        for name in names:
-            for j, h in enumerate(runs[name]):  # one thin line per seed: KL is not shared across seeds
-                ax_kl.plot(h["kl_sft"], h["gold"], color=f"C{names.index(name)}", lw=0.8,
-                           label=name if j == 0 else None)
-            band(ax_t, runs[name][0]["step"], [h["gold"] for h in runs[name]], name, color=f"C{names.index(name)}")
-        ax_kl.set_title(f"{group}: gold reward vs KL(π‖π_SFT)", fontsize=9)
-        ax_kl.set_xlabel("KL(π‖π_SFT) [nats]", fontsize=8)
-        ax_t.set_title(f"{group}: gold reward vs step (mean ± std)", fontsize=9)
-        ax_t.set_xlabel("step", fontsize=8)
-        ax_kl.legend(fontsize=7)
+def run_summary(h: dict[str, list]) -> dict[str, float]:
+    """One run's SFT, peak and final gold reward and their KLs."""
+    i = int(np.argmax(h["gold"]))
+    return {"gold_sft": h["gold"][0], "gold_peak": h["gold"][i], "kl_at_peak": h["kl_sft"][i],
+            "gold_final": h["gold"][-1], "kl_final": h["kl_sft"][-1]}
+
+
+def frontiers(runs: dict[str, list[dict]], static: list[str], tr: list[str], grid: list[float]) -> dict:
+    """Per-seed frontiers of the static and TR families on the grid, their mean and 95% CI, and the paired gap."""
+    n_seeds = len(runs[static[0]])
+    per_seed = {fam: [frontier([runs[n][s]["kl_sft"] for n in names], [runs[n][s]["gold"] for n in names], grid)
+                      for s in range(n_seeds)] for fam, names in (("static", static), ("tr", tr))}
+    out = {"static_runs": static, "tr_runs": tr, "K": grid}
+    for fam, rows in per_seed.items():
+        cols = np.asarray(rows).T
+        out[fam] = [mean_std(c) for c in cols]
+        out[f"{fam}_per_seed"] = [r.tolist() for r in rows]
+    out["gap"] = [paired_diff(a, b) for a, b in zip(np.asarray(per_seed["tr"]).T, np.asarray(per_seed["static"]).T)]
+    return out
+
+
+def frontier_verdicts(label: str, f: dict, levels: tuple) -> list[dict]:
+    """Claim (c) at each KL budget: TR's frontier above static's, paired over seeds."""
+    rows = []
+    for k in levels:
+        i = f["K"].index(k)
+        rows.append(claim_row(f"(c) {label} TR − static", f"frontier: max gold at KL ≤ {k:g}", f["gap"][i], +1,
+                              static=f["static"][i], tr=f["tr"][i]))
+    return rows
+
+
+def frontier_figure(fronts: dict[str, dict], title: str, caption: str):
+    """Per loss: the static and TR frontiers (mean, 95% CI band over seeds), and below them the paired gap."""
+    fig, axes = pyplot().subplots(2, len(fronts), figsize=(4.2 * len(fronts), 6.6), squeeze=False)
+    for (loss, f), (ax_f, ax_g) in zip(fronts.items(), axes.T):
+        for fam, label, color in (("static", f"static, β ∈ sweep ({len(f['static_runs'])} runs)", "C0"),
+                                  ("tr", f"TR soft/hard, α/τ/β ({len(f['tr_runs'])} runs)", "C3")):
+            m, lo, hi = (np.array([d[k] for d in f[fam]]) for k in ("mean", "lo", "hi"))
+            ax_f.plot(f["K"], m, color=color, label=label)
+            ax_f.fill_between(f["K"], lo, hi, color=color, alpha=0.2, linewidth=0)
+        m, lo, hi = (np.array([d[k] for d in f["gap"]]) for k in ("mean", "lo", "hi"))
+        ax_g.plot(f["K"], m, color="k")
+        ax_g.fill_between(f["K"], lo, hi, color="k", alpha=0.2, linewidth=0)
+        ax_g.axhline(0, color="grey", lw=0.8, ls="--")
+        ax_f.set_title(f"{loss.upper()}: gold-reward frontier", fontsize=9)
+        ax_g.set_title(f"{loss.upper()}: TR − static, paired over seeds", fontsize=9)
+        ax_f.set_ylabel("max E_π[r*] with KL ≤ K", fontsize=8)
+        ax_g.set_ylabel("frontier gap TR − static", fontsize=8)
+        for ax in (ax_f, ax_g):
+            ax.set_xlabel("KL budget K = KL(π‖π_SFT) [nats]", fontsize=8)
+            ax.tick_params(labelsize=8)
+        ax_f.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.text(0.5, 0.005, caption, ha="center", fontsize=8)
+    return fig
+
+
+def regime_figure(gaps: dict[str, dict], labels: list[str], levels: tuple, title: str, caption: str):
+    """The regime map: paired frontier gap TR − static per data regime, one line per KL budget, 95% CI bars."""
+    fig, ax = pyplot().subplots(figsize=(8, 4.2))
+    x = np.arange(len(labels))
+    for j, k in enumerate(levels):
+        d = [gaps[r][f"{k:g}"] for r in gaps]
+        m = np.array([e["mean"] for e in d])
+        err = np.array([[e["mean"] - e["lo"] for e in d], [e["hi"] - e["mean"] for e in d]])
+        ax.errorbar(x + 0.08 * (j - (len(levels) - 1) / 2), m, yerr=err, marker="o", capsize=3, label=f"KL ≤ {k:g}")
+    ax.axhline(0, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_xlabel("data regime: distinct pairs N (passes over them)", fontsize=8)
+    ax.set_ylabel("frontier gap TR − static (gold reward)", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.text(0.5, 0.01, caption, ha="center", fontsize=8)
     return fig
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv, __doc__.splitlines()[0], "toy/figures")
-    steps, seeds, sft_steps = (30, [0], 30) if args.quick else (400, [0, 1, 2], SFT_STEPS)
-    base = dict(beta=0.1, lr=1e-4, alpha=0.6, tau=32, steps=steps, eval_every=max(steps // 50, 1))
-    configs = loss_mode_grid(base)
-    sweep = {f"dpo/soft/alpha={a:g}": RunConfig(mode="soft", **{**base, "alpha": a}) for a in (0.1, 0.3, 0.9)}
-    sweep.update({f"dpo/hard/tau={t}": RunConfig(mode="hard", **{**base, "tau": t}) for t in (8, 128)})
-    fast = {f"dpo/{m}/lr=0.001": RunConfig(mode=m, **{**base, "lr": 1e-3}) for m in MODES}
-    more_data = {f"dpo/{m}/pairs={4 * N_PAIRS}": RunConfig(mode=m, **base) for m in MODES}
-    runs: dict[str, list[dict]] = {}
-    with one_thread():
-        for seed in seeds:
-            for n_pairs, grid in ((N_PAIRS, {**configs, **sweep, **fast}), (4 * N_PAIRS, more_data)):
-                policy, tokens, mask, chosen, rejected, gold = build(seed, sft_steps, n_pairs)
-                state = {k: v.clone() for k, v in policy.state_dict().items()}
+    args = parse_args(argv, __doc__.splitlines()[0])
+    if args.quick:  # τ = 6 gives the TR runs 3 reference updates in 20 steps; lr 1e-3 so they move visibly
+        seeds, steps, lr, tau, sft_steps, betas, regimes = [0, 1], 20, 1e-3, 6, 30, (0.1, 0.3), (16, 64, STREAM)
+    else:
+        seeds, steps, lr, tau, sft_steps = list(range(10)), 100, 4e-4, 8, SFT_STEPS
+        betas, regimes = (0.01, 0.03, 0.1, 0.3, 1.0), (64, 1024, STREAM)
+    base = dict(lr=lr, alpha=0.6, tau=tau, steps=steps, eval_every=4 if args.quick else 5)
+    regime_betas = betas if args.quick else (0.03, 0.1, 0.3)
 
-                def evaluate(lp, sft_lp):
-                    return {"gold": (lp.exp() * gold).sum().item(), "kl_sft": kl(lp, sft_lp)}
+    def cfg(loss, mode, beta, **kw):
+        c = RunConfig(loss=loss, mode=mode, beta=beta, **{**base, **kw})
+        extra = "" if mode == "static" else f"/alpha={c.alpha:g}/tau={c.tau}" if mode == "soft" else f"/tau={c.tau}"
+        return f"{loss}/{mode}/beta={beta:g}{extra}", c
 
-                for name, cfg in grid.items():
-                    policy.load_state_dict(state)
-                    torch.manual_seed(seed)
-                    runs.setdefault(name, []).append(train(policy, tokens, mask, chosen, rejected, cfg, evaluate))
-    groups = {loss.upper(): [f"{loss}/{mode}" for mode in MODES] for loss in LOSSES}
-    groups["DPO α/τ sweep"] = ["dpo/static", "dpo/soft", "dpo/hard", *sweep]
-    groups["DPO lr=1e-3"] = list(fast)
-    groups[f"DPO {4 * N_PAIRS} pairs"] = list(more_data)
-    fig = figure(runs, groups, f"over-optimisation: tiny Llama, V={VOCAB}, L={LENGTH}, {N_PAIRS} noisy BT pairs, "
-                               f"β={base['beta']}, Adam lr={base['lr']}, α={base['alpha']}, τ={base['tau']}, "
-                               f"{len(seeds)} seeds")
-    payload = {"setup": {"vocab": VOCAB, "length": LENGTH, "n_pairs": N_PAIRS, "n_sft": N_SFT,
+    # The grids, fixed before any result (cut to fit the shared CPU, never by outcome). DPO: static over the full β
+    # grid; TR soft (α = 0.6, τ) and hard (τ) at β = 0.1, soft at β = 0.3, soft α ∈ {0.3, 0.9} and τ / 4. IPO / KTO:
+    # static over the regime grid's three β, TR soft and hard at β = 0.1.
+    main_grid = [cfg("dpo", "static", b) for b in betas] + [cfg("dpo", "soft", 0.1), cfg("dpo", "hard", 0.1)]
+    if not args.quick:
+        main_grid += [cfg("dpo", "soft", 0.3)] + [cfg("dpo", "soft", 0.1, alpha=a) for a in (0.3, 0.9)]
+        main_grid += [cfg("dpo", "soft", 0.1, tau=tau // 4)]
+    for loss in LOSSES[1:]:
+        main_grid += [cfg(loss, "static", b) for b in regime_betas] + [cfg(loss, "soft", 0.1), cfg(loss, "hard", 0.1)]
+    main_grid = dict(main_grid)
+    regime_grid = dict([cfg("dpo", "static", b) for b in regime_betas] + [cfg("dpo", "soft", 0.1),
+                                                                        cfg("dpo", "hard", 0.1)])
+    configs = {r: {f"n={r}/{n}": c for n, c in regime_grid.items()} for r in regimes if r != MAIN_PAIRS}
+    configs[MAIN_PAIRS] = main_grid
+    per_seed = map_seeds(partial(seed_runs, configs, sft_steps), seeds, args.workers)
+    runs = {name: [r[name] for r in per_seed] for grid in configs.values() for name in grid}
+    for r in regimes:  # the N = 64 cell of the regime map is the main study's runs of the regime grid
+        if r == MAIN_PAIRS:
+            runs.update({f"n={r}/{n}": runs[n] for n in regime_grid})
+
+    # (c): frontiers per loss over the full grid
+    main_runs = {n: runs[n] for n in main_grid}
+    fronts = {loss: frontiers(main_runs, [n for n in main_grid if n.startswith(f"{loss}/static")],
+                              [n for n in main_grid if n.startswith(loss) and "/static" not in n], K_GRID)
+              for loss in LOSSES}
+    summary = summarise(main_runs, run_summary)
+    verdicts = [row for loss in LOSSES for row in frontier_verdicts(loss.upper(), fronts[loss], KL_LEVELS)]
+    for loss in LOSSES:  # "gold-vs-KL peaks later and higher": the paper's default TR against static, same β
+        t = summary[f"{loss}/soft/beta=0.1/alpha=0.6/tau={tau}"]
+        for key in ("gold_peak", "kl_at_peak"):
+            verdicts.append(claim_row(f"(c) {loss.upper()} soft − static β=0.1", key, t["paired"][key], +1,
+                                      static=summary[f"{loss}/static/beta=0.1"][key], tr=t[key]))
+    n_seeds = f"{len(seeds)} seeds"
+    caption = ("frontier(K) = max over a family's runs and evaluations of E_π[r*] with KL(π‖π_SFT) ≤ K (exact, nats); "
+               f"bands: 95% bootstrap CI over {n_seeds}")
+    fig = frontier_figure(fronts, f"over-optimisation frontiers: tiny Llama, {VOCAB ** LENGTH} responses, "
+                                  f"{MAIN_PAIRS} noisy BT pairs full-batch, {steps} steps, Adam lr={lr}; static β ∈ "
+                                  f"{list(betas)} (DPO), {list(regime_betas)} (IPO, KTO); TR α/τ/β grid; {n_seeds}",
+                         caption)
+    payload = {"setup": {"vocab": VOCAB, "length": LENGTH, "n_pairs": MAIN_PAIRS, "n_sft": N_SFT,
                          "base_temperature": BASE_TEMPERATURE, "sft_steps": sft_steps, "sft_lr": SFT_LR,
-                         "kl_levels": list(KL_LEVELS), "seeds": seeds, **base},
-               "configs": {n: vars(c) for n, c in {**configs, **sweep, **fast, **more_data}.items()},
-               "summary": summarise(runs), "runs": runs}
+                         "kl_levels": list(KL_LEVELS), "seeds": seeds, "ci": CI_METHOD, **base},
+               "configs": {n: vars(c) for n, c in main_grid.items()}, "frontiers": fronts, "summary": summary,
+               "verdicts": verdicts, "runs": main_runs}
     save(args.out, "overoptimization", payload, fig)
-    return payload
+    print_verdicts(f"overoptimization: claim (c); {n_seeds} (figure and JSON in {args.out})", verdicts)
+
+    # the regime map: the regime grid's frontier gap per data regime
+    gaps, regime_rows, labels = {}, [], []
+    for r in regimes:
+        names = [f"n={r}/{n}" for n in regime_grid]
+        f = frontiers(runs, [n for n in names if "/static" in n], [n for n in names if "/static" not in n],
+                      list(KL_LEVELS))
+        gaps[str(r)] = {f"{k:g}": g for k, g in zip(KL_LEVELS, f["gap"])}
+        gaps[str(r)]["frontiers"] = f
+        regime_rows += frontier_verdicts(f"DPO N={r}", f, KL_LEVELS)
+        labels.append(f"{r}\n(1 pass)" if r == STREAM else f"{r}\n({steps * min(BATCH, r) / r:g} passes)")
+    fig = regime_figure({r: gaps[r] for r in gaps}, labels, KL_LEVELS,
+                        f"where TR helps: DPO, {BATCH} pairs/step × {steps} steps, static β ∈ {list(regime_betas)} vs "
+                        f"TR soft/hard (β=0.1, α=0.6, τ={tau}); {n_seeds}",
+                        "gap = paired difference of the frontiers max{E_π[r*] : KL(π‖π_SFT) ≤ K}; bars: 95% bootstrap "
+                        "CI over seeds; stream = fresh Bradley–Terry pairs from π_SFT every step")
+    regime_payload = {"setup": {**payload["setup"], "batch_pairs": BATCH, "regimes": [str(r) for r in regimes]},
+                      "configs": {f"n={r}/{n}": vars(c) for r in regimes for n, c in regime_grid.items()},
+                      "gaps": gaps, "verdicts": regime_rows,
+                      "summary": summarise({n: runs[n] for r in regimes for n in (f"n={r}/{m}" for m in regime_grid)},
+                                           run_summary),
+                      "runs": {n: runs[n] for r in regimes if r != MAIN_PAIRS for n in configs[r]}}
+    save(args.out, "regimes", regime_payload, fig)
+    print_verdicts(f"regimes: TR − static frontier gap per data regime; {n_seeds}", regime_rows)
+    return payload | {"regimes": regime_payload}
 
 
 if __name__ == "__main__":

@@ -29,6 +29,14 @@ def bootstrap_ci(x, level: float = 0.95, n_boot: int = 10_000, seed: int = 0) ->
     return float(lo), float(hi)
 
 
+def mean_ci(x, level: float = 0.95, n_boot: int = 10_000, seed: int = 0) -> dict:
+    """mean(x) with its percentile bootstrap CI, in paired_diff's layout (for one-method claims such as "falls")."""
+    a = _finite_1d(x, "x")
+    lo, hi = bootstrap_ci(a, level, n_boot, seed)
+    return {"mean": float(a.mean()), "lo": lo, "hi": hi, "n": int(a.size),
+            "method": f"percentile bootstrap over seeds, {n_boot} resamples"}
+
+
 def paired_diff(a, b, level: float = 0.95, n_boot: int = 10_000, seed: int = 0) -> dict:
     """mean(a − b) with its percentile bootstrap CI, a[i] and b[i] measured on the same seed i."""
     a, b = _finite_1d(a, "a"), _finite_1d(b, "b")
@@ -47,6 +55,14 @@ def verdict(diff: dict, what: str = "TR") -> str:
     if diff["hi"] < 0:
         return f"{what} lower"
     return "no resolved difference"
+
+
+def judge(diff: dict, expected: int) -> str:
+    """A claim's verdict from a CI: "holds" when it excludes 0 on the expected side (+1 or −1), "reversed" when it
+    excludes 0 on the other side, "not resolved" when it contains 0."""
+    lo, hi = diff["lo"] * expected, diff["hi"] * expected
+    lo, hi = min(lo, hi), max(lo, hi)
+    return "holds" if lo > 0 else "reversed" if hi < 0 else "not resolved"
 
 
 def frontier(kl, gold, grid) -> np.ndarray:
