@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+import config
 import data
 import losses
 import packing
@@ -209,16 +210,16 @@ def run(args) -> dict:
     if args.data:
         args.vocab_size, steps = data_steps(args, device)
     torch.manual_seed(args.seed)
-    config = ModelConfig(vocab_size=args.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
-                         n_kv_heads=args.n_kv_heads,
-                         max_seq_len=2 * args.max_length if args.data else args.prompt_len + args.response_len)
+    model_config = ModelConfig(vocab_size=args.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
+                               n_kv_heads=args.n_kv_heads,
+                               max_seq_len=2 * args.max_length if args.data else args.prompt_len + args.response_len)
     with torch.device(device):  # initialise in place: a 1B model is slow to init on the CPU and copy over
-        policy = Llama(config)
+        policy = Llama(model_config)
     reference = ref_lib.make_reference(policy)
-    cfg = train.TrainConfig(loss=args.loss, ref_update=args.ref_update, alpha=args.alpha, tau=args.tau,
-                            dtype=args.dtype, device=device.type, dim=args.dim, n_layers=args.n_layers,
-                            n_heads=args.n_heads)
-    train.validate(cfg, world_size=1)
+    cfg = config.TrainConfig(loss=args.loss, ref_update=args.ref_update, alpha=args.alpha, tau=args.tau,
+                             dtype=args.dtype, device=device.type, dim=args.dim, n_layers=args.n_layers,
+                             n_heads=args.n_heads)
+    config.validate(cfg, world_size=1)
     updater = ref_lib.ReferenceUpdater(args.ref_update, args.alpha, args.tau)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5, weight_decay=cfg.weight_decay, fused=True)
     if not args.data:  # the same random batch at every step, one micro batch

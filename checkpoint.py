@@ -106,7 +106,8 @@ def sha256(file: Path) -> str:
 
 
 def write_manifest(ckpt: Path):
-    """manifest.json: the size and SHA-256 of every other file, written last (a checkpoint without one is incomplete)."""
+    """manifest.json: the size and SHA-256 of every other file, written last (without one, a checkpoint is
+    incomplete)."""
     files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest = {str(p.relative_to(ckpt)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
     (ckpt / "manifest.json").write_text(json.dumps({"files": manifest}, indent=1))

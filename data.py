@@ -403,8 +403,8 @@ def _read_gzip(path: Path) -> bytes:
         if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile) and e.errno is not None:
             raise DataError(f"{path}:1: cannot read ({e.strerror})") from None
         line = out.count(b"\n") + 1
-        raise DataError(f"{path}:{line}: corrupted gzip data after {len(out)} decompressed bytes ({type(e).__name__}: {e}); "
-                        f"download or compress the file again") from None
+        raise DataError(f"{path}:{line}: corrupted gzip data after {len(out)} decompressed bytes "
+                        f"({type(e).__name__}: {e}); download or compress the file again") from None
     return bytes(out)
 
 

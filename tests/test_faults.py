@@ -1,5 +1,6 @@
-"""Faults a user meets, injected one by one (docs/faults.md): each ends in one line naming the culprit with exit status 2,
-or is survived, and no finite work is lost. Runs are in-process train.main calls on a 0.01M-parameter Llama."""
+"""Faults a user meets, injected one by one (docs/faults.md): each ends in one line naming the culprit with exit
+status 2, or is survived, and no finite work is lost. Runs are in-process train.main calls on a 0.01M-parameter Llama."""
+import dataclasses
 import errno
 import gzip
 import json
@@ -199,7 +200,8 @@ def test_num_samples_zero_evaluates_without_generations(tmp_path, capsys):
     assert rc == 0, err
     assert "num_samples=0: no generations at eval" in out and "sample |" not in out
     row = strict_rows(tmp_path)[-1]
-    assert row["split"] == "eval" and "reward_acc" in row and not {"gold_greedy", "gold_sampled", "kl_ref", "kl_init"} & row.keys()
+    assert row["split"] == "eval" and "reward_acc" in row
+    assert not {"gold_greedy", "gold_sampled", "kl_ref", "kl_init"} & row.keys()
 
 
 def test_the_final_checkpoint_is_written_before_the_final_eval(tmp_path, capsys, monkeypatch):
@@ -308,7 +310,7 @@ def test_resume_with_another_max_steps_is_refused_unless_the_lr_is_constant(stra
     shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
     shutil.rmtree(tmp_path / "ckpt-000004")
     cfg = train.parse_config(SMALL, world_size=1)
-    was, now = train.get_lr(2, cfg), train.get_lr(2, train.replace(cfg, max_steps=40))
+    was, now = train.get_lr(2, cfg), train.get_lr(2, dataclasses.replace(cfg, max_steps=40))
     assert abs(now - was) > 1e-4
     rc, _, err = main(SMALL + [f"--out_dir={tmp_path}", "--resume", "--max_steps=40"], capsys)
     one_line_error(rc, err, "--resume: max_steps=40 differs from the run's 4", f"from {was:.3g} to {now:.3g}",
@@ -417,7 +419,8 @@ GOOD = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
 
 BAD_FILES = [
     ("blank.jsonl", GOOD * 3 + "\n" + GOOD, "blank.jsonl:4: line 4 is blank"),
-    ("deep.jsonl", GOOD + '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "deep.jsonl:2: JSON nested too deeply"),
+    ("deep.jsonl", GOOD + '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+     "deep.jsonl:2: JSON nested too deeply"),
     ("mixed.jsonl", GOOD + json.dumps({"prompt": "p", "completion": "c", "label": True}) + "\n",
      "mixed.jsonl:2: a kto record in a file of pairs records"),
     ("cut.jsonl.gz", gzip.compress((GOOD * 50_000).encode(), mtime=0)[:5000], "cut.jsonl.gz:"),

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import config
 import losses
 import reference as ref_lib
 import synthetic
@@ -116,17 +117,17 @@ def test_help_lists_every_option_wrapped():
     lines = train.help_text(width=80).splitlines()
     assert max(map(len, lines)) <= 80 and lines[0].startswith("usage: ")
     starts = [line.split()[0] for line in lines[2:] if line.startswith("  --")]
-    assert starts == ["--config=FILE.json"] + [f"--{f.name}={train.shown(f.default)}"
-                                               for f in train.fields(train.TrainConfig)]
+    assert starts == ["--config=FILE.json"] + [f"--{f.name}={config.shown(f.default)}"
+                                               for f in config.fields(config.TrainConfig)]
     assert "  --eval_data=\"\"  " in train.help_text() and "  --fsdp=false  " in train.help_text()
     assert "  --loss=sft  " in train.help_text() and "(one of sft, dpo, ipo, kto)" in train.help_text()
 
 
 def test_docs_option_table_is_generated_from_train_config():
-    """docs/training.md pastes train.options_table(); after adding or changing an option, regenerate it with
-    python -c "import train; print(train.options_table())" """
-    table = train.options_table()
-    for f in train.fields(train.TrainConfig):
+    """docs/training.md pastes config.options_table(); after adding or changing an option, regenerate it with
+    python -c "import train; print(config.options_table())" """
+    table = config.options_table()
+    for f in config.fields(config.TrainConfig):
         assert f"| `{f.name}` | `{json.dumps(f.default)}` |" in table
     assert table in (ROOT / "docs" / "training.md").read_text()
 

@@ -1,0 +1,254 @@
+"""train.py's options: one dataclass, TrainConfig, whose every field has a default and a one-line meaning (what
+--help prints and docs/training.md's table shows); parsing from --config=FILE.json and --key=value; every check that
+can fail before a model or a file is loaded; and the start-up warnings a user needs."""
+import importlib.util
+import json
+import math
+import os
+import textwrap
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import checkpoint
+import data
+
+
+
+def opt(default, help: str, choices: tuple = ()):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # run and model
+    out_dir: str = opt("out", "run directory: train_config.json, metrics.jsonl, checkpoints ckpt-<step>/")
+    init_from: str = opt("scratch", "'scratch' (a new model from dim/n_layers/n_heads), a Hugging Face Llama "
+                         "directory, or one of our run directories / checkpoints (its newest ckpt-*)")
+    dim: int = opt(64, "from-scratch model width")
+    n_layers: int = opt(2, "from-scratch model depth")
+    n_heads: int = opt(4, "from-scratch attention heads")
+    # data
+    data: str = opt("synthetic", "'synthetic' (the built-in task of synthetic.py) or a preference JSONL(.gz) file")
+    eval_data: str = opt("", "held-out JSONL(.gz); empty: hold out the first eval_size examples of data")
+    eval_size: int = opt(128, "number of held-out examples evaluated (pairs, or examples for sft)")
+    tokenizer: str = opt("auto", "'auto' (init_from's own: a llama2.c tok*.bin beside its weights, or the one its "
+                         "checkpoint was trained with; else byte), 'byte', a tiktoken name (gpt2), or the path of a "
+                         "Llama 3 tokenizer.model or a llama2.c tokenizer .bin")
+    max_length: int = opt(64, "max tokens of prompt + response (longer examples are truncated, see data.py)")
+    max_prompt_length: int = opt(32, "max prompt tokens (prompts are cut from the left)")
+    # objective
+    loss: str = opt("sft", "training objective", ("sft", "dpo", "ipo", "kto"))
+    ref_update: str = opt("static", "how π_ref follows π_θ every τ steps: never, soft θ_ref ← α·θ + (1−α)·θ_ref, "
+                          "hard θ_ref ← θ", ("static", "soft", "hard"))
+    alpha: float = opt(0.6, "α, soft-update weight of the policy, in (0, 1]")
+    tau: int = opt(512, "τ, optimizer steps between reference updates")
+    beta: float = opt(0.1, "β, strength of the implicit KL penalty")
+    label_smoothing: float = opt(0.0, "DPO label smoothing ε in [0, 0.5) (conservative DPO)")
+    # optimisation
+    batch_size: int = opt(32, "global pairs (dpo/ipo), examples (sft/kto) per optimizer step, for any world size")
+    micro_batch_size: int = opt(16, "pairs/examples per process per forward; the rest is gradient accumulation")
+    packing: bool = opt(True, "pack training examples into rows, no padding, a pair's prompt computed once "
+                        "(docs/packing.md); false: padded rows of micro_batch_size examples")
+    micro_batch_tokens: int = opt(0, "with packing: tokens per forward (0: what micro_batch_size padded examples "
+                                  "hold at most, micro_batch_size x max_length x 2 for pairs and kto, x 1 for sft)")
+    max_steps: int = opt(200, "optimizer steps")
+    lr: float = opt(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
+    warmup_steps: int = opt(10, "linear warmup steps from 0 to lr")
+    schedule: str = opt("cosine", "after warmup: cosine or linear decay to 0, or constant",
+                        ("cosine", "linear", "constant"))
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: no clipping, the norm is still logged)")
+    max_bad_steps: int = opt(3, "consecutive non-finite steps (NaN/inf gradient norm: skipped, no optimizer step, no "
+                             "TR update) after which the run stops, its last finite checkpoint intact")
+    dtype: str = opt("float32", "compute dtype: float32, or bfloat16 autocast (weights and log-probs stay fp32)",
+                     ("float32", "bfloat16"))
+    device: str = opt("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
+    fsdp: bool = opt(False, "shard policy and reference with FSDP2 (fully_shard) instead of DDP")
+    compile: bool = opt(False, "torch.compile the policy and reference forwards of the training step "
+                        "(docs/performance.md)")
+    seed: int = opt(1337, "seed: model init and data order identical on all ranks")
+    # logging, evaluation, checkpoints
+    log_every: int = opt(1, "optimizer steps between metrics.jsonl lines and progress lines")
+    eval_every: int = opt(50, "optimizer steps between evaluations on held-out data (0: only at the end)")
+    num_samples: int = opt(64, "held-out prompts continued at each eval (greedy and sampled) for on-policy KL and, on "
+                           "synthetic data, the gold reward; the first 2 are printed")
+    max_new_tokens: int = opt(32, "tokens generated per sample")
+    wandb_project: str = opt("", "log metrics.jsonl's rows and the config to this Weights & Biases project too "
+                             "(empty: off; wandb is imported only when set)")
+    ckpt_every: int = opt(0, "optimizer steps between checkpoints (0: only at the end)")
+    keep_last: int = opt(2, "checkpoints kept in out_dir (older ones are deleted)")
+    resume: bool = opt(False, "continue from the newest checkpoint in out_dir (exactly, same config)")
+    demo: bool = opt(False, "the embedded demo: SFT, then DPO and TR-DPO from it, and a comparison table "
+                            "(what train.py runs when given no arguments)")
+
+
+class ConfigError(ValueError):
+    """A bad option, file or checkpoint: main() prints its message alone, with no traceback."""
+
+
+def fail(msg: str):
+    raise ConfigError(msg)
+
+
+BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def parse_value(name: str, value, typ: type, where: str):
+    """One option's value from a string (command line) or a JSON value (config file), checked against its type."""
+    if typ is bool and (isinstance(value, bool) or str(value).lower() in BOOLS):
+        return value if isinstance(value, bool) else BOOLS[str(value).lower()]
+    if typ is str and isinstance(value, str):
+        return value
+    if typ in (int, float) and not isinstance(value, bool) and not (typ is int and isinstance(value, float)):
+        try:
+            return typ(value)
+        except (TypeError, ValueError):
+            pass
+    fail(f"{where}: {name} must be {typ.__name__}, got {value!r}")
+
+
+def shown(value) -> str:
+    """A default as it is typed on the command line."""
+    return json.dumps(value) if isinstance(value, bool) or value == "" else str(value)
+
+
+def meaning(f) -> str:
+    return f.metadata["help"] + (f" (one of {', '.join(f.metadata['choices'])})" if f.metadata["choices"] else "")
+
+
+def help_text(width: int = 100) -> str:
+    """`--key=default  meaning` for every option, generated from TrainConfig, wrapped for a terminal."""
+    rows = [("--config=FILE.json", "JSON file of options (keys = the names below); later --key=value override it")]
+    rows += [(f"--{f.name}={shown(f.default)}", meaning(f)) for f in fields(TrainConfig)]
+    indent = 2 + max(len(key) for key, _ in rows if len(key) <= 24) + 2
+    lines = ["usage: [torchrun ...] train.py [--config=FILE.json] [--key=value ...]",
+             "no arguments: the embedded demo (--demo=true)", ""]
+    for key, text in rows:
+        first = f"  {key}".ljust(indent - 2) + "  "
+        if len(first) > indent:  # a long default: its meaning starts on the next line
+            lines.append(first.rstrip())
+            first = " " * indent
+        lines.append(textwrap.fill(text, width, initial_indent=first, subsequent_indent=" " * indent))
+    return "\n".join(lines)
+
+
+def options_table() -> str:
+    """The Markdown table of every option, generated from TrainConfig: docs/training.md pastes it (a test checks)."""
+    rows = ["| option | default | meaning |", "|---|---|---|",
+            "| `config` | | JSON file of options (keys = the names below); later `--key=value` override it |"]
+    rows += [f"| `{f.name}` | `{json.dumps(f.default)}` | {meaning(f)} |" for f in fields(TrainConfig)]
+    return "\n".join(rows)
+
+
+def parse_config(argv: list[str], world_size: int | None = None) -> TrainConfig:
+    """TrainConfig from `--config=file.json` then `--key=value` overrides; ValueError naming the culprit on any bad
+    key or value. world_size (default: $WORLD_SIZE or 1) checks that batches split evenly over the processes."""
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    values, args = {}, []
+    for a in argv:  # a bool option may be given bare: --resume means --resume=true
+        if not a.startswith("--") or "=" not in a and kinds.get(a[2:]) is not bool:
+            fail(f"argument {a!r}: expected --key=value (see --help)")
+        key, _, val = a[2:].partition("=")
+        args.append((key, val if "=" in a else "true"))
+    for key, val in [kv for kv in args if kv[0] == "config"]:
+        try:
+            raw = json.loads(Path(val).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            fail(f"--config={val}: {e}")
+        if not isinstance(raw, dict):
+            fail(f"{val}: expected a JSON object of options")
+        for k, v in raw.items():
+            if k not in kinds:
+                fail(f"{val}: unknown option {k!r} (see --help)")
+            values[k] = parse_value(k, v, kinds[k], val)
+    for key, val in args:
+        if key == "config":
+            continue
+        if key not in kinds:
+            fail(f"unknown option --{key} (see --help)")
+        values[key] = parse_value(key, val, kinds[key], "command line")
+    cfg = TrainConfig(**values)
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size)
+    return cfg
+
+
+def validate(cfg: TrainConfig, world_size: int):
+    """Every check that can fail before a model or a file is loaded."""
+    for f in fields(cfg):
+        if f.metadata["choices"] and getattr(cfg, f.name) not in f.metadata["choices"]:
+            fail(f"{f.name}={getattr(cfg, f.name)!r}: expected one of {', '.join(f.metadata['choices'])}")
+        if f.type is float and not math.isfinite(getattr(cfg, f.name)):  # NaN passes every < and > check below
+            fail(f"{f.name}={getattr(cfg, f.name)} must be a finite number")
+    for name in ("dim", "n_layers", "n_heads", "eval_size", "max_length", "max_prompt_length", "tau", "batch_size",
+                 "micro_batch_size", "max_steps", "log_every", "keep_last", "max_new_tokens", "max_bad_steps"):
+        if getattr(cfg, name) < 1:
+            fail(f"{name}={getattr(cfg, name)} must be >= 1")
+    for name in ("warmup_steps", "eval_every", "ckpt_every", "num_samples", "weight_decay", "grad_clip",
+                 "micro_batch_tokens"):
+        if getattr(cfg, name) < 0:
+            fail(f"{name}={getattr(cfg, name)} must be >= 0")
+    if not 0 < cfg.alpha <= 1:
+        fail(f"alpha={cfg.alpha} must be in (0, 1]")
+    if cfg.beta <= 0 or cfg.lr <= 0:
+        fail(f"beta={cfg.beta} and lr={cfg.lr} must be > 0")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        fail(f"label_smoothing={cfg.label_smoothing} must be in [0, 0.5)")
+    if cfg.dim % cfg.n_heads:
+        fail(f"dim={cfg.dim} must be a multiple of n_heads={cfg.n_heads}")
+    if cfg.max_prompt_length >= cfg.max_length:
+        fail(f"max_prompt_length={cfg.max_prompt_length} must be < max_length={cfg.max_length}")
+    if cfg.loss == "sft" and cfg.ref_update != "static":
+        fail(f"ref_update={cfg.ref_update} needs a reference, but loss=sft has none")
+    if cfg.batch_size % (cfg.micro_batch_size * world_size):
+        fail(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size} "
+             f"x {world_size} process(es)")
+    if cfg.fsdp and world_size < 2:
+        fail("fsdp=true needs torchrun with at least 2 processes")
+    for name in ("data", "eval_data", "init_from"):
+        path = getattr(cfg, name)
+        if path and path not in ("synthetic", "scratch") and not Path(path).exists():
+            fail(f"{name}={path}: no such file or directory")
+    if cfg.init_from != "scratch":
+        try:
+            checkpoint.model_dir(cfg.init_from)
+        except ValueError as e:
+            fail(f"init_from={e}")
+    if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
+        fail(f"wandb_project={cfg.wandb_project} needs the wandb package (pip install wandb)")
+    try:
+        tokenizer = auto_tokenizer(cfg)
+    except ValueError as e:
+        fail(f"tokenizer=auto: {e}")
+    if cfg.data == "synthetic" and tokenizer != "byte":
+        fail(f"data=synthetic is a byte-level task: tokenizer must be 'byte', not {tokenizer!r}")
+
+
+def auto_tokenizer(cfg: TrainConfig) -> str:
+    """cfg.tokenizer, or for 'auto' the one that came with the initial model: a llama2.c tokenizer beside its weights
+    (stories260K's tok512.bin), else the one its checkpoint was trained with, else byte (a model from scratch)."""
+    if cfg.tokenizer != "auto" or cfg.init_from == "scratch":
+        return "byte" if cfg.tokenizer == "auto" else cfg.tokenizer
+    model = checkpoint.model_dir(cfg.init_from)
+    if (found := data.find_llama2c(model)) is not None:
+        return str(found)
+    saved = model / "train_config.json"
+    return json.loads(saved.read_text())["tokenizer"] if saved.exists() else "byte"
+
+
+def schedule_warning(cfg: TrainConfig) -> str | None:
+    """A TR run whose first reference update would come at or after its last step is the static method in disguise."""
+    if cfg.ref_update != "static" and cfg.tau >= cfg.max_steps:
+        return (f"warning: ref_update={cfg.ref_update} with tau={cfg.tau} >= max_steps={cfg.max_steps}: π_ref is "
+                f"never updated before the run ends, so this is plain {cfg.loss.upper()} (lower --tau for TR)")
+    return None
+
+
+def truncation_warnings(name: str, report: dict, cfg: TrainConfig) -> list[str]:
+    """One line for each length limit that cuts most of the examples kept (data.tokenize's report)."""
+    n, lines = max(1, report["examples"]), []
+    for part, limit in (("prompt", f"max_prompt_length={cfg.max_prompt_length}"),
+                        ("response", f"max_length={cfg.max_length}")):
+        if (cut := report["truncated"][part]) > n / 2:
+            lines.append(f"warning: {name} data: {limit} cuts the {part} of {cut} of {n} examples ({cut / n:.0%}); "
+                         f"raise it unless that is meant (a cut response is trained without its EOS)")
+    return lines
