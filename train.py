@@ -231,7 +231,8 @@ def resume_checkpoint(cfg: TrainConfig) -> Path | None:
         return None
     ckpt = checkpoint.resumable(cfg.out_dir, log)
     saved = json.loads((ckpt / "train_config.json").read_text())
-    changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]  # cfg: train() resolved
+    resolved = asdict(replace(cfg, tokenizer=auto_tokenizer(cfg)))  # saved configs hold the resolved tokenizer
+    changed = [k for k, v in resolved.items() if k not in RESUMABLE and saved.get(k) != v]
     if changed:
         fail(f"--resume: {ckpt} was trained with other values of {', '.join(changed)}")
     step = json.loads((ckpt / "state.json").read_text())["step"]

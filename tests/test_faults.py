@@ -398,8 +398,8 @@ def test_a_larger_model_vocab_trains_and_never_generates_undecodable_ids(tmp_pat
         seen.append((kwargs, out))
         return out
     monkeypatch.setattr(Llama, "generate", spy)
-    rc, out, err = main(SMALL + [f"--out_dir={tmp_path}", f"--init_from={model_dir}", "--loss=sft",
-                                 "--num_samples=8", "--max_new_tokens=24", "--max_length=32", "--max_steps=2",
+    rc, out, err = main(SMALL + [f"--out_dir={tmp_path}", f"--init_from={model_dir}", "--tokenizer=byte",
+                                 "--loss=sft", "--num_samples=8", "--max_new_tokens=24", "--max_length=32", "--max_steps=2",
                                  "--max_prompt_length=16"], capsys)
     assert rc == 0, err
     assert len(seen) == 2 and all(kw["n_vocab"] == 259 and kw["stop_ids"] == [257] for kw, _ in seen)
