@@ -1,5 +1,6 @@
 """Faults a user meets, injected one by one (docs/faults.md): each ends in one line naming the culprit with exit
-status 2, or is survived, and no finite work is lost. Runs are in-process train.main calls on a 0.01M-parameter Llama."""
+status 2, or is survived, and no finite work is lost. Runs are in-process train.main calls on a 0.01M-parameter
+Llama."""
 import dataclasses
 import errno
 import gzip
@@ -399,8 +400,8 @@ def test_a_larger_model_vocab_trains_and_never_generates_undecodable_ids(tmp_pat
         return out
     monkeypatch.setattr(Llama, "generate", spy)
     rc, out, err = main(SMALL + [f"--out_dir={tmp_path}", f"--init_from={model_dir}", "--tokenizer=byte",
-                                 "--loss=sft", "--num_samples=8", "--max_new_tokens=24", "--max_length=32", "--max_steps=2",
-                                 "--max_prompt_length=16"], capsys)
+                                 "--loss=sft", "--num_samples=8", "--max_new_tokens=24", "--max_length=32",
+                                 "--max_steps=2", "--max_prompt_length=16"], capsys)
     assert rc == 0, err
     assert len(seen) == 2 and all(kw["n_vocab"] == 259 and kw["stop_ids"] == [257] for kw, _ in seen)
     ids = [t for _, rows in seen for r in rows for t in r]
