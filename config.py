@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import checkpoint
-import data
+import llama2c
 
 
 
@@ -229,7 +229,7 @@ def auto_tokenizer(cfg: TrainConfig) -> str:
     if cfg.tokenizer != "auto" or cfg.init_from == "scratch":
         return "byte" if cfg.tokenizer == "auto" else cfg.tokenizer
     model = checkpoint.model_dir(cfg.init_from)
-    if (found := data.find_llama2c(model)) is not None:
+    if (found := llama2c.find_llama2c(model)) is not None:
         return str(found)
     saved = model / "train_config.json"
     return json.loads(saved.read_text())["tokenizer"] if saved.exists() else "byte"

@@ -1,7 +1,7 @@
 """Over-optimisation on real text: stories260K made more positive by DPO / IPO / KTO, static vs trust-region reference.
 
 The DPO paper's controlled-sentiment setup at laptop scale, run by this repository's code. π_SFT is karpathy's
-TinyStories 260K Llama (../shared/models/stories260K) with its own tokenizer (data.llama2c_tokenizer). Prompts: the
+TinyStories 260K Llama (../shared/models/stories260K) with its own tokenizer (llama2c.llama2c_tokenizer). Prompts: the
 story openings of OPENINGS. Responses: π_SFT samples at temperature 1, at most RESPONSE_TOKENS tokens (a story may end
 earlier with EOS). Gold reward r*(y): VADER's compound sentiment of the decoded response, in [−1, 1] (vaderSentiment,
 a lexicon scorer: an optional dependency of this file only). Pairs: two π_SFT responses to one prompt, the preferred
