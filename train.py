@@ -241,9 +241,21 @@ def resume_checkpoint(cfg: TrainConfig) -> Path | None:
         fail(f"--resume: max_steps={cfg.max_steps} differs from the run's {saved['max_steps']}: the {cfg.schedule} "
              f"learning rate at step {step + 1} would jump from {was:.3g} to {now:.3g}; keep max_steps="
              f"{saved['max_steps']}, or train on with init_from={cfg.out_dir} (a new run and schedule)")
-    if step >= cfg.max_steps:
+    if step >= cfg.max_steps and evaluated(Path(cfg.out_dir) / "metrics.jsonl", step):
         fail(f"--resume: {ckpt} is at step {step} of max_steps={cfg.max_steps}: the run is complete")
-    return ckpt
+    return ckpt  # (at max_steps without the final eval: a run killed after its last checkpoint; resume evaluates)
+
+
+def eval_due(step: int, cfg: TrainConfig) -> bool:
+    return bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
+
+
+def evaluated(metrics_file: Path, step: int) -> bool:
+    """Whether metrics.jsonl holds the eval row of this step. The checkpoint is written before the eval, so a run
+    killed in between has a checkpoint of an eval step without its eval: --resume runs it first."""
+    return metrics_file.exists() and any(
+        line.endswith("\n") and (r := json.loads(line))["step"] == step and r["split"] == "eval"
+        for line in metrics_file.read_text().splitlines(keepends=True))
 
 
 def make_data(cfg: TrainConfig, tok, rank: int, world: int):
@@ -433,6 +445,8 @@ def run(cfg: TrainConfig) -> dict:
         start = state["step"]
         train_loader.load_state_dict(state["data"])
     metrics_file = out / "metrics.jsonl"
+    # killed between a checkpoint and its eval: the eval runs first (read by every rank before rank 0 rewrites the file)
+    eval_first = ckpt is not None and eval_due(start, cfg) and not evaluated(metrics_file, start)
     checkpoint.barrier()  # every rank has read init_from and the checkpoint before rank 0 may delete old ones
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -464,7 +478,16 @@ def run(cfg: TrainConfig) -> dict:
         run_policy = torch.compile(policy)  # modules themselves (the compiled ones read the same parameters)
         run_ref = reference if reference is None else torch.compile(reference)
 
+    def evaluate_and_record(step: int):
+        row = {"step": step, "split": "eval", **evaluate(policy, reference, initial, eval_batches, prompts, cfg, tok,
+                                                          device)}
+        record(row)
+        log(f"eval {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "split")))
+        result["eval"] = row
+
     step, result, t0 = start, {}, time.time()
+    if eval_first:
+        evaluate_and_record(start)  # the same row as the run's: evaluate draws from its own generator
     t_log, tokens, bad_steps = t0, 0, 0
     while step < cfg.max_steps:
         lr = get_lr(step, cfg)
@@ -509,12 +532,8 @@ def run(cfg: TrainConfig) -> dict:
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
             checkpoint.save(out, step, policy, reference, optimizer, {"data": train_loader.state_dict()},
                             asdict(cfg), cfg.keep_last)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-            row = {"step": step, "split": "eval", **evaluate(policy, reference, initial, eval_batches, prompts, cfg,
-                                                              tok, device)}
-            record(row)
-            log(f"eval {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "split")))
-            result["eval"] = row
+        if eval_due(step, cfg):
+            evaluate_and_record(step)
     if tracker is not None:
         tracker.finish()
     return result

@@ -346,6 +346,26 @@ def test_sigkill_then_resume_matches_uninterrupted(straight, tmp_path):
         train.resume_checkpoint(train.parse_config(TINY + [f"--out_dir={tmp_path}", "--resume", "--beta=0.2"]))
 
 
+@pytest.mark.parametrize("step", [6, 12])
+def test_a_kill_between_checkpoint_and_eval_resumes_with_that_eval(straight, tmp_path, step):
+    """The checkpoint of an eval step is written before its eval. A run killed in between (its metrics end with the
+    step's train row) resumes by running that eval first: at step 6 it then trains on, at the final step 12 (which
+    is not a complete run yet) it only evaluates. Either way, the metrics and weights of the uninterrupted run."""
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(rows) if (r := json.loads(line))["step"] == step and r["split"] == "eval")
+    (tmp_path / "metrics.jsonl").write_text("".join(rows[:cut]))
+    if step == 6:
+        shutil.rmtree(tmp_path / "ckpt-000012")
+    p = run(TINY + [f"--out_dir={tmp_path}", "--resume"])
+    assert f"eval {step} |" in p.stdout
+    for sub in ("", "reference"):
+        assert_close(weights(tmp_path, sub), weights(straight, sub), atol=0.0)
+    assert metrics(tmp_path) == metrics(straight)
+    with pytest.raises(train.ConfigError, match="the run is complete"):  # now it is
+        train.resume_checkpoint(train.parse_config(TINY + [f"--out_dir={tmp_path}", "--resume"]))
+
+
 def test_checkpoint_of_one_process_resumes_on_two_fsdp_processes(straight, tmp_path):
     """Checkpoints hold full, name-keyed state: step 6 of the single-process run continues under FSDP2 on 2 ranks."""
     shutil.copytree(straight / "ckpt-000006", tmp_path / "ckpt-000006")
