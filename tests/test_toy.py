@@ -77,7 +77,7 @@ def test_likelihood_toys_have_exact_masses(run, request):
 
 def test_overoptimization_records_gold_and_kl(overoptimization_run):
     payload, _ = overoptimization_run
-    tau = payload["setup"]["tau"]
+    tau = payload["setup"]["grid"]["soft_taus"][0]
     expected = {f"{loss}/{mode}" for loss in common.LOSSES for mode in ("static/beta=0.1", "static/beta=0.3",
                                                                        f"soft/beta=0.1/alpha=0.6/tau={tau}",
                                                                        f"hard/beta=0.1/tau={tau}")}
@@ -93,6 +93,16 @@ def test_overoptimization_records_gold_and_kl(overoptimization_run):
             means = [d["mean"] for d in f[fam]]
             assert all(b >= a - 1e-12 for a, b in zip(means, means[1:])), (loss, fam)
         assert f["gap"][0]["mean"] == pytest.approx(0, abs=1e-6)
+
+
+def test_the_full_study_grid_is_the_one_the_frontiers_need():
+    """Static over five β from 0.01 to 1, TR soft over an α × τ grid and hard over a τ grid at two β, 10 seeds, and a
+    regime axis from 16 distinct pairs to the stream (the grid main() runs for every loss)."""
+    seeds, steps, _, _, regimes, g = overoptimization.setup(quick=False)
+    assert len(seeds) >= 10 and g["static_betas"] == (0.01, 0.03, 0.1, 0.3, 1.0) and 0.1 in g["tr_betas"]
+    assert len(g["tr_betas"]) >= 2 and len(g["alphas"]) >= 3 and len(g["soft_taus"]) >= 2 and len(g["hard_taus"]) >= 3
+    assert regimes[0] == 16 and regimes[-2] == 4096 and regimes[-1] == overoptimization.STREAM
+    assert all(steps // t >= 3 for t in g["soft_taus"] + g["hard_taus"])  # every TR run updates its reference
 
 
 def test_regime_map_covers_every_regime_with_paired_gaps(overoptimization_run):
@@ -149,8 +159,10 @@ def test_frontiers_pair_the_families_per_seed():
 def test_quick_modes_update_the_reference_and_tr_differs_from_static(run, tr, static, key, request):
     payload, _ = request.getfixturevalue(run)
     setup = payload["setup"]
-    assert setup["steps"] // setup["tau"] >= 2  # at least two reference updates inside the quick run
-    tr = tr.format(tau=setup["tau"])
+    grid = setup.get("grid")  # overoptimization: a grid of τ; the other toys: one τ
+    taus = [setup["tau"]] if grid is None else [*grid["soft_taus"], *grid["hard_taus"]]
+    assert all(setup["steps"] // t >= 2 for t in taus)  # at least two reference updates inside every quick TR run
+    tr = tr.format(tau=taus[0])
     for h_tr, h_static in zip(payload["runs"][tr], payload["runs"][static]):
         assert h_tr[key][0] == pytest.approx(h_static[key][0])  # the same start (SFT policy, data)
         assert max(abs(a - b) for a, b in zip(h_tr[key], h_static[key])) > 1e-3, (tr, key)

@@ -11,9 +11,10 @@ Frontiers. A static reference reaches larger KL through a smaller β, TR through
 hyper-parameters: the frontier of a family at KL budget K is the best gold reward any of its runs reaches at any
 evaluation with KL(π‖π_SFT) ≤ K (toy/stats.py frontier), per seed; TR − static is then paired over seeds.
 
-Regimes. B = 64 pairs per step for 100 steps (6,400 pair draws) from N distinct pairs: N = 64 is full-batch training
-for 100 passes, N = 1024 6.25 passes, and "stream" draws fresh pairs from π_SFT every step
-(each pair seen once: the paper's one-epoch setting). The regime map shows the paired frontier gap per N.
+Regimes. The same compute, B = 64 pairs per step for 100 steps (6,400 pair draws), from N distinct pairs: N = 16 and
+64 train full-batch (100 passes over each pair), N = 256 25 passes, 1024 6.25, 4096 1.56, and "stream" draws fresh
+pairs from π_SFT every step (each pair seen once: the paper's one-epoch setting). The regime map shows the paired
+frontier gap per N, i.e. from many passes over few pairs to a single pass over fresh ones.
 
     python -m toy.overoptimization [--out toy/figures] [--quick] [--workers 2]   # writes overoptimization.*, regimes.*
 """
@@ -180,33 +181,40 @@ def regime_figure(gaps: dict[str, dict], labels: list[str], levels: tuple, title
     return fig
 
 
+def setup(quick: bool) -> tuple:
+    """(seeds, steps, lr, sft_steps, regimes, grid). The grids were fixed before any result and are the same for every
+    loss: static over β ∈ static_betas; TR at each β of tr_betas, soft over α ∈ alphas × τ ∈ soft_taus and hard over
+    τ ∈ hard_taus (in 100 steps τ = 32 is 3 updates); the regime map's TR configs (mode, α, τ) at β = 0.1."""
+    if quick:  # τ = 6 gives the TR runs 3 reference updates in 20 steps; lr 1e-3 so they move visibly
+        return [0, 1], 20, 1e-3, 30, (16, 64, STREAM), dict(
+            static_betas=(0.1, 0.3), tr_betas=(0.1,), alphas=(0.6,), soft_taus=(6,), hard_taus=(6,),
+            regime_tr=[("soft", 0.6, 6), ("hard", RunConfig.alpha, 6)])
+    return list(range(10)), 100, 4e-4, SFT_STEPS, (16, 64, 256, 1024, 4096, STREAM), dict(
+        static_betas=(0.01, 0.03, 0.1, 0.3, 1.0), tr_betas=(0.1, 0.3), alphas=(0.3, 0.6, 0.9), soft_taus=(4, 16),
+        hard_taus=(8, 16, 32), regime_tr=[("soft", 0.6, 4), ("soft", 0.6, 16), ("hard", RunConfig.alpha, 16)])
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv, __doc__.splitlines()[0])
-    if args.quick:  # τ = 6 gives the TR runs 3 reference updates in 20 steps; lr 1e-3 so they move visibly
-        seeds, steps, lr, tau, sft_steps, betas, regimes = [0, 1], 20, 1e-3, 6, 30, (0.1, 0.3), (16, 64, STREAM)
-    else:
-        seeds, steps, lr, tau, sft_steps = list(range(10)), 100, 4e-4, 8, SFT_STEPS
-        betas, regimes = (0.01, 0.03, 0.1, 0.3, 1.0), (64, 1024, STREAM)
-    base = dict(lr=lr, alpha=0.6, tau=tau, steps=steps, eval_every=4 if args.quick else 5)
-    regime_betas = betas if args.quick else (0.03, 0.1, 0.3)
+    seeds, steps, lr, sft_steps, regimes, g = setup(args.quick)
+    static_betas, tr_betas, alphas, soft_taus, hard_taus, regime_tr = (g[k] for k in (
+        "static_betas", "tr_betas", "alphas", "soft_taus", "hard_taus", "regime_tr"))
+    base = dict(lr=lr, steps=steps, eval_every=4 if args.quick else 5)
 
-    def cfg(loss, mode, beta, **kw):
-        c = RunConfig(loss=loss, mode=mode, beta=beta, **{**base, **kw})
+    def cfg(loss, mode, beta, alpha=RunConfig.alpha, tau=RunConfig.tau):
+        c = RunConfig(loss=loss, mode=mode, beta=beta, alpha=alpha, tau=tau, **base)
         extra = "" if mode == "static" else f"/alpha={c.alpha:g}/tau={c.tau}" if mode == "soft" else f"/tau={c.tau}"
         return f"{loss}/{mode}/beta={beta:g}{extra}", c
 
-    # The grids, fixed before any result (cut to fit the shared CPU, never by outcome). DPO: static over the full β
-    # grid; TR soft (α = 0.6, τ) and hard (τ) at β = 0.1, soft at β = 0.3, soft α ∈ {0.3, 0.9} and τ / 4. IPO / KTO:
-    # static over the regime grid's three β, TR soft and hard at β = 0.1.
-    main_grid = [cfg("dpo", "static", b) for b in betas] + [cfg("dpo", "soft", 0.1), cfg("dpo", "hard", 0.1)]
-    if not args.quick:
-        main_grid += [cfg("dpo", "soft", 0.3)] + [cfg("dpo", "soft", 0.1, alpha=a) for a in (0.3, 0.9)]
-        main_grid += [cfg("dpo", "soft", 0.1, tau=tau // 4)]
-    for loss in LOSSES[1:]:
-        main_grid += [cfg(loss, "static", b) for b in regime_betas] + [cfg(loss, "soft", 0.1), cfg(loss, "hard", 0.1)]
+    main_grid = []
+    for loss in LOSSES:
+        main_grid += [cfg(loss, "static", b) for b in static_betas]
+        main_grid += [cfg(loss, "soft", b, a, t) for b in tr_betas for a in alphas for t in soft_taus]
+        main_grid += [cfg(loss, "hard", b, tau=t) for b in tr_betas for t in hard_taus]
     main_grid = dict(main_grid)
-    regime_grid = dict([cfg("dpo", "static", b) for b in regime_betas] + [cfg("dpo", "soft", 0.1),
-                                                                        cfg("dpo", "hard", 0.1)])
+    # the regime map (DPO): static over the whole β grid against the regime TR configs at β = 0.1
+    regime_grid = dict([cfg("dpo", "static", b) for b in static_betas] + [cfg("dpo", m, 0.1, a, t)
+                                                                         for m, a, t in regime_tr])
     configs = {r: {f"n={r}/{n}": c for n, c in regime_grid.items()} for r in regimes if r != MAIN_PAIRS}
     configs[MAIN_PAIRS] = main_grid
     per_seed = map_seeds(partial(seed_runs, configs, sft_steps), seeds, args.workers)
@@ -222,8 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
               for loss in LOSSES}
     summary = summarise(main_runs, run_summary)
     verdicts = [row for loss in LOSSES for row in frontier_verdicts(loss.upper(), fronts[loss], KL_LEVELS)]
-    for loss in LOSSES:  # "gold-vs-KL peaks later and higher": the paper's default TR against static, same β
-        t = summary[f"{loss}/soft/beta=0.1/alpha=0.6/tau={tau}"]
+    for loss in LOSSES:  # "gold-vs-KL peaks later and higher": TR soft (α = 0.6, the smaller τ) against static, same β
+        t = summary[f"{loss}/soft/beta=0.1/alpha=0.6/tau={soft_taus[0]}"]
         for key in ("gold_peak", "kl_at_peak"):
             verdicts.append(claim_row(f"(c) {loss.upper()} soft − static β=0.1", key, t["paired"][key], +1,
                                       static=summary[f"{loss}/static/beta=0.1"][key], tr=t[key]))
@@ -232,11 +240,14 @@ def main(argv: list[str] | None = None) -> dict:
                f"bands: 95% bootstrap CI over {n_seeds}")
     fig = frontier_figure(fronts, f"over-optimisation frontiers: tiny Llama, {VOCAB ** LENGTH} responses, "
                                   f"{MAIN_PAIRS} noisy BT pairs full-batch, {steps} steps, Adam lr={lr}; static β ∈ "
-                                  f"{list(betas)} (DPO), {list(regime_betas)} (IPO, KTO); TR α/τ/β grid; {n_seeds}",
+                                  f"{list(static_betas)}; TR β ∈ {list(tr_betas)}, soft α ∈ {list(alphas)} × τ ∈ "
+                                  f"{list(soft_taus)}, hard τ ∈ {list(hard_taus)}; {n_seeds}",
                          caption)
     payload = {"setup": {"vocab": VOCAB, "length": LENGTH, "n_pairs": MAIN_PAIRS, "n_sft": N_SFT,
                          "base_temperature": BASE_TEMPERATURE, "sft_steps": sft_steps, "sft_lr": SFT_LR,
-                         "kl_levels": list(KL_LEVELS), "seeds": seeds, "ci": CI_METHOD, **base},
+                         "kl_levels": list(KL_LEVELS), "seeds": seeds, "ci": CI_METHOD, **base,
+                         "grid": {"static_betas": static_betas, "tr_betas": tr_betas, "alphas": alphas,
+                                  "soft_taus": soft_taus, "hard_taus": hard_taus}},
                "configs": {n: vars(c) for n, c in main_grid.items()}, "frontiers": fronts, "summary": summary,
                "verdicts": verdicts, "runs": main_runs}
     save(args.out, "overoptimization", payload, fig)
@@ -253,11 +264,13 @@ def main(argv: list[str] | None = None) -> dict:
         regime_rows += frontier_verdicts(f"DPO N={r}", f, KL_LEVELS)
         labels.append(f"{r}\n(1 pass)" if r == STREAM else f"{r}\n({steps * min(BATCH, r) / r:g} passes)")
     fig = regime_figure({r: gaps[r] for r in gaps}, labels, KL_LEVELS,
-                        f"where TR helps: DPO, {BATCH} pairs/step × {steps} steps, static β ∈ {list(regime_betas)} vs "
-                        f"TR soft/hard (β=0.1, α=0.6, τ={tau}); {n_seeds}",
+                        f"where TR helps: DPO, {BATCH} pairs/step × {steps} steps, static β ∈ {list(static_betas)} vs TR "
+                        "(β=0.1) " + ", ".join(f"{m} τ={t}" + (f" α={a}" if m == "soft" else "") for m, a, t in regime_tr)
+                        + f"; {n_seeds}",
                         "gap = paired difference of the frontiers max{E_π[r*] : KL(π‖π_SFT) ≤ K}; bars: 95% bootstrap "
                         "CI over seeds; stream = fresh Bradley–Terry pairs from π_SFT every step")
-    regime_payload = {"setup": {**payload["setup"], "batch_pairs": BATCH, "regimes": [str(r) for r in regimes]},
+    regime_payload = {"setup": {**payload["setup"], "batch_pairs": BATCH, "regimes": [str(r) for r in regimes],
+                                "passes": {str(r): 1 if r == STREAM else steps * min(BATCH, r) / r for r in regimes}},
                       "configs": {f"n={r}/{n}": vars(c) for r in regimes for n, c in regime_grid.items()},
                       "gaps": gaps, "verdicts": regime_rows,
                       "summary": summarise({n: runs[n] for r in regimes for n in (f"n={r}/{m}" for m in regime_grid)},
