@@ -5,6 +5,7 @@ Top to bottom: token embedding -> n blocks of [RMSNorm -> causal self-attention 
 -> residual, RMSNorm -> SwiGLU MLP -> residual] -> final RMSNorm -> LM head (tied to the embedding or not).
 Module names follow transformers' LlamaForCausalLM minus its "model." prefix, so a checkpoint maps by name alone.
 """
+import functools
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from safetensors.torch import load_file, save_file
 
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -123,6 +125,12 @@ class KVCache:
         return self.k[:, :, :self.len], self.v[:, :, :self.len]
 
 
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention compiled once per process (uncompiled, it materialises every score: a slow reference)."""
+    return torch.compile(flex_attention)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -141,10 +149,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)
         # softmax(q k^T / sqrt(head_dim)) v; without a mask (unpacked training rows) the kernel applies the causal mask
-        # itself. With a boolean mask, CPU runs the same flash kernel; CUDA picks the memory-efficient kernel (flash
-        # takes no mask there), which computes every block, masked or not: simple and exact, not the fastest.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        # itself. With a boolean mask, CPU runs the same flash kernel. On CUDA, flash takes no mask, so packed rows
+        # come with a FlexAttention BlockMask instead (packing.attention_mask): a compiled kernel that skips the
+        # blocks the mask empties (other segments, the other response) rather than computing and masking them.
+        gqa = self.n_kv_heads != self.n_heads
+        if isinstance(mask, BlockMask):
+            attend = compiled_flex_attention() if q.is_cuda else flex_attention  # eager: the reference, for tests
+            y = attend(q, k, v, block_mask=mask, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -203,7 +216,8 @@ class Llama(nn.Module):
         into the flattened B * T positions (repeats allowed), keeps exactly those and returns (N, vocab).
         pos and mask replace the default positions 0..T-1 and causal attention: positions (B, T) and a boolean
         attention mask (B, 1, T, T_keys), True where a query may see a key (generate()'s left-padded rows, packing.py's
-        packed rows); cache is generate()'s, one KVCache per layer."""
+        packed rows), or a FlexAttention BlockMask of one (packed rows on CUDA); cache is generate()'s, one KVCache
+        per layer."""
         if pos is None:
             pos = torch.arange(idx.shape[1], device=idx.device)
         if self.inv_freq.device != idx.device:  # once: a plain attribute does not follow model.to(device), and a copy

@@ -27,6 +27,7 @@ unpacked, for any world size and any split.
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 import data
 import losses
@@ -153,9 +154,21 @@ def collate(items: list[data.Item], kind: str, kl: list, pad_id: int, capacity: 
     return batch
 
 
-def attention_mask(seg: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """The tree mask (R, 1, T, T): same segment, causal, and the key is a prompt token or in the query's branch.
-    Padding (segment 0) attends causally among itself, so no query row is empty (a NaN softmax)."""
+def tree_mask_mod(seg: torch.Tensor, branch: torch.Tensor):
+    """The tree mask as FlexAttention's mask_mod (row b, head h, query q, key kv) -> may q see kv."""
+    def tree(b, h, q, kv):
+        return (seg[b, q] == seg[b, kv]) & (q >= kv) & ((branch[b, kv] == 0) | (branch[b, q] == branch[b, kv]))
+    return tree
+
+
+def attention_mask(seg: torch.Tensor, branch: torch.Tensor, flex: bool = False) -> torch.Tensor | BlockMask:
+    """The tree mask: same segment, causal, and the key is a prompt token or in the query's branch. Padding
+    (segment 0) attends causally among itself, so no query row is empty (a NaN softmax). A boolean (R, 1, T, T)
+    tensor for SDPA, or with flex the same mask as a FlexAttention BlockMask (CUDA, see model.Attention), which
+    records per 128 × 128 block whether it is empty, full or partial so that the kernel skips the empty ones."""
+    if flex:
+        R, T = seg.shape
+        return create_block_mask(tree_mask_mod(seg, branch), R, None, T, T, device=seg.device)
     i = torch.arange(seg.shape[1], device=seg.device)
     same = seg[:, :, None] == seg[:, None, :]
     tree = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
@@ -165,9 +178,9 @@ def attention_mask(seg: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
 def packed_logps(model: torch.nn.Module, batch: dict, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π(y|x) per example, scored tokens per example), both (E,) fp32, of one packed micro batch: one forward
     (the reference's without autograd), logits only at the scored positions."""
-    kwargs = {"pos": batch["pos"], "mask": attention_mask(batch["seg"], batch["branch"]),
-              "logits_index": batch["index"]}
     ids = batch["input_ids"]
+    kwargs = {"pos": batch["pos"], "mask": attention_mask(batch["seg"], batch["branch"], flex=ids.is_cuda),
+              "logits_index": batch["index"]}
     logits = ref_lib.reference_logits(model, ids, **kwargs) if reference else model(ids, **kwargs)
     return losses.gathered_logps(logits, batch["targets"], batch["example"], batch["counts"])
 

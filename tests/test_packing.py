@@ -79,6 +79,51 @@ def test_bf16_packed_logps_are_within_bf16_rounding(model):
     assert (got - fp32).abs().max() <= 0.05 * fp32.abs().max() and (want - fp32).abs().max() <= 0.05 * fp32.abs().max()
 
 
+def flex_batch(kind: str, device: str = "cpu") -> dict:
+    """Rows of 300 tokens: three 128-token blocks each, so some blocks are empty, some full and some partial."""
+    items = make_items(kind, 24, seed=4)
+    batch = packing.collate(items, kind, kl_of(items, kind), 0, capacity=300, shared=True)
+    assert batch["input_ids"].shape[1] > 256
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def flex_and_boolean_logps(model, batch: dict) -> dict:
+    out = {}
+    for name, flex in (("boolean", False), ("flex", True)):
+        mask = packing.attention_mask(batch["seg"], batch["branch"], flex=flex)
+        logits = model(batch["input_ids"], pos=batch["pos"], mask=mask, logits_index=batch["index"])
+        out[name] = losses.gathered_logps(logits, batch["targets"], batch["example"], batch["counts"])[0]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["pairs", "kto", "sft"])
+def test_the_flex_block_mask_is_the_boolean_mask_and_gives_its_logps(model, kind):
+    """CUDA's packed path, a FlexAttention BlockMask (run uncompiled here: FlexAttention's reference; CPU has no
+    FlexAttention backward), is the boolean mask element for element and gives the same log-probs."""
+    from torch.nn.attention.flex_attention import create_mask
+    batch = flex_batch(kind)
+    seg, branch = batch["seg"], batch["branch"]
+    R, T = seg.shape
+    mask_mod = packing.tree_mask_mod(seg, branch)
+    assert torch.equal(create_mask(mask_mod, R, None, T, T, device="cpu"), packing.attention_mask(seg, branch))
+    with torch.no_grad():
+        out = flex_and_boolean_logps(model, batch)
+    torch.testing.assert_close(out["flex"], out["boolean"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's compiled kernels and backward need CUDA")
+@pytest.mark.parametrize("kind", ["pairs", "kto", "sft"])
+def test_cuda_flex_logps_and_gradients_equal_the_boolean_masks(model, kind):
+    m = Llama(model.config).cuda()
+    m.load_state_dict(model.state_dict())
+    out = flex_and_boolean_logps(m, flex_batch(kind, "cuda"))
+    torch.testing.assert_close(out["flex"], out["boolean"], rtol=1e-4, atol=1e-4)  # TF32-free fp32, other kernels
+    w = torch.randn(len(out["flex"]), device="cuda")
+    grads = [torch.autograd.grad((out[k] * w).sum(), list(m.parameters()), retain_graph=True) for k in out]
+    for g, x in zip(*grads):
+        assert (g - x).abs().max() <= 1e-4 * x.abs().max()
+
+
 def test_shared_segment_positions_and_tree_mask():
     seg = packing.segment([5, 6, 7], [([8, 9], 0), ([10], 1)])
     assert seg.tokens == [5, 6, 7, 8, 9, 10] and seg.pos == [0, 1, 2, 3, 4, 3] and seg.branch == [0, 0, 0, 1, 1, 2]
