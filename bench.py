@@ -239,7 +239,8 @@ def run(args) -> dict:
     run_ref.register_forward_hook(lambda *_: ref_marks[-1].append(clock.mark()))
 
     def one_step(step: int):
-        """One optimizer step and the TR update; returns its (start, stepped, end) marks and whether it updated."""
+        """One optimizer step and the TR update; returns its (start, computed, stepped, end) marks (forward and
+        backward done; clip and AdamW done; TR update done) and whether it updated."""
         ref_marks.clear()
         micro = steps[min(step, len(steps)) - 1][0]  # (the --profile step repeats the last one)
         start = clock.mark()
@@ -248,20 +249,22 @@ def run(args) -> dict:
             loss, _ = train.compute_loss(run_policy, run_ref, {k: v for k, v in mb.items() if k != "weight"}, cfg,
                                          ref_logps)
             (loss * weight).backward()
+        computed = clock.mark()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stepped = clock.mark()
         updated = updater.after_step(step, reference, policy)
-        return start, stepped, clock.mark(), updated
+        return start, computed, stepped, clock.mark(), updated
 
-    step_ms, ref_ms, update_ms = [], [], []
+    step_ms, ref_ms, update_ms, optim_ms = [], [], [], []
     for step in range(1, args.warmup + args.steps + 1):
         if step == args.warmup + 1 and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        start, stepped, end, updated = one_step(step)
+        start, computed, stepped, end, updated = one_step(step)
         if step > args.warmup:
             step_ms.append(clock.ms(start, end))
+            optim_ms.append(clock.ms(computed, stepped))
             ref_ms.append(sum(clock.ms(a, b) for a, b in ref_marks))
             if updated:
                 update_ms.append(clock.ms(stepped, end))
@@ -269,7 +272,7 @@ def run(args) -> dict:
         cuda = device.type == "cuda"
         activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * cuda
         with torch.profiler.profile(activities=activities) as prof:
-            start, _, end, _ = one_step(args.warmup + args.steps + 1)
+            start, _, _, end, _ = one_step(args.warmup + args.steps + 1)
             clock.ms(start, end)  # on CUDA: wait for the step's kernels before the profiler stops
         print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                         row_limit=args.profile_rows, max_name_column_width=60))
@@ -312,7 +315,8 @@ def run(args) -> dict:
         "timed_steps": args.steps, "tokens_per_step": tokens, "step_ms": ms, "tokens_per_s": tokens / (ms / 1000),
         "real_tokens_per_step": real, "real_tokens_per_s": real / (ms / 1000), "padding_fraction": 1 - filled / tokens,
         "ref_forward_ms": ref_fwd, "ref_forward_share": ref_fwd / ms, "tr_update_ms": tr_ms,
-        "tr_update_share": tr_ms / ms, "flops_per_step": flops_per_step,
+        "tr_update_share": tr_ms / ms, "optimizer_ms": statistics.median(optim_ms),
+        "optimizer_share": statistics.median(optim_ms) / ms, "flops_per_step": flops_per_step,
         "achieved_tflops": flops_per_step / (ms / 1000) / 1e12, "matmul_peak_tflops": peak / 1e12,
         "mfu": flops_per_step / (ms / 1000) / peak, "peak_mem_mb": peak_mem_mb, "peak_mem_kind": peak_mem_kind,
         "step_ms_all": step_ms,
@@ -324,7 +328,8 @@ DATA_OPTIONS = {"--data", "--tokenizer", "--max_length", "--max_prompt_length", 
 BENCH_ONLY = {"--micro_batch_tokens", "--ref_update", "--loss", "--compile", "--device", "--precompute_ref",
               "--profile", "--profile_rows"}  # what bench_trl.py does not take
 FLAGS = {"--json", "--compile", "--precompute_ref", "--profile"}
-COMPARE_KEYS = ("tokens_per_s", "real_tokens_per_s", "mfu", "peak_mem_mb", "padding_fraction")
+COMPARE_KEYS = ("tokens_per_s", "real_tokens_per_s", "mfu", "peak_mem_mb", "padding_fraction", "optimizer_share",
+                "tr_update_share")
 
 
 def compare(argv: list[str], args) -> dict:
@@ -399,7 +404,8 @@ def main(argv=None) -> dict:
               f"{r['real_tokens_per_step']:.0f} real tokens/step ({r['real_tokens_per_s']:.0f}/s) | padding "
               f"{r['padding_fraction']:.1%} of {r['tokens_per_step']:.0f} positions/step")
     print(f"step {r['step_ms']:.1f} ms | {r['tokens_per_s']:.0f} tokens/s | reference forward {ref} | "
-          f"TR update {r['tr_update_ms']:.2f} ms ({r['tr_update_share']:.2%}) | {r['achieved_tflops']:.3f} TFLOP/s "
+          f"TR update {r['tr_update_ms']:.2f} ms ({r['tr_update_share']:.2%}) | clip + AdamW "
+          f"{r['optimizer_ms']:.1f} ms ({r['optimizer_share']:.1%}) | {r['achieved_tflops']:.3f} TFLOP/s "
           f"= MFU {r['mfu']:.1%} of a measured {r['matmul_peak_tflops']:.3f} TFLOP/s matmul peak | "
           f"peak memory {r['peak_mem_mb']:.0f} MB ({r['peak_mem_kind']})")
     if args.json:

@@ -18,11 +18,12 @@ def test_cli_smoke_json_last_line():
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("tokens_per_s", "step_ms", "tr_update_ms", "mfu", "peak_mem_mb"):
+    for key in ("tokens_per_s", "step_ms", "tr_update_ms", "optimizer_ms", "mfu", "peak_mem_mb"):
         assert r[key] > 0, key  # soft update at tau=1 runs every step, so its time is positive too
     assert r["tokens_per_step"] == 2 * 2 * (4 + 6) and len(r["step_ms_all"]) == 2
     assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_ms"] * 1000)
-    assert 0 < r["ref_forward_share"] < 1
+    assert 0 < r["ref_forward_share"] < 1 and 0 < r["optimizer_share"] < 1
+    assert r["optimizer_ms"] + r["tr_update_ms"] < r["step_ms"]  # parts of the step, each marked once
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")  # torch's own imports under torch.compile

@@ -263,10 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
         gaps[str(r)]["frontiers"] = f
         regime_rows += frontier_verdicts(f"DPO N={r}", f, KL_LEVELS)
         labels.append(f"{r}\n(1 pass)" if r == STREAM else f"{r}\n({steps * min(BATCH, r) / r:g} passes)")
+    tr_runs = ", ".join(f"{m} τ={t}" + (f" α={a}" if m == "soft" else "") for m, a, t in regime_tr)
     fig = regime_figure({r: gaps[r] for r in gaps}, labels, KL_LEVELS,
-                        f"where TR helps: DPO, {BATCH} pairs/step × {steps} steps, static β ∈ {list(static_betas)} vs TR "
-                        "(β=0.1) " + ", ".join(f"{m} τ={t}" + (f" α={a}" if m == "soft" else "") for m, a, t in regime_tr)
-                        + f"; {n_seeds}",
+                        f"where TR helps: DPO, {BATCH} pairs/step × {steps} steps, static β ∈ {list(static_betas)} "
+                        f"vs TR (β=0.1) {tr_runs}; {n_seeds}",
                         "gap = paired difference of the frontiers max{E_π[r*] : KL(π‖π_SFT) ≤ K}; bars: 95% bootstrap "
                         "CI over seeds; stream = fresh Bradley–Terry pairs from π_SFT every step")
     regime_payload = {"setup": {**payload["setup"], "batch_pairs": BATCH, "regimes": [str(r) for r in regimes],
