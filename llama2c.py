@@ -11,10 +11,8 @@ from data import DataError, Tokenizer
 # Llama 2's tokenizer.bin): int32 max token length, then per token float32 score, int32 byte length, the bytes. Ids 0-2
 # are <unk>, BOS "\n<s>\n", EOS "\n</s>\n"; ids 3-258 the byte-fallback tokens <0x00>..<0xFF>; then the pieces (merges
 # and single characters, sentencepiece's ▁ written as " "). llama2.c's encode: " " + text (the dummy prefix) split into
-# characters, each its own piece or else its UTF-8 bytes as byte tokens, then the adjacent pair whose concatenation is
-# the highest-scoring piece is merged, the leftmost on ties, until no pair is a piece. As a tiktoken Encoding: a piece's
-# rank is its id (tiktoken merges the lowest rank first, so the merges must be in descending score order, checked), a
-# byte's rank is its character piece, or its byte token when it has none.
+# characters, each its own piece or else its UTF-8 bytes as byte tokens (which never merge), then the adjacent pair
+# whose concatenation is the highest-scoring piece is merged, the leftmost on ties, until no pair is a piece.
 BYTE_TOKENS = 3  # id of <0x00>
 
 
@@ -28,33 +26,46 @@ def find_llama2c(directory: str | Path) -> Path | None:
 
 
 class Llama2cEncoding(tiktoken.Encoding):
-    """A tiktoken Encoding that also decodes the byte tokens whose byte has a character piece of its own (<0x65> beside
-    "e"): tiktoken keeps one rank per byte string, the character's, so these ids are decoded here. Encoding never
-    produces them (llama2.c does not either); a sampling model can."""
+    """llama2.c's encode as tiktoken's BPE, in a rank space of its own, with llama2.c's ids outside it.
 
-    def __init__(self, name: str, *, byte_tokens: dict[int, bytes], **kwargs):
-        super().__init__(name, **kwargs)
-        self.byte_tokens = byte_tokens
+    tiktoken merges from bytes, lowest rank first; llama2.c starts from characters. So the ranks are: the 256 bytes;
+    then every non-ASCII character that has a piece, built from its bytes through its UTF-8 prefixes, so that all
+    characters exist before any merge happens; then the merges in descending score. Each rank maps to llama2.c ids
+    (rank_ids): a byte to its character's piece or its byte token, a character or a merge to its piece, and a prefix
+    left over (a character with no piece) to its byte tokens. Decoding reads the pieces by id, byte tokens included."""
+
+    def __init__(self, name: str, mergeable_ranks: dict[bytes, int], special_tokens: dict[str, int],
+                 rank_ids: list[list[int]], id_bytes: list[bytes]):
+        super().__init__(name, pat_str=r"[\s\S]+", mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
+        self.rank_ids, self.id_bytes = rank_ids, id_bytes
+        self.max_token_value = len(id_bytes) - 1  # n_vocab: llama2.c's vocabulary, not the rank space
+
+    def _ids(self, ranks: list[int]) -> list[int]:
+        return [i for r in ranks for i in self.rank_ids[r]]
+
+    def encode_ordinary(self, text: str) -> list[int]:  # (tiktoken's batch and with-specials paths call these two)
+        return self._ids(super().encode_ordinary(text))
+
+    def encode(self, text: str, **kwargs) -> list[int]:
+        return self._ids(super().encode(text, **kwargs))
+
+    def encode_single_token(self, text_or_bytes: str | bytes) -> int:
+        (token,) = self.rank_ids[super().encode_single_token(text_or_bytes)]
+        return token
 
     def decode_single_token_bytes(self, token: int) -> bytes:
-        return self.byte_tokens[token] if token in self.byte_tokens else super().decode_single_token_bytes(token)
+        return self.id_bytes[token]
 
     def decode_bytes(self, tokens: list[int]) -> bytes:
-        if self.byte_tokens.keys().isdisjoint(tokens):
-            return super().decode_bytes(tokens)
-        return b"".join(map(self.decode_single_token_bytes, tokens))
+        return b"".join(self.id_bytes[t] for t in tokens)
 
     def decode(self, tokens: list[int], errors: str = "replace") -> str:
         return self.decode_bytes(tokens).decode("utf-8", errors=errors)
 
 
 def llama2c_tokenizer(path: str | Path) -> Tokenizer:
-    """A llama2.c tokenizer .bin (or the model directory holding it) as a tiktoken Encoding with llama2.c's ids.
-
-    Equal to llama2.c's encode when no merged piece holds a non-ASCII character (stories260K's tok512.bin: its
-    non-ASCII pieces are single characters): the pre-split pattern keeps ASCII runs whole and gives every other
-    character its own piece, since tiktoken forms a character only from its bytes. In a vocabulary that merges non-ASCII
-    characters (Llama 2's) those merges are not made: such text gets more, shorter tokens than llama2.c gives it."""
+    """A llama2.c tokenizer .bin (or the model directory holding it) as a tiktoken Encoding whose ids are llama2.c's
+    encode's, for any vocabulary (tok512, Llama 2's 32000 pieces with their non-ASCII merges)."""
     path = Path(path)
     if path.is_dir() and (path := find_llama2c(directory := path)) is None:
         raise ValueError(f"{directory}: no llama2.c tokenizer (tok*.bin) in this directory")
@@ -74,7 +85,8 @@ def llama2c_tokenizer(path: str | Path) -> Tokenizer:
         raise DataError(f"{path}: not a llama2.c tokenizer: ids {BYTE_TOKENS}-{BYTE_TOKENS + 255} must be the byte "
                         "tokens <0x00>..<0xFF>")
     first = BYTE_TOKENS + 256
-    ranks = {bytes([b]): BYTE_TOKENS + b for b in range(256)}
+    piece_id: dict[bytes, int] = {}
+    chars, merges = [], []
     last_merge = None
     for i in range(first, len(pieces)):
         p = pieces[i]
@@ -82,17 +94,32 @@ def llama2c_tokenizer(path: str | Path) -> Tokenizer:
             n_chars = len(p.decode("utf-8"))
         except UnicodeDecodeError:
             raise DataError(f"{path}: token {i} {p!r} is not UTF-8") from None
-        if p in ranks and ranks[p] >= first:
-            raise DataError(f"{path}: token {i} {p!r} repeats token {ranks[p]}")
+        if p in piece_id:
+            raise DataError(f"{path}: token {i} {p!r} repeats token {piece_id[p]}")
+        piece_id[p] = i
         if n_chars > 1:
             if last_merge is not None and not scores[i] < scores[last_merge]:
-                raise DataError(f"{path}: token {i} {p!r}: merges must be in descending score order for tiktoken "
+                raise DataError(f"{path}: token {i} {p!r}: merges must be in descending score order "
                                 f"(score {scores[i]} after token {last_merge}'s {scores[last_merge]})")
             last_merge = i
-        ranks[p] = i
-    byte_tokens = {BYTE_TOKENS + b: bytes([b]) for b in range(256) if ranks[bytes([b])] != BYTE_TOKENS + b}
+            merges.append(p)
+        elif len(p) > 1:
+            chars.append(p)
+    ranks = {bytes([b]): b for b in range(256)}
+    rank_ids = [[piece_id.get(bytes([b]), BYTE_TOKENS + b)] for b in range(256)]  # (a byte >= 0x80 has no piece)
+    for c in chars:  # a character from its bytes: its prefixes, then itself, all before the first merge
+        for k in range(2, len(c) + 1):
+            if c[:k] not in ranks:
+                ranks[c[:k]] = len(rank_ids)
+                rank_ids.append([piece_id[c]] if k == len(c) else [BYTE_TOKENS + b for b in c[:k]])
+    for m in merges:
+        if all(ch.encode() in piece_id for ch in m.decode()):  # else unreachable: a character of it has no piece
+            ranks[m] = len(rank_ids)
+            rank_ids.append([piece_id[m]])
     unk, bos, eos = (p.decode().strip() for p in pieces[:BYTE_TOKENS])  # "\n<s>\n" is llama2.c's print form of <s>
-    enc = Llama2cEncoding(path.name, pat_str=r"[\x00-\x7f]+|[^\x00-\x7f]", mergeable_ranks=ranks,
-                          special_tokens={unk: 0, bos: 1, eos: 2}, byte_tokens=byte_tokens)
+    specials = {t: len(rank_ids) + i for i, t in enumerate((unk, bos, eos))}
+    rank_ids += [[0], [1], [2]]
+    id_bytes = [t.encode() for t in (unk, bos, eos)] + [bytes([b]) for b in range(256)] + pieces[first:]
+    enc = Llama2cEncoding(path.name, ranks, specials, rank_ids, id_bytes)
     # pad: EOS (what pads hold never matters: right padding, causal attention, loss_mask 0)
     return Tokenizer(enc, bos, eos, eos, prefix=" ")

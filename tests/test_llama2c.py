@@ -89,6 +89,25 @@ def test_llama2c_any_vocabulary_size_matches_the_reference(tmp_path):
         assert tok.decode(tok.encode(text)) == (" " + text if text else "")
 
 
+def test_llama2c_non_ascii_merges_match_the_reference(tmp_path):
+    """Llama 2's tokenizer.bin merges non-ASCII characters (" über", "ção", CJK pairs). A synthetic one with 2-, 3- and
+    4-byte characters, merges of them with each other and with ASCII, characters that share UTF-8 prefixes with
+    pieces but have none themselves, and merges that compete with the characters' own formation."""
+    merges = ["éa", " é", "中国", " 中", "aé", "ab", "ção", "ço", " ü", "über", "b中", "🤖a", " 🤖", "ça", " über"]
+    chars = [" ", "a", "b", "o", "r", "e", "é", "ü", "ç", "ã", "中", "国", "🤖"]
+    write_llama2c(tmp_path / "tokenizer.bin", [m.encode() for m in merges + chars])
+    tok = data.get_tokenizer(str(tmp_path / "tokenizer.bin"))
+    pieces, scores = read_llama2c(tmp_path / "tokenizer.bin")
+    assert tok.n_vocab == len(pieces) and tok.encode("éa") == [259 + len(merges), 259 + merges.index("éa")]  # " ", "éa"
+    rng = random.Random(1)
+    alphabet = "aborééüçã中国🤖 ab丢🤯ñ\n"  # 丢 shares 中's first two bytes, 🤯 🤖's first three: neither has a piece
+    for _ in range(1000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(14)))
+        assert tok.encode(text) == llama2c_encode(pieces, scores, text), repr(text)
+        assert tok.decode(tok.encode(text)) == (" " + text if text else "")
+    assert tok.enc.encode_ordinary_batch(["中国", "丢"]) == [tok.enc.encode_ordinary("中国"), [3 + b for b in "丢".encode()]]
+
+
 def test_llama2c_bad_files_fail_with_the_file_named(tmp_path):
     write_llama2c(tmp_path / "tok.bin", [b"ab", b"a", b"b"])
     good = (tmp_path / "tok.bin").read_bytes()
