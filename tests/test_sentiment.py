@@ -63,3 +63,17 @@ def test_matched_stories_are_decoded_text(quick):
     for s in stories.values():
         assert len(s["texts"]) == 3
         assert all(t.startswith(" " + o) and len(t) > len(o) + 10 for t, o in zip(s["texts"], sentiment.OPENINGS))
+
+
+def test_the_full_grid_sweeps_both_families_equally():
+    """Static over a β grid from 0.03 to 1, TR over soft α × τ and hard τ, two dataset sizes for every loss, 5 seeds,
+    and as many configurations per family (a noisy frontier is a max over evaluations: more runs, more lucky tries)."""
+    pytest.importorskip("vaderSentiment", reason="vaderSentiment (requirements-dev.txt) is not installed")
+    from toy import sentiment
+    grid = sentiment.FULL
+    assert len(grid["seeds"]) >= 5 and len(grid["betas"]) >= 4 and min(grid["betas"]) < 0.1 < max(grid["betas"])
+    assert len({a for a, _ in grid["soft"]}) >= 2 and len({t for _, t in grid["soft"]}) >= 2 and len(grid["hard"]) >= 2
+    assert all(len(sizes) >= 2 for sizes in grid["sizes"].values()) and set(grid["sizes"]) == {"dpo", "ipo", "kto"}
+    for loss in grid["sizes"]:
+        names = sentiment.configs(grid, loss)
+        assert sum(map(sentiment.is_tr, names)) == sum(not sentiment.is_tr(n) for n in names)

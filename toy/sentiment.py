@@ -46,9 +46,11 @@ TR_BETA = 0.1
 
 # the study, fixed before any result was looked at
 # (sizes: pairs per loss; the first is the main size of the figure's left column and of the stories)
-FULL = dict(seeds=[0, 1, 2, 3, 4], sizes={"dpo": [128, 512], "ipo": [128], "kto": [128]}, betas=[0.1, 0.3],
-            soft=[(0.6, 4)], hard=[16], steps=40, eval_every=5, eval_samples=48, batch_pairs=16, lr=4e-4, warmup=3,
-            kl_grid=[0.5, 1, 2, 4, 8, 16, 32])
+# (static and TR get five configurations each: with a noisy evaluation a frontier is a max over evaluations, and a
+# family with more runs would get more tries at a lucky one)
+FULL = dict(seeds=[0, 1, 2, 3, 4], sizes={"dpo": [128, 512], "ipo": [128, 512], "kto": [128, 512]},
+            betas=[0.03, 0.1, 0.3, 0.6, 1.0], soft=[(0.3, 4), (0.6, 4), (0.6, 16)], hard=[4, 16], steps=40,
+            eval_every=5, eval_samples=48, batch_pairs=16, lr=4e-4, warmup=3, kl_grid=[0.5, 1, 2, 4, 8, 16, 32])
 QUICK = dict(seeds=[0, 1], sizes={"dpo": [16], "ipo": [16], "kto": [16]}, betas=[0.1], soft=[(0.6, 2)], hard=[4],
              steps=6, eval_every=3, eval_samples=16, batch_pairs=4, lr=3e-4, warmup=1, kl_grid=[1, 2, 4])
 
