@@ -96,6 +96,7 @@ def flex_and_boolean_logps(model, batch: dict) -> dict:
     return out
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # uncompiled on purpose
 @pytest.mark.parametrize("kind", ["pairs", "kto", "sft"])
 def test_the_flex_block_mask_is_the_boolean_mask_and_gives_its_logps(model, kind):
     """CUDA's packed path, a FlexAttention BlockMask (run uncompiled here: FlexAttention's reference; CPU has no
