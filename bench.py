@@ -117,7 +117,7 @@ def data_steps(args, device: torch.device):
             micro = [data.collate(items[j:j + args.micro_batch_size], "pairs", tok.pad_id)  # train.py's padded ones
                      for j in range(0, len(items), args.micro_batch_size)]
         else:
-            budget = args.micro_batch_tokens or args.micro_batch_size * 2 * args.max_length
+            budget = packing.token_budget("pairs", args.micro_batch_size, args.max_length, args.micro_batch_tokens)
             micro = packing.pack_step(items, [None] * len(items), "pairs", tok.pad_id, args.max_length, budget,
                                       shared=args.packing == "shared")
         steps.append(([{k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()} for mb in micro], items))

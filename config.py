@@ -13,7 +13,6 @@ import checkpoint
 import llama2c
 
 
-
 def opt(default, help: str, choices: tuple = ()):
     return field(default=default, metadata={"help": help, "choices": choices})
 

@@ -82,6 +82,12 @@ def row_capacity(kind: str, max_length: int, shared: bool) -> int:
     return 2 * max_length - 1 if shared and kind != "sft" else max_length
 
 
+def token_budget(kind: str, micro_batch_size: int, max_length: int, micro_batch_tokens: int = 0) -> int:
+    """Tokens per packed micro batch: micro_batch_tokens, or by default what micro_batch_size padded examples hold at
+    most (pairs and KTO: two sequences of max_length each; SFT: one)."""
+    return micro_batch_tokens or micro_batch_size * max_length * (1 if kind == "sft" else 2)
+
+
 def first_fit(lengths: list[list[int]], capacity: int, max_rows: int | None = None) -> list[list[int]] | None:
     """Row fill of each segment (rows of `capacity` tokens, first fit in order), as the row index per segment; None
     if that takes more than max_rows rows."""
@@ -175,12 +181,18 @@ def attention_mask(seg: torch.Tensor, branch: torch.Tensor, flex: bool = False) 
     return (same & tree & (i[:, None] >= i))[:, None]
 
 
-def packed_logps(model: torch.nn.Module, batch: dict, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_mask(batch: dict) -> torch.Tensor | BlockMask:
+    """A packed micro batch's tree mask, in the form its device's kernel wants (CUDA: a BlockMask)."""
+    return attention_mask(batch["seg"], batch["branch"], flex=batch["seg"].is_cuda)
+
+
+def packed_logps(model: torch.nn.Module, batch: dict, reference: bool = False,
+                 mask: torch.Tensor | BlockMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π(y|x) per example, scored tokens per example), both (E,) fp32, of one packed micro batch: one forward
-    (the reference's without autograd), logits only at the scored positions."""
+    (the reference's without autograd), logits only at the scored positions. mask: batch_mask(batch), if the caller
+    already has it (train.compute_loss builds it once for the policy and the reference)."""
     ids = batch["input_ids"]
-    kwargs = {"pos": batch["pos"], "mask": attention_mask(batch["seg"], batch["branch"], flex=ids.is_cuda),
-              "logits_index": batch["index"]}
+    kwargs = {"pos": batch["pos"], "mask": batch_mask(batch) if mask is None else mask, "logits_index": batch["index"]}
     logits = ref_lib.reference_logits(model, ids, **kwargs) if reference else model(ids, **kwargs)
     return losses.gathered_logps(logits, batch["targets"], batch["example"], batch["counts"])
 

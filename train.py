@@ -71,8 +71,10 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
     """
     ids, packed = batch["input_ids"], "pos" in batch
     if packed:  # packing.py's rows: one forward gives every example's log-probs (KTO: and its KL row's)
+        tree = packing.batch_mask(batch)  # once for the policy and the reference forward
+
         def forward_logps(model, reference=False):
-            return packing.packed_logps(model, batch, reference)
+            return packing.packed_logps(model, batch, reference, tree)
     else:
         mask = batch["loss_mask"]
         keep = losses.logits_to_keep(mask)  # once for the policy and the reference forward
@@ -288,7 +290,7 @@ def make_data(cfg: TrainConfig, tok, rank: int, world: int):
             eval_set.items = eval_set.items[:len(eval_set.items) - len(eval_set.items) % world]
         train_batches = data.Batches(train_set, cfg.batch_size, cfg.micro_batch_size, rank, world, cfg.seed)
         if cfg.packing:
-            budget = cfg.micro_batch_tokens or cfg.micro_batch_size * cfg.max_length * (1 if kind == "sft" else 2)
+            budget = packing.token_budget(kind, cfg.micro_batch_size, cfg.max_length, cfg.micro_batch_tokens)
             train_batches = packing.PackedBatches(train_batches, budget)
     except data.DataError:
         raise

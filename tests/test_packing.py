@@ -144,6 +144,11 @@ def test_logits_index_gathers_positions_of_the_full_forward(model):
     torch.testing.assert_close(model(ids, logits_index=index), model(ids).flatten(0, 1)[index], rtol=0, atol=1e-6)
 
 
+def test_the_default_token_budget_is_what_padded_micro_batches_hold():
+    assert packing.token_budget("pairs", 4, 512) == packing.token_budget("kto", 4, 512) == 4 * 2 * 512
+    assert packing.token_budget("sft", 4, 512) == 4 * 512 and packing.token_budget("pairs", 4, 512, 1000) == 1000
+
+
 def test_micro_batches_fill_the_budget_and_split_evenly_over_ranks():
     lengths = [[10], [30], [25], [5], [40], [8]]
     groups = packing.group(lengths, capacity=40, rows=2)
