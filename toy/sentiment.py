@@ -18,9 +18,8 @@ Frontier of a family of runs (static over the β grid; TR over the α/τ grid, a
 reached at KL ≤ K over all its runs and evaluations, per seed, compared TR − static with a paired bootstrap CI over
 seeds (toy/stats.py).
 
-    python -m toy.sentiment [--quick] [--out toy/figures] [--workers 2]
+    python -m toy.sentiment [--quick] [--out toy/figures] [--workers 2]   # --quick: out/toy-quick by default
 """
-import argparse
 import math
 import time
 from multiprocessing import get_context
@@ -33,7 +32,7 @@ import data
 import train
 from model import Llama
 from reference import ReferenceUpdater, make_reference
-from toy.common import pyplot, save
+from toy.common import parse_args, pyplot, save
 from toy.stats import frontier, paired_diff, verdict
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
@@ -253,11 +252,7 @@ def figure(runs: dict, summary: dict, grid: dict, title: str):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="toy/figures", help="folder for sentiment.png and sentiment.json")
-    parser.add_argument("--quick", action="store_true", help="a small version (about a minute) for the test suite")
-    parser.add_argument("--workers", type=int, default=2, help="processes running the runs (1: in this process)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv, __doc__.splitlines()[0])  # --quick writes under out/toy-quick, as every toy's does
     grid, t0 = QUICK if args.quick else FULL, time.time()
     torch.set_num_threads(1)
     model, tok = load_sft()
