@@ -480,6 +480,8 @@ def run(cfg: TrainConfig) -> dict:
         run_policy = torch.compile(policy)  # modules themselves (the compiled ones read the same parameters)
         run_ref = reference if reference is None else torch.compile(reference)
 
+    step, result, t0 = start, {}, time.time()
+
     def evaluate_and_record(step: int):
         row = {"step": step, "split": "eval", **evaluate(policy, reference, initial, eval_batches, prompts, cfg, tok,
                                                           device)}
@@ -487,7 +489,6 @@ def run(cfg: TrainConfig) -> dict:
         log(f"eval {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "split")))
         result["eval"] = row
 
-    step, result, t0 = start, {}, time.time()
     if eval_first:
         evaluate_and_record(start)  # the same row as the run's: evaluate draws from its own generator
     t_log, tokens, bad_steps = t0, 0, 0
