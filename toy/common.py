@@ -230,7 +230,7 @@ def save(out: str | Path, name: str, payload: dict, fig) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{name}.json", "w") as f:
-        json.dump(rounded(payload), f, allow_nan=False)
+        json.dump(rounded(payload), f, allow_nan=False, separators=(",", ":"))  # compact: no spaces
     fig.savefig(out / f"{name}.png", dpi=72, bbox_inches="tight")
     shrink_png(out / f"{name}.png")
 
@@ -264,9 +264,15 @@ def loss_mode_grid(base: dict) -> dict[str, RunConfig]:
     return {f"{loss}/{mode}": RunConfig(loss=loss, mode=mode, **base) for loss in LOSSES for mode in MODES}
 
 
-def likelihood_seed(build: Callable[[int], tuple], configs: dict[str, RunConfig], seed: int) -> dict[str, dict]:
-    """Every config on one seed; build(seed) -> (sft_policy, tokens, mask, chosen, rejected) and each run starts from
-    a copy of that SFT policy (the static reference of the paper)."""
+# what a likelihood toy keeps of each history (train records more: the loss and DPO's weight and curvature)
+LIKELIHOOD_KEYS = ("step", "beta_margin", "mass_chosen", "mass_rejected", "mass_ood", "logp_chosen", "logp_rejected",
+                   "kl_sft")
+
+
+def likelihood_seed(build: Callable[[int], tuple], configs: dict[str, RunConfig], keys: tuple[str, ...], seed: int
+                    ) -> dict[str, dict]:
+    """Every config on one seed, the `keys` of each history; build(seed) -> (sft_policy, tokens, mask, chosen,
+    rejected) and each run starts from a copy of that SFT policy (the static reference of the paper)."""
     policy, tokens, mask, chosen, rejected = build(seed)
     state = {k: v.clone() for k, v in policy.state_dict().items()}
 
@@ -277,14 +283,15 @@ def likelihood_seed(build: Callable[[int], tuple], configs: dict[str, RunConfig]
     for name, cfg in configs.items():
         policy.load_state_dict(state)
         torch.manual_seed(seed)
-        out[name] = train(policy, tokens, mask, chosen, rejected, cfg, evaluate)
+        h = train(policy, tokens, mask, chosen, rejected, cfg, evaluate)
+        out[name] = {k: h[k] for k in keys}
     return out
 
 
-def likelihood_grid(build: Callable[[int], tuple], configs: dict[str, RunConfig], seeds: list[int], workers: int
-                    ) -> dict[str, list[dict]]:
+def likelihood_grid(build: Callable[[int], tuple], configs: dict[str, RunConfig], seeds: list[int], workers: int,
+                    keys: tuple[str, ...] = LIKELIHOOD_KEYS) -> dict[str, list[dict]]:
     """name -> [history per seed, in the order of seeds]; the seeds run over `workers` processes."""
-    per_seed = map_seeds(partial(likelihood_seed, build, configs), seeds, workers)
+    per_seed = map_seeds(partial(likelihood_seed, build, configs, keys), seeds, workers)
     return {name: [runs[name] for runs in per_seed] for name in configs}
 
 

@@ -51,9 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     base = dict(beta=BETA, lr=lr, alpha=0.6, tau=tau, steps=steps, eval_every=max(steps // 15, 1))
     configs = {f"dpo/{mode}": RunConfig(mode=mode, **base) for mode in MODES}
     curves = analytic(BETA)
-    runs = likelihood_grid(partial(build, sft_steps=sft_steps), configs, seeds, args.workers)
-    keep = ("step", "beta_margin", "dpo_weight", "dpo_curvature")
-    runs = {n: [{k: h[k] for k in keep} for h in hs] for n, hs in runs.items()}
+    runs = likelihood_grid(partial(build, sft_steps=sft_steps), configs, seeds, args.workers,
+                           keys=("step", "beta_margin", "dpo_weight", "dpo_curvature"))
     summary = summarise(runs, run_summary)
     verdicts = [row for mode in ("soft", "hard") for key, sign in (("mean_dpo_curvature", +1), ("mean_dpo_weight", +1),
                                                                    ("mean_beta_margin", -1), ("final_dpo_weight", +1))

@@ -99,7 +99,7 @@ def seed_runs(configs: dict[str, dict[str, RunConfig]], sft_steps: int, seed: in
             policy.load_state_dict(state)
             torch.manual_seed(seed)
             h = train(policy, tokens, mask, chosen, rejected, cfg, evaluate, batches)
-            out[name] = {k: h[k] for k in ("step", "loss", "beta_margin", "gold", "kl_sft")}
+            out[name] = {k: h[k] for k in ("step", "beta_margin", "gold", "kl_sft")}
     return out
 
 
