@@ -37,6 +37,7 @@ import config
 import data
 import losses
 import packing
+import tokenizer
 import reference as ref_lib
 import train
 from model import Llama, ModelConfig
@@ -101,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def data_batches(args):
     """(tokenizer, data.Batches of --pairs pairs per step from the file, in train.py's seeded order); bench_trl.py
     feeds TRL the same steps."""
-    tok = data.get_tokenizer(args.tokenizer)
+    tok = tokenizer.get_tokenizer(args.tokenizer)
     ds = data.tokenize(data.read_examples(args.data), tok, "pairs", args.max_length, args.max_prompt_length)
     return tok, data.Batches(ds, args.pairs, args.micro_batch_size, seed=args.seed)
 
@@ -388,7 +389,7 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.compare:
-        args.vocab_size = data.get_tokenizer(args.tokenizer).n_vocab
+        args.vocab_size = tokenizer.get_tokenizer(args.tokenizer).n_vocab
         return compare(argv, args)
     try:
         r = run(args)

@@ -1,11 +1,10 @@
-"""llama2.c's tokenizer.bin as a tiktoken Encoding with llama2.c's own ids (data.get_tokenizer dispatches a .bin file or
-a model directory holding one here)."""
+"""llama2.c's tokenizer.bin as a tiktoken Encoding with llama2.c's own ids (tokenizer.get_tokenizer dispatches a .bin
+file or a model directory holding one here)."""
 import struct
 from pathlib import Path
 
 import tiktoken
 
-from data import DataError, Tokenizer
 
 # llama2.c's tokenizer.bin (karpathy/llama2.c's export of a sentencepiece BPE model, e.g. stories260K's tok512.bin,
 # Llama 2's tokenizer.bin): int32 max token length, then per token float32 score, int32 byte length, the bytes. Ids 0-2
@@ -14,6 +13,10 @@ from data import DataError, Tokenizer
 # characters, each its own piece or else its UTF-8 bytes as byte tokens (which never merge), then the adjacent pair
 # whose concatenation is the highest-scoring piece is merged, the leftmost on ties, until no pair is a piece.
 BYTE_TOKENS = 3  # id of <0x00>
+
+
+class Llama2cError(ValueError):
+    """A bad tokenizer.bin; the message names the file and the token."""
 
 
 def find_llama2c(directory: str | Path) -> Path | None:
@@ -63,9 +66,9 @@ class Llama2cEncoding(tiktoken.Encoding):
         return self.decode_bytes(tokens).decode("utf-8", errors=errors)
 
 
-def llama2c_tokenizer(path: str | Path) -> Tokenizer:
+def llama2c_encoding(path: str | Path) -> tuple[Llama2cEncoding, str, str]:
     """A llama2.c tokenizer .bin (or the model directory holding it) as a tiktoken Encoding whose ids are llama2.c's
-    encode's, for any vocabulary (tok512, Llama 2's 32000 pieces with their non-ASCII merges)."""
+    encode's, for any vocabulary (tok512, Llama 2's 32000 pieces with their non-ASCII merges); with its BOS and EOS."""
     path = Path(path)
     if path.is_dir() and (path := find_llama2c(directory := path)) is None:
         raise ValueError(f"{directory}: no llama2.c tokenizer (tok*.bin) in this directory")
@@ -76,13 +79,13 @@ def llama2c_tokenizer(path: str | Path) -> Tokenizer:
     pieces, scores, at = [], [], 4
     while at < len(raw):
         if at + 8 > len(raw) or at + 8 + (n := struct.unpack_from("<i", raw, at + 4)[0]) > len(raw) or n < 0:
-            raise DataError(f"{path}: byte {at}: truncated record of token {len(pieces)}")
+            raise Llama2cError(f"{path}: byte {at}: truncated record of token {len(pieces)}")
         scores.append(struct.unpack_from("<f", raw, at)[0])
         pieces.append(raw[at + 8:at + 8 + n])
         at += 8 + n
     byte_names = [f"<0x{b:02X}>".encode() for b in range(256)]
     if len(raw) < 4 or pieces[BYTE_TOKENS:BYTE_TOKENS + 256] != byte_names:
-        raise DataError(f"{path}: not a llama2.c tokenizer: ids {BYTE_TOKENS}-{BYTE_TOKENS + 255} must be the byte "
+        raise Llama2cError(f"{path}: not a llama2.c tokenizer: ids {BYTE_TOKENS}-{BYTE_TOKENS + 255} must be the byte "
                         "tokens <0x00>..<0xFF>")
     first = BYTE_TOKENS + 256
     piece_id: dict[bytes, int] = {}
@@ -93,13 +96,13 @@ def llama2c_tokenizer(path: str | Path) -> Tokenizer:
         try:
             n_chars = len(p.decode("utf-8"))
         except UnicodeDecodeError:
-            raise DataError(f"{path}: token {i} {p!r} is not UTF-8") from None
+            raise Llama2cError(f"{path}: token {i} {p!r} is not UTF-8") from None
         if p in piece_id:
-            raise DataError(f"{path}: token {i} {p!r} repeats token {piece_id[p]}")
+            raise Llama2cError(f"{path}: token {i} {p!r} repeats token {piece_id[p]}")
         piece_id[p] = i
         if n_chars > 1:
             if last_merge is not None and not scores[i] < scores[last_merge]:
-                raise DataError(f"{path}: token {i} {p!r}: merges must be in descending score order "
+                raise Llama2cError(f"{path}: token {i} {p!r}: merges must be in descending score order "
                                 f"(score {scores[i]} after token {last_merge}'s {scores[last_merge]})")
             last_merge = i
             merges.append(p)
@@ -120,6 +123,4 @@ def llama2c_tokenizer(path: str | Path) -> Tokenizer:
     specials = {t: len(rank_ids) + i for i, t in enumerate((unk, bos, eos))}
     rank_ids += [[0], [1], [2]]
     id_bytes = [t.encode() for t in (unk, bos, eos)] + [bytes([b]) for b in range(256)] + pieces[first:]
-    enc = Llama2cEncoding(path.name, ranks, specials, rank_ids, id_bytes)
-    # pad: EOS (what pads hold never matters: right padding, causal attention, loss_mask 0)
-    return Tokenizer(enc, bos, eos, eos, prefix=" ")
+    return Llama2cEncoding(path.name, ranks, specials, rank_ids, id_bytes), bos, eos

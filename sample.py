@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
-from data import get_tokenizer
+from tokenizer import get_tokenizer
 from model import Llama
 
 

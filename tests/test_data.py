@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import tokenizer
 from conftest import ROOT, shared_path
 
 HH_ROWS = {"harmless-base": 2312, "helpful-base": 2354, "helpful-online": 1137, "helpful-rejection-sampled": 2749}
@@ -15,12 +16,12 @@ HH_ROWS = {"harmless-base": 2312, "helpful-base": 2354, "helpful-online": 1137, 
 
 @pytest.fixture(scope="module")
 def llama3():
-    return data.get_tokenizer(str(shared_path("models", "llama3-tokenizer", "tokenizer.model")))
+    return tokenizer.get_tokenizer(str(shared_path("models", "llama3-tokenizer", "tokenizer.model")))
 
 
 @pytest.fixture(scope="module")
 def byte():
-    return data.get_tokenizer("byte")
+    return tokenizer.get_tokenizer("byte")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -58,16 +59,16 @@ def test_byte_tokenizer(byte):
     assert byte.encode(text) == list(text.encode()) and byte.decode(byte.encode(text)) == text
     assert (byte.n_vocab, byte.bos_id, byte.eos_id, byte.pad_id) == (259, 256, 257, 258)
     with pytest.raises(ValueError, match="unknown tokenizer 'nope'"):
-        data.get_tokenizer("nope")
+        tokenizer.get_tokenizer("nope")
 
 
 def test_named_tiktoken_encodings():
     shared_path("tiktoken_cache")
     for name in ("gpt2", "r50k_base", "cl100k_base", "o200k_base"):
-        tok = data.get_tokenizer(name)
+        tok = tokenizer.get_tokenizer(name)
         assert tok.bos_id == tok.eos_id == tok.special("<|endoftext|>") and tok.decode(tok.encode("Hi <|x|>")) == \
             "Hi <|x|>"
-    assert data.get_tokenizer("gpt2").encode("<|endoftext|>") != [50256]
+    assert tokenizer.get_tokenizer("gpt2").encode("<|endoftext|>") != [50256]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def test_named_tiktoken_encodings():
 def test_hh_rlhf_splits_lossless_and_accounted():
     paths = {split: shared_path("data", "hh-rlhf", f"{split}-test.jsonl.gz") for split in HH_ROWS}  # skip first,
     shared_path("tiktoken_cache")  # before tiktoken would go to the network for gpt2's files
-    gpt2 = data.get_tokenizer("gpt2")
+    gpt2 = tokenizer.get_tokenizer("gpt2")
     for split, rows in HH_ROWS.items():
         path = paths[split]
         raw = [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8")]

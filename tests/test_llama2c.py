@@ -7,6 +7,8 @@ import struct
 import pytest
 
 import data
+import llama2c
+import tokenizer
 from conftest import shared_path
 
 
@@ -55,8 +57,8 @@ STORY_CASES = ["Tom has 3 cats and 12 dogs; he was 7 (or 8?) years old!", "Wait.
 def test_llama2c_stories260K_ids_equal_llama2c_encode():
     model_dir = shared_path("models", "stories260K")
     ref = json.loads((model_dir / "reference.json").read_text())
-    tok = data.get_tokenizer(str(model_dir / "tok512.bin"))
-    assert data.get_tokenizer(str(model_dir)).enc.name == tok.enc.name == "tok512.bin"  # found in the directory
+    tok = tokenizer.get_tokenizer(str(model_dir / "tok512.bin"))
+    assert tokenizer.get_tokenizer(str(model_dir)).enc.name == tok.enc.name == "tok512.bin"  # found in the directory
     assert (tok.n_vocab, tok.bos_id, tok.eos_id) == (512, 1, 2) == (512, ref["bos_id"], ref["eos_id"])
     pieces, scores = read_llama2c(model_dir / "tok512.bin")
     assert tok.encode(ref["greedy_text"]) == ref["greedy_from_bos"][1:] == llama2c_encode(pieces, scores,
@@ -79,7 +81,7 @@ def test_llama2c_any_vocabulary_size_matches_the_reference(tmp_path):
     merges = [b"ab", b" a", b"bc", b"ca", b" ab", b"abc", b"aa", b"cab", b" c", b"bb", b"abca"]
     chars = [b" ", b"a", b"b", b"c", "é".encode(), "“".encode()]
     write_llama2c(tmp_path / "tokenizer.bin", merges + chars)
-    tok = data.get_tokenizer(str(tmp_path))
+    tok = tokenizer.get_tokenizer(str(tmp_path))
     pieces, scores = read_llama2c(tmp_path / "tokenizer.bin")
     assert tok.n_vocab == len(pieces) == 276 and tok.encode("ab") == [259 + 4]  # " ab"
     rng = random.Random(0)
@@ -96,7 +98,7 @@ def test_llama2c_non_ascii_merges_match_the_reference(tmp_path):
     merges = ["éa", " é", "中国", " 中", "aé", "ab", "ção", "ço", " ü", "über", "b中", "🤖a", " 🤖", "ça", " über"]
     chars = [" ", "a", "b", "o", "r", "e", "é", "ü", "ç", "ã", "中", "国", "🤖"]
     write_llama2c(tmp_path / "tokenizer.bin", [m.encode() for m in merges + chars])
-    tok = data.get_tokenizer(str(tmp_path / "tokenizer.bin"))
+    tok = tokenizer.get_tokenizer(str(tmp_path / "tokenizer.bin"))
     pieces, scores = read_llama2c(tmp_path / "tokenizer.bin")
     assert tok.n_vocab == len(pieces) and tok.encode("éa") == [259 + len(merges), 259 + merges.index("éa")]  # " ", "éa"
     rng = random.Random(1)
@@ -112,19 +114,19 @@ def test_llama2c_bad_files_fail_with_the_file_named(tmp_path):
     write_llama2c(tmp_path / "tok.bin", [b"ab", b"a", b"b"])
     good = (tmp_path / "tok.bin").read_bytes()
     (tmp_path / "cut.bin").write_bytes(good[:-1])
-    with pytest.raises(data.DataError, match="cut.bin: byte .*: truncated record of token 261"):
-        data.get_tokenizer(str(tmp_path / "cut.bin"))
+    with pytest.raises(llama2c.Llama2cError, match="cut.bin: byte .*: truncated record of token 261"):
+        tokenizer.get_tokenizer(str(tmp_path / "cut.bin"))
     (tmp_path / "x.bin").write_bytes(good.replace(b"<0x41>", b"<0x99>"))
-    with pytest.raises(data.DataError, match="x.bin: not a llama2.c tokenizer"):
-        data.get_tokenizer(str(tmp_path / "x.bin"))
+    with pytest.raises(llama2c.Llama2cError, match="x.bin: not a llama2.c tokenizer"):
+        tokenizer.get_tokenizer(str(tmp_path / "x.bin"))
     write_llama2c(tmp_path / "order.bin", [b"ab", b"ba", b"a", b"b"], [-1.0, 0.0, -2.0, -3.0])
-    with pytest.raises(data.DataError, match="order.bin: token 260 b'ba': merges must be in descending score order"):
-        data.get_tokenizer(str(tmp_path / "order.bin"))
+    with pytest.raises(llama2c.Llama2cError, match="order.bin: token 260 b'ba': merges must be in descending score order"):
+        tokenizer.get_tokenizer(str(tmp_path / "order.bin"))
     (tmp_path / "tokenizer.bin").write_bytes(good)
     with pytest.raises(ValueError, match="2 llama2.c tokenizers"):
-        data.get_tokenizer(str(tmp_path))
+        tokenizer.get_tokenizer(str(tmp_path))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty: no llama2.c tokenizer"):
-        data.get_tokenizer(str(tmp_path / "empty"))
+        tokenizer.get_tokenizer(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="missing.bin: cannot read"):
-        data.get_tokenizer(str(tmp_path / "missing.bin"))
+        tokenizer.get_tokenizer(str(tmp_path / "missing.bin"))

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import sample
 from conftest import shared_path
-from data import get_tokenizer
+from tokenizer import get_tokenizer
 from model import Llama, ModelConfig, RMSNorm, apply_rope, config_from_hf, rope_cos_sin, rope_inv_freq, sample_next
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,7 @@ import torch
 
 import sample
 from conftest import ROOT
-from data import get_tokenizer
+from tokenizer import get_tokenizer
 from model import Llama, ModelConfig
 
 

@@ -1,7 +1,7 @@
 """Over-optimisation on real text: stories260K made more positive by DPO / IPO / KTO, static vs trust-region reference.
 
 The DPO paper's controlled-sentiment setup at laptop scale, run by this repository's code. π_SFT is karpathy's
-TinyStories 260K Llama (../shared/models/stories260K) with its own tokenizer (llama2c.llama2c_tokenizer). Prompts: the
+TinyStories 260K Llama (../shared/models/stories260K) with its own tokenizer (tokenizer.get_tokenizer). Prompts: the
 story openings of OPENINGS. Responses: π_SFT samples at temperature 1, at most RESPONSE_TOKENS tokens (a story may end
 earlier with EOS). Gold reward r*(y): VADER's compound sentiment of the decoded response, in [−1, 1] (vaderSentiment,
 a lexicon scorer: an optional dependency of this file only). Pairs: two π_SFT responses to one prompt, the preferred
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import data
+import tokenizer
 import train
 from model import Llama
 from reference import ReferenceUpdater, make_reference
@@ -62,7 +63,7 @@ def gold_reward(texts: list[str]) -> list[float]:
 
 def load_sft():
     """(π_SFT, its tokenizer); the tokenizer and the model must agree on the vocabulary."""
-    tok = data.get_tokenizer(str(MODEL_DIR))
+    tok = tokenizer.get_tokenizer(str(MODEL_DIR))
     model = Llama.from_pretrained(MODEL_DIR).eval()
     assert model.config.vocab_size == tok.n_vocab, (model.config.vocab_size, tok.n_vocab)
     return model, tok
