@@ -46,8 +46,8 @@ class ModelConfig:
     o_bias: bool = False  # a bias on the output projection: with attention_bias in Llama and Qwen3, never in Qwen2
     mlp_bias: bool = False  # biases on the three SwiGLU projections (Llama's mlp_bias)
     qk_norm: bool = False  # Qwen3: each head's q and k RMS-normalised over head_dim before RoPE
-    sliding_window: int | None = None  # Mistral, Qwen: a layer from max_window_layers on sees only this many keys
-    max_window_layers: int = 0  # back (Qwen's name). Not implemented: check_context refuses the runs it would cut
+    sliding_window: int | None = None  # Mistral, Qwen: layers >= max_window_layers see only the last sliding_window
+    max_window_layers: int = 0  # keys; not implemented here, so check_context refuses every run the window would change
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -170,8 +170,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
-        # Qwen3: q and k of each head normalised (one weight of head_dim shared by all heads), so their dot products,
-        # the attention logits, stay bounded however large the projections grow
+        # Qwen3: q and k of each head RMS-normalised (one weight of head_dim shared by the heads), so the scale of the
+        # attention logits is set by the norm weights, not by how large the projections grow during training
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 

@@ -480,6 +480,9 @@ def test_param_and_flop_counts_and_init():
     big = Llama(ModelConfig(vocab_size=97, dim=256, n_layers=8, n_heads=4))  # residual writers: 0.02 / sqrt(2 * 8)
     assert abs(big.layers[0].self_attn.o_proj.weight.std().item() - 0.005) < 0.0005
     assert abs(big.layers[0].self_attn.q_proj.weight.std().item() - 0.02) < 0.002
+    qwen3 = Llama(ModelConfig(**{**TINY, **FAMILIES["qwen3-biases"]}))  # scratch: biases 0, norms 1, as transformers
+    attn = qwen3.layers[0].self_attn
+    assert not attn.q_proj.bias.any() and not attn.o_proj.bias.any() and bool((attn.k_norm.weight == 1).all())
 
 
 def test_bf16_autocast_and_bf16_weights():
