@@ -412,7 +412,7 @@ def test_hh_rlhf_recipe_runs_on_a_tiny_hf_llama(tmp_path):
 
 
 def test_qwen3_and_mistral_init_from_train_or_refuse_a_window_that_would_cut(tmp_path, capsys):
-    """A Qwen3 (biases, q/k norms) and a Mistral with a window >= the run's longest sequence train a TR-DPO step and
+    """A Qwen3 (biases, q/k norms) and a Mistral with a window >= the run's longest sequence train a DPO step and
     save their own model_type; a window shorter than it is refused in one line, naming both, before any step."""
     import data
     n_vocab = data.get_tokenizer("byte").n_vocab
