@@ -21,8 +21,8 @@ def opt(default, help: str, choices: tuple = ()):
 class TrainConfig:
     # run and model
     out_dir: str = opt("out", "run directory: train_config.json, metrics.jsonl, checkpoints ckpt-<step>/")
-    init_from: str = opt("scratch", "'scratch' (a new model from dim/n_layers/n_heads), a Hugging Face Llama "
-                         "directory, or one of our run directories / checkpoints (its newest ckpt-*)")
+    init_from: str = opt("scratch", "'scratch' (a new model from dim/n_layers/n_heads), a Hugging Face Llama, Qwen2, "
+                         "Qwen3 or Mistral directory, or one of our run directories / checkpoints (its newest ckpt-*)")
     dim: int = opt(64, "from-scratch model width")
     n_layers: int = opt(2, "from-scratch model depth")
     n_heads: int = opt(4, "from-scratch attention heads")

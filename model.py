@@ -1,5 +1,5 @@
-"""A from-scratch Llama (Llama 2/3, karpathy's tinyllamas) that loads, runs, generates and saves Hugging Face
-checkpoints.
+"""A from-scratch Llama (Llama 2/3, karpathy's tinyllamas, and the Qwen2/2.5, Qwen3 and Mistral families, which are
+the same network with a few flags) that loads, runs, generates and saves Hugging Face checkpoints.
 
 Top to bottom: token embedding -> n blocks of [RMSNorm -> causal self-attention with RoPE and grouped-query attention
 -> residual, RMSNorm -> SwiGLU MLP -> residual] -> final RMSNorm -> LM head (tied to the embedding or not).
@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "mistral": "MistralForCausalLM"}  # config.json's model_type -> its transformers class
 
 
 @dataclass
@@ -38,6 +40,14 @@ class ModelConfig:
     tie_embeddings: bool = True
     bos_id: int | None = 1
     eos_id: int | list[int] | None = 2  # Llama 3 instruct configs list several end tokens
+    # The families differ only in these flags; config_from_hf sets them from config.json as transformers reads it.
+    model_type: str = "llama"  # llama | qwen2 | qwen3 | mistral: written back to config.json as it came
+    qkv_bias: bool = False  # biases on q, k, v: always in Qwen2, with attention_bias in Llama and Qwen3
+    o_bias: bool = False  # a bias on the output projection: with attention_bias in Llama and Qwen3, never in Qwen2
+    mlp_bias: bool = False  # biases on the three SwiGLU projections (Llama's mlp_bias)
+    qk_norm: bool = False  # Qwen3: each head's q and k RMS-normalised over head_dim before RoPE
+    sliding_window: int | None = None  # Mistral, Qwen: layers >= max_window_layers see only the last sliding_window
+    max_window_layers: int = 0  # keys; not implemented here, so check_context refuses every run the window would change
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -46,11 +56,32 @@ class ModelConfig:
             self.hidden_dim = 32 * math.ceil(int(2 * 4 * self.dim / 3) / 32)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"ModelConfig: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(f"model_type {self.model_type!r} is not supported (only {', '.join(ARCHITECTURES)})")
+        fits = {  # what each family's config.json can say; any other combination would be saved as another model
+            "llama": self.qkv_bias == self.o_bias and not self.qk_norm and self.sliding_window is None,
+            "qwen2": self.qkv_bias and not (self.o_bias or self.mlp_bias or self.qk_norm),
+            "qwen3": self.qkv_bias == self.o_bias and self.qk_norm and not self.mlp_bias,
+            "mistral": not (self.qkv_bias or self.o_bias or self.mlp_bias or self.qk_norm)}
+        if not fits[self.model_type]:
+            raise ValueError(f"ModelConfig: a {self.model_type} model cannot have qkv_bias={self.qkv_bias}, o_bias="
+                             f"{self.o_bias}, mlp_bias={self.mlp_bias}, qk_norm={self.qk_norm}, sliding_window="
+                             f"{self.sliding_window}")
         if self.rope_scaling is not None:
             missing = [k for k in LLAMA3_ROPE_KEYS if k not in self.rope_scaling]
             if self.rope_scaling.get("rope_type") != "llama3" or missing:
                 raise ValueError(f"ModelConfig.rope_scaling: need rope_type 'llama3' and {LLAMA3_ROPE_KEYS}, "
                                  f"got {self.rope_scaling}")
+
+
+def check_context(config: ModelConfig, length: int):
+    """Refuse (ValueError) sequences of `length` tokens that a sliding window would cut. transformers masks keys more
+    than sliding_window - 1 positions back; this Llama always attends to every earlier key, so the two agree exactly
+    when the window is null or >= the longest sequence. train.py and sample.py call this before any work."""
+    if config.sliding_window is not None and config.sliding_window < length:
+        raise ValueError(f"sliding_window {config.sliding_window} (config.json) < {length}, the longest sequence of "
+                         f"this run: sliding-window attention is not implemented; use sequences of at most "
+                         f"{config.sliding_window} tokens")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -135,16 +166,22 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        # Qwen3: q and k of each head RMS-normalised (one weight of head_dim shared by the heads), so the scale of the
+        # attention logits is set by the norm weights, not by how large the projections grow during training
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # before RoPE, as Qwen3 was trained
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
@@ -166,9 +203,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -202,10 +239,13 @@ class Llama(nn.Module):
         # llama2.c / GPT-2 init for from-scratch runs: N(0, 0.02) everywhere, and N(0, 0.02/sqrt(2 n_layers)) for the
         # projections that write into the residual stream, so its variance does not grow with depth. (llama2.c scales
         # its w3 and wo; w3 there is the up projection, a naming slip, we scale the residual writers o_proj, down_proj.)
+        # Biases start at zero, as transformers initialises them; norm weights at one.
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 residual = name.endswith(("o_proj.weight", "down_proj.weight"))
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers) if residual else 0.02)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
 
     def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: list[KVCache] | None = None, logits_to_keep: int = 0,
@@ -236,7 +276,8 @@ class Llama(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token at context length seq_len, for MFU: 2 per weight of every matmul (LM head included,
         the embedding lookup is not a matmul) plus attention's q k^T and (attn) v, 2 * 2 * n_layers * seq_len *
-        n_heads * head_dim, counted over the full seq_len as nanoGPT and PaLM do. Forward + backward is 3x this."""
+        n_heads * head_dim, counted over the full seq_len as nanoGPT and PaLM do. Forward + backward is 3x this.
+        Biases and norms (Qwen's q/k/v biases, Qwen3's q_norm/k_norm) are elementwise and, like RMSNorm, not counted."""
         c = self.config
         attn = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim
         matmul = c.n_layers * (attn + 3 * c.dim * c.hidden_dim) + c.dim * c.vocab_size
@@ -261,6 +302,7 @@ class Llama(nn.Module):
         rows = prompts.tolist() if torch.is_tensor(prompts) else [list(r) for r in prompts]
         if not rows or min(map(len, rows)) == 0:
             raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+        check_context(self.config, max(map(len, rows)) + max_new_tokens)
         if stop_ids is None:
             stop_ids = [] if self.config.eos_id is None else self.config.eos_id
         stop = {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
@@ -295,8 +337,8 @@ class Llama(nn.Module):
     # ------------------------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = torch.float32) -> "Llama":
-        """Load a Hugging Face Llama directory: config.json (transformers 4.x or 5.x layout) and model.safetensors or a
-        sharded model.safetensors.index.json. dtype=None keeps the checkpoint's dtype from config.json."""
+        """Load a Hugging Face Llama, Qwen2, Qwen3 or Mistral directory: config.json (transformers 4.x or 5.x layout)
+        and model.safetensors or a sharded model.safetensors.index.json. dtype=None keeps the checkpoint's dtype."""
         path = Path(path)
         raw = read_json(path / "config.json")
         config = config_from_hf(raw, path / "config.json")
@@ -325,8 +367,8 @@ class Llama(nn.Module):
         return model
 
     def save_pretrained(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None):
-        """Write config.json and model.safetensors that transformers' LlamaForCausalLM loads. state_dict (our names,
-        full tensors) replaces this module's own, e.g. one gathered from an FSDP2-sharded copy of it."""
+        """Write config.json and model.safetensors that transformers loads as its class for config.model_type.
+        state_dict (our names, full tensors) replaces this module's own, e.g. one gathered from FSDP2 shards."""
         path = Path(path)
         sd = self.state_dict() if state_dict is None else state_dict
         tensors = {to_hf_name(k): v.detach().cpu().contiguous() for k, v in sd.items()
@@ -416,14 +458,17 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def config_from_hf(d: dict, where) -> ModelConfig:
-    """ModelConfig from a config.json dict: transformers 4.x keeps rope_theta/rope_scaling at the top level, 5.x puts
-    both into rope_parameters."""
+    """ModelConfig from a config.json dict, read as transformers reads each family (its defaults included):
+    transformers 4.x keeps rope_theta/rope_scaling at the top level, 5.x puts both into rope_parameters."""
     def need(key):
         if key not in d:
             raise ValueError(f"missing field '{key}'")  # prefixed with `where` below
         return d[key]
 
-    for key, ok in (("model_type", "llama"), ("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+    family = d.get("model_type", "llama")
+    if family not in ARCHITECTURES:
+        raise ValueError(f"{where}: model_type {family!r} is not supported (only {', '.join(ARCHITECTURES)})")
+    for key, ok in (("hidden_act", "silu"), ("attention_dropout", 0.0)):
         if d.get(key, ok) != ok:
             raise ValueError(f"{where}: field '{key}' is {d[key]!r}; this Llama supports only {ok!r}")
     rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
@@ -432,29 +477,54 @@ def config_from_hf(d: dict, where) -> ModelConfig:
     if rope_type not in ("default", "llama3"):
         raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (only 'default' and 'llama3')")
     rope_scaling = {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_ROPE_KEYS if k in rope}}
+    # Each family's own keys: Qwen2's q/k/v biases are fixed (its config has no attention_bias); Qwen3 always has
+    # q_norm/k_norm and a head_dim of 128 unless it says otherwise; Mistral slides a 4096 window unless it says null.
+    bias = d.get("attention_bias", False) if family in ("llama", "qwen3") else False
+    mlp_bias = d.get("mlp_bias", False) if family == "llama" else False
+    window, first = None, 0
+    if family == "mistral":
+        window = d.get("sliding_window", 4096)
+    elif family in ("qwen2", "qwen3") and d.get("use_sliding_window", False):  # false (every Qwen release): unused
+        n = need("num_hidden_layers")
+        types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28) else
+                                         "full_attention" for i in range(n)]
+        sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        if sliding and sliding != list(range(sliding[0], n)):
+            raise ValueError(f"{where}: layer_types {types}: only the last layers may use a sliding window here")
+        if sliding and d.get("sliding_window", 4096) is not None:
+            window, first = d.get("sliding_window", 4096), sliding[0]
     try:  # ModelConfig checks the rest (head counts, llama3 keys); say which file it came from
         return ModelConfig(
             vocab_size=need("vocab_size"), dim=need("hidden_size"), n_layers=need("num_hidden_layers"),
             n_heads=need("num_attention_heads"), n_kv_heads=d.get("num_key_value_heads"),
-            hidden_dim=need("intermediate_size"), head_dim=d.get("head_dim"), norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta), rope_scaling=rope_scaling if rope_type == "llama3" else None,
+            hidden_dim=need("intermediate_size"), head_dim=d.get("head_dim", 128 if family == "qwen3" else None),
+            norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling if rope_type == "llama3" else None,
             max_seq_len=d.get("max_position_embeddings", 2048), tie_embeddings=d.get("tie_word_embeddings", False),
-            bos_id=d.get("bos_token_id"), eos_id=d.get("eos_token_id"))
+            bos_id=d.get("bos_token_id"), eos_id=d.get("eos_token_id"), model_type=family,
+            qkv_bias=bias or family == "qwen2", o_bias=bias, mlp_bias=mlp_bias, qk_norm=family == "qwen3",
+            sliding_window=window, max_window_layers=first)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
 
 def config_to_hf(c: ModelConfig, dtype: torch.dtype) -> dict:
     """config.json that transformers 4.x (top-level rope_theta/rope_scaling/torch_dtype) and 5.x (rope_parameters,
-    dtype) both read."""
+    dtype) both read, with the keys of c's family that config_from_hf reads back."""
     dtype_name = str(dtype).removeprefix("torch.")
+    family = {"llama": {"attention_bias": c.o_bias, "mlp_bias": c.mlp_bias},
+              "qwen2": {}, "qwen3": {"attention_bias": c.o_bias},
+              "mistral": {"sliding_window": c.sliding_window}}[c.model_type]
+    if c.model_type in ("qwen2", "qwen3"):
+        family.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
+                      max_window_layers=c.max_window_layers)
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+        "architectures": [ARCHITECTURES[c.model_type]], "model_type": c.model_type, "vocab_size": c.vocab_size,
         "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
         "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
         "hidden_act": "silu", "rms_norm_eps": c.norm_eps, "max_position_embeddings": c.max_seq_len,
         "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
         "rope_parameters": {"rope_theta": c.rope_theta, **(c.rope_scaling or {"rope_type": "default"})},
         "tie_word_embeddings": c.tie_embeddings, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
-        "attention_bias": False, "mlp_bias": False, "torch_dtype": dtype_name, "dtype": dtype_name,
+        "attention_dropout": 0.0, **family, "torch_dtype": dtype_name, "dtype": dtype_name,
     }

@@ -15,7 +15,7 @@ import torch
 
 import checkpoint
 from tokenizer import get_tokenizer
-from model import Llama
+from model import Llama, check_context
 
 
 class SampleError(ValueError):
@@ -53,6 +53,10 @@ def sample(args: argparse.Namespace):
     if max(ids) >= model.config.vocab_size:
         raise SampleError(f"tokenizer {name} produced id {max(ids)}, outside the model's vocab_size "
                           f"{model.config.vocab_size} ({model_dir}/config.json)")
+    try:
+        check_context(model.config, len(ids) + args.max_new_tokens)
+    except ValueError as e:
+        raise SampleError(f"--ckpt {ckpt}: {e} (prompt + --max_new_tokens)") from None
     torch.manual_seed(args.seed)
     stop = [] if tok.eos_id is None else [tok.eos_id]
     for _ in range(args.num_samples):
@@ -63,7 +67,7 @@ def sample(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run directory, ckpt-<step> directory or Hugging Face Llama directory")
+    p.add_argument("--ckpt", required=True, help="run directory, ckpt-<step> directory or Hugging Face model directory")
     p.add_argument("--tokenizer", help="a name or path get_tokenizer knows (byte, gpt2, tokenizer.model); "
                                        "default: the run's, from its train_config.json")
     p.add_argument("--prompt", default="", help="text to continue (BOS is put in front when the tokenizer has one)")

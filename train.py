@@ -37,7 +37,7 @@ import reference as ref_lib
 import synthetic
 from config import (ConfigError, TrainConfig, auto_tokenizer, fail, help_text, parse_config, schedule_warning,
                     truncation_warnings)
-from model import Llama, ModelConfig
+from model import Llama, ModelConfig, check_context
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -173,9 +173,17 @@ def load_model(cfg: TrainConfig, tok) -> Llama:
         return Llama(ModelConfig(vocab_size=tok.n_vocab, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                                  max_seq_len=cfg.max_length, bos_id=tok.bos_id, eos_id=tok.eos_id))
     try:
-        return Llama.from_pretrained(checkpoint.model_dir(cfg.init_from))
+        model = Llama.from_pretrained(checkpoint.model_dir(cfg.init_from))
+        check_context(model.config, longest_sequence(cfg))  # a sliding window that would cut this run's sequences
+        return model
     except (ValueError, OSError, SafetensorError) as e:  # a bad config.json or weights file: its message names it
         fail(f"init_from={cfg.init_from}: {e}")
+
+
+def longest_sequence(cfg: TrainConfig) -> int:
+    """The most tokens one sequence of this run holds: a training example (prompt + response, data.tokenize's
+    max_length) or an eval prompt (at most max_prompt_length) with its max_new_tokens generated ones."""
+    return max(cfg.max_length, cfg.max_prompt_length + cfg.max_new_tokens if cfg.num_samples else 0)
 
 
 def check_vocab(cfg: TrainConfig, tok):

@@ -1,4 +1,5 @@
-"""model.py against transformers' LlamaForCausalLM and a real pretrained Llama (stories260K); sample.py end to end."""
+"""model.py against transformers' LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and MistralForCausalLM and a real
+pretrained Llama (stories260K); sample.py end to end."""
 import json
 import math
 import re
@@ -11,21 +12,36 @@ from safetensors.torch import load_file, save_file
 import sample
 from conftest import shared_path
 from tokenizer import get_tokenizer
-from model import Llama, ModelConfig, RMSNorm, apply_rope, config_from_hf, rope_cos_sin, rope_inv_freq, sample_next
+from model import (ARCHITECTURES, Llama, ModelConfig, RMSNorm, apply_rope, check_context, config_from_hf,
+                   rope_cos_sin, rope_inv_freq, sample_next)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64)
+FAMILIES = {  # ModelConfig flags of each family, with every bias and norm the family allows
+    "llama": dict(),
+    "llama-biases": dict(qkv_bias=True, o_bias=True, mlp_bias=True),
+    "qwen2": dict(model_type="qwen2", qkv_bias=True),
+    "qwen3-biases": dict(model_type="qwen3", qkv_bias=True, o_bias=True, qk_norm=True, head_dim=16),
+    "mistral": dict(model_type="mistral", sliding_window=64),
+}
+
+
+def randomize_(named_parameters):
+    """Non-trivial norm weights and non-zero biases, so a norm or a bias applied in the wrong place would show."""
+    with torch.no_grad():
+        for name, p in named_parameters:
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
 
 
 def random_llama(seed=0, **overrides) -> Llama:
     torch.manual_seed(seed)
     model = Llama(ModelConfig(**{**TINY, **overrides})).eval()
-    with torch.no_grad():  # non-trivial norm weights, so a norm applied in the wrong place would show
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(0.2 * torch.randn_like(p))
+    randomize_(model.named_parameters())
     return model
 
 
@@ -72,6 +88,153 @@ def test_logits_match_transformers(case, tmp_path):
     with torch.no_grad():
         diff = (ours(idx) - hf_logits(tmp_path, idx)).abs().max().item()
     assert diff <= 1e-4, f"{case}: max |logits - transformers| = {diff}"
+
+
+HF_BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.2)  # 0.2: a bias moved by 1e-3 shows
+FAMILY_CASES = {  # transformers class prefix, config; seq_len 80 below, so Mistral's window 80 changes nothing
+    "llama-biases-gqa-head_dim-tied": ("Llama", dict(num_key_value_heads=2, head_dim=16, attention_bias=True,
+                                                     mlp_bias=True, tie_word_embeddings=True)),
+    "llama-attention_bias-mha-untied": ("Llama", dict(num_key_value_heads=4, attention_bias=True)),
+    "qwen2-gqa-tied": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2-head_dim-untied": ("Qwen2", dict(num_key_value_heads=1, head_dim=16)),
+    "qwen3-biases-gqa-head_dim-untied": ("Qwen3", dict(num_key_value_heads=2, head_dim=16, attention_bias=True)),
+    "qwen3-mha-tied": ("Qwen3", dict(num_key_value_heads=4, head_dim=8, tie_word_embeddings=True)),
+    "mistral-null-gqa-head_dim-untied": ("Mistral", dict(num_key_value_heads=2, head_dim=16, sliding_window=None)),
+    "mistral-window-80-tied": ("Mistral", dict(num_key_value_heads=2, sliding_window=80, tie_word_embeddings=True)),
+}
+
+
+def random_hf(family: str, seed=0, **kw):
+    torch.manual_seed(seed)
+    hf = getattr(transformers, family + "ForCausalLM")(getattr(transformers, family + "Config")(**HF_BASE, **kw))
+    randomize_(hf.named_parameters())
+    return hf.eval()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_family_logits_and_gradients_match_transformers(case, tmp_path):
+    """Each family's transformers class, written with save_pretrained: our logits and gradients are its own (fp32)."""
+    family, kw = FAMILY_CASES[case]
+    hf = random_hf(family, **kw)
+    hf.save_pretrained(tmp_path)
+    hf = getattr(transformers, family + "ForCausalLM").from_pretrained(tmp_path, dtype=torch.float32,
+                                                                      attn_implementation="eager")
+    hf.config.pad_token_id = None
+    ours = Llama.from_pretrained(tmp_path)
+    c = ours.config
+    assert c.model_type == family.lower() and c.head_dim == kw.get("head_dim", 8)
+    assert (c.qkv_bias, c.o_bias) == (kw.get("attention_bias", family == "Qwen2"), kw.get("attention_bias", False))
+    assert c.qk_norm == (family == "Qwen3") and c.mlp_bias == kw.get("mlp_bias", False)
+    assert c.sliding_window == kw.get("sliding_window") and c.tie_embeddings == kw.get("tie_word_embeddings", False)
+    assert ours.num_params() == hf.num_parameters()
+    linear = sum(m.weight.numel() for m in ours.modules() if isinstance(m, torch.nn.Linear))
+    assert ours.flops_per_token(80) == 2 * linear + 2 * 2 * 2 * 80 * 4 * c.head_dim  # biases and norms: not matmuls
+    idx = torch.randint(0, 97, (2, 80))
+    logits, want = ours(idx), hf(idx).logits
+    assert relative_error(logits, want) <= 1e-5, case
+    w = torch.randn_like(want)  # any loss of the logits
+    (logits * w).sum().backward()
+    (want * w).sum().backward()
+    grads = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():  # tied: one Parameter, named once (embed_tokens) in both
+        g = grads["lm_head.weight" if name == "lm_head.weight" else "model." + name].grad
+        assert relative_error(p.grad, g) <= 1e-5, f"{case}: {name}"
+    with torch.no_grad():  # the biases and q/k norms matter: without them the logits are far off
+        for name, p in ours.named_parameters():
+            if name.endswith("bias") or "q_norm" in name or "k_norm" in name:
+                p.copy_(torch.zeros_like(p) if name.endswith("bias") else torch.ones_like(p))
+        if c.qkv_bias or c.qk_norm or c.mlp_bias:
+            assert relative_error(ours(idx), want) > 1e-3
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_pretrained_writes_the_family_and_transformers_reloads_it(family, tied, tmp_path):
+    model = random_llama(tie_embeddings=tied, **FAMILIES[family])
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == model.config.model_type
+    assert config["architectures"] == [ARCHITECTURES[model.config.model_type]]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
+    assert type(hf).__name__ == ARCHITECTURES[model.config.model_type]
+    assert getattr(hf.config, "sliding_window", None) == model.config.sliding_window
+    idx = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        assert relative_error(model(idx), hf(idx).logits) <= 1e-5
+    back = Llama.from_pretrained(tmp_path)
+    assert back.config == model.config
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_sliding_window_is_refused_where_it_would_cut_a_sequence(tmp_path):
+    """transformers' window W lets a query see W keys (itself included): W >= the sequence length changes nothing,
+    a shorter one does, and then check_context and generate refuse in one line naming both numbers."""
+    hf = random_hf("Mistral", num_key_value_heads=2, sliding_window=79)
+    hf.save_pretrained(tmp_path)
+    ours = Llama.from_pretrained(tmp_path)
+    idx = torch.randint(0, 97, (1, 80))
+    with torch.no_grad():
+        assert relative_error(ours(idx[:, :79]), hf(idx[:, :79]).logits) <= 1e-5
+        assert relative_error(ours(idx), hf(idx).logits) > 1e-3  # what the refusal protects against
+    check_context(ours.config, 79)
+    with pytest.raises(ValueError, match=r"^sliding_window 79 \(config.json\) < 80, the longest sequence of this run"):
+        check_context(ours.config, 80)
+    assert len(ours.generate([[1] * 70], 9, stop_ids=())[0]) == 9
+    with pytest.raises(ValueError, match="sliding_window 79"):
+        ours.generate([[1] * 70, [2]], 10)
+
+
+# What the Hub's config.json files say (Qwen/Qwen2.5-0.5B-Instruct, Qwen/Qwen3-0.6B, mistralai/Mistral-7B-v0.1 and
+# v0.3), shapes cut down: sliding-window keys as released, Qwen3 with head_dim 128 != 1024 / 16.
+HUB_CONFIGS = {
+    "qwen2.5": dict(model_type="qwen2", hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
+                    use_sliding_window=False, sliding_window=32768, max_window_layers=21, tie_word_embeddings=True,
+                    rope_theta=1000000.0, hidden_act="silu", attention_dropout=0.0),
+    "qwen3": dict(model_type="qwen3", hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                  attention_bias=False, use_sliding_window=False, sliding_window=None, max_window_layers=28,
+                  rope_scaling=None, rope_theta=1000000, tie_word_embeddings=True),
+    "mistral-v0.1": dict(model_type="mistral", hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                         sliding_window=4096, rope_theta=10000.0, tie_word_embeddings=False),
+    "mistral-v0.3": dict(model_type="mistral", hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                         sliding_window=None, rope_theta=1000000.0, tie_word_embeddings=False),
+}
+
+
+def test_hub_configs_and_the_sliding_window_keys_read_as_transformers_reads_them():
+    shape = dict(vocab_size=97, intermediate_size=48, num_hidden_layers=2)
+    read = {name: config_from_hf({**shape, **d}, "config.json") for name, d in HUB_CONFIGS.items()}
+    assert [read[n].sliding_window for n in HUB_CONFIGS] == [None, None, 4096, None]
+    assert read["qwen2.5"].qkv_bias and not read["qwen2.5"].o_bias and read["qwen2.5"].rope_theta == 1e6
+    assert read["qwen3"].qk_norm and read["qwen3"].head_dim == 128
+    without = {k: v for k, v in HUB_CONFIGS["qwen3"].items() if k != "head_dim"}  # Qwen3Config's default head_dim
+    assert config_from_hf({**shape, **without}, "c").head_dim == 128 == transformers.Qwen3Config(**without).head_dim
+    mistral = {k: v for k, v in HUB_CONFIGS["mistral-v0.1"].items() if k != "sliding_window"}  # MistralConfig's 4096
+    default = transformers.MistralConfig().sliding_window
+    assert config_from_hf({**shape, **mistral}, "c").sliding_window == 4096 == default
+    qwen = {**shape, "model_type": "qwen2", "hidden_size": 32, "num_attention_heads": 4, "use_sliding_window": True,
+            "sliding_window": 16}
+    for extra, window, first in (({"max_window_layers": 2}, None, 0),  # no layer from 2 on: nothing slides
+                                 ({"max_window_layers": 1}, 16, 1),
+                                 ({"layer_types": ["full_attention"] * 2}, None, 0),
+                                 ({"layer_types": ["sliding_attention"] * 2, "max_window_layers": 5}, 16, 0)):
+        c = config_from_hf({**qwen, **extra}, "c")
+        assert (c.sliding_window, c.max_window_layers) == (window, first), extra
+    with pytest.raises(ValueError, match="c: layer_types .*only the last layers may use a sliding window"):
+        config_from_hf({**qwen, "layer_types": ["sliding_attention", "full_attention"]}, "c")
+
+
+def test_qwen_sliding_layers_round_trip_through_transformers(tmp_path):
+    """A Qwen2 whose second layer slides: transformers reads our config.json with the same layer types."""
+    model = random_llama(model_type="qwen2", qkv_bias=True, sliding_window=16, max_window_layers=1)
+    model.save_pretrained(tmp_path)
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert hf.layer_types == ["full_attention", "sliding_attention"] and hf.sliding_window == 16
+    assert Llama.from_pretrained(tmp_path).config == model.config
 
 
 def test_llama3_frequency_scaling_bands():
@@ -151,8 +314,9 @@ def test_stories260K_batch_of_different_lengths_cached_and_uncached():
         assert out == [story[len(p):len(p) + 12] for p in prompts], f"use_cache={use_cache}"
 
 
-def test_kv_cache_matches_recompute_and_rows_match_alone():
-    model = random_llama(seed=1)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_kv_cache_matches_recompute_and_rows_match_alone(family):
+    model = random_llama(seed=1, **FAMILIES[family])
     with torch.no_grad():
         for p in model.parameters():  # larger weights: peaked logits, so greedy is decided by the model, not by noise
             p.mul_(4.0)
@@ -163,8 +327,9 @@ def test_kv_cache_matches_recompute_and_rows_match_alone():
     assert cached == [model.generate(torch.tensor([p]), 20, stop_ids=())[0] for p in prompts]
 
 
-def test_right_padding_leaves_real_token_logits_unchanged():
-    model = random_llama()
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_right_padding_leaves_real_token_logits_unchanged(family):
+    model = random_llama(**FAMILIES[family])
     a, b = torch.randint(0, 97, (1, 11)), torch.randint(0, 97, (1, 6))
     padded = torch.cat([a, torch.cat([b, torch.zeros(1, 5, dtype=torch.long)], 1)])
     with torch.no_grad():
@@ -285,6 +450,12 @@ def test_load_errors_name_the_key(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
     model = Llama.from_pretrained(tmp_path)
     assert model.config.tie_embeddings and model.lm_head.weight is model.embed_tokens.weight
+    with pytest.raises(ValueError, match="^config.json: model_type 'gpt2' is not supported"):
+        config_from_hf({**config, "model_type": "gpt2"}, "config.json")
+    with pytest.raises(ValueError, match="^config.json: field 'attention_dropout' is 0.1"):
+        config_from_hf({**config, "attention_dropout": 0.1}, "config.json")
+    with pytest.raises(ValueError, match="a qwen2 model cannot have qkv_bias=False"):
+        ModelConfig(model_type="qwen2")
     with pytest.raises(ValueError, match="rope_type 'yarn'"):
         config_from_hf({**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}, "config.json")
     with pytest.raises(ValueError, match="config.json: .*original_max_position_embeddings"):
@@ -309,6 +480,9 @@ def test_param_and_flop_counts_and_init():
     big = Llama(ModelConfig(vocab_size=97, dim=256, n_layers=8, n_heads=4))  # residual writers: 0.02 / sqrt(2 * 8)
     assert abs(big.layers[0].self_attn.o_proj.weight.std().item() - 0.005) < 0.0005
     assert abs(big.layers[0].self_attn.q_proj.weight.std().item() - 0.02) < 0.002
+    qwen3 = Llama(ModelConfig(**{**TINY, **FAMILIES["qwen3-biases"]}))  # scratch: biases 0, norms 1, as transformers
+    attn = qwen3.layers[0].self_attn
+    assert not attn.q_proj.bias.any() and not attn.o_proj.bias.any() and bool((attn.k_norm.weight == 1).all())
 
 
 def test_bf16_autocast_and_bf16_weights():

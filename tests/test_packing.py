@@ -69,6 +69,36 @@ def test_packed_logps_and_gradients_equal_the_padded_path(model, kind, shared):
         assert (g - x).abs().max() <= 1e-5 * x.abs().max()
 
 
+FAMILIES = {  # every bias and norm a family can have, random, so a packed path that skipped one would show
+    "llama-biases": dict(qkv_bias=True, o_bias=True, mlp_bias=True),
+    "qwen2": dict(model_type="qwen2", qkv_bias=True),
+    "qwen3-biases": dict(model_type="qwen3", qkv_bias=True, o_bias=True, qk_norm=True, head_dim=16),
+}
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # uncompiled on purpose
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_packed_and_flex_logps_equal_the_padded_path_in_every_family(family):
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48,
+                              **FAMILIES[family]))
+    with torch.no_grad():  # weights 5x the init's: peaked attention, so q and k take gradients well above fp32's noise
+        for name, p in model.named_parameters():
+            p.mul_(5.0) if p.dim() == 2 else p.add_(0.5 * torch.randn_like(p))
+    items = make_items("pairs", 7, seed=1)
+    want, _ = padded_logps(model, items, "pairs")
+    got, _ = packing.packed_logps(model, packing.collate(items, "pairs", kl_of(items, "pairs"), 0, 47, True))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    w = torch.randn(len(want), generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad((got * w).sum(), list(model.parameters()))
+    want_grads = torch.autograd.grad((want * w).sum(), list(model.parameters()))
+    for g, x in zip(grads, want_grads):
+        assert (g - x).abs().max() <= 1e-5 * x.abs().max()
+    with torch.no_grad():
+        out = flex_and_boolean_logps(model, flex_batch("pairs"))
+    torch.testing.assert_close(out["flex"], out["boolean"], rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_packed_logps_are_within_bf16_rounding(model):
     items = make_items("pairs", 6, seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -59,3 +59,18 @@ def test_bad_paths_fail_in_one_line(tmp_path, args, culprit):
     p = subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1, p.stderr
     assert p.stderr.startswith("sample.py: error: ") and culprit.format(tmp=tmp_path) in p.stderr
+
+
+def test_a_sliding_window_shorter_than_prompt_plus_new_tokens_is_refused(tmp_path, capsys):
+    """A Mistral whose window is 16: BOS + "abc" + 12 new tokens fit, 13 would be cut by the window."""
+    tok = get_tokenizer("byte")
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=tok.n_vocab, dim=32, n_layers=1, n_heads=2, bos_id=tok.bos_id,
+                              eos_id=tok.eos_id, model_type="mistral", sliding_window=16))
+    model.save_pretrained(tmp_path)
+    common = ["--ckpt", str(tmp_path), "--tokenizer", "byte", "--prompt", "abc", "--temperature", "0"]
+    assert sample.main(common + ["--max_new_tokens", "12"]) == 0
+    capsys.readouterr()
+    assert sample.main(common + ["--max_new_tokens", "13"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sliding_window 16 (config.json) < 17" in err and "--max_new_tokens" in err

@@ -411,6 +411,32 @@ def test_hh_rlhf_recipe_runs_on_a_tiny_hf_llama(tmp_path):
     Llama.from_pretrained(checkpoint.model_dir(out))
 
 
+def test_qwen3_and_mistral_init_from_train_or_refuse_a_window_that_would_cut(tmp_path, capsys):
+    """A Qwen3 (biases, q/k norms) and a Mistral with a window >= the run's longest sequence train a DPO step and
+    save their own model_type; a window shorter than it is refused in one line, naming both, before any step."""
+    import data
+    n_vocab = data.get_tokenizer("byte").n_vocab
+    shape = dict(vocab_size=n_vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48)
+    args = ["--loss=dpo", "--ref_update=soft", "--tau=1", "--max_steps=1", "--eval_size=4", "--batch_size=2",
+            "--micro_batch_size=2", "--max_length=16", "--max_prompt_length=8", "--num_samples=2",
+            "--max_new_tokens=10", "--ckpt_every=1"]
+    assert train.longest_sequence(train.parse_config(args, world_size=1)) == 18  # an eval prompt + its generation
+    assert train.longest_sequence(train.parse_config(args + ["--num_samples=0"], world_size=1)) == 16
+    for name, flags in (("qwen3", dict(model_type="qwen3", qkv_bias=True, o_bias=True, qk_norm=True, head_dim=16)),
+                        ("mistral", dict(model_type="mistral", sliding_window=18))):
+        torch.manual_seed(0)
+        Llama(ModelConfig(**shape, **flags)).save_pretrained(tmp_path / name)
+        assert train.main(args + [f"--init_from={tmp_path / name}", f"--out_dir={tmp_path / 'run' / name}"]) == 0
+        saved = json.loads((checkpoint.model_dir(tmp_path / "run" / name) / "config.json").read_text())
+        assert saved["model_type"] == name
+    capsys.readouterr()
+    assert train.main(args + [f"--init_from={tmp_path / 'mistral'}", "--max_new_tokens=11",
+                              f"--out_dir={tmp_path / 'cut'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"init_from={tmp_path / 'mistral'}: sliding_window 18 (config.json) < 19" in err
+    assert not (tmp_path / "cut" / "metrics.jsonl").exists()
+
+
 def test_no_arguments_run_the_demo(monkeypatch):
     seen = []
     monkeypatch.setattr(train.synthetic, "demo", lambda cfg, run: seen.append((cfg, run)))
