@@ -414,8 +414,8 @@ def test_hh_rlhf_recipe_runs_on_a_tiny_hf_llama(tmp_path):
 def test_qwen3_and_mistral_init_from_train_or_refuse_a_window_that_would_cut(tmp_path, capsys):
     """A Qwen3 (biases, q/k norms) and a Mistral with a window >= the run's longest sequence train a DPO step and
     save their own model_type; a window shorter than it is refused in one line, naming both, before any step."""
-    import data
-    n_vocab = data.get_tokenizer("byte").n_vocab
+    import tokenizer
+    n_vocab = tokenizer.get_tokenizer("byte").n_vocab
     shape = dict(vocab_size=n_vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48)
     args = ["--loss=dpo", "--ref_update=soft", "--tau=1", "--max_steps=1", "--eval_size=4", "--batch_size=2",
             "--micro_batch_size=2", "--max_length=16", "--max_prompt_length=8", "--num_samples=2",
