@@ -446,7 +446,8 @@ def test_bad_parquet_names_file_and_row(tmp_path, monkeypatch):
     damaged, start = bytearray(raw), pq.ParquetFile(path).metadata.row_group(2).column(0).data_page_offset
     damaged[start:start + 40] = bytes(b ^ 0x55 for b in damaged[start:start + 40])  # row group 2's page header
     (tmp_path / "damaged.parquet").write_bytes(damaged)
-    fails(r": row \[50\]: corrupted Parquet data in row group 2 \(rows \[50\] to \[74\]\): ", tmp_path / "damaged.parquet")
+    fails(r": row \[50\]: corrupted Parquet data in row group 2 \(rows \[50\] to \[74\]\): ",
+          tmp_path / "damaged.parquet")
     write_parquet(path, [{"prompt": "p", "chosen": "c"}] * 3)  # no rejected column
     fails(r": row \[0\]: cannot tell the format from the fields \['chosen', 'prompt'\]")
     fails(r": row \[0\]: field 'rejected' is missing", format="pairs")
@@ -550,8 +551,9 @@ def test_hub_snapshot_reads_its_splits_in_shard_order(tmp_path):
 
 def test_hh_layouts_a_split_is_every_subsets_file(tmp_path):
     """Anthropic/hh-rlhf: a folder per subset, a file per split; a split reads every subset, in path order."""
-    subsets = {s: [{"chosen": f"\n\nHuman: {s} {i}\n\nAssistant: yo", "rejected": f"\n\nHuman: {s} {i}\n\nAssistant: no"}
-                   for i in range(3)] for s in ("helpful-base", "harmless-base")}
+    subsets = {s: [{"chosen": f"\n\nHuman: {s} {i}\n\nAssistant: yo",
+                    "rejected": f"\n\nHuman: {s} {i}\n\nAssistant: no"} for i in range(3)]
+               for s in ("helpful-base", "harmless-base")}
     for s, recs in subsets.items():
         write_jsonl(tmp_path / s / "train.jsonl.gz", recs)
         write_jsonl(tmp_path / s / "test.jsonl.gz", recs[:1])
