@@ -34,9 +34,9 @@ class TrainConfig:
                           "else the one split whose name holds 'train') or its name")
     eval_data: str = opt("", "held-out file or dataset directory; empty: eval_split of data")
     eval_split: str = opt("auto", "the held-out split of a dataset directory (eval_data, else data): auto "
-                          "(data_split's twin such as test_prefs, else test, test_prefs, validation, else the one split "
-                          "whose name holds 'test'; if none, as none), none (hold out the first eval_size examples of "
-                          "data) or its name")
+                          "(data_split's twin such as test_prefs, else test, test_prefs, validation, val, dev, else "
+                          "the one split whose name holds 'test'; if none, as none), none (hold out the first "
+                          "eval_size examples of data) or its name")
     eval_size: int = opt(128, "number of held-out examples evaluated (pairs, or examples for sft): the first of the "
                          "held-out file or split")
     tokenizer: str = opt("auto", "'auto' (init_from's own: a llama2.c tok*.bin beside its weights, or the one its "
@@ -250,17 +250,14 @@ def data_splits(cfg: TrainConfig) -> tuple[str, tuple[str, str] | None]:
     if cfg.eval_data:
         if cfg.eval_split == "none":
             fail(f"eval_split=none holds out examples of data, but eval_data={cfg.eval_data} is given")
-        split = datafiles.choose_split(Path(cfg.eval_data), cfg.eval_split, "eval", option="--eval_split")
-        if split is None:
-            fail(f"eval_data={cfg.eval_data}: which eval split? none is named test, test_prefs or validation or holds "
-                 f"'test'; the splits are {datafiles.listing(datafiles.splits(Path(cfg.eval_data)))}; name one with "
-                 f"--eval_split")
-        return train, (cfg.eval_data, split)
+        return train, (cfg.eval_data, datafiles.choose_split(Path(cfg.eval_data), cfg.eval_split, "eval",
+                                                             option="--eval_split"))
     if cfg.eval_split == "none" or (cfg.eval_split == "auto" and not data_dir):
         return train, None
     if not data_dir:
         fail(f"eval_split={cfg.eval_split}: data={cfg.data} is not a dataset directory")
-    split = datafiles.choose_split(Path(cfg.data), cfg.eval_split, "eval", train=train, option="--eval_split")
+    split = datafiles.choose_split(Path(cfg.data), cfg.eval_split, "eval", train=train, option="--eval_split",
+                                   required=False)
     if split == train:
         fail(f"eval_split={split} is the split data_split trains on: choose another or none")
     return train, (None if split is None else (cfg.data, split))

@@ -190,13 +190,13 @@ def listing(found: dict[str, list[Path]]) -> str:
     return ", ".join(f"{s} ({len(f)} file{'s' * (len(f) > 1)})" for s, f in found.items())
 
 
-def choose_split(directory: Path, name: str, role: str = "train", train: str | None = None,
-                 option: str = "--split") -> str | None:
+def choose_split(directory: Path, name: str, role: str = "train", train: str | None = None, option: str = "--split",
+                 required: bool = True) -> str | None:
     """The split `name` of a directory, or for name 'auto' the obvious split of its role:
     train: 'train', else 'train_prefs', else the one split whose name holds 'train';
-    eval: the train split's twin ('test_prefs' for 'train_prefs'), else 'test', 'test_prefs', 'validation', else the
-    one split whose name holds 'test'; None if there is none (the caller holds out examples of the train split).
-    No such split, or several candidates, is a DataError listing the splits found."""
+    eval: the train split's twin ('test_prefs' for 'train_prefs'), else 'test', 'test_prefs', 'validation', 'val',
+    'dev', else the one split whose name holds 'test'; not `required`, None if there is none (the caller then holds
+    out examples of the train split). No such split, or several candidates, is a DataError listing the splits."""
     found = splits(Path(directory))
     if name != "auto":
         if name not in found:
@@ -204,14 +204,14 @@ def choose_split(directory: Path, name: str, role: str = "train", train: str | N
         return name
     word = "train" if role == "train" else "test"
     twin = [train.replace("train", "test")] if train and "train" in train else []
-    named = ["train", "train_prefs"] if role == "train" else twin + ["test", "test_prefs", "validation"]
+    named = ["train", "train_prefs"] if role == "train" else twin + ["test", "test_prefs", "validation", "val", "dev"]
     for split in named:
         if split in found and split != train:
             return split
     holding = [s for s in found if word in s and s != train]
     if len(holding) == 1:
         return holding[0]
-    if holding or role == "train":
+    if holding or required:
         raise DataError(f"{directory}: which {role} split? " + (f"several names hold {word!r}" if holding else
                         f"none is named {' or '.join(named)} or holds {word!r}")
                         + f"; the splits are {listing(found)}; name one with {option}")

@@ -495,13 +495,14 @@ def make_dir(root, names: list[str]):
     ([f"data/{s}_{k}-00000-of-00001.parquet" for s in ("train", "test") for k in ("prefs", "sft", "gen")],
      "train_prefs", "test_prefs"),  # HuggingFaceH4/ultrafeedback_binarized
     (["train.jsonl", "validation.jsonl"], "train", "validation"),
+    (["data/train-00000-of-00001.parquet", "data/val-00000-of-00001.parquet"], "train", "val"),
     (["train.jsonl.gz"], "train", None),  # no test split: hold out examples of train
     (["my_train.json", "my_test.json"], "my_train", "my_test"),
 ])
 def test_default_splits(tmp_path, names, train, eval):
     make_dir(tmp_path, names + ["README.md", ".cache/huggingface/test.parquet"])
     assert datafiles.choose_split(tmp_path, "auto") == train
-    assert datafiles.choose_split(tmp_path, "auto", "eval", train=train) == eval
+    assert datafiles.choose_split(tmp_path, "auto", "eval", train=train, required=False) == eval
 
 
 def test_split_choice_errors_list_the_splits(tmp_path):
@@ -512,7 +513,7 @@ def test_split_choice_errors_list_the_splits(tmp_path):
                        ".*name one with --split$"):
         datafiles.choose_split(tmp_path, "auto")
     with pytest.raises(data.DataError, match="which eval split\\? several names hold 'test'"):
-        datafiles.choose_split(tmp_path, "auto", "eval", train="train_gen_2")
+        datafiles.choose_split(tmp_path, "auto", "eval", train="train_gen_2", required=False)
     with pytest.raises(data.DataError, match=f"^{tmp_path}: no split 'train'; {listed}"):
         data.read_examples(tmp_path, split="train")
     hh = make_dir(tmp_path / "hh", [f"{s}-test.jsonl.gz" for s in HH_ROWS])

@@ -168,7 +168,9 @@ def test_data_and_eval_splits_of_dataset_directories(tmp_path):
         ([f"--data={h4}", f"--eval_data={file}", "--eval_split=test"],
          f"eval_split=test: eval_data={file} is a file"),
         ([f"--data={h4}", f"--eval_data={h4}", "--eval_split=none"], "eval_split=none holds out examples of data"),
-        ([f"--data={h4}", f"--eval_data={only_train}"], f"eval_data={only_train}: which eval split? none is named"),
+        ([f"--data={h4}", f"--eval_data={only_train}"], f"{only_train}: which eval split? none is named test or "
+         "test_prefs or validation or val or dev or holds 'test'; the splits are train (1 file); name one with "
+         "--eval_split"),
         ([f"--data={touch(tmp_path / 'sft', ['train_sft.json', 'train_gen.json'])}"],
          "which train split? several names hold 'train'; the splits are train_gen (1 file), train_sft (1 file); "
          "name one with --data_split"),
