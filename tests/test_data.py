@@ -381,6 +381,15 @@ def test_implicit_prompt_is_trls_extract_prompt():
                                                             [bot("no")])
 
 
+def test_shared_prefix_length_equals_commonprefix():
+    import os
+    import random
+    rng = random.Random(0)
+    for _ in range(5000):
+        a, b = ("".join(rng.choice("ab ") for _ in range(rng.randint(0, 12))) for _ in range(2))
+        assert data._shared(a, b) == data._shared(b, a) == len(os.path.commonprefix([a, b])), (a, b)
+
+
 def test_ties_are_dropped_and_counted(byte):
     ds = data.tokenize(data.from_records(ULTRAFEEDBACK), byte, "pairs", max_length=256)
     assert ds.report["dropped"] == {"chosen == rejected": 1} and len(ds) == 4
