@@ -20,7 +20,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -235,7 +235,8 @@ def resume_checkpoint(cfg: TrainConfig) -> Path | None:
     ckpt = checkpoint.resumable(cfg.out_dir, log)
     saved = json.loads((ckpt / "train_config.json").read_text())
     resolved = asdict(replace(cfg, tokenizer=auto_tokenizer(cfg)))  # saved configs hold the resolved tokenizer
-    changed = [k for k, v in resolved.items() if k not in RESUMABLE and saved.get(k) != v]
+    defaults = {f.name: f.default for f in fields(TrainConfig)}  # an option newer than the checkpoint was not there
+    changed = [k for k, v in resolved.items() if k not in RESUMABLE and saved.get(k, defaults[k]) != v]  # to change
     if changed:
         fail(f"--resume: {ckpt} was trained with other values of {', '.join(changed)}")
     step = json.loads((ckpt / "state.json").read_text())["step"]

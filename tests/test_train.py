@@ -419,6 +419,20 @@ def test_sigkill_then_resume_matches_uninterrupted(straight, tmp_path):
         train.resume_checkpoint(train.parse_config(TINY + [f"--out_dir={tmp_path}", "--resume", "--beta=0.2"]))
 
 
+def test_a_checkpoint_older_than_an_option_resumes_with_its_default(straight, tmp_path):
+    """A checkpoint written before data_split and eval_split existed resumes: what it lacks, it ran as the default."""
+    shutil.copytree(straight, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "ckpt-000012")
+    ckpt = tmp_path / "run" / "ckpt-000006"
+    saved = json.loads((ckpt / "train_config.json").read_text())
+    del saved["data_split"], saved["eval_split"]
+    (ckpt / "train_config.json").write_text(json.dumps(saved))
+    checkpoint.write_manifest(ckpt)
+    assert train.resume_checkpoint(train.parse_config(TINY + [f"--out_dir={tmp_path / 'run'}", "--resume"])) == ckpt
+    with pytest.raises(train.ConfigError, match="other values of beta"):
+        train.resume_checkpoint(train.parse_config(TINY + [f"--out_dir={tmp_path / 'run'}", "--resume", "--beta=0.2"]))
+
+
 @pytest.mark.parametrize("step", [6, 12])
 def test_a_kill_between_checkpoint_and_eval_resumes_with_that_eval(straight, tmp_path, step):
     """The checkpoint of an eval step is written before its eval. A run killed in between (its metrics end with the
