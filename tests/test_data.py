@@ -551,9 +551,17 @@ def test_hub_snapshot_reads_its_splits_in_shard_order(tmp_path):
     assert train == data.from_records(rows[:7]) and test == data.from_records(rows[7:]) and train.format == "implicit"
     assert train.source == f"{hub} (split train_prefs: 2 files)"
     assert (train, test) == (data.read_examples(flat), data.read_examples(flat, split="test_prefs"))
+    # the Hub cache's layout: snapshots/<commit>/data/<name> are links to blobs/<hash>
+    snapshot, blobs = tmp_path / "cache" / "snapshots" / "abc123", tmp_path / "cache" / "blobs"
+    blobs.mkdir(parents=True)
+    for i, f in enumerate(sorted(hub.glob("data/*.parquet"))):
+        f.rename(blobs / f"{i:040x}")
+        (snapshot / "data").mkdir(parents=True, exist_ok=True)
+        (snapshot / "data" / f.name).symlink_to(blobs / f"{i:040x}")
+    assert (data.read_examples(snapshot), data.read_examples(snapshot, split="test_prefs")) == (train, test)
     datasets = pytest.importorskip("datasets", reason="datasets is the reference for a snapshot's splits")
-    ref = datasets.load_dataset(str(hub), cache_dir=str(tmp_path / "cache"))
-    assert sorted(ref) == list(datafiles.splits(hub)) == ["test_prefs", "train_prefs"]
+    ref = datasets.load_dataset(str(snapshot), cache_dir=str(tmp_path / "datasets_cache"))
+    assert sorted(ref) == list(datafiles.splits(snapshot)) == ["test_prefs", "train_prefs"]
     for split, part in (("train_prefs", rows[:7]), ("test_prefs", rows[7:])):
         assert [{k: r[k] for k in ("chosen", "rejected")} for r in ref[split]] == \
             [{k: r[k] for k in ("chosen", "rejected")} for r in part]
