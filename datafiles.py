@@ -125,7 +125,7 @@ def _parquet_rows(path: Path, columns: Iterable[str]) -> Iterable:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     except pyarrow.ArrowException as e:
         raise DataError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())})") from None
-    present = [c for c in columns if c in set(f.schema_arrow.names)]
+    present = [c for c in columns if c in f.schema_arrow.names]
     row = 0
     for group in range(f.num_row_groups):  # a row group at a time: a damaged one is named by its rows
         n = f.metadata.row_group(group).num_rows
@@ -166,11 +166,10 @@ def records(path: Path, columns: Iterable[str]) -> Iterable:
 SHARD = re.compile(r"-\d+-of-\d+$")
 
 
-def split_of(rel: Path) -> tuple[str, str]:
-    """(subset, split) of a data file at path `rel` inside a dataset directory."""
-    stem = rel.name[:-len(next(s for s in SUFFIXES if rel.name.endswith(s)))]
-    prefix, _, split = SHARD.sub("", stem).rpartition("-")
-    return "/".join([p for p in rel.parent.parts if p != "data"] + [prefix] * bool(prefix)), split
+def split_of(name: str) -> str:
+    """The split of a data file by its name: after the last "-", once extension and shard suffix are removed."""
+    stem = name[:-len(next(s for s in SUFFIXES if name.endswith(s)))]
+    return SHARD.sub("", stem).rpartition("-")[2]
 
 
 def splits(directory: Path) -> dict[str, list[Path]]:
@@ -180,7 +179,7 @@ def splits(directory: Path) -> dict[str, list[Path]]:
     for path in sorted(directory.rglob("*")):
         rel = path.relative_to(directory)
         if path.is_file() and rel.name.endswith(SUFFIXES) and not any(p.startswith(".") for p in rel.parts):
-            found.setdefault(split_of(rel)[1], []).append(path)
+            found.setdefault(split_of(rel.name), []).append(path)
     if not found:
         raise DataError(f"{directory}: no data files ({', '.join(SUFFIXES)}) in this directory")
     return dict(sorted(found.items()))

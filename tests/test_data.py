@@ -479,17 +479,17 @@ def test_bad_parquet_names_file_and_row(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------------
 # dataset directories: Hub snapshots, their splits
 
-@pytest.mark.parametrize("rel,subset_split", [
-    ("data/train-00000-of-00002.parquet", ("", "train")),
-    ("data/train_prefs-00001-of-00003.parquet", ("", "train_prefs")),
-    ("train.jsonl", ("", "train")),
-    ("helpful-base/test.jsonl.gz", ("helpful-base", "test")),
-    ("helpful-base-test.jsonl.gz", ("helpful-base", "test")),
-    ("en/data/validation-00000-of-00001.parquet", ("en", "validation")),
+@pytest.mark.parametrize("name,split", [
+    ("train-00000-of-00002.parquet", "train"),  # data/train-00000-of-00002.parquet
+    ("train_prefs-00001-of-00003.parquet", "train_prefs"),
+    ("train.jsonl", "train"),
+    ("test.jsonl.gz", "test"),  # helpful-base/test.jsonl.gz
+    ("helpful-base-test.jsonl.gz", "test"),  # the subset in the name
+    ("red_team_attempts.jsonl.gz", "red_team_attempts"),  # Anthropic/hh-rlhf's other data: never a train split
+    ("validation-00000-of-00001.json", "validation"),
 ])
-def test_split_of_a_file(rel, subset_split):
-    from pathlib import Path
-    assert datafiles.split_of(Path(rel)) == subset_split
+def test_split_of_a_file(name, split):
+    assert datafiles.split_of(name) == split
 
 
 def make_dir(root, names: list[str]):
