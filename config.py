@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import checkpoint
+import datafiles
 import llama2c
 
 
@@ -27,9 +28,17 @@ class TrainConfig:
     n_layers: int = opt(2, "from-scratch model depth")
     n_heads: int = opt(4, "from-scratch attention heads")
     # data
-    data: str = opt("synthetic", "'synthetic' (the built-in task of synthetic.py) or a preference JSONL(.gz) file")
-    eval_data: str = opt("", "held-out JSONL(.gz); empty: hold out the first eval_size examples of data")
-    eval_size: int = opt(128, "number of held-out examples evaluated (pairs, or examples for sft)")
+    data: str = opt("synthetic", "'synthetic' (the built-in task of synthetic.py), a .jsonl(.gz), .json or .parquet "
+                    "file, or a dataset directory (a Hub snapshot: docs/data.md)")
+    data_split: str = opt("auto", "the split of a dataset directory data trains on: auto (train, else train_prefs, "
+                          "else the one split whose name holds 'train') or its name")
+    eval_data: str = opt("", "held-out file or dataset directory; empty: eval_split of data")
+    eval_split: str = opt("auto", "the held-out split of a dataset directory (eval_data, else data): auto "
+                          "(data_split's twin such as test_prefs, else test, test_prefs, validation, val, dev, else "
+                          "the one split whose name holds 'test'; if none, as none), none (hold out the first "
+                          "eval_size examples of data) or its name")
+    eval_size: int = opt(128, "number of held-out examples evaluated (pairs, or examples for sft): the first of the "
+                         "held-out file or split")
     tokenizer: str = opt("auto", "'auto' (init_from's own: a llama2.c tok*.bin beside its weights, or the one its "
                          "checkpoint was trained with; else byte), 'byte', a tiktoken name (gpt2), or the path of a "
                          "Llama 3 tokenizer.model or a llama2.c tokenizer .bin")
@@ -207,6 +216,10 @@ def validate(cfg: TrainConfig, world_size: int):
         path = getattr(cfg, name)
         if path and path not in ("synthetic", "scratch") and not Path(path).exists():
             fail(f"{name}={path}: no such file or directory")
+    try:
+        data_splits(cfg)
+    except datafiles.DataError as e:
+        fail(str(e))
     if cfg.init_from != "scratch":
         try:
             checkpoint.model_dir(cfg.init_from)
@@ -220,6 +233,34 @@ def validate(cfg: TrainConfig, world_size: int):
         fail(f"tokenizer=auto: {e}")
     if cfg.data == "synthetic" and tokenizer != "byte":
         fail(f"data=synthetic is a byte-level task: tokenizer must be 'byte', not {tokenizer!r}")
+
+
+def data_splits(cfg: TrainConfig) -> tuple[str, tuple[str, str] | None]:
+    """(the split of data to train on ('' when data is a file or synthetic), where the held-out examples come from:
+    (path, split) with split '' for a file, or None for the first eval_size examples of data). A split that is not
+    there, or an auto choice that is not obvious, is a one-line error listing the splits found."""
+    data_dir, eval_dir = (p not in ("", "synthetic") and Path(p).is_dir() for p in (cfg.data, cfg.eval_data))
+    if cfg.data_split != "auto" and not data_dir:
+        fail(f"data_split={cfg.data_split}: data={cfg.data} is not a dataset directory")
+    train = datafiles.choose_split(Path(cfg.data), cfg.data_split, "train", option="--data_split") if data_dir else ""
+    if cfg.eval_data and not eval_dir:
+        if cfg.eval_split != "auto":
+            fail(f"eval_split={cfg.eval_split}: eval_data={cfg.eval_data} is a file, not a dataset directory")
+        return train, (cfg.eval_data, "")
+    if cfg.eval_data:
+        if cfg.eval_split == "none":
+            fail(f"eval_split=none holds out examples of data, but eval_data={cfg.eval_data} is given")
+        return train, (cfg.eval_data, datafiles.choose_split(Path(cfg.eval_data), cfg.eval_split, "eval",
+                                                             option="--eval_split"))
+    if cfg.eval_split == "none" or (cfg.eval_split == "auto" and not data_dir):
+        return train, None
+    if not data_dir:
+        fail(f"eval_split={cfg.eval_split}: data={cfg.data} is not a dataset directory")
+    split = datafiles.choose_split(Path(cfg.data), cfg.eval_split, "eval", train=train, option="--eval_split",
+                                   required=False)
+    if split == train:
+        fail(f"eval_split={split} is the split data_split trains on: choose another or none")
+    return train, (None if split is None else (cfg.data, split))
 
 
 def auto_tokenizer(cfg: TrainConfig) -> str:

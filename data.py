@@ -1,17 +1,16 @@
-"""Preference data: the file formats people have, tokenisation with a drop/truncation report, batches.
+"""Preference data: the formats people have (HH's transcripts, TRL's standard and conversational ones), tokenisation
+with a drop/truncation report, batches.
 
-    read_examples(path) ──► [Pair | Completion] ──► tokenize(..., kind) ──► Dataset(items, report) ──► Batches
-                                                                                          (sharded, resumable)
-Nothing is lost silently: bad input raises DataError naming file, line and field; every dropped example and every
-truncation is counted by reason in the report. Run `python data.py FILE` for a summary of a file.
+    read_examples(file | dataset dir, split) ──► [Pair | Completion] ──► tokenize(..., kind) ──► Dataset(items, report)
+    (the files: datafiles.py)                                                  ──► Batches (sharded, resumable)
+Nothing is lost silently: bad input raises DataError naming file, line or row, and field; every dropped example and
+every truncation is counted by reason in the report. `python data.py FILE_OR_DIR --show 3` prints a summary and the
+first tokenised examples.
 """
 import argparse
-import gzip
 import json
 import os
-import re
 import sys
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -19,14 +18,11 @@ from typing import Iterable, NamedTuple
 import numpy as np
 import torch
 
+from datafiles import DataError, choose_split, records, splits
 from tokenizer import PLAIN_ROLES, Tokenizer, get_tokenizer
 
 # ----------------------------------------------------------------------------------------------------------------------
-# reading: JSONL(.gz) or a JSON array; the format is detected from the fields of the first record, or forced
-
-class DataError(ValueError):
-    """Bad input; the message names the file, the 1-based line and the field."""
-
+# formats: each record becomes a Pair or a Completion; the format is detected from a record's fields, or forced
 
 class Pair(NamedTuple):
     prompt: str | list  # a string, or chat messages [{"role", "content"}]
@@ -40,9 +36,10 @@ class Completion(NamedTuple):
     label: bool | None  # KTO: desirable or not; None for SFT data
 
 
-FORMATS = {"hh": ("chosen", "rejected"), "pairs": ("prompt", "chosen", "rejected"),
+FORMATS = {"hh": ("chosen", "rejected"), "implicit": ("chosen", "rejected"), "pairs": ("prompt", "chosen", "rejected"),
            "kto": ("prompt", "completion", "label"), "sft": ("prompt", "completion")}
-NATURAL_KIND = {"hh": "pairs", "pairs": "pairs", "kto": "kto", "sft": "sft"}
+COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "messages")  # every field a format reads
+NATURAL_KIND = {"hh": "pairs", "implicit": "pairs", "pairs": "pairs", "kto": "kto", "sft": "sft"}
 HH_TURN = "\n\nAssistant:"
 
 
@@ -54,14 +51,35 @@ class Examples(list):
         self.format, self.source = format, source
 
 
+def _shared(a: str, b: str) -> int:
+    """The length of the common prefix of two strings: a binary search on slice equality, at C speed (HH's
+    transcripts share ~1,000 characters; os.path.commonprefix steps through them one by one in Python)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if a[lo:mid] == b[lo:mid] else (lo, mid - 1)
+    return lo
+
+
 def detect_format(rec: dict, where: str) -> str:
-    if "messages" in rec:
-        return "sft"
-    for fmt in ("kto", "pairs", "sft", "hh"):  # most specific first: pairs ⊃ hh's fields, kto ⊃ sft's
+    """The format of a record from its fields (other fields, such as scores and ids, are ignored). chosen and rejected
+    make a pair whatever else the record holds (ultrafeedback's messages too). As in TRL's maybe_extract_prompt, a
+    prompt is kept only when it is of the responses' kind (both strings, or both message lists); otherwise the prompt
+    is implicit, the part chosen and rejected share: HH's transcripts when that part holds "\\n\\nAssistant:"."""
+    if "chosen" in rec and "rejected" in rec:
+        chosen, rejected = rec["chosen"], rec["rejected"]
+        if "prompt" in rec and isinstance(rec["prompt"], list) == isinstance(chosen, list):
+            return "pairs"
+        strings = isinstance(chosen, str) and isinstance(rejected, str)
+        return "hh" if strings and HH_TURN in chosen[:_shared(chosen, rejected)] else "implicit"
+    for fmt in ("kto", "sft"):  # kto ⊃ sft's fields
         if all(k in rec for k in FORMATS[fmt]):
             return fmt
+    if "messages" in rec:
+        return "sft"
     raise DataError(f"{where}: cannot tell the format from the fields {sorted(rec)}; expected "
-                    + ", ".join(f"{f} {{{', '.join(k)}}}" for f, k in FORMATS.items()) + " or sft {messages}")
+                    + ", ".join(f"{f} {{{', '.join(k)}}}" for f, k in FORMATS.items() if f != "hh")
+                    + " or sft {messages}")
 
 
 def _field(rec: dict, key: str, where: str, types: tuple = (str,)):
@@ -91,19 +109,44 @@ def _messages(rec: dict, key: str, where: str, prompt: str | list | None = None)
     return value
 
 
+def _implicit(rec: dict, where: str) -> Pair:
+    """TRL's implicit prompt (trl.data_utils.extract_prompt): the longest common prefix of chosen and rejected (of
+    messages, or of characters with a space before the difference left to the responses); identical ones keep their
+    last message (character) as responses, which tokenize then drops as chosen == rejected. As messages, the prompt
+    must end with a user turn and each response be one assistant message."""
+    chosen, rejected = _messages(rec, "chosen", where), _messages(rec, "rejected", where)
+    text = isinstance(chosen, str)
+    if text != isinstance(rejected, str):
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' must both be strings or both message lists")
+    n = min(len(chosen), len(rejected))
+    same = _shared(chosen, rejected) if text else next((i for i in range(n) if chosen[i] != rejected[i]), n)
+    cut = n - 1 if same == n else same - (text and same > 0 and chosen[same - 1] == " ")  # TRL's loop, exactly
+    if cut < 1:
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' share no prompt (they differ from the start)")
+    if not text and chosen[cut - 1]["role"] != "user":
+        raise DataError(f"{where}: the {cut} leading message(s) chosen and rejected share, the prompt, must end with "
+                        f"a user turn, not {chosen[cut - 1]['role']}")
+    for key, rest in (("chosen", chosen[cut:]), ("rejected", rejected[cut:])):
+        if not text and (len(rest) != 1 or rest[0]["role"] != "assistant"):
+            raise DataError(f"{where}: field {key!r} must continue the {cut} shared message(s) with exactly one "
+                            f"assistant message, got roles {[m['role'] for m in rest]}")
+    return Pair(chosen[:cut], chosen[cut:], rejected[cut:])
+
+
 def parse_record(rec: dict, fmt: str, where: str) -> Pair | Completion:
     if fmt == "hh":  # full transcripts: the prompt is the common prefix up to its last "\n\nAssistant:"
         chosen, rejected = _field(rec, "chosen", where), _field(rec, "rejected", where)
-        common = os.path.commonprefix([chosen, rejected])
-        cut = chosen.rfind(HH_TURN, 0, len(common))
+        cut = chosen.rfind(HH_TURN, 0, _shared(chosen, rejected))
         if cut < 0:
             raise DataError(f"{where}: field 'chosen': no {HH_TURN!r} in the part common to chosen and rejected")
         cut += len(HH_TURN)
         return Pair(chosen[:cut], chosen[cut:], rejected[cut:])  # prompt + chosen == the original transcript
+    if fmt == "implicit":
+        return _implicit(rec, where)
     if fmt == "pairs":
         prompt = _messages(rec, "prompt", where)
         return Pair(prompt, _messages(rec, "chosen", where, prompt), _messages(rec, "rejected", where, prompt))
-    if fmt == "sft" and "messages" in rec:
+    if fmt == "sft" and "messages" in rec and "completion" not in rec:
         msgs = _messages(rec, "messages", where)
         if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
             raise DataError(f"{where}: field 'messages' must end with an assistant message after the prompt")
@@ -115,10 +158,11 @@ def parse_record(rec: dict, fmt: str, where: str) -> Pair | Completion:
 
 def from_records(records: Iterable, format: str = "auto", source: str = "<records>") -> Examples:
     """In-memory dicts (e.g. a synthetic task) through the same parsing as files; `where` counts records from 1."""
-    return _parse(((f"{source}:{i}", r) for i, r in enumerate(records, 1)), format, source)
+    return _parse(((f"{source}:{i}", r) for i, r in enumerate(records, 1)), format, source, f"{source}:1")
 
 
-def _parse(located: Iterable, format: str, source: str) -> Examples:
+def _parse(located: Iterable, format: str, source: str, start: str) -> Examples:
+    """Examples of (where, record)s; start: where the first record would be (for an empty source)."""
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"unknown format {format!r}: auto or one of {list(FORMATS)}")
     out, first, detect = [], None, format == "auto"
@@ -133,104 +177,27 @@ def _parse(located: Iterable, format: str, source: str) -> Examples:
             except DataError:  # no format's fields: parse_record names the missing one
                 fmt = format
             if fmt != format:
-                raise DataError(f"{where}: a {fmt} record in a file of {format} records (from {first}); a file holds "
-                                f"one format: split it")
+                raise DataError(f"{where}: a record of format {fmt} among records of format {format} (from {first}); "
+                                f"data holds one format: split it")
         out.append(parse_record(rec, format, where))
     if not out:
-        raise DataError(f"{source}:1: empty file, no records")
+        raise DataError(f"{start}: empty, no records")
     return Examples(out, format, source)
 
 
-def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        field = ""  # name the field when the line still parses with the bad bytes escaped
-        try:
-            rec = json.loads(raw.decode("utf-8", "surrogateescape"))
-            escaped = {k: json.dumps(v, ensure_ascii=False) for k, v in rec.items()}
-            bad = [k for k, v in escaped.items() if any(0xDC80 <= ord(c) <= 0xDCFF for c in v)]
-            field = f", field {bad[0]!r}" if bad else ""
-        except (ValueError, AttributeError):
-            pass
-        raise DataError(f"{where}: invalid UTF-8 at byte {e.start}{field}") from None
-
-
-def _loads(text: str, where: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
-    except RecursionError:  # json recurses once per nesting level
-        raise DataError(f"{where}: JSON nested too deeply (deeper than {sys.getrecursionlimit()} levels)") from None
-
-
-def _json_lines(path: Path, raw: bytes) -> Iterable:
-    """(where, record) of a .jsonl file; blank lines are errors, not silently skipped."""
-    for line_no, line in enumerate(raw.splitlines(), 1):
-        where = f"{path}:{line_no}"
-        if not line.strip():
-            raise DataError(f"{where}: line {line_no} is blank (JSONL holds one JSON object per line: delete it)")
-        yield where, _loads(_decode(line, where), where)
-
-
-def _json_array(path: Path, raw: bytes) -> Iterable:
-    """(where, record) of a .json file holding one array, each record located at the line where it starts."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line_no = raw.count(b"\n", 0, e.start) + 1
-        _decode(raw.splitlines()[line_no - 1], f"{path}:{line_no}")  # raises, naming the field if it can
-    try:
-        records = json.loads(text) if text.strip() else []  # an empty file: _parse says so
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
-    except RecursionError:
-        raise DataError(f"{path}:1: JSON nested too deeply (deeper than {sys.getrecursionlimit()} levels)") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}:1: expected a JSON array of records, got {type(records).__name__}")
-    i, line_no, decoder, separator = text.find("[") + 1, 1, json.JSONDecoder(), re.compile(r"[\s,]*")
-    for index, rec in enumerate(records):  # valid JSON: step over each record again to learn the line it starts on
-        start = separator.match(text, i).end()
-        end = decoder.raw_decode(text, start)[1]
-        line_no += text.count("\n", i, start)
-        yield f"{path}:{line_no}: record [{index}]", rec  # the index too: a one-line array has every record on line 1
-        line_no, i = line_no + text.count("\n", start, end), end
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}:1: cannot read ({e.strerror})") from None
-
-
-def _read_gzip(path: Path) -> bytes:
-    """The decompressed bytes of a .gz file; a corrupted or truncated stream is a DataError naming the line it
-    reached (the lines before it decompressed fine)."""
-    out = bytearray()
-    try:
-        with gzip.open(path) as f:
-            while chunk := f.read(1 << 16):  # small reads: the error names a line near the damage
-                out += chunk
-    except (OSError, EOFError, zlib.error) as e:
-        if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile) and e.errno is not None:
-            raise DataError(f"{path}:1: cannot read ({e.strerror})") from None
-        line = out.count(b"\n") + 1
-        raise DataError(f"{path}:{line}: corrupted gzip data after {len(out)} decompressed bytes "
-                        f"({type(e).__name__}: {e}); download or compress the file again") from None
-    return bytes(out)
-
-
-def read_examples(path: str | Path, format: str = "auto") -> Examples:
-    """Examples of a .jsonl, .jsonl.gz or .json file; format: auto (from the first record's fields) or forced."""
+def read_examples(path: str | Path, format: str = "auto", split: str = "auto") -> Examples:
+    """Examples of a .jsonl, .jsonl.gz, .json or .parquet file, or of one split of a dataset directory (a Hub
+    snapshot: datafiles.choose_split; 'auto' is its train split), every file of the split in path order.
+    format: auto (detected from the records' fields) or forced."""
     path = Path(path)
-    raw = _read_gzip(path) if path.suffix == ".gz" else _read(path)
-    if path.name.removesuffix(".gz").endswith(".jsonl"):
-        return _parse(_json_lines(path, raw), format, str(path))
-    if path.name.removesuffix(".gz").endswith(".json"):
-        return _parse(_json_array(path, raw), format, str(path))
-    raise DataError(f"{path}:1: unknown file type (expected .jsonl, .jsonl.gz or .json)")
+    if not path.is_dir():
+        where = f"{path}: row [0]" if path.name.endswith(".parquet") else f"{path}:1"
+        return _parse(records(path, COLUMNS), format, str(path), where)
+    name = choose_split(path, split)
+    files = splits(path)[name]
+    located = (r for f in files for r in records(f, COLUMNS))
+    return _parse(located, format, f"{path} (split {name}: {len(files)} file{'s' * (len(files) > 1)})",
+                  f"{path} (split {name})")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -468,23 +435,44 @@ def eval_batches(data: Dataset, micro_batch_size: int, rank: int = 0, world_size
 
 # ----------------------------------------------------------------------------------------------------------------------
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Summarise a preference / SFT data file: formats, drops, truncation.")
-    ap.add_argument("path", help=".jsonl, .jsonl.gz or .json")
+def show(ds: Dataset, tok: Tokenizer, n: int) -> list[dict]:
+    """The first n tokenised examples, as `--show` prints them: the ids of each part under its name and their text
+    as decoded (special tokens as their names: what the model sees)."""
+    names = {"pairs": ("chosen", "rejected"), "kto": ("completion",), "sft": ("completion",)}[ds.kind]
+    out = []
+    for it in ds.items[:n]:
+        parts = {"prompt": it.prompt, **dict(zip(names, (it.response, it.rejected)))}
+        row = {"example": it.group, **({"label": it.desirable} if ds.kind == "kto" else {}), **parts}
+        out.append({**row, "text": {k: tok.decode(v) for k, v in parts.items()}})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Summarise a preference / SFT data file or dataset directory: formats, "
+                                 "drops, truncation; --show N prints the first N tokenised examples.")
+    ap.add_argument("path", help=".jsonl, .jsonl.gz, .json or .parquet file, or a dataset directory")
+    ap.add_argument("--split", default="auto", help="a dataset directory's split (auto: its train split)")
     ap.add_argument("--format", default="auto", choices=["auto", *FORMATS])
-    ap.add_argument("--tokenizer", default="gpt2", help="byte, a tiktoken name, or a Llama 3 tokenizer.model path")
+    ap.add_argument("--tokenizer", default="gpt2", help="byte, a tiktoken name, or a tokenizer file or model directory")
     ap.add_argument("--max_length", type=int, default=1024)
     ap.add_argument("--max_prompt_length", type=int, default=512)
-    args = ap.parse_args()
+    ap.add_argument("--show", type=int, default=0, metavar="N",
+                    help="first print the first N tokenised examples, one JSON object a line: the ids of prompt, "
+                    "chosen, rejected or completion, and their decoded text")
+    args = ap.parse_args(argv)
     try:  # bad input is one line naming the file, line and field, exit status 2
-        examples = read_examples(args.path, args.format)
-        ds = tokenize(examples, get_tokenizer(args.tokenizer), NATURAL_KIND[examples.format], args.max_length,
-                      args.max_prompt_length)
+        if args.split != "auto" and not Path(args.path).is_dir():
+            raise ValueError(f"--split={args.split}: {args.path} is a file, not a dataset directory")
+        examples = read_examples(args.path, args.format, args.split)
+        tok = get_tokenizer(args.tokenizer)
+        ds = tokenize(examples, tok, NATURAL_KIND[examples.format], args.max_length, args.max_prompt_length)
     except (ValueError, RuntimeError) as e:  # DataError is a ValueError
         print(f"data.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    for row in show(ds, tok, args.show):
+        print(json.dumps(row, ensure_ascii=False))
     r = ds.report
-    print(f"{args.path}: {r['rows']} rows of format {r['format']} as {r['kind']}, tokenizer {r['tokenizer']}, "
+    print(f"{examples.source}: {r['rows']} rows of format {r['format']} as {r['kind']}, tokenizer {r['tokenizer']}, "
           f"max_length {r['max_length']}, max_prompt_length {r['max_prompt_length']}")
     print(f"kept {r['examples']}, dropped {sum(r['dropped'].values())}"
           + "".join(f"\n  dropped {n}: {reason}" for reason, n in r["dropped"].items()))
@@ -493,3 +481,12 @@ if __name__ == "__main__":
     for name, stats in r["tokens"].items():
         print(f"{name} tokens: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
     print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `--show 5 | head -3`: the reader took what it wanted; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        sys.exit(0)

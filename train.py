@@ -20,7 +20,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +35,8 @@ import packing
 import tokenizer
 import reference as ref_lib
 import synthetic
-from config import (ConfigError, TrainConfig, auto_tokenizer, fail, help_text, parse_config, schedule_warning,
-                    truncation_warnings)
+from config import (ConfigError, TrainConfig, auto_tokenizer, data_splits, fail, help_text, parse_config,
+                    schedule_warning, truncation_warnings)
 from model import Llama, ModelConfig, check_context
 
 
@@ -243,7 +243,8 @@ def resume_checkpoint(cfg: TrainConfig) -> Path | None:
     ckpt = checkpoint.resumable(cfg.out_dir, log)
     saved = json.loads((ckpt / "train_config.json").read_text())
     resolved = asdict(replace(cfg, tokenizer=auto_tokenizer(cfg)))  # saved configs hold the resolved tokenizer
-    changed = [k for k, v in resolved.items() if k not in RESUMABLE and saved.get(k) != v]
+    defaults = {f.name: f.default for f in fields(TrainConfig)}  # an option newer than the checkpoint was not there
+    changed = [k for k, v in resolved.items() if k not in RESUMABLE and saved.get(k, defaults[k]) != v]  # to change
     if changed:
         fail(f"--resume: {ckpt} was trained with other values of {', '.join(changed)}")
     step = json.loads((ckpt / "state.json").read_text())["step"]
@@ -273,16 +274,20 @@ def make_data(cfg: TrainConfig, tok, rank: int, world: int):
     """(train batches: next() gives this rank's micro batches of one optimizer step, this rank's eval batches, the
     token ids of the fixed eval prompts). Held-out data: eval_data, or the first eval_size examples of data."""
     kind = {"sft": "sft", "kto": "kto"}.get(cfg.loss, "pairs")
+    train_split, held_out = data_splits(cfg)
     if cfg.data == "synthetic":
         records = synthetic.make_records(synthetic.TRAIN_EXAMPLES + cfg.eval_size, cfg.seed, sft=cfg.loss == "sft")
         examples = data.from_records(records, source="synthetic")
     else:
-        examples = data.read_examples(cfg.data)
+        examples = data.read_examples(cfg.data, split=train_split or "auto")
     try:  # data.py's ValueErrors (too few examples, a kind the data cannot give) become one-line errors
-        if cfg.eval_data:
-            train_ex, eval_ex = examples, data.read_examples(cfg.eval_data)[:cfg.eval_size]
+        if held_out:
+            held = data.read_examples(held_out[0], split=held_out[1] or "auto")
+            train_ex, eval_ex = examples, data.Examples(held[:cfg.eval_size], held.format, held.source)
         else:
             train_ex, eval_ex = data.split_eval(examples, cfg.eval_size)
+        log(f"train data: {train_ex.source}; eval data: "
+            + (eval_ex.source if held_out else f"the first {len(eval_ex)} examples of {examples.source}"))
         train_set, eval_set = (data.tokenize(ex, tok, kind, cfg.max_length, cfg.max_prompt_length)
                                for ex in (train_ex, eval_ex))
         for name, ds in (("train", train_set), ("eval", eval_set)):

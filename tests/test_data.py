@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import datafiles
 import tokenizer
 from conftest import ROOT, shared_path
 
@@ -140,6 +141,7 @@ def test_plain_chat_format_for_other_tokenizers(byte):
 # bad input: file, 1-based line and field in the message, never a silent skip
 
 GOOD = json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}).encode()
+HH = json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": "\n\nHuman: hi\n\nAssistant: no"}).encode()
 BAD_CASES = [
     ("a.jsonl", GOOD + b'\n{"prompt": "p", "chosen": \n', 2, "malformed JSON"),
     ("a.jsonl", GOOD + b"\n" + GOOD + b'\n{"prompt": "p", "chosen": "c"}\n', 3, "'rejected' is missing"),
@@ -148,14 +150,17 @@ BAD_CASES = [
     ("a.jsonl", GOOD + b'\n\n' + GOOD, 2, "line 2 is blank"),
     ("a.jsonl", GOOD + b'\n' + b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 2, "nested too deeply"),
     ("a.jsonl", b'{"prompt": "p", "completion": "c"}\n{"prompt": "p", "completion": "c", "label": true}', 2,
-     "a kto record in a file of sft records"),
+     "a record of format kto among records of format sft"),
     ("a.json", b'[' + GOOD + b', ' + GOOD + b', {"prompt": "p", "chosen": "c"}]', 1, r"record \[2\]: .*'rejected'"),
     ("a.json", b'[' + b"[" * 100_000 + b"]" * 100_000 + b']', 1, "nested too deeply"),
-    ("a.jsonl", b"", 1, "empty file"),
+    ("a.jsonl", b"", 1, "empty, no records"),
     ("a.jsonl", b'{"prompt": [{"role": "robot", "content": "x"}], "chosen": [], "rejected": []}', 1, r"'prompt'\[0\]"),
-    ("a.jsonl", b'{"chosen": "Human: hi", "rejected": "Human: yo"}', 1, "'chosen'.*Assistant"),
+    ("a.jsonl", HH + b'\n{"chosen": "Human: hi", "rejected": "Human: yo"}', 2,  # no "\n\nAssistant:" in common
+     "a record of format implicit among records of format hh"),
     ("a.jsonl", GOOD + b'\n{"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}], "rejected": "r"}', 2,
-     "'chosen' must be a string exactly when 'prompt' is"),
+     "a record of format implicit among records of format pairs"),  # a string prompt beside chats: TRL ignores it
+    ("a.jsonl", GOOD + b'\n{"prompt": "p", "chosen": "c", "rejected": [{"role": "assistant", "content": "r"}]}', 2,
+     "'rejected' must be a string exactly when 'prompt' is"),
     ("a.jsonl", b'[1, 2]', 1, "expected a JSON object, got list"),
     ("a.json", b'[\n' + GOOD + b',\n{"prompt": "p", "chosen": 3, "rejected": "r"}\n]', 3, "'chosen' must be"),
     ("a.json", b'[\n' + GOOD + b',\n' + GOOD + b'\n{"x": 1}]', 4, "malformed JSON"),
@@ -318,3 +323,308 @@ def test_cli_summary_accounts_for_every_row(tmp_path):
     assert report["format"] == "kto" and report["examples"] + sum(report["dropped"].values()) == 12
     assert report["dropped"] == {"empty response": 4} and report["truncated"] == {"prompt": 4, "response": 3}
     assert "kept 8" in out and report["tokens"]["sequence"]["max"] <= 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRL's formats, standard (strings) and conversational (message lists)
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def bot(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+# trl-lib/ultrafeedback_binarized-like: whole conversations sharing their user turns, a string prompt beside them (the
+# HuggingFaceH4 version), extra columns; the last row has chosen == rejected (a tie)
+ULTRAFEEDBACK = [{"prompt": f"q{i}", "prompt_id": f"{i:064x}", "chosen": [user(f"q{i}"), bot(f"good {i}")],
+                  "rejected": [user(f"q{i}"), bot(f"bad {i}")], "messages": [user(f"q{i}"), bot(f"good {i}")],
+                  "score_chosen": 8.5, "score_rejected": 3.0} for i in range(5)]
+ULTRAFEEDBACK[1] = {**ULTRAFEEDBACK[1], "chosen": [SYSTEM, user("a"), bot("b"), user("c"), bot("yes")],
+                    "rejected": [SYSTEM, user("a"), bot("b"), user("c"), bot("no")]}
+ULTRAFEEDBACK[4] = {**ULTRAFEEDBACK[4], "rejected": ULTRAFEEDBACK[4]["chosen"]}
+RECORDS = {  # format -> records: each of TRL's dataset types that trains here, both variants, and HH's transcripts
+    "implicit": ULTRAFEEDBACK,
+    "pairs": [{"prompt": [SYSTEM, user(f"q{i}")], "chosen": [bot("yes")], "rejected": [bot("no")], "id": i}
+              for i in range(3)],
+    "kto": [{"prompt": [user(f"q{i}")], "completion": [bot(f"a{i}")], "label": i % 2 == 0} for i in range(4)],
+    "sft": [{"messages": [SYSTEM, user(f"q{i}"), bot(f"a{i}")]} for i in range(3)],
+    "sft-prompt-completion": [{"prompt": [user(f"q{i}")], "completion": [bot(f"a{i}")]} for i in range(3)],
+    "implicit-standard": [{"chosen": f"The sky is {c}.", "rejected": f"The sky is {r}."}
+                          for c, r in (("blue", "green"), ("clear", "cloudy"))],
+    "pairs-standard": [{"prompt": f"p{i}", "chosen": "c", "rejected": "r", "score": 1.0} for i in range(3)],
+    "kto-standard": [{"prompt": f"p{i}", "completion": "c", "label": i == 0} for i in range(3)],
+    "sft-standard": [{"prompt": f"p{i}", "completion": "c"} for i in range(3)],
+    "hh": [{"chosen": f"\n\nHuman: hi {i}\n\nAssistant: yo", "rejected": f"\n\nHuman: hi {i}\n\nAssistant: no"}
+           for i in range(3)],
+}
+
+
+def test_implicit_prompt_is_trls_extract_prompt():
+    """trl.data_utils.maybe_extract_prompt (dev-only reference) on ultrafeedback-like rows, standard strings, and
+    explicit prompts, which it keeps: the same Pair. With a string prompt beside conversations TRL ignores the
+    prompt; so do we."""
+    trl_data = pytest.importorskip("trl.data_utils", reason="trl is the reference for TRL's implicit prompt")
+    odd = [{"chosen": "abc d", "rejected": "abc e"},  # a space before the difference goes to the responses
+           {"chosen": "abc", "rejected": "abcd"},  # one a prefix of the other: TRL's loop stops at its last index
+           {"chosen": "same", "rejected": "same"}]
+    for fmt in ("implicit", "implicit-standard", "pairs", "pairs-standard"):
+        records = RECORDS[fmt] + (odd if fmt == "implicit-standard" else [])
+        examples = data.from_records(records)
+        assert examples.format == fmt.removesuffix("-standard") and len(examples) == len(records)
+        for rec, ex in zip(records, examples, strict=True):
+            ref = trl_data.maybe_extract_prompt(rec)
+            assert ex == data.Pair(ref["prompt"], ref["chosen"], ref["rejected"]), rec
+    assert data.from_records(ULTRAFEEDBACK)[1] == data.Pair([SYSTEM, user("a"), bot("b"), user("c")], [bot("yes")],
+                                                            [bot("no")])
+
+
+def test_shared_prefix_length_equals_commonprefix():
+    import os
+    import random
+    rng = random.Random(0)
+    for _ in range(5000):
+        a, b = ("".join(rng.choice("ab ") for _ in range(rng.randint(0, 12))) for _ in range(2))
+        assert data._shared(a, b) == data._shared(b, a) == len(os.path.commonprefix([a, b])), (a, b)
+
+
+def test_ties_are_dropped_and_counted(byte):
+    ds = data.tokenize(data.from_records(ULTRAFEEDBACK), byte, "pairs", max_length=256)
+    assert ds.report["dropped"] == {"chosen == rejected": 1} and len(ds) == 4
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"chosen": [user("q"), bot("a"), user("more")], "rejected": [user("q"), bot("a"), user("less")]},
+     "the 2 leading message\\(s\\) chosen and rejected share, the prompt, must end with a user turn, not assistant"),
+    ({"chosen": [user("q"), bot("a"), user("r"), bot("s")], "rejected": [user("q"), bot("b")]},
+     "'chosen' must continue the 1 shared message\\(s\\) with exactly one assistant message, got roles "
+     "\\['assistant', 'user', 'assistant'\\]"),
+    ({"chosen": [user("q"), bot("a")], "rejected": [user("Q"), bot("a")]}, "share no prompt"),
+    ({"chosen": "blue", "rejected": "green"}, "share no prompt"),
+    ({"chosen": [user("q"), bot("a")], "rejected": "q a"}, "must both be strings or both message lists"),
+    ({"chosen": [user("q"), {"role": "assistant", "content": 3}], "rejected": [user("q")]}, r"'chosen'\[1\]"),
+])
+def test_implicit_prompt_errors_name_the_record(record, message):
+    with pytest.raises(data.DataError, match=f"^<records>:2: .*{message}"):
+        data.from_records([ULTRAFEEDBACK[0], record])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parquet: the same records as JSONL, row-numbered errors
+
+def write_parquet(path, records: list[dict], **kwargs):
+    pa = pytest.importorskip("pyarrow", reason="Parquet needs the optional pyarrow")
+    import pyarrow.parquet as pq
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records), path, **kwargs)
+    return path
+
+
+def write_jsonl(path, records: list[dict]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    path.write_bytes(gzip.compress(text.encode(), mtime=0) if path.name.endswith(".gz") else text.encode())
+    return path
+
+
+@pytest.mark.parametrize("name", RECORDS)
+def test_parquet_reads_as_jsonl(tmp_path, name):
+    """Every format from Parquet (strings as string columns, chats as list<struct<role, content>>, extra columns of
+    any type) gives the same examples as from JSONL."""
+    records = RECORDS[name]
+    from_parquet = data.read_examples(write_parquet(tmp_path / "d.parquet", records, row_group_size=2))
+    from_jsonl = data.read_examples(write_jsonl(tmp_path / "d.jsonl", records))
+    assert from_parquet == from_jsonl and len(from_parquet) == len(records)
+    assert from_parquet.format == from_jsonl.format == name.split("-")[0]
+
+
+def test_bad_parquet_names_file_and_row(tmp_path, monkeypatch):
+    good = [{"prompt": f"p{i}" * 20, "chosen": f"c{i}" * 30, "rejected": "r"} for i in range(100)]
+    path = write_parquet(tmp_path / "a.parquet", good, row_group_size=25)
+
+    def fails(message: str, file=path, **kwargs):
+        with pytest.raises(data.DataError, match=f"^{file}{message}"):
+            data.read_examples(file, **kwargs)
+
+    raw = path.read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(raw[:len(raw) // 2])
+    fails(": not a readable Parquet file \\(Parquet magic bytes not found", tmp_path / "cut.parquet")
+    import pyarrow.parquet as pq
+    damaged, start = bytearray(raw), pq.ParquetFile(path).metadata.row_group(2).column(0).data_page_offset
+    damaged[start:start + 40] = bytes(b ^ 0x55 for b in damaged[start:start + 40])  # row group 2's page header
+    (tmp_path / "damaged.parquet").write_bytes(damaged)
+    fails(r": row \[50\]: corrupted Parquet data in row group 2 \(rows \[50\] to \[74\]\): ",
+          tmp_path / "damaged.parquet")
+    write_parquet(path, [{"prompt": "p", "chosen": "c"}] * 3)  # no rejected column
+    fails(r": row \[0\]: cannot tell the format from the fields \['chosen', 'prompt'\]")
+    fails(r": row \[0\]: field 'rejected' is missing", format="pairs")
+    write_parquet(path, [{"prompt": "p", "completion": "c", "label": "yes"}])  # a string column, not bool
+    fails(r": row \[0\]: field 'label' must be bool, got str")
+    write_parquet(path, [{"prompt": "p", "chosen": c, "rejected": "r"} for c in ("c", "c", None)])  # a null
+    fails(r": row \[2\]: field 'chosen' must be str or list, got NoneType")
+    write_parquet(path, [{"prompt": "p", "chosen": 3, "rejected": 4}])
+    fails(r": row \[0\]: field 'chosen' must be str or list, got int")
+    write_parquet(path, [{"prompt": [user("q")], "chosen": [{"role": "assistant", "content": 3}],
+                          "rejected": [bot("r")]}])
+    fails(r": row \[0\]: field 'chosen'\[0\] must be")
+    pa = pytest.importorskip("pyarrow")
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), path)  # no rows
+    fails(r": row \[0\]: empty, no records")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed: import pyarrow raises ImportError
+    fails(": reading Parquet needs the optional pyarrow package \\(pip install pyarrow\\)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dataset directories: Hub snapshots, their splits
+
+@pytest.mark.parametrize("name,split", [
+    ("train-00000-of-00002.parquet", "train"),  # data/train-00000-of-00002.parquet
+    ("train_prefs-00001-of-00003.parquet", "train_prefs"),
+    ("train.jsonl", "train"),
+    ("test.jsonl.gz", "test"),  # helpful-base/test.jsonl.gz
+    ("helpful-base-test.jsonl.gz", "test"),  # the subset in the name
+    ("red_team_attempts.jsonl.gz", "red_team_attempts"),  # Anthropic/hh-rlhf's other data: never a train split
+    ("validation-00000-of-00001.json", "validation"),
+])
+def test_split_of_a_file(name, split):
+    assert datafiles.split_of(name) == split
+
+
+def make_dir(root, names: list[str]):
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).touch()
+    return root
+
+
+@pytest.mark.parametrize("names,train,eval", [
+    (["data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet"], "train", "test"),  # trl-lib
+    ([f"data/{s}_{k}-00000-of-00001.parquet" for s in ("train", "test") for k in ("prefs", "sft", "gen")],
+     "train_prefs", "test_prefs"),  # HuggingFaceH4/ultrafeedback_binarized
+    (["train.jsonl", "validation.jsonl"], "train", "validation"),
+    (["data/train-00000-of-00001.parquet", "data/val-00000-of-00001.parquet"], "train", "val"),
+    (["train.jsonl.gz"], "train", None),  # no test split: hold out examples of train
+    (["my_train.json", "my_test.json"], "my_train", "my_test"),
+])
+def test_default_splits(tmp_path, names, train, eval):
+    make_dir(tmp_path, names + ["README.md", ".cache/huggingface/test.parquet"])
+    assert datafiles.choose_split(tmp_path, "auto") == train
+    assert datafiles.choose_split(tmp_path, "auto", "eval", train=train, required=False) == eval
+
+
+def test_split_choice_errors_list_the_splits(tmp_path):
+    make_dir(tmp_path, [f"data/{s}_{k}-00000-of-00001.parquet" for s in ("train", "test") for k in ("sft", "gen")])
+    assert datafiles.choose_split(tmp_path, "auto", "eval", train="train_sft") == "test_sft"  # the twin
+    listed = "the splits are test_gen \\(1 file\\), test_sft \\(1 file\\), train_gen \\(1 file\\), train_sft"
+    with pytest.raises(data.DataError, match=f"^{tmp_path}: which train split\\? several names hold 'train'; {listed}"
+                       ".*name one with --split$"):
+        datafiles.choose_split(tmp_path, "auto")
+    with pytest.raises(data.DataError, match="which eval split\\? several names hold 'test'"):
+        datafiles.choose_split(tmp_path, "auto", "eval", train="train_gen_2", required=False)
+    with pytest.raises(data.DataError, match=f"^{tmp_path}: no split 'train'; {listed}"):
+        data.read_examples(tmp_path, split="train")
+    hh = make_dir(tmp_path / "hh", [f"{s}-test.jsonl.gz" for s in HH_ROWS])
+    with pytest.raises(data.DataError, match="which train split\\? none is named train or train_prefs or holds "
+                       "'train'; the splits are test \\(4 files\\); name one with --data_split"):
+        datafiles.choose_split(hh, "auto", option="--data_split")
+    with pytest.raises(data.DataError, match="no data files"):
+        data.read_examples(make_dir(tmp_path / "empty", ["README.md", "data/.x.parquet"]))
+
+
+def test_hub_snapshot_reads_its_splits_in_shard_order(tmp_path):
+    """A Hub parquet snapshot (train_prefs in two shards, test_prefs) and the JSONL-per-split layout of the same
+    records give the same examples; `datasets` (dev-only reference) names the same splits and rows."""
+    rows = [{**r, "prompt": f"q{i}", "chosen": [user(f"q{i}"), bot(f"good {i}")],
+             "rejected": [user(f"q{i}"), bot(f"bad {i}")]} for i, r in enumerate(ULTRAFEEDBACK * 2)]
+    hub, flat = tmp_path / "hub", tmp_path / "flat"
+    for split, part in (("train_prefs", rows[:7]), ("test_prefs", rows[7:])):
+        shards = [part[:4], part[4:]] if split == "train_prefs" else [part]
+        for k, shard in enumerate(shards):
+            write_parquet(hub / "data" / f"{split}-{k:05d}-of-{len(shards):05d}.parquet", shard)
+        write_jsonl(flat / f"{split}.jsonl", part)
+    (hub / "README.md").write_text("# a dataset card\n")
+    (hub / ".cache" / "huggingface").mkdir(parents=True)
+    (hub / ".cache" / "huggingface" / "train_prefs.parquet").write_bytes(b"not parquet: hidden, never read")
+    train, test = data.read_examples(hub), data.read_examples(hub, split="test_prefs")
+    assert train == data.from_records(rows[:7]) and test == data.from_records(rows[7:]) and train.format == "implicit"
+    assert train.source == f"{hub} (split train_prefs: 2 files)"
+    assert (train, test) == (data.read_examples(flat), data.read_examples(flat, split="test_prefs"))
+    # the Hub cache's layout: snapshots/<commit>/data/<name> are links to blobs/<hash>
+    snapshot, blobs = tmp_path / "cache" / "snapshots" / "abc123", tmp_path / "cache" / "blobs"
+    blobs.mkdir(parents=True)
+    for i, f in enumerate(sorted(hub.glob("data/*.parquet"))):
+        f.rename(blobs / f"{i:040x}")
+        (snapshot / "data").mkdir(parents=True, exist_ok=True)
+        (snapshot / "data" / f.name).symlink_to(blobs / f"{i:040x}")
+    assert (data.read_examples(snapshot), data.read_examples(snapshot, split="test_prefs")) == (train, test)
+    datasets = pytest.importorskip("datasets", reason="datasets is the reference for a snapshot's splits")
+    ref = datasets.load_dataset(str(snapshot), cache_dir=str(tmp_path / "datasets_cache"))
+    assert sorted(ref) == list(datafiles.splits(snapshot)) == ["test_prefs", "train_prefs"]
+    for split, part in (("train_prefs", rows[:7]), ("test_prefs", rows[7:])):
+        assert [{k: r[k] for k in ("chosen", "rejected")} for r in ref[split]] == \
+            [{k: r[k] for k in ("chosen", "rejected")} for r in part]
+
+
+def test_hh_layouts_a_split_is_every_subsets_file(tmp_path):
+    """Anthropic/hh-rlhf: a folder per subset, a file per split; a split reads every subset, in path order."""
+    subsets = {s: [{"chosen": f"\n\nHuman: {s} {i}\n\nAssistant: yo",
+                    "rejected": f"\n\nHuman: {s} {i}\n\nAssistant: no"} for i in range(3)]
+               for s in ("helpful-base", "harmless-base")}
+    for s, recs in subsets.items():
+        write_jsonl(tmp_path / s / "train.jsonl.gz", recs)
+        write_jsonl(tmp_path / s / "test.jsonl.gz", recs[:1])
+    expected = data.from_records(subsets["harmless-base"] + subsets["helpful-base"])
+    assert data.read_examples(tmp_path) == expected and expected.format == "hh"
+    assert data.read_examples(tmp_path, split="test") == [expected[0], expected[3]]
+    assert data.read_examples(tmp_path / "helpful-base") == expected[3:]  # one subset: its folder
+    write_jsonl(tmp_path / "other" / "train.jsonl", RECORDS["sft"])  # a split holds one format
+    with pytest.raises(data.DataError, match=f"^{tmp_path / 'other' / 'train.jsonl'}:1: a record of format sft among "
+                       "records of format hh"):
+        data.read_examples(tmp_path)
+    datasets = pytest.importorskip("datasets", reason="datasets is the reference for a snapshot's splits")
+    (tmp_path / "other" / "train.jsonl").unlink()
+    ref = datasets.load_dataset(str(tmp_path), cache_dir=str(tmp_path.parent / "cache"))
+    assert [r["chosen"] for r in ref["train"]] == [r["chosen"] for s in sorted(subsets) for r in subsets[s]]
+
+
+def test_shared_hh_rlhf_directory_test_split():
+    """../shared/data/hh-rlhf holds the four subsets' test files (<subset>-test.jsonl.gz): split test is all four."""
+    hh = shared_path("data", "hh-rlhf")
+    examples = data.read_examples(hh, split="test")
+    assert len(examples) == sum(HH_ROWS.values()) and examples.format == "hh"
+    assert examples[:HH_ROWS["harmless-base"]] == data.read_examples(hh / "harmless-base-test.jsonl.gz")
+    assert examples[-1] == data.read_examples(hh / "helpful-rejection-sampled-test.jsonl.gz")[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# python data.py FILE_OR_DIR --show N: what a user checks before a long run
+
+def test_cli_show_prints_the_first_tokenised_examples(tmp_path, capsys, byte):
+    hub = tmp_path / "hub"
+    write_jsonl(hub / "train_prefs.jsonl", RECORDS["pairs"])
+    write_jsonl(hub / "test_prefs.jsonl", ULTRAFEEDBACK)
+    assert data.main([str(hub), "--split=test_prefs", "--tokenizer=byte", "--show=2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shown, report = [json.loads(line) for line in lines[:2]], json.loads(lines[-1])
+    assert lines[2].startswith(f"{hub} (split test_prefs: 1 file): 5 rows of format implicit as pairs")
+    items = data.tokenize(data.from_records(ULTRAFEEDBACK), byte, "pairs", 1024, 512).items
+    for row, it in zip(shown, items[:2], strict=True):
+        assert list(row) == ["example", "prompt", "chosen", "rejected", "text"]
+        assert (row["prompt"], row["chosen"], row["rejected"]) == (it.prompt, it.response, it.rejected)
+        assert row["text"] == {k: byte.decode(row[k]) for k in ("prompt", "chosen", "rejected")}
+    assert shown[1]["example"] == 1 and shown[1]["text"] == {
+        "prompt": "<|bos|>\n\nSystem: Be brief.\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:",
+        "chosen": " yes<|eos|>", "rejected": " no<|eos|>"}
+    assert report["rows"] == 5 and report["dropped"] == {"chosen == rejected": 1}
+    write_parquet(tmp_path / "kto.parquet", RECORDS["kto-standard"])
+    assert data.main([str(tmp_path / "kto.parquet"), "--tokenizer=byte", "--show=5"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()[:3]]
+    assert [(r["example"], r["label"], r["text"]) for r in shown] == [
+        (i, i == 0, {"prompt": f"<|bos|>p{i}", "completion": "c<|eos|>"}) for i in range(3)]
+    assert data.main([str(hub / "test_prefs.jsonl"), "--split=test_prefs"]) == 2
+    assert capsys.readouterr().err == (f"data.py: error: --split=test_prefs: {hub / 'test_prefs.jsonl'} is a file, "
+                                       "not a dataset directory\n")
+    assert data.main([str(hub), "--split=dev"]) == 2
+    assert "no split 'dev'; the splits are test_prefs (1 file), train_prefs (1 file)" in capsys.readouterr().err

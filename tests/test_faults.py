@@ -423,7 +423,7 @@ BAD_FILES = [
     ("deep.jsonl", GOOD + '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
      "deep.jsonl:2: JSON nested too deeply"),
     ("mixed.jsonl", GOOD + json.dumps({"prompt": "p", "completion": "c", "label": True}) + "\n",
-     "mixed.jsonl:2: a kto record in a file of pairs records"),
+     "mixed.jsonl:2: a record of format kto among records of format pairs"),
     ("cut.jsonl.gz", gzip.compress((GOOD * 50_000).encode(), mtime=0)[:5000], "cut.jsonl.gz:"),
     ("one.json", json.dumps([json.loads(GOOD), {"prompt": "p", "chosen": 1, "rejected": "b"}]),
      "one.json:1: record [1]: field 'chosen' must be str or list"),

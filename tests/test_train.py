@@ -132,6 +132,79 @@ def test_docs_option_table_is_generated_from_train_config():
     assert table in (ROOT / "docs" / "training.md").read_text()
 
 
+def touch(root: Path, names: list[str]) -> Path:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).touch()
+    return root
+
+
+def test_data_and_eval_splits_of_dataset_directories(tmp_path):
+    """config.data_splits: (the train split, where held-out examples come from); a split that is not there or an auto
+    choice that is not obvious fails in one line listing the splits, before any file is read."""
+    h4 = touch(tmp_path / "h4", [f"data/{s}_{k}-00000-of-00001.parquet" for s in ("train", "test")
+                                 for k in ("prefs", "sft")])
+    only_train = touch(tmp_path / "only", ["train.jsonl", "README.md"])
+    file = touch(tmp_path, ["a.jsonl"]) / "a.jsonl"
+
+    def splits(*argv):
+        return config.data_splits(train.parse_config(list(argv), world_size=1))
+
+    assert splits(f"--data={h4}") == ("train_prefs", (str(h4), "test_prefs"))
+    assert splits(f"--data={h4}", "--data_split=train_sft") == ("train_sft", (str(h4), "test_sft"))  # the twin
+    assert splits(f"--data={h4}", "--eval_split=test_sft") == ("train_prefs", (str(h4), "test_sft"))
+    assert splits(f"--data={h4}", "--eval_split=none") == ("train_prefs", None)  # the first eval_size of train
+    assert splits(f"--data={only_train}") == ("train", None)
+    assert splits(f"--data={file}") == ("", None)
+    assert splits(f"--data={only_train}", f"--eval_data={h4}") == ("train", (str(h4), "test_prefs"))
+    assert splits(f"--data={h4}", f"--eval_data={file}") == ("train_prefs", (str(file), ""))
+    listed = "the splits are test_prefs (1 file), test_sft (1 file), train_prefs (1 file), train_sft (1 file)"
+    for argv, message in [
+        ([f"--data={h4}", "--data_split=train"], f"{h4}: no split 'train'; {listed}"),
+        ([f"--data={h4}", "--eval_split=dev"], f"{h4}: no split 'dev'; {listed}"),
+        ([f"--data={h4}", "--eval_split=train_prefs"], "eval_split=train_prefs is the split data_split trains on"),
+        ([f"--data={file}", "--data_split=train"], f"data_split=train: data={file} is not a dataset directory"),
+        ([f"--data={file}", "--eval_split=test"], f"eval_split=test: data={file} is not a dataset directory"),
+        ([f"--data={h4}", f"--eval_data={file}", "--eval_split=test"],
+         f"eval_split=test: eval_data={file} is a file"),
+        ([f"--data={h4}", f"--eval_data={h4}", "--eval_split=none"], "eval_split=none holds out examples of data"),
+        ([f"--data={h4}", f"--eval_data={only_train}"], f"{only_train}: which eval split? none is named test or "
+         "test_prefs or validation or val or dev or holds 'test'; the splits are train (1 file); name one with "
+         "--eval_split"),
+        ([f"--data={touch(tmp_path / 'sft', ['train_sft.json', 'train_gen.json'])}"],
+         "which train split? several names hold 'train'; the splits are train_gen (1 file), train_sft (1 file); "
+         "name one with --data_split"),
+    ]:
+        with pytest.raises(train.ConfigError) as e:
+            train.parse_config(argv, world_size=1)
+        assert message in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
+
+
+def test_a_run_on_a_dataset_directory_trains_on_train_and_evaluates_on_test(tmp_path, capsys):
+    """A Hub snapshot (train in two Parquet shards, test): train.py reads both shards and evaluates the first
+    eval_size examples of test; without a test split it holds out the first eval_size of train, as for a file."""
+    pa = pytest.importorskip("pyarrow", reason="Parquet needs the optional pyarrow")
+    import pyarrow.parquet as pq
+    records = synthetic.make_records(72, seed=5, sft=False)
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    for name, part in (("train-00000-of-00002", records[:30]), ("train-00001-of-00002", records[30:64]),
+                       ("test-00000-of-00001", records[64:])):
+        pq.write_table(pa.Table.from_pylist(part), hub / f"{name}.parquet")
+    args = ["--loss=dpo", "--max_steps=2", "--eval_size=6", "--batch_size=4", "--micro_batch_size=4", "--dim=32",
+            "--num_samples=2", "--max_new_tokens=2", "--max_length=16", "--max_prompt_length=8"]
+    train.train(train.parse_config(args + [f"--data={hub.parent}", f"--out_dir={tmp_path / 'a'}"], world_size=1))
+    out = capsys.readouterr().out
+    assert f"train data: {hub.parent} (split train: 2 files); eval data: {hub.parent} (split test: 1 file)\n" in out
+    assert "train data: 64 pairs of 64 rows" in out and "eval data: 6 pairs of 6 rows" in out
+    assert [(r["step"], r["split"]) for r in metrics(tmp_path / "a")] == [(1, "train"), (2, "train"), (2, "eval")]
+    (hub / "test-00000-of-00001.parquet").unlink()
+    train.train(train.parse_config(args + [f"--data={hub.parent}", f"--out_dir={tmp_path / 'b'}"], world_size=1))
+    out = capsys.readouterr().out
+    assert f"eval data: the first 6 examples of {hub.parent} (split train: 2 files)\n" in out
+    assert "train data: 58 pairs of 58 rows" in out
+
+
 def test_startup_warnings(tmp_path, capsys):
     """A TR run with τ >= max_steps never updates π_ref; limits that cut most examples: one line each at start-up."""
     tr = train.TrainConfig(loss="dpo", ref_update="soft", tau=30, max_steps=30)
@@ -344,6 +417,20 @@ def test_sigkill_then_resume_matches_uninterrupted(straight, tmp_path):
     assert len(list(tmp_path.glob("ckpt-*"))) == 2 and not list(tmp_path.glob(".tmp-*"))  # keep_last=2
     with pytest.raises(train.ConfigError, match="other values of beta"):  # a resume must not change the objective
         train.resume_checkpoint(train.parse_config(TINY + [f"--out_dir={tmp_path}", "--resume", "--beta=0.2"]))
+
+
+def test_a_checkpoint_older_than_an_option_resumes_with_its_default(straight, tmp_path):
+    """A checkpoint written before data_split and eval_split existed resumes: what it lacks, it ran as the default."""
+    shutil.copytree(straight, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "ckpt-000012")
+    ckpt = tmp_path / "run" / "ckpt-000006"
+    saved = json.loads((ckpt / "train_config.json").read_text())
+    del saved["data_split"], saved["eval_split"]
+    (ckpt / "train_config.json").write_text(json.dumps(saved))
+    checkpoint.write_manifest(ckpt)
+    assert train.resume_checkpoint(train.parse_config(TINY + [f"--out_dir={tmp_path / 'run'}", "--resume"])) == ckpt
+    with pytest.raises(train.ConfigError, match="other values of beta"):
+        train.resume_checkpoint(train.parse_config(TINY + [f"--out_dir={tmp_path / 'run'}", "--resume", "--beta=0.2"]))
 
 
 @pytest.mark.parametrize("step", [6, 12])
