@@ -201,9 +201,10 @@ def test_evaluate_metrics_equal_a_per_sequence_loop_with_pi_ref_pi_init_pi_theta
                           for m, y in ((policy, "response"), (policy, "rejected"), (initial, "response"),
                                        (initial, "rejected")))
         rc, rr = BETA * (pc - ic), BETA * (pr - ir)
-        per_batch.append({"loss": -torch.nn.functional.logsigmoid(rc - rr).mean(), "reward_acc": (rc > rr).double().mean(),
-                          "chosen_reward": rc.mean(), "rejected_reward": rr.mean(), "margin": (rc - rr).mean(),
-                          "chosen_logp": pc.mean(), "rejected_logp": pr.mean()})
+        per_batch.append({"loss": -torch.nn.functional.logsigmoid(rc - rr).mean(),
+                          "reward_acc": (rc > rr).double().mean(), "chosen_reward": rc.mean(),
+                          "rejected_reward": rr.mean(), "margin": (rc - rr).mean(), "chosen_logp": pc.mean(),
+                          "rejected_logp": pr.mean()})
     want = {k: sum(b[k].item() for b in per_batch) / 2 for k in per_batch[0]}
     # on-policy KL per sampled response (the temperature-1 draws): E[log π(y|x) − log π_other(y|x)]
     greedy, draws = sampled
@@ -227,8 +228,8 @@ def test_a_few_steps_learn_the_synthetic_preferences(tmp_path, loss):
     cfg = train.parse_config([f"--loss={loss}", "--ref_update=static", "--dim=32", "--n_layers=1", "--n_heads=4",
                               "--batch_size=32", "--micro_batch_size=32", "--max_steps=40", "--lr=3e-3",
                               "--warmup_steps=0", "--schedule=constant", "--eval_every=0", "--eval_size=64",
-                              "--num_samples=16", "--max_new_tokens=6", "--ckpt_every=0", "--log_every=1", "--max_length=16",
-                              "--max_prompt_length=8", f"--out_dir={tmp_path}"], world_size=1)
+                              "--num_samples=16", "--max_new_tokens=6", "--ckpt_every=0", "--log_every=1",
+                              "--max_length=16", "--max_prompt_length=8", f"--out_dir={tmp_path}"], world_size=1)
     train.train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows, [evaluation] = [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "eval"]
