@@ -223,8 +223,11 @@ def test_evaluate_metrics_equal_a_per_sequence_loop_with_pi_ref_pi_init_pi_theta
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "kto"])
 def test_a_few_steps_learn_the_synthetic_preferences(tmp_path, loss):
     """From scratch (π_θ = π_ref at step 0), 40 steps on the synthetic task: the train loss falls below its first row
-    (the loss at step 0, before any update), the implicit reward ranks the pairs better than chance, and the
-    on-data kl_ref (chosen responses, per token) turns positive as the policy moves toward them."""
+    (the loss at step 0, before any update), the implicit reward ranks train and held-out pairs better than chance,
+    and the on-policy kl_ref of the final eval is positive: the policy has moved away from π_ref. (The on-data kl_ref
+    of the train rows is not a KL: DPO may lower the chosen responses' likelihood too, so it can stay negative.)
+    Measured (seeded, this CPU): held-out reward_acc 0.77 / 0.77 / 0.66 and kl_ref 4.0 / 1.6 / 3.4 nats for
+    DPO / IPO / KTO; the bounds are chance (0.55) and 0."""
     cfg = train.parse_config([f"--loss={loss}", "--ref_update=static", "--dim=32", "--n_layers=1", "--n_heads=4",
                               "--batch_size=32", "--micro_batch_size=32", "--max_steps=40", "--lr=3e-3",
                               "--warmup_steps=0", "--schedule=constant", "--eval_every=0", "--eval_size=64",
