@@ -9,6 +9,7 @@ z_ref that the loss must use (asserted, so the check cannot go quiet).
 """
 import json
 import random
+import types
 
 import pytest
 import torch
@@ -82,12 +83,18 @@ def hf_logps(model, rows: dict) -> torch.Tensor:
                      fused_lm_head=True).log_probs.sum(-1)
 
 
-def trl_reference(hf_policy, hf_reference, padded: dict, cfg: train.TrainConfig) -> tuple[float, dict, list]:
-    """(loss, our metric names -> TRL's values, gradients by our parameter names) of TRL's _compute_loss."""
+# our metric -> the one TRL logs (the rest, reward_acc for KTO and kl_ref, TRL does not log: computed from
+# transformers' log-probs below)
+TRL_METRICS = {"chosen_reward": "rewards/chosen", "rejected_reward": "rewards/rejected", "margin": "rewards/margins",
+               "chosen_logp": "logps/chosen", "rejected_logp": "logps/rejected"}
+
+
+def trl_reference(hf_policy, hf_reference, padded: dict, cfg: train.TrainConfig) -> tuple[dict, dict]:
+    """(our metric names -> TRL's values, loss included; the policy's gradients by transformers' parameter names)
+    of TRL's _compute_loss on the padded batch."""
     from test_losses import trl_self
     from trl.trainer.dpo_trainer import DPOTrainer
     from trl.trainer.kto_trainer import KTOTrainer
-    import types
     rows = trl_rows(padded["input_ids"], padded["loss_mask"])
     n = rows["completion_mask"][:, 1:].sum(-1).float()
     pol, ref = hf_logps(hf_policy, rows), hf_logps(hf_reference, rows)
@@ -105,8 +112,6 @@ def trl_reference(hf_policy, hf_reference, padded: dict, cfg: train.TrainConfig)
         g = good.float()
         want = {"kto_z_ref": m["kl"], "reward_acc": ((cfg.beta * (pol - ref) > 0) == good).float().mean().item(),
                 "kl_ref": (((pol - ref) * g).sum() / (n * g).sum()).item()}
-        names = {"chosen_reward": "rewards/chosen", "rejected_reward": "rewards/rejected", "margin": "rewards/margins",
-                 "chosen_logp": "logps/chosen", "rejected_logp": "logps/rejected"}
     else:
         b = len(pol) // 2
         fake = trl_self(loss_types=["ipo" if cfg.loss == "ipo" else "sigmoid"], beta=cfg.beta)
@@ -119,10 +124,8 @@ def trl_reference(hf_policy, hf_reference, padded: dict, cfg: train.TrainConfig)
                                                dict(swap, ref_chosen_logps=ref[b:], ref_rejected_logps=ref[:b]), False)
             loss = (1 - cfg.label_smoothing) * loss + cfg.label_smoothing * flipped
         want = {"reward_acc": m["rewards/accuracies"], "kl_ref": ((pol[:b] - ref[:b]).sum() / n[:b].sum()).item()}
-        names = {"chosen_reward": "rewards/chosen", "rejected_reward": "rewards/rejected", "margin": "rewards/margins",
-                 "chosen_logp": "logps/chosen", "rejected_logp": "logps/rejected"}
     loss.backward()
-    want.update({ours: m[theirs] for ours, theirs in names.items()}, loss=loss.item())
+    want.update({ours: m[theirs] for ours, theirs in TRL_METRICS.items()}, loss=loss.item())
     grads = {n: p.grad for n, p in hf_policy.named_parameters()}
     return want, grads
 
