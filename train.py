@@ -114,6 +114,8 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
             args = (pol[:b], pol[b:], ref[:b], ref[b:], cfg.beta)
             per_example, chosen_r, rejected_r = (losses.ipo_loss(*args) if cfg.loss == "ipo"
                                                  else losses.dpo_loss(*args, cfg.label_smoothing))
+            if cfg.loss == "ipo":  # the rewards (metrics) stay β·(summed log-ratio), as for DPO and in TRL's logs
+                chosen_r, rejected_r = (cfg.beta * (logps.detach() - ref_logps)).split(b)
             chosen, rejected, acc = chosen_r.mean(), rejected_r.mean(), (chosen_r > rejected_r).float().mean()
             extra = {"chosen_logp": logps[:b].detach().mean(), "rejected_logp": logps[b:].detach().mean(),
                      "kl_ref": (logps[:b].detach() - ref_logps[:b]).sum() / n[:b].sum().clamp(min=1)}

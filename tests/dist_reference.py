@@ -52,6 +52,14 @@ def same_on_all_ranks(tensors: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+def assert_direction(theta: dict, expected_ref: dict, policy: nn.Module, reference: nn.Module, where: str) -> None:
+    """After an update: π_θ still holds theta (its weights saved before), π_ref holds the recurrence's value."""
+    got_policy, got_ref = full(policy), full(reference)
+    assert all(torch.equal(got_policy[n], t) for n, t in theta.items()), f"{where}: the update changed π_θ"
+    assert got_ref.keys() == expected_ref.keys(), where
+    assert all(torch.equal(got_ref[n], t) for n, t in expected_ref.items()), f"{where}: π_ref != the recurrence"
+
+
 def train_step(policy: nn.Module, opt: torch.optim.Optimizer, rank: int, step: int) -> None:
     """One optimizer step on rank-specific data (so only gradient sync keeps the ranks' policies equal)."""
     g = torch.Generator().manual_seed(100 * step + rank)
@@ -73,9 +81,11 @@ def check_ddp(rank: int, alpha: float = 0.5, tau: int = 2, steps: int = 6) -> No
     updater, expected = ReferenceUpdater("soft", alpha, tau), full(reference)
     for step in range(1, steps + 1):
         train_step(policy, opt, rank, step)
+        theta = full(model)  # before the update: it must leave π_θ alone
         assert updater.after_step(step, reference, policy) == (step % tau == 0)
         if step % tau == 0:
-            expected = {n: torch.lerp(expected[n], t, alpha) for n, t in full(model).items()}
+            expected = {n: torch.lerp(expected[n], t, alpha) for n, t in theta.items()}
+        assert_direction(theta, expected, model, reference, f"DDP step {step}")
         assert same_on_all_ranks(full(reference)), f"reference differs across ranks after step {step}"
     got = full(reference)
     assert all(torch.equal(got[n], expected[n]) for n in expected), "DDP: reference != recurrence"
@@ -105,15 +115,17 @@ def check_fsdp2(rank: int, alpha: float = 0.4, tau: int = 2, steps: int = 6) -> 
         assert not logits.requires_grad
         # the root would stay all-gathered after a forward with no backward; reference_logits reshards it
         assert all(isinstance(p, DTensor) and p.to_local().shape[0] < p.shape[0] for p in reference.parameters())
+        theta = full(policy)  # before the update: it must leave π_θ alone
         if updater.after_step(step, reference, policy):
-            expected = {n: torch.lerp(expected[n], t, alpha) for n, t in full(policy).items()}
-    got = full(reference)
-    assert got.keys() == expected.keys() and all(torch.equal(got[n], expected[n]) for n in expected), \
-        "FSDP2: gathered reference != recurrence on full tensors"
-    assert same_on_all_ranks(got)
+            expected = {n: torch.lerp(expected[n], t, alpha) for n, t in theta.items()}
+        assert_direction(theta, expected, policy, reference, f"FSDP2 soft step {step}")
+    assert same_on_all_ranks(full(reference))
     hard = ReferenceUpdater("hard", tau=1)
+    train_step(policy, opt, rank, steps + 1)  # π_θ moves away from π_ref, so a copy in either direction shows
+    theta = full(policy)
+    assert not all(torch.equal(full(reference)[n], t) for n, t in theta.items())
     assert hard.after_step(steps + 1, reference, policy)
-    assert all(torch.equal(full(reference)[n], t) for n, t in full(policy).items())
+    assert_direction(theta, theta, policy, reference, "FSDP2 hard")
 
 
 def check_kto_z_ref(rank: int) -> None:

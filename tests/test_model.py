@@ -492,13 +492,15 @@ def test_bf16_autocast_and_bf16_weights():
         ref = model(idx)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(idx)
-    assert logits.dtype == torch.bfloat16 and (logits.float() - ref).abs().max() < 0.05
+    # Measured on logits of std 0.13: max |bf16 − fp32| 0.0022 under autocast, 0.0025 with bf16 weights, the same
+    # with oneDNN/ATen limited to AVX2 or SSE4.1 (no AVX-512 BF16); 0.01 leaves 4x for other kernels.
+    assert logits.dtype == torch.bfloat16 and (logits.float() - ref).abs().max() < 0.01
     logits.float().sum().backward()
     assert model.layers[0].mlp.up_proj.weight.grad is not None
     model.to(torch.bfloat16)
     assert model.inv_freq.dtype == torch.float32  # RoPE angles stay fp32 whatever the weights are
     with torch.no_grad():
-        assert (model(idx).float() - ref).abs().max() < 0.05
+        assert (model(idx).float() - ref).abs().max() < 0.01
 
 
 def test_sample_script(tmp_path, capsys):

@@ -100,13 +100,20 @@ def test_packed_and_flex_logps_equal_the_padded_path_in_every_family(family):
 
 
 def test_bf16_packed_logps_are_within_bf16_rounding(model):
+    """Under bf16 autocast, packed and padded log-probs stay within a few times bf16's measured rounding error of the
+    fp32 ones, and of each other (a mask that lets a rejected token see the chosen ones moves them far more)."""
     items = make_items("pairs", 6, seed=3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        want, _ = padded_logps(model, items, "pairs")
-        got, _ = packing.packed_logps(model, packing.collate(items, "pairs", kl_of(items, "pairs"), 0, 47, True))
-    fp32, _ = padded_logps(model, items, "pairs")
-    # both within bf16's rounding of the fp32 values (8 bits of mantissa, summed over up to 12 tokens)
-    assert (got - fp32).abs().max() <= 0.05 * fp32.abs().max() and (want - fp32).abs().max() <= 0.05 * fp32.abs().max()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            padded, _ = padded_logps(model, items, "pairs")
+            packed, _ = packing.packed_logps(model, packing.collate(items, "pairs", kl_of(items, "pairs"), 0, 47, True))
+        fp32, _ = padded_logps(model, items, "pairs")
+    # Measured (|log-probs| up to 42 nats, 12 tokens): |bf16 − fp32| 0.0015 here and <= 0.0031 over seeds 3..22;
+    # |packed − padded| 0.00046 here, <= 0.00076 over those seeds. The same with oneDNN/ATen limited to AVX2 or
+    # SSE4.1 (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY: a CPU without AVX-512 BF16), so the bounds leave ~3x for
+    # other kernels' accumulation orders.
+    assert (packed - fp32).abs().max() <= 0.01 and (padded - fp32).abs().max() <= 0.01
+    assert (packed - padded).abs().max() <= 0.003
 
 
 def flex_batch(kind: str, device: str = "cpu") -> dict:
@@ -228,8 +235,14 @@ def test_compute_loss_packed_equals_padded(model, loss):
     items = make_items(kind, 6, seed=5)
     kl = kl_of(items, kind)
     cfg = train.TrainConfig(loss=loss, beta=0.5)
+    # π_ref: π_θ perturbed and sharper (its final norm weight x3): on KTO's KL rows, random tokens, log π − log π_ref
+    # is then positive on average, so z_ref > 0 and the KL rows change the loss (asserted below)
     torch.manual_seed(1)
     reference = Llama(model.config)
+    with torch.no_grad():
+        for p, q in zip(reference.parameters(), model.parameters()):
+            p.copy_(q + 0.05 * torch.randn_like(q))
+        reference.norm.weight.mul_(3.0)
     reference.requires_grad_(False)
     padded = data.collate(items, kind, 0, kl if kind == "kto" else None)
     packed = packing.collate(items, kind, kl, 0, packing.row_capacity(kind, 24, True), True)
@@ -238,6 +251,8 @@ def test_compute_loss_packed_equals_padded(model, loss):
         loss_value, metrics = train.compute_loss(model, reference, batch, cfg)
         results.append((metrics, torch.autograd.grad(loss_value, list(model.parameters()))))
     (m1, g1), (m2, g2) = results
+    if loss == "kto":
+        assert m1["kto_z_ref"] > 0.1, m1  # the KL rows are exercised: z_ref is not clamped to 0
     assert m1.keys() == m2.keys()
     for k in m1:
         assert m2[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-6), k

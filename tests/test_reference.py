@@ -44,23 +44,28 @@ def test_make_reference_is_a_frozen_independent_copy():
 @pytest.mark.parametrize("mode,alpha,tau", [("soft", 0.5, 1), ("soft", 0.6, 3), ("soft", 0.1, 4), ("soft", 1.0, 2),
                                             ("hard", 0.6, 3), ("static", 0.6, 1)])
 def test_updater_reproduces_the_recurrence(mode, alpha, tau, steps=25):
+    """Both models' weights are saved before each after_step: π_θ must come out untouched and π_ref must be the
+    recurrence applied to the saved ones (a copy in the wrong direction, π_ref into π_θ, fails both)."""
     policy = tiny()
     reference = make_reference(policy)
     updater = ReferenceUpdater(mode, alpha, tau)
-    exact = params(reference)  # the same lerp, tensor by tensor, in fp32: must match bitwise
-    real = {n: t.double() for n, t in exact.items()}  # θ_ref ← α·θ + (1−α)·θ_ref in fp64: matches to rounding
+    real = {n: t.double() for n, t in params(reference).items()}  # θ_ref ← α·θ + (1−α)·θ_ref in fp64 all along
     fired = []
     for step in range(1, steps + 1):
         fake_optimizer_step(policy, step)
+        theta, theta_ref = params(policy), params(reference)  # before the update
         fired.append(updater.after_step(step, reference, policy))
-        if mode != "static" and step % tau == 0:
-            a = 1.0 if mode == "hard" else alpha
-            for n, theta in params(policy).items():
-                exact[n] = torch.lerp(exact[n], theta, a)
-                real[n] = a * theta.double() + (1 - a) * real[n]
+        for n, t in params(policy).items():
+            assert torch.equal(t, theta[n]), f"after_step changed the policy's {n} at step {step}"
+        a = 1.0 if mode == "hard" else alpha
+        update = mode != "static" and step % tau == 0
+        for n, t in params(reference).items():  # the same lerp, tensor by tensor, in fp32: bitwise
+            want = torch.lerp(theta_ref[n], theta[n], a) if update else theta_ref[n]
+            assert torch.equal(t, want), f"π_ref's {n} at step {step}"
+        if update:
+            real = {n: a * theta[n].double() + (1 - a) * r for n, r in real.items()}
     assert fired == [mode != "static" and s % tau == 0 for s in range(1, steps + 1)]
     for n, t in params(reference).items():
-        assert torch.equal(t, exact[n]), n
         torch.testing.assert_close(t.double(), real[n], rtol=0, atol=1e-6)
     if mode == "static":
         assert all(torch.equal(t, params(tiny())[n]) for n, t in params(reference).items())

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -272,14 +271,17 @@ print(applied, sum(faults[6:]))  # the last 6 steps: with the setting the heap s
 
 
 def test_keep_freed_memory_stops_refaulting_large_blocks():
-    """glibc hands a freed 256 MB block back to the kernel, so every later step page-faults all its 4 KB pages again
-    (65536 a step); after train.keep_freed_memory, malloc keeps and reuses it."""
+    """glibc hands a freed 256 MB block back to the kernel, so every later step page-faults all its pages again;
+    after train.keep_freed_memory, malloc keeps and reuses it. Asserted as a ratio, which holds whatever the page
+    size (4 KB pages: 393222 faults over the last 6 steps without the setting, 0 with it; transparent huge pages
+    would divide both)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("keep_freed_memory is a glibc malloc setting")
     runs = {mode: subprocess.run([sys.executable, "-c", FAULTS_AFTER_FREE, mode], cwd=ROOT, capture_output=True,
                                  text=True, timeout=60).stdout.split() for mode in ("default", "keep")}
-    assert runs["default"][0] == "False" and int(runs["default"][1]) > 6 * 60_000
-    assert runs["keep"][0] == "True" and int(runs["keep"][1]) < 1_000
+    (default_applied, default), (keep_applied, keep) = ((a, int(n)) for a, n in (runs["default"], runs["keep"]))
+    assert default_applied == "False" and keep_applied == "True"
+    assert default >= 6 and keep * 20 <= default  # every step refaults by default; the setting removes > 95% of it
     assert not train.keep_freed_memory(torch.device("cuda"))  # GPU memory is the caching allocator's business
 
 
@@ -397,19 +399,35 @@ def test_a_fresh_run_replaces_an_earlier_runs_checkpoints(straight, tmp_path):
     assert any(not torch.equal(new[k], old[k]) for k in old)  # the new run's own weights, not the copied ones
 
 
-def test_sigkill_then_resume_matches_uninterrupted(straight, tmp_path):
+KILLED_RUN = """
+import os, signal, sys, checkpoint, train
+module, name = sys.argv[1].split(".")
+where, n, calls = {"checkpoint": checkpoint, "train": train}[module], int(sys.argv[2]), [0]
+original = getattr(where, name)
+def kill_on_nth_call(*args, **kwargs):  # SIGKILL: no handler, no cleanup, no flush, as when the machine dies
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+setattr(where, name, kill_on_nth_call)
+sys.exit(train.main(sys.argv[3:]))
+"""
+
+
+# Replayable kill points: the process kills itself on entering the n-th call of a function. TINY with ckpt_every=1
+# checkpoints every step and runs compute_loss twice per step (2 micro steps) plus once per eval batch at step 6.
+KILL_POINTS = [("checkpoint.write_manifest", 5),  # step 5's checkpoint fully written but for its manifest, not renamed
+               ("train.compute_loss", 19)]  # inside a training step after step 6's eval (the last checkpoint: 6+)
+
+
+@pytest.mark.parametrize("function, call", KILL_POINTS)
+def test_sigkill_then_resume_matches_uninterrupted(straight, tmp_path, function, call):
     args = [*TINY, f"--out_dir={tmp_path}", "--ckpt_every=1"]
-    kill_at = random.randint(1, 8)  # at least this many steps (metrics lines) and a checkpoint, plus a random delay
-    p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
-    lines = tmp_path / "metrics.jsonl"
-    while p.poll() is None and not (lines.exists() and lines.read_text().count('"train"') >= kill_at
-                                    and list(tmp_path.glob("ckpt-*"))):
-        time.sleep(0.005)
-    time.sleep(random.uniform(0, 0.02))
-    p.send_signal(signal.SIGKILL)
-    assert p.wait() == -signal.SIGKILL, f"the run ended before the kill (step {kill_at}): {p.stderr.read()[-2000:]}"
-    print(f"killed after >= {kill_at} steps; checkpoints on disk: {sorted(x.name for x in tmp_path.glob('ckpt-*'))}")
+    p = subprocess.run([sys.executable, "-c", KILLED_RUN, function, str(call), *args], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == -signal.SIGKILL, f"the run was not killed at call {call} of {function}: {p.stderr[-2000:]}"
+    on_disk = sorted(x.name for x in tmp_path.glob("*ckpt-*"))
+    print(f"killed on entering call {call} of {function}; checkpoints on disk: {on_disk}")
     run(args + ["--resume"])
     for sub in ("", "reference"):
         assert_close(weights(tmp_path, sub), weights(straight, sub), atol=0.0)
