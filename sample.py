@@ -54,7 +54,7 @@ def sample(args: argparse.Namespace):
         raise SampleError(f"tokenizer {name} produced id {max(ids)}, outside the model's vocab_size "
                           f"{model.config.vocab_size} ({model_dir}/config.json)")
     torch.manual_seed(args.seed)
-    stop = [] if tok.eos_id is None else [tok.eos_id]
+    stop = tok.end_ids  # EOS, the end of a turn
     for _ in range(args.num_samples):
         new = model.generate([ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop_ids=stop)[0]
         print(args.prompt + tok.decode([t for t in new if t not in stop]))
