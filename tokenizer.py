@@ -171,6 +171,18 @@ def find_tokenizer(directory: str | Path) -> Path | None:
     return sentencepiece.find_llama2c(directory)
 
 
+def tokenizer_files(name: str) -> dict[str, Path]:
+    """The files a checkpoint copies to carry its tokenizer: a tokenizer.json with the configs beside it (transformers
+    and --tokenizer=auto find them there); none for the other kinds (train_config.json records their name or path)."""
+    path = Path(name)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if path.suffix != ".json" or not path.is_file():
+        return {}
+    beside = ("tokenizer_config.json", "generation_config.json", "chat_template.jinja", "special_tokens_map.json")
+    return {"tokenizer.json": path} | {f: path.parent / f for f in beside if (path.parent / f).is_file()}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json. Two kinds of BPE model are converted, and everything else is refused in one line:
 #   byte-level (GPT-2, Llama 3, Qwen, SmolLM2): text split by the pre-tokenizer's regex, each piece's UTF-8 bytes
