@@ -92,6 +92,9 @@ def test_real_byte_level_tokenizer_json_ids_equal_tokenizers(name, n_vocab, bos,
     assert not set(tok.encode(typed)) & set(tok.special_tokens.values())
     assert tok.decode(tok.encode(typed)) == typed
     assert tok.special_tokens["<|im_end|>"] == eos and all(tok.special(t) == i for t, i in tok.special_tokens.items())
+    if name.startswith("smollm2"):  # bytes missing from the vocabulary are dropped, but not merged across (docs)
+        assert tok.encode("a\x04b\x06") == hf.encode("a\x04b\x06").ids == tok.encode("a") + tok.encode("b")
+        assert tok.encode("!\x04!") == tok.encode("!") * 2 != hf.encode("!\x04!").ids == tok.encode("!!")
 
 
 def test_real_sentencepiece_tokenizer_json_ids_equal_tokenizers():
@@ -463,3 +466,16 @@ def test_auto_tokenizer_takes_the_model_directorys_own(tmp_path):
     assert auto() == str(model / "tokenizer.json")
     assert config.auto_tokenizer(config.TrainConfig()) == "byte"  # from scratch
     assert config.auto_tokenizer(config.TrainConfig(init_from=str(model), tokenizer="gpt2")) == "gpt2"
+
+
+def test_data_tokenize_normalizes_and_keeps_no_bos_when_there_is_none():
+    """data.tokenize encodes through the Tokenizer: Qwen's NFC applies (the decomposed é becomes the composed one's
+    ids), no BOS is invented, and a cut prompt keeps its end."""
+    import data
+    tok = tokenizer.get_tokenizer(str(shared_path("models", "qwen2.5-0.5b-instruct")))
+    rec = {"prompt": "Cafe\u0301 " * 20 + "end", "chosen": " re\u0301sume\u0301", "rejected": " no"}
+    item = data.tokenize(data.from_records([rec]), tok, "pairs", max_length=64).items[0]
+    assert item.prompt == tok.encode("Café " * 20 + "end") != tok.enc.encode_ordinary(rec["prompt"])
+    assert item.response == tok.encode(" résumé", start=False) + [tok.eos_id]
+    cut = data.tokenize(data.from_records([rec]), tok, "pairs", max_length=64, max_prompt_length=5).items[0]
+    assert cut.prompt == item.prompt[-5:]
