@@ -315,35 +315,47 @@ def _byte_level_json(path: Path, model: dict, normalizers: list[dict], pre: list
     if model.get("byte_fallback"):
         refuse("model option byte_fallback=true with a ByteLevel pre-tokenizer")
     alphabet = bytes_to_unicode()
-    added_ids = set(added.values())
+    to_latin1 = str.maketrans({c: chr(b) for c, b in alphabet.items()})
+    foreign = re.compile("[^" + re.escape("".join(alphabet)) + "]")
 
     def as_bytes(token: str) -> bytes:
-        try:
-            return bytes(alphabet[c] for c in token)
-        except KeyError as e:
-            raise TokenizerError(f"{path}: token {token!r}: {e.args[0]!r} is not in the byte-level alphabet") from None
+        if bad := foreign.search(token):
+            raise TokenizerError(f"{path}: token {token!r}: {bad[0]!r} is not in the byte-level alphabet")
+        return token.translate(to_latin1).encode("latin-1")
 
-    vocab = {as_bytes(t): i for t, i in model["vocab"].items() if i not in added_ids}
-    ranks = {t: i for t, i in vocab.items() if len(t) == 1}
-    last = -1
+    added_ids = set(added.values())
+    vocab = {t: i for t, i in model["vocab"].items() if i not in added_ids}
+    merged = {}  # id -> the position of the first merge giving it (a later one giving it too never applies)
     for k, merge in enumerate(model["merges"]):
         a, b = merge.split(" ") if isinstance(merge, str) else merge
-        token = as_bytes(a) + as_bytes(b)
-        if token in ranks:
-            continue  # a second merge giving the same token: the first has priority
-        if token not in vocab:
+        if (i := vocab.get(a + b)) is None:
             raise TokenizerError(f"{path}: merge {k} {a!r} {b!r}: {a + b!r} is not in the vocabulary")
-        if vocab[token] <= last:
-            refuse(f"merge {k} {a!r} {b!r}", f"id {vocab[token]} after id {last}: ids must grow in merge order "
-                                             "(they serve as tiktoken's ranks)")
-        ranks[token] = last = vocab[token]
-    missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+        merged.setdefault(i, k)
+    if unreachable := [t for t, i in vocab.items() if len(t) > 1 and i not in merged]:
+        refuse(f"token {unreachable[0]!r}", f"{len(unreachable)} token(s) neither a byte nor made by a merge "
+                                            "(tiktoken could make them, tokenizers does not)")
+    token_bytes = {i: as_bytes(t) for t, i in vocab.items()}
+    byte_id = {v[0]: i for i, v in token_bytes.items() if len(v) == 1}
+    # bytes the vocabulary lacks (SmolLM2: a few control characters) are dropped, as tokenizers drops them
+    missing = [b for b in range(256) if b not in byte_id]
+    order = sorted(merged, key=merged.get)  # the merged ids by priority
     drop_from = None
-    if missing:  # bytes the vocabulary lacks (e.g. control characters): tokenizers drops them; so do we
-        drop_from = max([*ranks.values(), *added.values()]) + 1
-        ranks |= {b: drop_from + i for i, b in enumerate(missing)}
     try:
-        enc = tiktoken.Encoding(str(path), pat_str=pat, mergeable_ranks=ranks, special_tokens=added)
+        if all(x < y for x, y in zip(order, order[1:])):  # the ids grow in merge order: they serve as the ranks
+            ranks = {token_bytes[i]: i for i in vocab.values()}
+            if missing:  # ranks past every id, which Tokenizer.encode drops
+                drop_from = max([*ranks.values(), *added.values()]) + 1
+                ranks |= {bytes([b]): drop_from + k for k, b in enumerate(missing)}
+            enc = tiktoken.Encoding(str(path), pat_str=pat, mergeable_ranks=ranks, special_tokens=added)
+        else:  # sentencepiece_bpe's rank space: the 256 bytes, then the merges in order, each mapped to its id
+            id_bytes = [b""] * (max([*vocab.values(), *added_ids]) + 1)
+            for i, v in [*token_bytes.items(), *((i, t.encode()) for t, i in added.items())]:
+                id_bytes[i] = v
+            ranks = {bytes([b]): b for b in range(256)} | {token_bytes[i]: 256 + k for k, i in enumerate(order)}
+            rank_ids = [[byte_id[b]] if b in byte_id else [] for b in range(256)] + [[i] for i in order]
+            rank_specials = {t: len(rank_ids) + k for k, t in enumerate(added)}
+            enc = sentencepiece.RankSpaceEncoding(str(path), ranks, rank_specials, rank_ids + [[i] for i in
+                                                  added.values()], id_bytes, added, pat_str=pat)
     except ValueError as e:
         refuse(f"pre_tokenizer regex {pat!r}", f"tiktoken's regex engine rejects it ({e})")
     return enc, normalize, drop_from

@@ -97,6 +97,21 @@ def test_real_byte_level_tokenizer_json_ids_equal_tokenizers(name, n_vocab, bos,
         assert tok.encode("!\x04!") == tok.encode("!") * 2 != hf.encode("!\x04!").ids == tok.encode("!!")
 
 
+def test_llama3_tokenizer_json_converted_by_transformers_equals_tokenizers_and_tokenizer_model(tmp_path):
+    """Llama 3's tokenizer.json as Meta publishes it is transformers' conversion of tokenizer.model (every split of
+    every token a merge, ignore_merges): converted here, it gives tokenizers' ids and tokenizer.model's."""
+    convert = pytest.importorskip("transformers.convert_slow_tokenizer")
+    model = shared_path("models", "llama3-tokenizer", "tokenizer.model")
+    hf = convert.TikTokenConverter(vocab_file=str(model), extra_special_tokens=tokenizer.LLAMA3_SPECIAL).converted()
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eot_id|>", "pad_token": None}))
+    tok, llama3 = tokenizer.get_tokenizer(str(tmp_path)), tokenizer.get_tokenizer(str(model))
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["ignore_merges"]
+    assert (tok.n_vocab, tok.bos_id, tok.eos_id, tok.pad_id) == (128256, None, 128009, 128009)
+    assert_same_ids(tok, hf)
+    assert all(tok.encode(t) == llama3.encode(t) for t in TEXTS)
+
+
 def test_real_sentencepiece_tokenizer_json_ids_equal_tokenizers():
     """Mistral 7B Instruct's tokenizer.json (Metaspace with prepend_scheme first, byte fallback, 32,000 pieces) in
     sentencepiece_bpe's rank space: the same ids as tokenizers; BOS <s> as its post-processor adds it."""
@@ -331,7 +346,26 @@ SPLIT = Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's
 
 
-@pytest.mark.parametrize("kind", ["gpt2 regex", "digits", "split", "split nfc", "split nfkc", "ignore_merges"])
+def permute_merged_ids(tj):
+    """Reverse the ids of the merged tokens: they no longer grow in merge order (no longer tiktoken's ranks)."""
+    vocab, merges = tj["model"]["vocab"], tj["model"]["merges"]
+    merged = sorted({vocab["".join(m)] for m in merges})
+    back = dict(zip(merged, reversed(merged)))
+    tj["model"]["vocab"] = {t: back.get(i, i) for t, i in vocab.items()}
+
+
+def drop_bytes(tj):
+    """Take four byte tokens (and every merge using them) out of the vocabulary: tokenizers drops those bytes."""
+    gone = {c for c, b in tokenizer.bytes_to_unicode().items() if b in (0x04, 0x06, ord("~"), 0xF5)}
+    vocab = {t: i for t, i in tj["model"]["vocab"].items() if not set(t) & gone}
+    tj["model"]["vocab"] = {t: k for k, t in enumerate(sorted(vocab, key=vocab.get))}
+    tj["model"]["merges"] = [m for m in tj["model"]["merges"] if not set("".join(m)) & gone]
+    for t in tj["added_tokens"]:
+        t["id"] = tj["model"]["vocab"][t["content"]]
+
+
+@pytest.mark.parametrize("kind", ["gpt2 regex", "digits", "split", "split nfc", "split nfkc", "ignore_merges",
+                                  "ids not in merge order", "bytes missing", "bytes missing, ids not in merge order"])
 def test_synthetic_byte_level_components_equal_tokenizers(tmp_path, kind):
     level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     split = pre_tokenizers.Sequence([pre_tokenizers.Split(SPLIT, behavior="isolated"), level])
@@ -343,10 +377,18 @@ def test_synthetic_byte_level_components_equal_tokenizers(tmp_path, kind):
         "split nfc": (split, normalizers.NFC(), None),
         "split nfkc": (split, normalizers.NFKC(), None),
         "ignore_merges": (split, None, lambda tj: tj["model"].update(ignore_merges=True)),
+        "ids not in merge order": (split, None, permute_merged_ids),
+        "bytes missing": (split, None, drop_bytes),
+        "bytes missing, ids not in merge order": (split, None, lambda tj: (drop_bytes(tj), permute_merged_ids(tj))),
     }[kind]
     tok, hf = byte_level(tmp_path, pre, normalizer, edit=edit)
     assert tok.bos_id is None and tok.eos_id == 0 and tok.n_vocab == hf.get_vocab_size()
-    assert_same_ids(tok, hf)
+    assert isinstance(tok.enc, sentencepiece_bpe.RankSpaceEncoding) == ("merge order" in kind)
+    assert tok.decode(tok.encode("a\x04b~")) == ("ab" if "missing" in kind else "a\x04b~")
+    assert_same_ids(tok, hf, [t for t in TEXTS if "missing" not in kind or not any(  # see the SmolLM2 test
+        c in t for c in "\x04\x06~")] + (["a\x04b\x06", "~ 4 ~"] if "missing" in kind else []))
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text)) == hf.decode(tok.encode(text), skip_special_tokens=False)
     if "nf" in kind:  # the normalisation changes these texts: without it the ids would differ
         changed = [t for t in TEXTS if hf.normalizer.normalize_str(t) != t]
         assert len(changed) > 10 and any(tok.enc.encode_ordinary(t) != tok.encode(t) for t in changed)
@@ -411,11 +453,8 @@ def test_refusals_name_the_file_and_the_component(tmp_path):
             edit=lambda tj: tj["model"].update(continuing_subword_prefix="##"))
     refused("post_processor BertProcessing", edit=lambda tj: tj.update(post_processor=json.loads(
         processors.BertProcessing(("<|eos|>", 0), ("<|im_end|>", 1)).__getstate__())))
-
-    def swap_two_merged_ids(tj):  # ids that do not grow in merge order cannot serve as ranks
-        vocab, (a, b) = tj["model"]["vocab"], ["".join(m) for m in tj["model"]["merges"][:2]]
-        vocab[a], vocab[b] = vocab[b], vocab[a]
-    refused("merge 1 .*ids must grow in merge order", edit=swap_two_merged_ids)
+    refused("token 'zzzq': 1 token\\(s\\) neither a byte nor made by a merge",
+            edit=lambda tj: tj["model"]["vocab"].update(zzzq=len(tj["model"]["vocab"])))
     refused("no eos_token in .*tokenizer_config.json", config={"bos_token": "<|eos|>"})
     refused("eos_token '<x>' is not an added token", config={"eos_token": "<x>"})
     with pytest.raises(tokenizer.TokenizerError, match="model option byte_fallback=false"):
