@@ -244,8 +244,8 @@ def barrier():
 def save(out_dir: str | Path, step: int, policy, reference, optimizer, state: dict, config: dict, keep_last: int,
          files: dict | None = None):
     """Write ckpt-<step> (every rank calls this: the gathers are collectives), then keep the newest keep_last.
-    files: {name: source} copied in beside the weights (the tokenizer's tokenizer.json and its configs: a checkpoint that a later
-    run, sample.py or transformers loads brings its own tokenizer).
+    files: {name: source} copied in beside the weights (the tokenizer's tokenizer.json and its configs: a checkpoint
+    that a later run, sample.py or transformers loads brings its own tokenizer).
 
     Refused (CheckpointError, nothing written or deleted) if a weight or optimizer tensor is not finite, so the newest
     checkpoint is always the last finite state. A failed write (full disk, read-only or unwritable out_dir) removes

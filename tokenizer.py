@@ -1,7 +1,8 @@
 """Tokenizers: every kind becomes a tiktoken Encoding, wrapped in a Tokenizer that knows the ids the pipeline needs
 (BOS, EOS, pad, the ids that end a response) and how a chat is rendered.
 
-    get_tokenizer('byte' | tiktoken name | Llama 3 tokenizer.model | llama2.c tok*.bin | model directory) ──► Tokenizer
+    get_tokenizer('byte' | tiktoken name | tokenizer.json | Llama 3 tokenizer.model | llama2.c tok*.bin | model dir)
+        ──► Tokenizer
 
 Text is always encoded as plain text (encode_ordinary), so a user who types "<|eot_id|>" gets the characters, never
 the control token: special tokens come only from code (BOS, EOS) or a chat format's own markup.
@@ -69,7 +70,9 @@ class Tokenizer:
 
     def _ids(self, ids: list[int]) -> list[int]:
         # ids past the model's vocabulary: bytes the vocabulary lacks (tokenizers drops them too)
-        return ids if self.drop_from is None else [i for i in ids if i < self.drop_from]
+        if self.drop_from is None or not ids or max(ids) < self.drop_from:
+            return ids
+        return [i for i in ids if i < self.drop_from]
 
     def encode(self, text: str, start: bool = True) -> list[int]:
         """The text as plain text (never a special token); start: it starts a sequence (after BOS, if any), which

@@ -29,7 +29,8 @@ CURATED = [
     "def f(x):\n    return x ** 2  # square\n\nclass A:\n\tpass\n", "if (a != b && c <= d) { x += 1; }",
     "print('hello, world')", "    indented code", "x=[1,2,3]\ny={'k': \"v\"}", "$ ls -la | grep *.py > out.txt 2>&1",
     "Wait... what?! \"No,\" she said - then ran.", "—–― … «» „“ ‘’ ¿¡", "<html><body>é</body></html>",
-    "\u2581word \u2581\u2581 ▁▁x", "zero\u200bwidth\u200djoiner", "\x00\x01\x04\x06\x7f control", "ideographic\u3000space",
+    "\u2581word \u2581\u2581 ▁▁x", "zero\u200bwidth\u200djoiner", "\x00\x01\x04\x06\x7f control",
+    "ideographic\u3000space",
     "https://example.com/path?q=1&r=2#frag", "CamelCaseWord snake_case_word kebab-case-word", "ALL CAPS SHOUTING",
     " " * 40 + "forty spaces", "\n\n\n\n\n\n", " \n \n ", "a\u00a0b", "tab\t\t\tthen  spaces  \t \n",
 ]
@@ -518,3 +519,5 @@ def test_data_tokenize_normalizes_and_keeps_no_bos_when_there_is_none():
     assert item.response == tok.encode(" résumé", start=False) + [tok.eos_id]
     cut = data.tokenize(data.from_records([rec]), tok, "pairs", max_length=64, max_prompt_length=5).items[0]
     assert cut.prompt == item.prompt[-5:]
+    empty = data.tokenize(data.from_records([rec, {**rec, "prompt": ""}]), tok, "pairs", max_length=64)
+    assert len(empty.items) == 1 and empty.report["dropped"] == {"empty prompt and no BOS": 1}

@@ -480,7 +480,8 @@ def test_a_model_directory_with_a_tokenizer_json_trains_and_its_checkpoint_carri
     pairs = [{"prompt": "Say hi", "chosen": " Hi there.", "rejected": " No."}] * 4
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     common = [f"--data={tmp_path / 'pairs.jsonl'}", "--loss=dpo", "--eval_size=2", "--batch_size=2",
-              "--micro_batch_size=2", "--max_steps=1", "--num_samples=1", "--max_new_tokens=4", "--max_length=32", "--max_prompt_length=16"]
+              "--micro_batch_size=2", "--max_steps=1", "--num_samples=1", "--max_new_tokens=4", "--max_length=32",
+              "--max_prompt_length=16"]
     run([f"--init_from={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'a'}", *common])
     assert json.loads((tmp_path / "a" / "train_config.json").read_text())["tokenizer"] == str(
         tmp_path / "hf" / "tokenizer.json")
