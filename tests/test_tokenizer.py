@@ -113,6 +113,25 @@ def test_llama3_tokenizer_json_converted_by_transformers_equals_tokenizers_and_t
     assert all(tok.encode(t) == llama3.encode(t) for t in TEXTS)
 
 
+def test_gpt2_tokenizer_json_from_its_original_files_equals_tokenizers_and_tiktoken(tmp_path):
+    """GPT-2's tokenizer.json as Hugging Face publishes it (encoder.json as the vocabulary, vocab.bpe's merges,
+    ByteLevel with GPT-2's regex), built here from OpenAI's files in the tiktoken cache: tokenizers' ids and tiktoken's
+    own gpt2 encoding's."""
+    cache = shared_path("tiktoken_cache")
+    vocab = json.loads((cache / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6").read_text())  # encoder.json
+    merges = [tuple(line.split()) for line in (cache / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").read_text(
+        encoding="utf-8").splitlines()[1:] if line]  # vocab.bpe after its "#version" line
+    hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    hf.add_special_tokens(["<|endoftext|>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    tok, gpt2 = tokenizer.get_tokenizer(str(tmp_path)), tokenizer.get_tokenizer("gpt2")
+    assert (len(merges), tok.n_vocab, tok.bos_id, tok.eos_id) == (50000, 50257, None, 50256)
+    assert_same_ids(tok, hf)
+    assert all(tok.encode(t) == gpt2.encode(t) for t in TEXTS)
+
+
 def test_real_sentencepiece_tokenizer_json_ids_equal_tokenizers():
     """Mistral 7B Instruct's tokenizer.json (Metaspace with prepend_scheme first, byte fallback, 32,000 pieces) in
     sentencepiece_bpe's rank space: the same ids as tokenizers; BOS <s> as its post-processor adds it."""
