@@ -23,7 +23,6 @@ class TokenizerError(ValueError):
     """A bad tokenizer file; the message names the file (and the line or token)."""
 
 
-
 LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_SPECIAL = (["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)]
@@ -40,15 +39,18 @@ class Tokenizer:
     (the jinja source, or None), bos_token / eos_token (their strings, the template's variables).
 
     Text is normalized (Qwen's NFC) and, for sentencepiece-style tokenizers, given the dummy prefix " " when it starts
-    a sequence, before tiktoken encodes it: every encode goes through encode / encode_batch so neither is skipped."""
+    a sequence, before tiktoken encodes it: every encode goes through encode / encode_batch so neither is skipped.
+    prefix_every_segment: the prefix also starts a text that follows a special token (a chat template's rendering:
+    tokenizers' Prepend normalizer, Metaspace "always"), not only the sequence's first text."""
 
     def __init__(self, enc: tiktoken.Encoding, bos: str | None, eos: str, pad: str | None = None, chat: str = "plain",
                  prefix: str = "", normalize: str | None = None, chat_template: str | None = None,
-                 end: Iterable[int] = (), n_vocab: int | None = None, drop_from: int | None = None):
+                 end: Iterable[int] = (), n_vocab: int | None = None, drop_from: int | None = None,
+                 bos_token: str | None = None, prefix_every_segment: bool = False):
         self.enc, self.name, self.chat, self.chat_template = enc, enc.name, chat, chat_template
         self.n_vocab = n_vocab or enc.n_vocab  # the model's ids (a rank space may hold a few more, never returned)
         self.special_tokens = dict(enc._special_tokens)
-        self.bos_token, self.eos_token = bos, eos
+        self.bos_token, self.eos_token = bos_token or bos, eos  # bos_token: the template's, even if never added
         self.bos_id = None if bos is None else self.special(bos)
         self.eos_id = self.special(eos)
         self.pad_id = self.eos_id if pad is None else self.special(pad)  # pads are never seen: masked, right-padded
@@ -56,8 +58,7 @@ class Tokenizer:
         # prefix: "" (none), "always" (llama2.c: " " before any text that starts a sequence) or "unless space"
         # (Metaspace: " " unless the text starts with one); normalize: a unicodedata form, "metaspace" or None
         self.prefix, self.normalize, self.drop_from = prefix, normalize, drop_from
-        self.prefix_every_segment = False  # tokenizers' Prepend normalizer, Metaspace "always": the prefix also
-        # starts a text that follows a special token (in a chat template's rendering)
+        self.prefix_every_segment = prefix_every_segment
 
     def _text(self, text: str, start: bool = False) -> str:
         if self.normalize in NORMALIZERS:
@@ -189,12 +190,14 @@ def tokenizer_files(name: str) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json. Two kinds of BPE model are converted, and everything else is refused in one line:
 #   byte-level (GPT-2, Llama 3, Qwen, SmolLM2): text split by the pre-tokenizer's regex, each piece's UTF-8 bytes
-#     merged. tiktoken does exactly this, so the regex becomes pat_str and the vocabulary the ranks: the tokens are
-#     written in GPT-2's byte-to-unicode alphabet (mapped back to bytes) and a token's rank is its merge's position.
-#     tokenizers merges the lowest-ranked adjacent *pair* of the merges list; tiktoken the adjacent pair whose
-#     concatenation has the lowest rank: the same when the ids grow in merge order (then an id serves as its rank)
+#     merged. tiktoken does exactly this, so the regex becomes pat_str and the merges the ranks: the tokens are
+#     written in GPT-2's byte-to-unicode alphabet (mapped back to bytes), and a token's rank is the position of the
+#     first merge that makes it. When the ids grow in merge order (all real files) the id is the rank; otherwise
+#     sentencepiece_bpe's rank space maps ranks to ids. tokenizers merges the adjacent *pair* listed first in the
+#     merges, tiktoken the adjacent pair whose concatenation has the lowest rank (and takes a piece that is itself a
+#     token whole): the same on BPE as trained, checked against tokenizers on the real files in the tests.
 #   sentencepiece-style (Llama 2, TinyLlama, Mistral: Metaspace or the Prepend/Replace normalizers, byte fallback):
-#     the pieces in sentencepiece.py's rank space, the merges list giving the priority.
+#     the pieces in sentencepiece_bpe's rank space, the merges list giving the priority.
 
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Digits(individual_digits) before GPT-2's regex: every digit is a piece of its own, and the text between digits is
@@ -211,11 +214,11 @@ def bytes_to_unicode() -> dict[str, int]:
     return {chr(b): b for b in keep} | {chr(256 + n): b for n, b in enumerate(moved)}
 
 
-def _read_json(path: Path, what: str = "") -> dict:
+def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: cannot read {what}({getattr(e, 'strerror', None) or e})") from None
+        raise TokenizerError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
 
 
 def _token(value) -> str | None:
@@ -255,7 +258,7 @@ def tokenizer_json(path: Path) -> Tokenizer:
     eos, pad = _token(config.get("eos_token")), _token(config.get("pad_token"))
     if eos is None:
         raise TokenizerError(f"{path}: no eos_token in {config_path} (the token that ends a response)")
-    for name, token in (("eos_token", eos), ("pad_token", pad), ("bos", bos)):
+    for name, token in (("eos_token", eos), ("pad_token", pad), ("the post-processor's BOS", bos)):
         if token is not None and token not in added:
             raise TokenizerError(f"{config_path}: {name} {token!r} is not an added token of {path}")
     template = config.get("chat_template")
@@ -269,11 +272,9 @@ def tokenizer_json(path: Path) -> Tokenizer:
         ids = _read_json(gen_path).get("eos_token_id")
         end += [ids] if isinstance(ids, int) else list(ids or [])
     n_vocab = max([*model["vocab"].values(), *added.values()]) + 1
-    tok = Tokenizer(enc, bos, eos, pad, prefix=prefix, normalize=normalize, chat_template=template, end=end,
-                    n_vocab=n_vocab, drop_from=drop_from)
-    tok.bos_token = _token(config.get("bos_token"))
-    tok.prefix_every_segment = every  # the template's variable, whether or not encode adds BOS
-    return tok
+    return Tokenizer(enc, bos, eos, pad, prefix=prefix, normalize=normalize, chat_template=template, end=end,
+                     n_vocab=n_vocab, drop_from=drop_from, bos_token=_token(config.get("bos_token")),
+                     prefix_every_segment=every)
 
 
 def _components(spec: dict | None, key: str) -> list[dict]:
@@ -366,9 +367,9 @@ def _byte_level_json(path: Path, model: dict, normalizers: list[dict], pre: list
 
 def _sentencepiece_json(path: Path, model: dict, normalizers: list[dict], pre: list[dict], added: dict, refuse):
     """Sentencepiece-style BPE: (RankSpaceEncoding, the dummy prefix rule, whether a text after a special token gets
-    it too: Tokenizer.prefix_every_segment). Two spellings of sentencepiece's
-    normalisation are read: the Metaspace pre-tokenizer (" " -> ▁, and ▁ before the text unless it starts with one)
-    or the normalizers Prepend(▁) + Replace(" ", ▁) (▁ before any text)."""
+    it too: Tokenizer.prefix_every_segment). Two spellings of sentencepiece's normalisation are read: the Metaspace
+    pre-tokenizer (" " -> ▁, and ▁ before the text unless it starts with one) or the normalizers Prepend(▁) +
+    Replace(" ", ▁) (▁ before any text). The pieces are stored with " " for ▁, as llama2.c's are."""
     norm = [(n["type"], n.get("prepend"), (n.get("pattern") or {}).get("String"), n.get("content"))
             for n in normalizers]
     if pre == [] and norm == [("Prepend", "\u2581", None, None), ("Replace", None, " ", "\u2581")]:
