@@ -11,7 +11,7 @@ from pathlib import Path
 
 import checkpoint
 import datafiles
-import llama2c
+import tokenizer
 
 
 def opt(default, help: str, choices: tuple = ()):
@@ -39,9 +39,9 @@ class TrainConfig:
                           "eval_size examples of data) or its name")
     eval_size: int = opt(128, "number of held-out examples evaluated (pairs, or examples for sft): the first of the "
                          "held-out file or split")
-    tokenizer: str = opt("auto", "'auto' (init_from's own: a llama2.c tok*.bin beside its weights, or the one its "
-                         "checkpoint was trained with; else byte), 'byte', a tiktoken name (gpt2), or the path of a "
-                         "Llama 3 tokenizer.model or a llama2.c tokenizer .bin")
+    tokenizer: str = opt("auto", "'auto' (init_from's own: its tokenizer.json, else a llama2.c tok*.bin beside its "
+                         "weights, else the one its run recorded; byte from scratch), 'byte', a tiktoken name (gpt2), "
+                         "or the path of a tokenizer.json, a Llama 3 tokenizer.model or a llama2.c tokenizer .bin")
     max_length: int = opt(64, "max tokens of prompt + response (longer examples are truncated, see data.py)")
     max_prompt_length: int = opt(32, "max prompt tokens (prompts are cut from the left)")
     # objective
@@ -228,11 +228,11 @@ def validate(cfg: TrainConfig, world_size: int):
     if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
         fail(f"wandb_project={cfg.wandb_project} needs the wandb package (pip install wandb)")
     try:
-        tokenizer = auto_tokenizer(cfg)
+        resolved = auto_tokenizer(cfg)
     except ValueError as e:
         fail(f"tokenizer=auto: {e}")
-    if cfg.data == "synthetic" and tokenizer != "byte":
-        fail(f"data=synthetic is a byte-level task: tokenizer must be 'byte', not {tokenizer!r}")
+    if cfg.data == "synthetic" and resolved != "byte":
+        fail(f"data=synthetic is a byte-level task: tokenizer must be 'byte', not {resolved!r}")
 
 
 def data_splits(cfg: TrainConfig) -> tuple[str, tuple[str, str] | None]:
@@ -264,15 +264,19 @@ def data_splits(cfg: TrainConfig) -> tuple[str, tuple[str, str] | None]:
 
 
 def auto_tokenizer(cfg: TrainConfig) -> str:
-    """cfg.tokenizer, or for 'auto' the one that came with the initial model: a llama2.c tokenizer beside its weights
-    (stories260K's tok512.bin), else the one its checkpoint was trained with, else byte (a model from scratch)."""
+    """cfg.tokenizer, or for 'auto' the one that came with the initial model: its directory's tokenizer.json, else a
+    llama2.c tok*.bin (stories260K's tok512.bin), else the one its run recorded (train_config.json); byte for a model
+    from scratch. A model directory with none of these is an error: the byte tokenizer is never guessed for it."""
     if cfg.tokenizer != "auto" or cfg.init_from == "scratch":
         return "byte" if cfg.tokenizer == "auto" else cfg.tokenizer
     model = checkpoint.model_dir(cfg.init_from)
-    if (found := llama2c.find_llama2c(model)) is not None:
+    if (found := tokenizer.find_tokenizer(model)) is not None:
         return str(found)
     saved = model / "train_config.json"
-    return json.loads(saved.read_text())["tokenizer"] if saved.exists() else "byte"
+    if saved.exists():
+        return json.loads(saved.read_text())["tokenizer"]
+    raise ValueError(f"{model}: no tokenizer.json, llama2.c tok*.bin or train_config.json beside the model to take "
+                     "its tokenizer from; pass --tokenizer")
 
 
 def schedule_warning(cfg: TrainConfig) -> str | None:

@@ -279,14 +279,18 @@ def tokenize(examples: list, tok: Tokenizer, kind: str, max_length: int,
             kept.append(u)
     # one batched tiktoken call over every text segment, then the segments are put back together
     segs = [tok.render(x, response=j > 0) for u in kept for j, x in enumerate((u[0], *u[1]))]
-    encoded = iter(tok.enc.encode_ordinary_batch([s for seg in segs for s in seg if isinstance(s, str)]))
+    encoded = iter(tok.encode_batch([s for seg in segs for s in seg if isinstance(s, str)]))
     ids = iter([i for s in seg for i in (next(encoded) if isinstance(s, str) else (s,))] for seg in segs)
     items, seq_lengths = [], []
     for prompt, responses, desirable, group in kept:
         p, rs = next(ids), [next(ids) for _ in responses]
+        if not p:  # a tokenizer without BOS (Qwen's) and an empty prompt: nothing predicts the first response token
+            drop("empty prompt and no BOS")
+            continue
         cut_prompt = max_prompt_length is not None and len(p) > max_prompt_length
-        if cut_prompt:  # keep BOS and the end of the prompt
-            p = p[:1] + p[len(p) - max_prompt_length + 1:]
+        if cut_prompt:  # keep BOS (if the tokenizer adds one) and the end of the prompt
+            keep = int(tok.bos_id is not None and p[:1] == [tok.bos_id])
+            p = p[:keep] + p[len(p) - max_prompt_length + keep:]
         room = max_length - len(p)
         if room < 1:
             drop("prompt leaves no room for a response")
@@ -453,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("path", help=".jsonl, .jsonl.gz, .json or .parquet file, or a dataset directory")
     ap.add_argument("--split", default="auto", help="a dataset directory's split (auto: its train split)")
     ap.add_argument("--format", default="auto", choices=["auto", *FORMATS])
-    ap.add_argument("--tokenizer", default="gpt2", help="byte, a tiktoken name, or a tokenizer file or model directory")
+    ap.add_argument("--tokenizer", default="gpt2", help="byte, a tiktoken name, or the path of a tokenizer.json, "
+                    "a Llama 3 tokenizer.model, a llama2.c .bin or a model directory")
     ap.add_argument("--max_length", type=int, default=1024)
     ap.add_argument("--max_prompt_length", type=int, default=512)
     ap.add_argument("--show", type=int, default=0, metavar="N",

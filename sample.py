@@ -4,7 +4,8 @@ directories, or a Hugging Face Llama directory.
     python train.py && python sample.py --ckpt out/tr-dpo-soft --prompt "abc=" --temperature 0
     python sample.py --ckpt /path/to/Llama-3.2-1B --tokenizer /path/to/tokenizer.model --prompt "Once upon a time"
 
-The tokenizer is --tokenizer, or else the one the run was trained with (its train_config.json).
+The tokenizer is --tokenizer, or else the model directory's own (its tokenizer.json or llama2.c tok*.bin, which a
+checkpoint of a run with a tokenizer.json carries), or else the one the run was trained with (its train_config.json).
 """
 import argparse
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
-from tokenizer import get_tokenizer
+from tokenizer import find_tokenizer, get_tokenizer
 from model import Llama, check_context
 
 
@@ -23,12 +24,15 @@ class SampleError(ValueError):
 
 
 def run_tokenizer(ckpt: Path, model_dir: Path) -> str:
-    """The tokenizer recorded in the train_config.json of a checkpoint (or of the run directory given)."""
+    """The model directory's own tokenizer, else the one recorded in the train_config.json of a checkpoint (or of the
+    run directory given)."""
+    if (own := find_tokenizer(model_dir)) is not None:
+        return str(own)
     for cfg in (model_dir / "train_config.json", ckpt / "train_config.json"):
         if cfg.is_file():
             return json.loads(cfg.read_text())["tokenizer"]
-    raise SampleError(f"--ckpt {ckpt}: no train_config.json names its tokenizer (a Hugging Face directory?): "
-                      f"pass --tokenizer")
+    raise SampleError(f"--ckpt {ckpt}: no tokenizer.json, llama2.c tok*.bin or train_config.json naming its "
+                      f"tokenizer: pass --tokenizer")
 
 
 def sample(args: argparse.Namespace):
@@ -58,7 +62,7 @@ def sample(args: argparse.Namespace):
     except ValueError as e:
         raise SampleError(f"--ckpt {ckpt}: {e} (prompt + --max_new_tokens)") from None
     torch.manual_seed(args.seed)
-    stop = [] if tok.eos_id is None else [tok.eos_id]
+    stop = tok.end_ids  # EOS, the end of a turn
     for _ in range(args.num_samples):
         new = model.generate([ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop_ids=stop)[0]
         print(args.prompt + tok.decode([t for t in new if t not in stop]))
@@ -68,8 +72,9 @@ def sample(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run directory, ckpt-<step> directory or Hugging Face model directory")
-    p.add_argument("--tokenizer", help="a name or path get_tokenizer knows (byte, gpt2, tokenizer.model); "
-                                       "default: the run's, from its train_config.json")
+    p.add_argument("--tokenizer", help="a name or path get_tokenizer knows (byte, gpt2, tokenizer.json, "
+                                       "tokenizer.model); default: the model directory's own, else the run's "
+                                       "(train_config.json)")
     p.add_argument("--prompt", default="", help="text to continue (BOS is put in front when the tokenizer has one)")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=200)
