@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import checkpoint
-import llama2c
+import tokenizer
 
 
 def opt(default, help: str, choices: tuple = ()):
@@ -30,9 +30,9 @@ class TrainConfig:
     data: str = opt("synthetic", "'synthetic' (the built-in task of synthetic.py) or a preference JSONL(.gz) file")
     eval_data: str = opt("", "held-out JSONL(.gz); empty: hold out the first eval_size examples of data")
     eval_size: int = opt(128, "number of held-out examples evaluated (pairs, or examples for sft)")
-    tokenizer: str = opt("auto", "'auto' (init_from's own: a llama2.c tok*.bin beside its weights, or the one its "
-                         "checkpoint was trained with; else byte), 'byte', a tiktoken name (gpt2), or the path of a "
-                         "Llama 3 tokenizer.model or a llama2.c tokenizer .bin")
+    tokenizer: str = opt("auto", "'auto' (init_from's own: its tokenizer.json, else a llama2.c tok*.bin beside its "
+                         "weights, else the one its run recorded; byte from scratch), 'byte', a tiktoken name (gpt2), "
+                         "or the path of a tokenizer.json, a Llama 3 tokenizer.model or a llama2.c tokenizer .bin")
     max_length: int = opt(64, "max tokens of prompt + response (longer examples are truncated, see data.py)")
     max_prompt_length: int = opt(32, "max prompt tokens (prompts are cut from the left)")
     # objective
@@ -215,23 +215,27 @@ def validate(cfg: TrainConfig, world_size: int):
     if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
         fail(f"wandb_project={cfg.wandb_project} needs the wandb package (pip install wandb)")
     try:
-        tokenizer = auto_tokenizer(cfg)
+        resolved = auto_tokenizer(cfg)
     except ValueError as e:
         fail(f"tokenizer=auto: {e}")
-    if cfg.data == "synthetic" and tokenizer != "byte":
-        fail(f"data=synthetic is a byte-level task: tokenizer must be 'byte', not {tokenizer!r}")
+    if cfg.data == "synthetic" and resolved != "byte":
+        fail(f"data=synthetic is a byte-level task: tokenizer must be 'byte', not {resolved!r}")
 
 
 def auto_tokenizer(cfg: TrainConfig) -> str:
-    """cfg.tokenizer, or for 'auto' the one that came with the initial model: a llama2.c tokenizer beside its weights
-    (stories260K's tok512.bin), else the one its checkpoint was trained with, else byte (a model from scratch)."""
+    """cfg.tokenizer, or for 'auto' the one that came with the initial model: its directory's tokenizer.json, else a
+    llama2.c tok*.bin (stories260K's tok512.bin), else the one its run recorded (train_config.json); byte for a model
+    from scratch. A model directory with none of these is an error: the byte tokenizer is never guessed for it."""
     if cfg.tokenizer != "auto" or cfg.init_from == "scratch":
         return "byte" if cfg.tokenizer == "auto" else cfg.tokenizer
     model = checkpoint.model_dir(cfg.init_from)
-    if (found := llama2c.find_llama2c(model)) is not None:
+    if (found := tokenizer.find_tokenizer(model)) is not None:
         return str(found)
     saved = model / "train_config.json"
-    return json.loads(saved.read_text())["tokenizer"] if saved.exists() else "byte"
+    if saved.exists():
+        return json.loads(saved.read_text())["tokenizer"]
+    raise ValueError(f"{model}: no tokenizer.json, llama2.c tok*.bin or train_config.json beside the model to take "
+                     "its tokenizer from; pass --tokenizer")
 
 
 def schedule_warning(cfg: TrainConfig) -> str | None:

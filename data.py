@@ -322,8 +322,9 @@ def tokenize(examples: list, tok: Tokenizer, kind: str, max_length: int,
     for prompt, responses, desirable, group in kept:
         p, rs = next(ids), [next(ids) for _ in responses]
         cut_prompt = max_prompt_length is not None and len(p) > max_prompt_length
-        if cut_prompt:  # keep BOS and the end of the prompt
-            p = p[:1] + p[len(p) - max_prompt_length + 1:]
+        if cut_prompt:  # keep BOS (if the tokenizer adds one) and the end of the prompt
+            keep = int(tok.bos_id is not None and p[:1] == [tok.bos_id])
+            p = p[:keep] + p[len(p) - max_prompt_length + keep:]
         room = max_length - len(p)
         if room < 1:
             drop("prompt leaves no room for a response")

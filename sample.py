@@ -54,7 +54,7 @@ def sample(args: argparse.Namespace):
         except ValueError as e:  # the template refused the chat (raise_exception), or cannot render it
             raise SampleError(f"--chat: {e}") from None
     else:
-        ids, stop = tok.encode(args.prompt), [] if tok.eos_id is None else [tok.eos_id]
+        ids, stop = tok.encode(args.prompt), tok.end_ids  # EOS, the end of a turn
         if tok.bos_id is not None and ids[:1] != [tok.bos_id]:
             ids = [tok.bos_id] + ids
     if not ids:

@@ -11,13 +11,14 @@ import base64
 import functools
 import json
 import re
+import unicodedata
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
 import tiktoken
 
-import llama2c
+import sentencepiece_bpe as sentencepiece
 
 
 class TokenizerError(ValueError):
@@ -41,34 +42,62 @@ LLAMA3_CHAT_TEMPLATE = (
 
 
 class Tokenizer:
-    """A tiktoken Encoding plus the ids the pipeline needs: every sequence starts with bos_id, a response ends with one
-    of end_ids (EOS, or the chat template's end of turn), pads are pad_id (masked out of every loss); and the chat
-    template (jinja source, or None: the plain HH format) that render applies to chat messages."""
+    """A tiktoken Encoding plus what the pipeline needs: bos_id (put before a sequence when the tokenizer's own
+    post-processor does so; None when it does not, as Qwen's), eos_id (ends a response), pad_id (masked out of every
+    loss), end_ids (the ids that end a response: EOS, the chat template's end of turn, generation_config.json's
+    eos_token_id), special_tokens (name -> id: the added tokens, encodable only by code and templates), chat_template
+    (the jinja source, or None: the plain HH format), bos_token / eos_token / pad_token (their strings, the
+    template's variables).
+
+    Text is normalized (Qwen's NFC) and, for sentencepiece-style tokenizers, given the dummy prefix " " when it starts
+    a sequence, before tiktoken encodes it: every encode goes through encode / encode_batch so neither is skipped."""
 
     def __init__(self, enc: tiktoken.Encoding, bos: str | None, eos: str, pad: str | None = None, prefix: str = "",
-                 chat_template: str | None = None, end: Iterable[int] = ()):
-        self.enc, self.name, self.n_vocab, self.chat_template = enc, enc.name, enc.n_vocab, chat_template
-        self.special_tokens = {t: enc.encode_single_token(t) for t in enc.special_tokens_set}
+                 normalize: str | None = None, chat_template: str | None = None, end: Iterable[int] = (),
+                 n_vocab: int | None = None, drop_from: int | None = None):
+        self.enc, self.name, self.chat_template = enc, enc.name, chat_template
+        self.n_vocab = n_vocab or enc.n_vocab  # the model's ids (a rank space may hold a few more, never returned)
+        self.special_tokens = dict(enc._special_tokens)
         self.bos_token, self.eos_token, self.pad_token = bos, eos, pad
         self.bos_id = None if bos is None else self.special(bos)
         self.eos_id = self.special(eos)
         self.pad_id = self.eos_id if pad is None else self.special(pad)  # pads are never seen: masked, right-padded
         self.end_ids = list(dict.fromkeys([self.eos_id, *end]))
-        self.prefix = prefix  # sentencepiece's dummy prefix: " " before the text that starts a sequence
+        # prefix: "" (none), "always" (llama2.c: " " before any text that starts a sequence) or "unless space"
+        # (Metaspace: " " unless the text starts with one); normalize: a unicodedata form, "metaspace" or None
+        self.prefix, self.normalize, self.drop_from = prefix, normalize, drop_from
+        self.prefix_every_segment = False  # tokenizers' Prepend normalizer, Metaspace "always": the prefix also
+        # starts a text that follows a special token (in a chat template's rendering)
 
-    def encode(self, text: str) -> list[int]:
-        """The text as the start of a sequence (after BOS): with the dummy prefix, if any, when text is not empty."""
-        return self.enc.encode_ordinary(self.prefix + text if text else text)
+    def _text(self, text: str, start: bool = False) -> str:
+        if self.normalize in NORMALIZERS:
+            text = unicodedata.normalize(self.normalize, text)
+        elif self.normalize == "metaspace":  # tokenizers reads sentencepiece's ▁ as the space it stands for
+            text = text.replace("\u2581", " ")
+        if start and text and (self.prefix == "always" or self.prefix == "unless space" and text[0] != " "):
+            text = " " + text
+        return text
+
+    def _ids(self, ids: list[int]) -> list[int]:
+        # ids past the model's vocabulary: bytes the vocabulary lacks (tokenizers drops them too)
+        return ids if self.drop_from is None else [i for i in ids if i < self.drop_from]
+
+    def encode(self, text: str, start: bool = True) -> list[int]:
+        """The text as plain text (never a special token); start: it starts a sequence (after BOS, if any), which
+        gives it a sentencepiece tokenizer's dummy prefix."""
+        return self._ids(self.enc.encode_ordinary(self._text(text, start)))
+
+    def encode_batch(self, texts: list[str], start: bool = False) -> list[list[int]]:
+        """encode for many texts at once (tiktoken's threads); start=False: they continue a sequence."""
+        return [self._ids(ids) for ids in self.enc.encode_ordinary_batch([self._text(t, start) for t in texts])]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode(list(ids))
 
     def special(self, token: str) -> int:
-        return self.enc.encode_single_token(token)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """encode for many texts at once (tiktoken's threads), each continuing a sequence (no dummy prefix)."""
-        return self.enc.encode_ordinary_batch(texts)
+        if token not in self.special_tokens:
+            raise TokenizerError(f"tokenizer {self.name}: no special token {token!r}")
+        return self.special_tokens[token]
 
     def ids(self, *segments: list) -> list[list[int]]:
         """Token ids of render's segment lists: the text in one batched call, special ids as they are."""
@@ -82,17 +111,22 @@ class Tokenizer:
         after BOS and the response " content" EOS."""
         bos = [] if self.bos_id is None else [self.bos_id]
         if isinstance(prompt, str):
-            return [[*bos, self.prefix + prompt], *([r, self.eos_id] for r in responses)]
+            return [[*bos, self._start(prompt)], *([r, self.eos_id] for r in responses)]
         if self.chat_template is not None:
             return render_chat(self, prompt, responses)
-        return [[*bos, self.prefix + "".join(f"\n\n{PLAIN_ROLES[m['role']]}: {m['content']}" for m in prompt)
-                 + "\n\nAssistant:"], *([" " + r[0]["content"], self.eos_id] for r in responses)]
+        return [[*bos, self._start("".join(f"\n\n{PLAIN_ROLES[m['role']]}: {m['content']}" for m in prompt)
+                                   + "\n\nAssistant:")], *([" " + r[0]["content"], self.eos_id] for r in responses)]
+
+    def _start(self, text: str) -> str:
+        """text with the dummy prefix a sequence's first text gets (render's segments are encoded with start=False)."""
+        return self._text(text, start=True) if self.prefix else text
 
 
 def get_tokenizer(name_or_path: str) -> Tokenizer:
     """'byte' (built in, no file), a tiktoken encoding name (gpt2, r50k_base, cl100k_base, o200k_base; their
-    <|endoftext|> serves as BOS, EOS and pad), the path of a Llama 3 tokenizer.model, or a llama2.c tokenizer: its
-    .bin file or a model directory holding one (llama2c_tokenizer)."""
+    <|endoftext|> serves as BOS, EOS and pad), or a path: a Hugging Face tokenizer.json (tokenizer_config.json and
+    generation_config.json beside it are read too), a llama2.c tokenizer .bin, a Llama 3 tokenizer.model, or a model
+    directory holding a tokenizer.json (preferred) or a llama2.c tok*.bin."""
     if name_or_path == "byte":  # 256 byte tokens and no merges: for offline demos and tests
         specials = {"<|bos|>": 256, "<|eos|>": 257, "<|pad|>": 258}
         enc = tiktoken.Encoding("byte", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
@@ -106,12 +140,20 @@ def get_tokenizer(name_or_path: str) -> Tokenizer:
                                f"TIKTOKEN_CACHE_DIR at a directory holding its files (e.g. ../shared/tiktoken_cache)")
         return Tokenizer(enc, "<|endoftext|>", "<|endoftext|>", "<|endoftext|>")
     path = Path(name_or_path)
-    if path.suffix == ".bin" or path.is_dir():
-        enc, bos, eos = llama2c.llama2c_encoding(path)
-        return Tokenizer(enc, bos, eos, prefix=" ")
+    if path.is_dir():
+        found = find_tokenizer(path)
+        if found is None:
+            raise ValueError(f"{path}: no tokenizer in this directory (tokenizer.json or a llama2.c tok*.bin)")
+        path = found
+    if path.suffix == ".json":
+        return tokenizer_json(path)
+    if path.suffix == ".bin":
+        enc, bos, eos = sentencepiece.llama2c_encoding(path)
+        return Tokenizer(enc, bos, eos, prefix="always")  # run.c's dummy prefix: " " before any text
     if not path.is_file():
         raise ValueError(f"unknown tokenizer {name_or_path!r}: 'byte', one of {tiktoken.list_encoding_names()}, "
-                         "the path of a Llama 3 tokenizer.model, or a llama2.c tokenizer .bin (or its directory)")
+                         "the path of a tokenizer.json, a llama2.c tokenizer .bin, a Llama 3 tokenizer.model, or a "
+                         "model directory holding one")
     ranks = {}  # tiktoken's BPE file: "<base64 token> <rank>" per line; read here, not through tiktoken's URL cache
     for line_no, line in enumerate(path.read_text().splitlines(), 1):
         try:
@@ -125,9 +167,246 @@ def get_tokenizer(name_or_path: str) -> Tokenizer:
                      end=[special["<|eot_id|>"]])
 
 
-def response_end_ids(tok) -> list[int]:
-    """The ids that end a response in tokenize (generation stops on them): EOS, and the chat's end of turn."""
-    return tok.end_ids
+
+
+def find_tokenizer(directory: str | Path) -> Path | None:
+    """A model directory's own tokenizer: its tokenizer.json, else a llama2.c tok*.bin, else None."""
+    if (Path(directory) / "tokenizer.json").is_file():
+        return Path(directory) / "tokenizer.json"
+    return sentencepiece.find_llama2c(directory)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json. Two kinds of BPE model are converted, and everything else is refused in one line:
+#   byte-level (GPT-2, Llama 3, Qwen, SmolLM2): text split by the pre-tokenizer's regex, each piece's UTF-8 bytes
+#     merged. tiktoken does exactly this, so the regex becomes pat_str and the vocabulary the ranks: the tokens are
+#     written in GPT-2's byte-to-unicode alphabet (mapped back to bytes) and a token's rank is its merge's position.
+#     tokenizers merges the lowest-ranked adjacent *pair* of the merges list; tiktoken the adjacent pair whose
+#     concatenation has the lowest rank: the same when the ids grow in merge order (then an id serves as its rank)
+#   sentencepiece-style (Llama 2, TinyLlama, Mistral: Metaspace or the Prepend/Replace normalizers, byte fallback):
+#     the pieces in sentencepiece.py's rank space, the merges list giving the priority.
+
+GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Digits(individual_digits) before GPT-2's regex: every digit is a piece of its own, and the text between digits is
+# split by GPT-2's regex as if it ended there (so a run of spaces before a digit stays whole)
+GPT2_DIGITS_PAT = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD"}  # unicodedata.normalize's forms
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>")  # chat templates' ends
+
+
+def bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's alphabet: each byte as a printable character (the byte itself when printable, else 256 + n)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {chr(b): b for b in keep} | {chr(256 + n): b for n, b in enumerate(moved)}
+
+
+def _read_json(path: Path, what: str = "") -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: cannot read {what}({getattr(e, 'strerror', None) or e})") from None
+
+
+def _token(value) -> str | None:
+    """tokenizer_config.json's token fields: a string or an AddedToken dict {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def tokenizer_json(path: Path) -> Tokenizer:
+    """A Hugging Face tokenizer.json with the tokenizer_config.json (BOS, EOS, pad, chat template), chat_template.jinja
+    and generation_config.json (eos_token_id) beside it, as a Tokenizer whose ids are tokenizers' own."""
+    tj = _read_json(path)
+    model = tj.get("model") or {}
+
+    def refuse(component: str, why: str = "not supported"):
+        raise TokenizerError(f"{path}: {component}: {why}")
+
+    if model.get("type") != "BPE":
+        refuse(f"model {model.get('type')}", "only BPE models are converted (WordPiece, Unigram, WordLevel are not)")
+    for option, ok in (("dropout", (None, 0, 0.0)), ("continuing_subword_prefix", (None, "")),
+                       ("end_of_word_suffix", (None, ""))):
+        if model.get(option) not in ok:
+            refuse(f"model option {option}={model[option]!r}")
+    added = {t["content"]: t["id"] for t in tj.get("added_tokens") or []}
+    normalizers = _components(tj.get("normalizer"), "normalizers")
+    pre = _components(tj.get("pre_tokenizer"), "pretokenizers")
+    sentencepiece_style = (any(p["type"] == "Metaspace" for p in pre)
+                           or any(n["type"] in ("Prepend", "Replace") for n in normalizers))
+    if sentencepiece_style:
+        enc, prefix, every = _sentencepiece_json(path, model, normalizers, pre, added, refuse)
+        normalize, drop_from = "metaspace", None
+    else:
+        enc, normalize, drop_from = _byte_level_json(path, model, normalizers, pre, added, refuse)
+        prefix, every = "", False
+    bos = _post_processor_bos(tj.get("post_processor"), refuse)
+    config_path = path.parent / "tokenizer_config.json"
+    config = _read_json(config_path) if config_path.is_file() else {}
+    eos, pad = _token(config.get("eos_token")), _token(config.get("pad_token"))
+    if eos is None:
+        raise TokenizerError(f"{path}: no eos_token in {config_path} (the token that ends a response)")
+    for name, token in (("eos_token", eos), ("pad_token", pad), ("bos", bos)):
+        if token is not None and token not in added:
+            raise TokenizerError(f"{config_path}: {name} {token!r} is not an added token of {path}")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": ..., "template": ...}]: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is None and (jinja := path.parent / "chat_template.jinja").is_file():
+        template = jinja.read_text(encoding="utf-8")
+    end = [added[t] for t in END_OF_TURN if t in added and template and t in template]
+    gen_path = path.parent / "generation_config.json"
+    if gen_path.is_file():
+        ids = _read_json(gen_path).get("eos_token_id")
+        end += [ids] if isinstance(ids, int) else list(ids or [])
+    n_vocab = max([*model["vocab"].values(), *added.values()]) + 1
+    tok = Tokenizer(enc, bos, eos, pad, prefix=prefix, normalize=normalize, chat_template=template, end=end,
+                    n_vocab=n_vocab, drop_from=drop_from)
+    tok.bos_token, tok.unk_token = _token(config.get("bos_token")), _token(config.get("unk_token"))
+    tok.prefix_every_segment = every  # the template's variable, whether or not encode adds BOS
+    return tok
+
+
+def _components(spec: dict | None, key: str) -> list[dict]:
+    """A normalizer or pre-tokenizer spec as a flat list (a Sequence's parts)."""
+    if spec is None:
+        return []
+    return [c for part in spec[key] for c in _components(part, key)] if spec["type"] == "Sequence" else [spec]
+
+
+def _normalize_form(normalizers: list[dict], refuse) -> str | None:
+    forms = [n["type"] for n in normalizers]
+    if any(f not in NORMALIZERS for f in forms) or len(forms) > 1:
+        refuse(f"normalizer {'+'.join(forms)}", "only one of NFC, NFD, NFKC, NFKD is applied (others change the "
+                                               "text in ways tiktoken cannot)")
+    return forms[0] if forms else None
+
+
+def _byte_level_json(path: Path, model: dict, normalizers: list[dict], pre: list[dict], added: dict, refuse):
+    """Byte-level BPE: (tiktoken Encoding, normalization form, first id of bytes the vocabulary lacks or None)."""
+    normalize = _normalize_form(normalizers, refuse)
+    types = [p["type"] for p in pre]
+    level = pre[-1] if types and types[-1] == "ByteLevel" else None
+    if level is None:
+        refuse(f"pre_tokenizer {'+'.join(types) or 'none'}", "a BPE model needs the ByteLevel pre-tokenizer "
+                                                                "(byte-level) or Metaspace (sentencepiece-style)")
+    if level.get("add_prefix_space"):
+        refuse("pre_tokenizer ByteLevel add_prefix_space=true")
+    if types == ["ByteLevel"] and level.get("use_regex", True):
+        pat = GPT2_PAT
+    elif types == ["Digits", "ByteLevel"] and pre[0].get("individual_digits") and level.get("use_regex", True):
+        pat = GPT2_DIGITS_PAT
+    elif types == ["Split", "ByteLevel"] and not level.get("use_regex", True):
+        split = pre[0]
+        if split.get("behavior") != "Isolated" or split.get("invert"):
+            refuse(f"pre_tokenizer Split behavior={split.get('behavior')} invert={split.get('invert')}",
+                   "only Isolated, not inverted (tiktoken's split)")
+        pattern = split["pattern"]
+        pat = pattern["Regex"] if "Regex" in pattern else re.escape(pattern["String"])
+    else:
+        refuse(f"pre_tokenizer {'+'.join(types)}", "supported: ByteLevel, Digits(individual_digits)+ByteLevel, "
+                                                   "Split(regex)+ByteLevel(use_regex=false)")
+    if model.get("byte_fallback"):
+        refuse("model option byte_fallback=true with a ByteLevel pre-tokenizer")
+    alphabet = bytes_to_unicode()
+    added_ids = set(added.values())
+
+    def as_bytes(token: str) -> bytes:
+        try:
+            return bytes(alphabet[c] for c in token)
+        except KeyError as e:
+            raise TokenizerError(f"{path}: token {token!r}: {e.args[0]!r} is not in the byte-level alphabet") from None
+
+    vocab = {as_bytes(t): i for t, i in model["vocab"].items() if i not in added_ids}
+    ranks = {t: i for t, i in vocab.items() if len(t) == 1}
+    last = -1
+    for k, merge in enumerate(model["merges"]):
+        a, b = merge.split(" ") if isinstance(merge, str) else merge
+        token = as_bytes(a) + as_bytes(b)
+        if token in ranks:
+            continue  # a second merge giving the same token: the first has priority
+        if token not in vocab:
+            raise TokenizerError(f"{path}: merge {k} {a!r} {b!r}: {a + b!r} is not in the vocabulary")
+        if vocab[token] <= last:
+            refuse(f"merge {k} {a!r} {b!r}", f"id {vocab[token]} after id {last}: ids must grow in merge order "
+                                             "(they serve as tiktoken's ranks)")
+        ranks[token] = last = vocab[token]
+    missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+    drop_from = None
+    if missing:  # bytes the vocabulary lacks (e.g. control characters): tokenizers drops them; so do we
+        drop_from = max([*ranks.values(), *added.values()]) + 1
+        ranks |= {b: drop_from + i for i, b in enumerate(missing)}
+    try:
+        enc = tiktoken.Encoding(str(path), pat_str=pat, mergeable_ranks=ranks, special_tokens=added)
+    except ValueError as e:
+        refuse(f"pre_tokenizer regex {pat!r}", f"tiktoken's regex engine rejects it ({e})")
+    return enc, normalize, drop_from
+
+
+def _sentencepiece_json(path: Path, model: dict, normalizers: list[dict], pre: list[dict], added: dict, refuse):
+    """Sentencepiece-style BPE: (RankSpaceEncoding, the dummy prefix rule, whether a text after a special token gets
+    it too: Tokenizer.prefix_every_segment). Two spellings of sentencepiece's
+    normalisation are read: the Metaspace pre-tokenizer (" " -> ▁, and ▁ before the text unless it starts with one)
+    or the normalizers Prepend(▁) + Replace(" ", ▁) (▁ before any text)."""
+    norm = [(n["type"], n.get("prepend"), (n.get("pattern") or {}).get("String"), n.get("content"))
+            for n in normalizers]
+    if pre == [] and norm == [("Prepend", "\u2581", None, None), ("Replace", None, " ", "\u2581")]:
+        prefix, every = "always", True  # a normalizer: every text tokenizers normalizes, after a special token too
+    elif len(pre) == 1 and not normalizers and pre[0].get("replacement") == "\u2581" and not pre[0].get("split"):
+        scheme = pre[0].get("prepend_scheme") or ("always" if pre[0].get("add_prefix_space", True) else "never")
+        prefix, every = ("" if scheme == "never" else "unless space"), scheme == "always"
+    else:
+        refuse(f"normalizer {'+'.join(n[0] for n in norm) or 'none'} with pre_tokenizer "
+               f"{'+'.join(p['type'] for p in pre) or 'none'}", "sentencepiece-style BPE is read as Metaspace(▁, "
+               "split=false) alone, or the normalizers Prepend(▁) + Replace(' ', ▁) with no pre-tokenizer")
+    if not model.get("byte_fallback"):
+        refuse("model option byte_fallback=false", "sentencepiece-style BPE is read with byte fallback only")
+    added_ids = set(added.values())
+    byte_ids, pieces = [None] * 256, {}
+    for token, i in model["vocab"].items():
+        if i in added_ids:
+            continue
+        if re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            byte_ids[int(token[3:5], 16)] = i
+        elif (text := token.replace("\u2581", " ").encode()) in pieces:
+            raise TokenizerError(f"{path}: tokens {token!r} and {pieces[text]} are the same text")
+        else:
+            pieces[text] = i
+    if None in byte_ids:
+        refuse(f"byte fallback without the token <0x{byte_ids.index(None):02X}>")
+    merges = {}  # the merged pieces in the order of their first merge
+    for k, merge in enumerate(model["merges"]):
+        a, b = merge.split(" ") if isinstance(merge, str) else merge
+        if (text := (a + b).replace("\u2581", " ").encode()) not in pieces:
+            raise TokenizerError(f"{path}: merge {k} {a!r} {b!r}: {a + b!r} is not in the vocabulary")
+        merges.setdefault(text, k)
+    id_bytes = [b""] * (max([*model["vocab"].values(), *added_ids]) + 1)
+    for text, i in pieces.items():
+        id_bytes[i] = text
+    for b, i in enumerate(byte_ids):
+        id_bytes[i] = bytes([b])
+    for token, i in added.items():
+        id_bytes[i] = token.encode()
+    return sentencepiece.rank_space(str(path), id_bytes, byte_ids, pieces, list(merges), added), prefix, every
+
+
+def _post_processor_bos(spec: dict | None, refuse) -> str | None:
+    """The special token tokenizers puts before a text (TemplateProcessing's single: [<s>, $A]), or None. Tokens it
+    puts after the text are not added: a prompt is followed by its response, and a response ends with EOS here."""
+    if spec is None or spec["type"] == "ByteLevel":  # ByteLevel: offsets only
+        return None
+    if spec["type"] == "Sequence":
+        found = [b for p in spec["processors"] if (b := _post_processor_bos(p, refuse)) is not None]
+        return found[0] if found else None
+    if spec["type"] != "TemplateProcessing":
+        refuse(f"post_processor {spec['type']}")
+    before = []
+    for part in spec["single"]:
+        if "Sequence" in part:
+            break
+        before.append(part["SpecialToken"]["id"])
+    if len(before) > 1:
+        refuse(f"post_processor TemplateProcessing {before} before the text", "one BOS at most")
+    return before[0] if before else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -287,22 +566,21 @@ def render_chat(tok: Tokenizer, prompt: list, responses: Iterable = ()) -> list[
     is left out, as generation stops at the end id; a response with no end id gets EOS. The prompt rendered alone
     must be a prefix of the whole conversation rendered."""
     pieces = _pieces(tok, prompt, True)
-    head, cut = _tokens(tok, pieces), sum(len(t) for t, _ in pieces)
-    segments = [s for s, _ in head]
-    if segments and isinstance(segments[0], str):  # text at the very start of the sequence: the dummy prefix
-        segments[0] = tok.prefix + segments[0]
-    out, prompt_text = [segments], "".join(t for t, _ in pieces)
+    head, cut, prompt_text = _tokens(tok, pieces), sum(len(t) for t, _ in pieces), "".join(t for t, _ in pieces)
+    out = [_prefixed(tok, [s for s, _ in head], True)]
     for response in responses:
         pieces = _pieces(tok, [*prompt, *response], False)
         whole = _tokens(tok, pieces)
         first = next((i for i, (_, end) in enumerate(whole) if end > cut), len(whole))  # the first past the prompt
-        begin = whole[first - 1][1] if first else 0
+        begin = whole[first - 1][1] if first else 0  # where it begins
         if not "".join(t for t, _ in pieces).startswith(prompt_text) or (begin < cut and isinstance(whole[first][0], int)):
             raise TokenizerError(f"chat template of {tok.name}: the prompt rendered alone is not a prefix of the "
                                  f"prompt and response rendered together, so they cannot be split")
         rest = [s for s, _ in whole[first:]]
-        if begin < cut:  # a text segment that starts in the prompt: its response part
+        if begin < cut:  # a text segment that starts in the prompt: its response part continues that text
             rest[0] = rest[0][cut - begin:]
+        after_special = first > 0 and begin == cut and isinstance(whole[first - 1][0], int)
+        rest = _prefixed(tok, rest, cut == 0 or after_special and getattr(tok, "prefix_every_segment", False))
         ends = [i for i, s in enumerate(rest) if isinstance(s, int) and s in tok.end_ids]
         if not ends:
             rest.append(tok.eos_id)
@@ -310,3 +588,12 @@ def render_chat(tok: Tokenizer, prompt: list, responses: Iterable = ()) -> list[
             del rest[ends[-1] + 1:]
         out.append(rest)
     return out
+
+
+def _prefixed(tok: Tokenizer, segments: list, starts_text: bool) -> list:
+    """The segments with a sentencepiece tokenizer's dummy prefix where tokenizers puts it in a rendered chat: on the
+    text that starts the sequence (starts_text: the first segment does) and, for some (prefix_every_segment), on
+    every text after a special token."""
+    every = getattr(tok, "prefix_every_segment", False)
+    return [tok._start(s) if isinstance(s, str) and (starts_text if i == 0 else every and isinstance(segments[i - 1], int))
+            else s for i, s in enumerate(segments)]

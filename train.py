@@ -338,7 +338,7 @@ def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list
     gen_model = policy if cfg.fsdp else ref_lib.unwrap(policy)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # same samples on every rank and every resume
     # the tokenizer's end of a response stops a row; ids past its vocabulary (a larger model vocab) are never drawn
-    stop, n_vocab = tokenizer.response_end_ids(tok), tok.n_vocab
+    stop, n_vocab = tok.end_ids, tok.n_vocab
     with autocast(cfg, device):
         greedy = gen_model.generate(prompts, cfg.max_new_tokens, temperature=0.0, stop_ids=stop, n_vocab=n_vocab)
         sampled = gen_model.generate(prompts, cfg.max_new_tokens, temperature=1.0, generator=gen, stop_ids=stop,
