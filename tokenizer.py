@@ -492,13 +492,14 @@ def compile_template(source: str):
 def render_template(tok: Tokenizer, messages: list, add_generation_prompt: bool) -> str:
     """The chat as transformers' apply_chat_template(tokenize=False) renders it: the same variables (the special
     token strings, tools and documents None)."""
+    template = compile_template(tok.chat_template)
     import jinja2  # compile_template has checked it is there
     names = {k: v for k, v in (("bos_token", tok.bos_token), ("eos_token", tok.eos_token),
                                ("pad_token", tok.pad_token), ("unk_token", getattr(tok, "unk_token", None)))
              if v is not None}
     try:
-        return compile_template(tok.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                          tools=None, documents=None, **names)
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                               documents=None, **names)
     except jinja2.exceptions.TemplateError as e:  # raise_exception's message, or a template bug
         raise TokenizerError(f"chat template of {tok.name}: {e.message or type(e).__name__} (roles "
                              f"{', '.join(m['role'] for m in messages)})") from None
