@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="rounds of --compare")
     real = p.add_argument_group("real data (--data): batches drawn from a preference file, as train.py draws them")
     real.add_argument("--data", default="", help="a preference JSONL(.gz); --vocab_size and the lengths come from it")
-    real.add_argument("--tokenizer", default="gpt2", help="byte, a tiktoken name or a Llama 3 tokenizer.model path")
+    real.add_argument("--tokenizer", default="gpt2", help="byte, a tiktoken name or a tokenizer path")
     real.add_argument("--max_length", type=int, default=512)
     real.add_argument("--max_prompt_length", type=int, default=256)
     real.add_argument("--micro_batch_size", type=int, default=4, help="pairs per padded forward (--packing off)")

@@ -241,8 +241,11 @@ def barrier():
         dist.barrier()
 
 
-def save(out_dir: str | Path, step: int, policy, reference, optimizer, state: dict, config: dict, keep_last: int):
+def save(out_dir: str | Path, step: int, policy, reference, optimizer, state: dict, config: dict, keep_last: int,
+         files: dict | None = None):
     """Write ckpt-<step> (every rank calls this: the gathers are collectives), then keep the newest keep_last.
+    files: {name: source} copied in beside the weights (the tokenizer's tokenizer.json and its configs: a checkpoint
+    that a later run, sample.py or transformers loads brings its own tokenizer).
 
     Refused (CheckpointError, nothing written or deleted) if a weight or optimizer tensor is not finite, so the newest
     checkpoint is always the last finite state. A failed write (full disk, read-only or unwritable out_dir) removes
@@ -276,6 +279,8 @@ def save(out_dir: str | Path, step: int, policy, reference, optimizer, state: di
             torch.save(optim_sd, tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
             (tmp / "train_config.json").write_text(json.dumps(config, indent=2))
+            for name, source in (files or {}).items():
+                shutil.copyfile(source, tmp / name)
             write_manifest(tmp)
             if dest.exists():  # a step written again after a fall back past it (set_aside moves those): replace it
                 shutil.rmtree(dest)

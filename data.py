@@ -321,6 +321,9 @@ def tokenize(examples: list, tok: Tokenizer, kind: str, max_length: int,
     items, seq_lengths = [], []
     for prompt, responses, desirable, group in kept:
         p, rs = next(ids), [next(ids) for _ in responses]
+        if not p:  # a tokenizer without BOS (Qwen's) and an empty prompt: nothing predicts the first response token
+            drop("empty prompt and no BOS")
+            continue
         cut_prompt = max_prompt_length is not None and len(p) > max_prompt_length
         if cut_prompt:  # keep BOS (if the tokenizer adds one) and the end of the prompt
             keep = int(tok.bos_id is not None and p[:1] == [tok.bos_id])
@@ -477,7 +480,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Summarise a preference / SFT data file: formats, drops, truncation.")
     ap.add_argument("path", help=".jsonl, .jsonl.gz or .json")
     ap.add_argument("--format", default="auto", choices=["auto", *FORMATS])
-    ap.add_argument("--tokenizer", default="gpt2", help="byte, a tiktoken name, or a Llama 3 tokenizer.model path")
+    ap.add_argument("--tokenizer", default="gpt2", help="byte, a tiktoken name, or the path of a tokenizer.json, "
+                    "a Llama 3 tokenizer.model, a llama2.c .bin or a model directory")
     ap.add_argument("--max_length", type=int, default=1024)
     ap.add_argument("--max_prompt_length", type=int, default=512)
     args = ap.parse_args()

@@ -5,9 +5,10 @@ directories, or a Hugging Face Llama directory.
     python sample.py --ckpt /path/to/Llama-3.2-1B --tokenizer /path/to/tokenizer.model --prompt "Once upon a time"
     python sample.py --ckpt out/my-dpo-run --chat "What is the capital of France?"
 
-The tokenizer is --tokenizer, or else the one the run was trained with (its train_config.json). --chat renders a user
-message with the tokenizer's chat template (or the plain "Human: / Assistant:" format when it has none), stops at the
-end of the assistant's turn and prints the reply alone.
+The tokenizer is --tokenizer, or else the model directory's own (its tokenizer.json or llama2.c tok*.bin, which a
+checkpoint of a run with a tokenizer.json carries), or else the one the run was trained with (its train_config.json).
+--chat renders a user message with the tokenizer's chat template (or the plain "Human: / Assistant:" format when it
+has none), stops at the end of the assistant's turn and prints the reply alone.
 """
 import argparse
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
-from tokenizer import get_tokenizer
+from tokenizer import find_tokenizer, get_tokenizer
 from model import Llama
 
 
@@ -26,12 +27,15 @@ class SampleError(ValueError):
 
 
 def run_tokenizer(ckpt: Path, model_dir: Path) -> str:
-    """The tokenizer recorded in the train_config.json of a checkpoint (or of the run directory given)."""
+    """The model directory's own tokenizer, else the one recorded in the train_config.json of a checkpoint (or of the
+    run directory given)."""
+    if (own := find_tokenizer(model_dir)) is not None:
+        return str(own)
     for cfg in (model_dir / "train_config.json", ckpt / "train_config.json"):
         if cfg.is_file():
             return json.loads(cfg.read_text())["tokenizer"]
-    raise SampleError(f"--ckpt {ckpt}: no train_config.json names its tokenizer (a Hugging Face directory?): "
-                      f"pass --tokenizer")
+    raise SampleError(f"--ckpt {ckpt}: no tokenizer.json, llama2.c tok*.bin or train_config.json naming its "
+                      f"tokenizer: pass --tokenizer")
 
 
 def sample(args: argparse.Namespace):
@@ -73,8 +77,9 @@ def sample(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run directory, ckpt-<step> directory or Hugging Face Llama directory")
-    p.add_argument("--tokenizer", help="a name or path get_tokenizer knows (byte, gpt2, tokenizer.model); "
-                                       "default: the run's, from its train_config.json")
+    p.add_argument("--tokenizer", help="a name or path get_tokenizer knows (byte, gpt2, tokenizer.json, "
+                                       "tokenizer.model); default: the model directory's own, else the run's "
+                                       "(train_config.json)")
     p.add_argument("--prompt", default="", help="text to continue (BOS is put in front when the tokenizer has one)")
     p.add_argument("--chat", help="a user message: the reply to it through the chat template (not with --prompt)")
     p.add_argument("--num_samples", type=int, default=1)

@@ -1,7 +1,8 @@
 """Tokenizers: every kind becomes a tiktoken Encoding, wrapped in a Tokenizer that knows the ids the pipeline needs
 (BOS, EOS, pad, the ids that end a response) and how a chat is rendered.
 
-    get_tokenizer('byte' | tiktoken name | Llama 3 tokenizer.model | llama2.c tok*.bin | model directory) ──► Tokenizer
+    get_tokenizer('byte' | tiktoken name | tokenizer.json | Llama 3 tokenizer.model | llama2.c tok*.bin | model dir)
+        ──► Tokenizer
 
 Text is always encoded as plain text (encode_ordinary), so a user who types "<|eot_id|>" gets the characters, never
 the control token: special tokens come only from code (BOS, EOS) or a chat template's own markup (see the end of
@@ -23,7 +24,6 @@ import sentencepiece_bpe as sentencepiece
 
 class TokenizerError(ValueError):
     """A bad tokenizer file; the message names the file (and the line or token)."""
-
 
 
 LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -50,15 +50,19 @@ class Tokenizer:
     template's variables).
 
     Text is normalized (Qwen's NFC) and, for sentencepiece-style tokenizers, given the dummy prefix " " when it starts
-    a sequence, before tiktoken encodes it: every encode goes through encode / encode_batch so neither is skipped."""
+    a sequence, before tiktoken encodes it: every encode goes through encode / encode_batch so neither is skipped.
+    prefix_every_segment: the prefix also starts a text that follows a special token (a chat template's rendering:
+    tokenizers' Prepend normalizer, Metaspace "always"), not only the sequence's first text."""
 
     def __init__(self, enc: tiktoken.Encoding, bos: str | None, eos: str, pad: str | None = None, prefix: str = "",
                  normalize: str | None = None, chat_template: str | None = None, end: Iterable[int] = (),
-                 n_vocab: int | None = None, drop_from: int | None = None):
+                 n_vocab: int | None = None, drop_from: int | None = None, bos_token: str | None = None,
+                 unk_token: str | None = None, prefix_every_segment: bool = False):
         self.enc, self.name, self.chat_template = enc, enc.name, chat_template
         self.n_vocab = n_vocab or enc.n_vocab  # the model's ids (a rank space may hold a few more, never returned)
         self.special_tokens = dict(enc._special_tokens)
-        self.bos_token, self.eos_token, self.pad_token = bos, eos, pad
+        # the template's variables: bos_token even if never added (SmolLM2's), unk_token only from tokenizer_config
+        self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token or bos, eos, pad, unk_token
         self.bos_id = None if bos is None else self.special(bos)
         self.eos_id = self.special(eos)
         self.pad_id = self.eos_id if pad is None else self.special(pad)  # pads are never seen: masked, right-padded
@@ -66,8 +70,7 @@ class Tokenizer:
         # prefix: "" (none), "always" (llama2.c: " " before any text that starts a sequence) or "unless space"
         # (Metaspace: " " unless the text starts with one); normalize: a unicodedata form, "metaspace" or None
         self.prefix, self.normalize, self.drop_from = prefix, normalize, drop_from
-        self.prefix_every_segment = False  # tokenizers' Prepend normalizer, Metaspace "always": the prefix also
-        # starts a text that follows a special token (in a chat template's rendering)
+        self.prefix_every_segment = prefix_every_segment
 
     def _text(self, text: str, start: bool = False) -> str:
         if self.normalize in NORMALIZERS:
@@ -80,7 +83,9 @@ class Tokenizer:
 
     def _ids(self, ids: list[int]) -> list[int]:
         # ids past the model's vocabulary: bytes the vocabulary lacks (tokenizers drops them too)
-        return ids if self.drop_from is None else [i for i in ids if i < self.drop_from]
+        if self.drop_from is None or not ids or max(ids) < self.drop_from:
+            return ids
+        return [i for i in ids if i < self.drop_from]
 
     def encode(self, text: str, start: bool = True) -> list[int]:
         """The text as plain text (never a special token); start: it starts a sequence (after BOS, if any), which
@@ -109,7 +114,7 @@ class Tokenizer:
     def render(self, prompt: str | list, responses: Iterable = ()) -> list[list]:
         """[prompt segments, segments of each response]: a segment is text (str, encoded as text) or a special id
         (int). A string prompt is raw text after BOS and a string response ends with EOS. Chat messages go through
-        the chat template (see render_chat) or, without one, the plain HH format: "\n\nHuman: ..\n\nAssistant:"
+        the chat template (see render_chat) or, without one, the plain HH format: "\\n\\nHuman: ..\\n\\nAssistant:"
         after BOS and the response " content" EOS."""
         bos = [] if self.bos_id is None else [self.bos_id]
         if isinstance(prompt, str):
@@ -178,15 +183,29 @@ def find_tokenizer(directory: str | Path) -> Path | None:
     return sentencepiece.find_llama2c(directory)
 
 
+def tokenizer_files(name: str) -> dict[str, Path]:
+    """The files a checkpoint copies to carry its tokenizer: a tokenizer.json with the configs beside it (transformers
+    and --tokenizer=auto find them there); none for the other kinds (train_config.json records their name or path)."""
+    path = Path(name)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if path.suffix != ".json" or not path.is_file():
+        return {}
+    beside = ("tokenizer_config.json", "generation_config.json", "chat_template.jinja", "special_tokens_map.json")
+    return {"tokenizer.json": path} | {f: path.parent / f for f in beside if (path.parent / f).is_file()}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json. Two kinds of BPE model are converted, and everything else is refused in one line:
 #   byte-level (GPT-2, Llama 3, Qwen, SmolLM2): text split by the pre-tokenizer's regex, each piece's UTF-8 bytes
-#     merged. tiktoken does exactly this, so the regex becomes pat_str and the vocabulary the ranks: the tokens are
-#     written in GPT-2's byte-to-unicode alphabet (mapped back to bytes) and a token's rank is its merge's position.
-#     tokenizers merges the lowest-ranked adjacent *pair* of the merges list; tiktoken the adjacent pair whose
-#     concatenation has the lowest rank: the same when the ids grow in merge order (then an id serves as its rank)
+#     merged. tiktoken does exactly this, so the regex becomes pat_str and the merges the ranks: the tokens are
+#     written in GPT-2's byte-to-unicode alphabet (mapped back to bytes), and a token's rank is the position of the
+#     first merge that makes it. When the ids grow in merge order (all real files) the id is the rank; otherwise
+#     sentencepiece_bpe's rank space maps ranks to ids. tokenizers merges the adjacent *pair* listed first in the
+#     merges, tiktoken the adjacent pair whose concatenation has the lowest rank (and takes a piece that is itself a
+#     token whole): the same on BPE as trained, checked against tokenizers on the real files in the tests.
 #   sentencepiece-style (Llama 2, TinyLlama, Mistral: Metaspace or the Prepend/Replace normalizers, byte fallback):
-#     the pieces in sentencepiece.py's rank space, the merges list giving the priority.
+#     the pieces in sentencepiece_bpe's rank space, the merges list giving the priority.
 
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Digits(individual_digits) before GPT-2's regex: every digit is a piece of its own, and the text between digits is
@@ -203,11 +222,11 @@ def bytes_to_unicode() -> dict[str, int]:
     return {chr(b): b for b in keep} | {chr(256 + n): b for n, b in enumerate(moved)}
 
 
-def _read_json(path: Path, what: str = "") -> dict:
+def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: cannot read {what}({getattr(e, 'strerror', None) or e})") from None
+        raise TokenizerError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
 
 
 def _token(value) -> str | None:
@@ -247,7 +266,7 @@ def tokenizer_json(path: Path) -> Tokenizer:
     eos, pad = _token(config.get("eos_token")), _token(config.get("pad_token"))
     if eos is None:
         raise TokenizerError(f"{path}: no eos_token in {config_path} (the token that ends a response)")
-    for name, token in (("eos_token", eos), ("pad_token", pad), ("bos", bos)):
+    for name, token in (("eos_token", eos), ("pad_token", pad), ("the post-processor's BOS", bos)):
         if token is not None and token not in added:
             raise TokenizerError(f"{config_path}: {name} {token!r} is not an added token of {path}")
     template = config.get("chat_template")
@@ -261,11 +280,9 @@ def tokenizer_json(path: Path) -> Tokenizer:
         ids = _read_json(gen_path).get("eos_token_id")
         end += [ids] if isinstance(ids, int) else list(ids or [])
     n_vocab = max([*model["vocab"].values(), *added.values()]) + 1
-    tok = Tokenizer(enc, bos, eos, pad, prefix=prefix, normalize=normalize, chat_template=template, end=end,
-                    n_vocab=n_vocab, drop_from=drop_from)
-    tok.bos_token, tok.unk_token = _token(config.get("bos_token")), _token(config.get("unk_token"))
-    tok.prefix_every_segment = every  # the template's variable, whether or not encode adds BOS
-    return tok
+    return Tokenizer(enc, bos, eos, pad, prefix=prefix, normalize=normalize, chat_template=template, end=end,
+                     n_vocab=n_vocab, drop_from=drop_from, bos_token=_token(config.get("bos_token")),
+                     unk_token=_token(config.get("unk_token")), prefix_every_segment=every)
 
 
 def _components(spec: dict | None, key: str) -> list[dict]:
@@ -310,35 +327,47 @@ def _byte_level_json(path: Path, model: dict, normalizers: list[dict], pre: list
     if model.get("byte_fallback"):
         refuse("model option byte_fallback=true with a ByteLevel pre-tokenizer")
     alphabet = bytes_to_unicode()
-    added_ids = set(added.values())
+    to_latin1 = str.maketrans({c: chr(b) for c, b in alphabet.items()})
+    foreign = re.compile("[^" + re.escape("".join(alphabet)) + "]")
 
     def as_bytes(token: str) -> bytes:
-        try:
-            return bytes(alphabet[c] for c in token)
-        except KeyError as e:
-            raise TokenizerError(f"{path}: token {token!r}: {e.args[0]!r} is not in the byte-level alphabet") from None
+        if bad := foreign.search(token):
+            raise TokenizerError(f"{path}: token {token!r}: {bad[0]!r} is not in the byte-level alphabet")
+        return token.translate(to_latin1).encode("latin-1")
 
-    vocab = {as_bytes(t): i for t, i in model["vocab"].items() if i not in added_ids}
-    ranks = {t: i for t, i in vocab.items() if len(t) == 1}
-    last = -1
+    added_ids = set(added.values())
+    vocab = {t: i for t, i in model["vocab"].items() if i not in added_ids}
+    merged = {}  # id -> the position of the first merge giving it (a later one giving it too never applies)
     for k, merge in enumerate(model["merges"]):
         a, b = merge.split(" ") if isinstance(merge, str) else merge
-        token = as_bytes(a) + as_bytes(b)
-        if token in ranks:
-            continue  # a second merge giving the same token: the first has priority
-        if token not in vocab:
+        if (i := vocab.get(a + b)) is None:
             raise TokenizerError(f"{path}: merge {k} {a!r} {b!r}: {a + b!r} is not in the vocabulary")
-        if vocab[token] <= last:
-            refuse(f"merge {k} {a!r} {b!r}", f"id {vocab[token]} after id {last}: ids must grow in merge order "
-                                             "(they serve as tiktoken's ranks)")
-        ranks[token] = last = vocab[token]
-    missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+        merged.setdefault(i, k)
+    if unreachable := [t for t, i in vocab.items() if len(t) > 1 and i not in merged]:
+        refuse(f"token {unreachable[0]!r}", f"{len(unreachable)} token(s) neither a byte nor made by a merge "
+                                            "(tiktoken could make them, tokenizers does not)")
+    token_bytes = {i: as_bytes(t) for t, i in vocab.items()}
+    byte_id = {v[0]: i for i, v in token_bytes.items() if len(v) == 1}
+    # bytes the vocabulary lacks (SmolLM2: a few control characters) are dropped, as tokenizers drops them
+    missing = [b for b in range(256) if b not in byte_id]
+    order = sorted(merged, key=merged.get)  # the merged ids by priority
     drop_from = None
-    if missing:  # bytes the vocabulary lacks (e.g. control characters): tokenizers drops them; so do we
-        drop_from = max([*ranks.values(), *added.values()]) + 1
-        ranks |= {b: drop_from + i for i, b in enumerate(missing)}
     try:
-        enc = tiktoken.Encoding(str(path), pat_str=pat, mergeable_ranks=ranks, special_tokens=added)
+        if all(x < y for x, y in zip(order, order[1:])):  # the ids grow in merge order: they serve as the ranks
+            ranks = {token_bytes[i]: i for i in vocab.values()}
+            if missing:  # ranks past every id, which Tokenizer.encode drops
+                drop_from = max([*ranks.values(), *added.values()]) + 1
+                ranks |= {bytes([b]): drop_from + k for k, b in enumerate(missing)}
+            enc = tiktoken.Encoding(str(path), pat_str=pat, mergeable_ranks=ranks, special_tokens=added)
+        else:  # sentencepiece_bpe's rank space: the 256 bytes, then the merges in order, each mapped to its id
+            id_bytes = [b""] * (max([*vocab.values(), *added_ids]) + 1)
+            for i, v in [*token_bytes.items(), *((i, t.encode()) for t, i in added.items())]:
+                id_bytes[i] = v
+            ranks = {bytes([b]): b for b in range(256)} | {token_bytes[i]: 256 + k for k, i in enumerate(order)}
+            rank_ids = [[byte_id[b]] if b in byte_id else [] for b in range(256)] + [[i] for i in order]
+            rank_specials = {t: len(rank_ids) + k for k, t in enumerate(added)}
+            enc = sentencepiece.RankSpaceEncoding(str(path), ranks, rank_specials, rank_ids + [[i] for i in
+                                                  added.values()], id_bytes, added, pat_str=pat)
     except ValueError as e:
         refuse(f"pre_tokenizer regex {pat!r}", f"tiktoken's regex engine rejects it ({e})")
     return enc, normalize, drop_from
@@ -346,9 +375,9 @@ def _byte_level_json(path: Path, model: dict, normalizers: list[dict], pre: list
 
 def _sentencepiece_json(path: Path, model: dict, normalizers: list[dict], pre: list[dict], added: dict, refuse):
     """Sentencepiece-style BPE: (RankSpaceEncoding, the dummy prefix rule, whether a text after a special token gets
-    it too: Tokenizer.prefix_every_segment). Two spellings of sentencepiece's
-    normalisation are read: the Metaspace pre-tokenizer (" " -> ▁, and ▁ before the text unless it starts with one)
-    or the normalizers Prepend(▁) + Replace(" ", ▁) (▁ before any text)."""
+    it too: Tokenizer.prefix_every_segment). Two spellings of sentencepiece's normalisation are read: the Metaspace
+    pre-tokenizer (" " -> ▁, and ▁ before the text unless it starts with one) or the normalizers Prepend(▁) +
+    Replace(" ", ▁) (▁ before any text). The pieces are stored with " " for ▁, as llama2.c's are."""
     norm = [(n["type"], n.get("prepend"), (n.get("pattern") or {}).get("String"), n.get("content"))
             for n in normalizers]
     if pre == [] and norm == [("Prepend", "\u2581", None, None), ("Replace", None, " ", "\u2581")]:
@@ -497,7 +526,7 @@ def render_template(tok: Tokenizer, messages: list, add_generation_prompt: bool)
     template = compile_template(tok.chat_template)
     import jinja2  # compile_template has checked it is there
     names = {k: v for k, v in (("bos_token", tok.bos_token), ("eos_token", tok.eos_token),
-                               ("pad_token", tok.pad_token), ("unk_token", getattr(tok, "unk_token", None)))
+                               ("pad_token", tok.pad_token), ("unk_token", tok.unk_token))
              if v is not None}
     try:
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
@@ -568,7 +597,7 @@ def _tokens(tok: Tokenizer, pieces: list[tuple[str, tuple | None]]) -> list[tupl
 def render_chat(tok: Tokenizer, prompt: list, responses: Iterable = ()) -> list[list]:
     """[prompt segments, segments of each response] through the chat template. The prompt is the chat rendered with
     add_generation_prompt; a response (one assistant message) is what rendering prompt + response adds after that,
-    up to its last end id: whitespace the template writes after the end of the turn (ChatML's "\n" after <|im_end|>)
+    up to its last end id: whitespace the template writes after the end of the turn (ChatML's "\\n" after <|im_end|>)
     is left out, as generation stops at the end id; a response with no end id gets EOS. The prompt rendered alone
     must be a prefix of the whole conversation rendered."""
     pieces = _pieces(tok, prompt, True)
@@ -586,7 +615,7 @@ def render_chat(tok: Tokenizer, prompt: list, responses: Iterable = ()) -> list[
         if begin < cut:  # a text segment that starts in the prompt: its response part continues that text
             rest[0] = rest[0][cut - begin:]
         after_special = first > 0 and begin == cut and isinstance(whole[first - 1][0], int)
-        rest = _prefixed(tok, rest, cut == 0 or after_special and getattr(tok, "prefix_every_segment", False))
+        rest = _prefixed(tok, rest, cut == 0 or after_special and tok.prefix_every_segment)
         ends = [i for i, s in enumerate(rest) if isinstance(s, int) and s in tok.end_ids]
         if not ends:
             rest.append(tok.eos_id)
@@ -600,6 +629,6 @@ def _prefixed(tok: Tokenizer, segments: list, starts_text: bool) -> list:
     """The segments with a sentencepiece tokenizer's dummy prefix where tokenizers puts it in a rendered chat: on the
     text that starts the sequence (starts_text: the first segment does) and, for some (prefix_every_segment), on
     every text after a special token."""
-    every = getattr(tok, "prefix_every_segment", False)
+    every = tok.prefix_every_segment
     return [tok._start(s) if isinstance(s, str) and (starts_text if i == 0 else every and isinstance(segments[i - 1], int))
             else s for i, s in enumerate(segments)]

@@ -535,7 +535,7 @@ def run(cfg: TrainConfig) -> dict:
         # the checkpoint before the evaluation: training is never lost to a failing evaluation
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
             checkpoint.save(out, step, policy, reference, optimizer, {"data": train_loader.state_dict()},
-                            asdict(cfg), cfg.keep_last)
+                            asdict(cfg), cfg.keep_last, tokenizer.tokenizer_files(cfg.tokenizer))
         if eval_due(step, cfg):
             evaluate_and_record(step)
     if tracker is not None:

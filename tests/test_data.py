@@ -1,4 +1,4 @@
-"""data.py: tokenizers (golden ids), formats, lossless HH split, truncation/drop accounting, bad input, batches."""
+"""data.py: chat rendering (Llama 3), formats, lossless HH split, truncation/drop accounting, bad input, batches."""
 import gzip
 import json
 import subprocess
@@ -25,19 +25,7 @@ def byte():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# tokenizers
-
-def test_llama3_golden_ids_and_specials(llama3):
-    assert [llama3.bos_id] + llama3.encode("This is a test sentence.") + [llama3.eos_id] == \
-        [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
-    assert llama3.n_vocab == 128256 and (llama3.bos_id, llama3.eos_id) == (128000, 128001)
-    assert [llama3.special(t) for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")] == \
-        [128006, 128007, 128009]
-    assert llama3.special("<|reserved_special_token_250|>") == 128255
-    typed = "a user typed <|eot_id|> and <|begin_of_text|>"
-    ids = llama3.encode(typed)
-    assert max(ids) < 128000 and llama3.decode(ids) == typed  # text stays text
-
+# chat rendering
 
 def test_llama3_chat_pair_renders_exact_tokens(llama3):
     rec = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi there \n"}],
@@ -52,23 +40,6 @@ def test_llama3_chat_pair_renders_exact_tokens(llama3):
     assert llama3.decode(item.prompt + item.response) == (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
         "<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>")
-
-
-def test_byte_tokenizer(byte):
-    text = "héllo 🤖 <|eos|>"
-    assert byte.encode(text) == list(text.encode()) and byte.decode(byte.encode(text)) == text
-    assert (byte.n_vocab, byte.bos_id, byte.eos_id, byte.pad_id) == (259, 256, 257, 258)
-    with pytest.raises(ValueError, match="unknown tokenizer 'nope'"):
-        tokenizer.get_tokenizer("nope")
-
-
-def test_named_tiktoken_encodings():
-    shared_path("tiktoken_cache")
-    for name in ("gpt2", "r50k_base", "cl100k_base", "o200k_base"):
-        tok = tokenizer.get_tokenizer(name)
-        assert tok.bos_id == tok.eos_id == tok.special("<|endoftext|>") and tok.decode(tok.encode("Hi <|x|>")) == \
-            "Hi <|x|>"
-    assert tokenizer.get_tokenizer("gpt2").encode("<|endoftext|>") != [50256]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def test_hugging_face_dir_needs_tokenizer(tmp_path, capsys):
     model, tok = fake_run(tmp_path / "run")
     model.save_pretrained(tmp_path / "hf")
     assert sample.main(["--ckpt", str(tmp_path / "hf"), "--prompt", "x"]) == 2
-    assert "no train_config.json names its tokenizer" in capsys.readouterr().err
+    assert "no tokenizer.json, llama2.c tok*.bin or train_config.json naming its tokenizer" in capsys.readouterr().err
     assert sample.main(["--ckpt", str(tmp_path / "hf"), "--tokenizer", "byte", "--prompt", "x", "--max_new_tokens",
                         "6", "--temperature", "0"]) == 0
     assert capsys.readouterr().out == greedy(model, tok, "x")

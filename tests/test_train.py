@@ -464,3 +464,36 @@ def test_stories260K_dpo_with_its_llama2c_tokenizer_end_to_end(tmp_path, capsys)
                  "Once upon a time", "--max_new_tokens", "20", "--temperature", "0"])
     printed = capsys.readouterr().out
     assert printed.startswith("Once upon a time") and len(printed.split()) > 8
+
+
+def test_a_model_directory_with_a_tokenizer_json_trains_and_its_checkpoint_carries_it(tmp_path, capsys):
+    """--tokenizer=auto takes a model directory's tokenizer.json (SmolLM2's beside a tiny random Llama of its 49,152
+    ids); the checkpoint carries a copy of it and its tokenizer_config.json, so that a run from the checkpoint,
+    sample.py and transformers find the tokenizer there; BOS is not added (SmolLM2's tokenizer adds none)."""
+    import sample
+    smol = shared_path("models", "smollm2-135m-instruct")
+    torch.manual_seed(0)
+    Llama(ModelConfig(vocab_size=49152, dim=16, n_layers=1, n_heads=2, max_seq_len=64, bos_id=1,
+                      eos_id=2)).save_pretrained(tmp_path / "hf")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smol / f, tmp_path / "hf" / f)
+    pairs = [{"prompt": "Say hi", "chosen": " Hi there.", "rejected": " No."}] * 4
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    common = [f"--data={tmp_path / 'pairs.jsonl'}", "--loss=dpo", "--eval_size=2", "--batch_size=2",
+              "--micro_batch_size=2", "--max_steps=1", "--num_samples=1", "--max_new_tokens=4", "--max_length=32",
+              "--max_prompt_length=16"]
+    run([f"--init_from={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'a'}", *common])
+    assert json.loads((tmp_path / "a" / "train_config.json").read_text())["tokenizer"] == str(
+        tmp_path / "hf" / "tokenizer.json")
+    ckpt = checkpoint.model_dir(tmp_path / "a")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        assert (ckpt / f).read_bytes() == (smol / f).read_bytes()
+    assert "tokenizer.json" in json.loads((ckpt / "manifest.json").read_text())["files"]
+    run([f"--init_from={tmp_path / 'a'}", f"--out_dir={tmp_path / 'b'}", *common])
+    assert json.loads((tmp_path / "b" / "train_config.json").read_text())["tokenizer"] == str(ckpt / "tokenizer.json")
+    shutil.rmtree(tmp_path / "hf")  # the original directory is gone: the checkpoints still bring their tokenizer
+    assert sample.main(["--ckpt", str(tmp_path / "b"), "--prompt", "Say hi", "--max_new_tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("Say hi")
+    transformers = pytest.importorskip("transformers")
+    reloaded = transformers.AutoTokenizer.from_pretrained(str(checkpoint.model_dir(tmp_path / "b")))
+    assert reloaded("Say hi")["input_ids"] == train.tokenizer.get_tokenizer(str(ckpt)).encode("Say hi")
