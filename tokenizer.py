@@ -598,8 +598,8 @@ def render_chat(tok: Tokenizer, prompt: list, responses: Iterable = ()) -> list[
     """[prompt segments, segments of each response] through the chat template. The prompt is the chat rendered with
     add_generation_prompt; a response (one assistant message) is what rendering prompt + response adds after that,
     up to its last end id: whitespace the template writes after the end of the turn (ChatML's "\\n" after <|im_end|>)
-    is left out, as generation stops at the end id; a response with no end id gets EOS. The prompt rendered alone
-    must be a prefix of the whole conversation rendered."""
+    is left out, as generation stops at the end id (anything else there is kept); a response with no end id gets
+    EOS. The prompt rendered alone must be a prefix of the whole conversation rendered."""
     pieces = _pieces(tok, prompt, True)
     head, cut, prompt_text = _tokens(tok, pieces), sum(len(t) for t, _ in pieces), "".join(t for t, _ in pieces)
     out = [_prefixed(tok, [s for s, _ in head], True)]
@@ -608,7 +608,8 @@ def render_chat(tok: Tokenizer, prompt: list, responses: Iterable = ()) -> list[
         whole = _tokens(tok, pieces)
         first = next((i for i, (_, end) in enumerate(whole) if end > cut), len(whole))  # the first past the prompt
         begin = whole[first - 1][1] if first else 0  # where it begins
-        if not "".join(t for t, _ in pieces).startswith(prompt_text) or (begin < cut and isinstance(whole[first][0], int)):
+        text = "".join(t for t, _ in pieces)
+        if not text.startswith(prompt_text) or begin < cut and isinstance(whole[first][0], int):  # or a special cut
             raise TokenizerError(f"chat template of {tok.name}: the prompt rendered alone is not a prefix of the "
                                  f"prompt and response rendered together, so they cannot be split")
         rest = [s for s, _ in whole[first:]]
@@ -629,6 +630,8 @@ def _prefixed(tok: Tokenizer, segments: list, starts_text: bool) -> list:
     """The segments with a sentencepiece tokenizer's dummy prefix where tokenizers puts it in a rendered chat: on the
     text that starts the sequence (starts_text: the first segment does) and, for some (prefix_every_segment), on
     every text after a special token."""
-    every = tok.prefix_every_segment
-    return [tok._start(s) if isinstance(s, str) and (starts_text if i == 0 else every and isinstance(segments[i - 1], int))
-            else s for i, s in enumerate(segments)]
+    def prefixed(i: int, s) -> bool:
+        return isinstance(s, str) and (starts_text if i == 0 else tok.prefix_every_segment
+                                       and isinstance(segments[i - 1], int))
+
+    return [tok._start(s) if prefixed(i, s) else s for i, s in enumerate(segments)]
