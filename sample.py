@@ -54,11 +54,11 @@ def sample(args: argparse.Namespace):
         raise SampleError(f"tokenizer {name}: {e}") from None
     if args.chat is not None:  # the chat template's prompt: BOS and the markup are the template's
         try:
-            ids, stop = tok.ids(tok.render([{"role": "user", "content": args.chat}])[0])[0], tok.end_ids
+            ids = tok.ids(tok.render([{"role": "user", "content": args.chat}])[0])[0]
         except ValueError as e:  # the template refused the chat (raise_exception), or cannot render it
             raise SampleError(f"--chat: {e}") from None
     else:
-        ids, stop = tok.encode(args.prompt), tok.end_ids  # EOS, the end of a turn
+        ids = tok.encode(args.prompt)
         if tok.bos_id is not None and ids[:1] != [tok.bos_id]:
             ids = [tok.bos_id] + ids
     if not ids:
@@ -67,6 +67,7 @@ def sample(args: argparse.Namespace):
         raise SampleError(f"tokenizer {name} produced id {max(ids)}, outside the model's vocab_size "
                           f"{model.config.vocab_size} ({model_dir}/config.json)")
     torch.manual_seed(args.seed)
+    stop = tok.end_ids  # EOS, the end of a turn
     for _ in range(args.num_samples):
         new = model.generate([ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop_ids=stop)[0]
         text = tok.decode([t for t in new if t not in stop])
