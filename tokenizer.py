@@ -441,7 +441,7 @@ def _post_processor_bos(spec: dict | None, refuse) -> str | None:
     return before[0] if before else None
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # chat templates: the model's own jinja chat_template, rendered as transformers renders it, then tokenised so that only
 # the template's markup can become special tokens. transformers' apply_chat_template renders the whole chat to one
 # string and tokenises it with every added token recognised, so a message holding "<|im_end|>" ends its turn there;
@@ -524,7 +524,10 @@ def compile_template(source: str):
 def render_template(tok: Tokenizer, messages: list, add_generation_prompt: bool) -> str:
     """The chat as transformers' apply_chat_template(tokenize=False) renders it: the same variables (the special
     token strings, tools and documents None)."""
-    template = compile_template(tok.chat_template)
+    try:
+        template = compile_template(tok.chat_template)
+    except TokenizerError as e:
+        raise TokenizerError(f"{tok.name}: {e}") from None
     import jinja2  # compile_template has checked it is there
     names = {k: v for k, v in (("bos_token", tok.bos_token), ("eos_token", tok.eos_token),
                                ("pad_token", tok.pad_token), ("unk_token", tok.unk_token))
@@ -532,8 +535,9 @@ def render_template(tok: Tokenizer, messages: list, add_generation_prompt: bool)
     try:
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                                documents=None, **names)
-    except jinja2.exceptions.TemplateError as e:  # raise_exception's message, or a template bug
-        raise TokenizerError(f"chat template of {tok.name}: {e.message or type(e).__name__} (roles "
+    except Exception as e:  # raise_exception's message, the sandbox's refusal, or a bug in the template
+        why = e.message if isinstance(e, jinja2.exceptions.TemplateError) else f"{type(e).__name__}: {e}"
+        raise TokenizerError(f"chat template of {tok.name}: {why or type(e).__name__} (roles "
                              f"{', '.join(m['role'] for m in messages)})") from None
 
 

@@ -744,7 +744,8 @@ def test_transformers_environment(template, expect):
     ("{% set ns = namespace() %}{% set ns._x = 1 %}", "cannot set '_x' on a namespace"),
     ("{% for m in messages %}{{ m.content | upper }}{% endfor %}", "depends on a message's content in a way other"),
     ("{% if add_generation_prompt %}A{% else %}B{% endif %}{{ messages[-1].content }}", "is not a prefix of"),
-    ("{% for m in messages %}", "chat template: line 1: Unexpected end of template"),
+    ("{% for m in messages %}", "byte-chat: chat template: line 1: Unexpected end of template"),
+    ("{{ 'a' + 1 }}", "chat template of byte-chat: TypeError: "),  # a bug in the template
 ])
 def test_template_errors_are_one_line(template, error):
     tok = byte_chat(template)
