@@ -19,7 +19,7 @@ from typing import Iterable
 
 import tiktoken
 
-import sentencepiece_bpe as sentencepiece
+import sentencepiece_bpe
 
 
 class TokenizerError(ValueError):
@@ -156,7 +156,7 @@ def get_tokenizer(name_or_path: str) -> Tokenizer:
     if path.suffix == ".json":
         return tokenizer_json(path)
     if path.suffix == ".bin":
-        enc, bos, eos = sentencepiece.llama2c_encoding(path)
+        enc, bos, eos = sentencepiece_bpe.llama2c_encoding(path)
         return Tokenizer(enc, bos, eos, prefix="always")  # run.c's dummy prefix: " " before any text
     if not path.is_file():
         raise ValueError(f"unknown tokenizer {name_or_path!r}: 'byte', one of {tiktoken.list_encoding_names()}, "
@@ -181,7 +181,7 @@ def find_tokenizer(directory: str | Path) -> Path | None:
     """A model directory's own tokenizer: its tokenizer.json, else a llama2.c tok*.bin, else None."""
     if (Path(directory) / "tokenizer.json").is_file():
         return Path(directory) / "tokenizer.json"
-    return sentencepiece.find_llama2c(directory)
+    return sentencepiece_bpe.find_llama2c(directory)
 
 
 def tokenizer_files(name: str) -> dict[str, Path]:
@@ -367,7 +367,7 @@ def _byte_level_json(path: Path, model: dict, normalizers: list[dict], pre: list
             ranks = {bytes([b]): b for b in range(256)} | {token_bytes[i]: 256 + k for k, i in enumerate(order)}
             rank_ids = [[byte_id[b]] if b in byte_id else [] for b in range(256)] + [[i] for i in order]
             rank_specials = {t: len(rank_ids) + k for k, t in enumerate(added)}
-            enc = sentencepiece.RankSpaceEncoding(str(path), ranks, rank_specials, rank_ids + [[i] for i in
+            enc = sentencepiece_bpe.RankSpaceEncoding(str(path), ranks, rank_specials, rank_ids + [[i] for i in
                                                   added.values()], id_bytes, added, pat_str=pat)
     except ValueError as e:
         refuse(f"pre_tokenizer regex {pat!r}", f"tiktoken's regex engine rejects it ({e})")
@@ -418,7 +418,7 @@ def _sentencepiece_json(path: Path, model: dict, normalizers: list[dict], pre: l
         id_bytes[i] = bytes([b])
     for token, i in added.items():
         id_bytes[i] = token.encode()
-    return sentencepiece.rank_space(str(path), id_bytes, byte_ids, pieces, list(merges), added), prefix, every
+    return sentencepiece_bpe.rank_space(str(path), id_bytes, byte_ids, pieces, list(merges), added), prefix, every
 
 
 def _post_processor_bos(spec: dict | None, refuse) -> str | None:

@@ -383,7 +383,7 @@ def test_a_model_vocab_smaller_than_the_tokenizers_is_refused_before_the_data_is
     bad_data = tmp_path / "bad.jsonl"
     bad_data.write_text("not json\n")  # a data error would come first if the data were read first
     rc, _, err = main(SMALL + [f"--out_dir={tmp_path / 'run'}", f"--init_from={tiny_hf(tmp_path / 'hf', 200)}",
-                               f"--data={bad_data}"], capsys)
+                               f"--data={bad_data}", "--tokenizer=byte"], capsys)
     one_line_error(rc, err, "vocab_size 200", "< the 259 ids of tokenizer=byte")
 
 
@@ -452,9 +452,11 @@ def test_bad_setups_are_one_line(tmp_path, capsys):
     rc, _, err = main(SMALL + [f"--out_dir={tmp_path / 'c'}", f"--data={data}", "--eval_size=10"], capsys)
     one_line_error(rc, err, "cannot hold out 10 of 10 examples")
     hf = tiny_hf(tmp_path / "hf", 300)
+    rc, _, err = main(SMALL + [f"--out_dir={tmp_path / 'c'}", f"--init_from={hf}"], capsys)  # no tokenizer: no guess
+    one_line_error(rc, err, f"tokenizer=auto: {hf}: no tokenizer.json, llama2.c tok*.bin or train_config.json")
     (hf / "config.json").write_text((hf / "config.json").read_text().replace('"silu"', '"gelu"'))
-    rc, _, err = main(SMALL + [f"--out_dir={tmp_path / 'd'}", f"--init_from={hf}"], capsys)
+    rc, _, err = main(SMALL + [f"--out_dir={tmp_path / 'd'}", f"--init_from={hf}", "--tokenizer=byte"], capsys)
     one_line_error(rc, err, f"init_from={hf}: {hf / 'config.json'}: field 'hidden_act' is 'gelu'")
     (hf / "config.json").write_text("{")
-    rc, _, err = main(SMALL + [f"--out_dir={tmp_path / 'e'}", f"--init_from={hf}"], capsys)
+    rc, _, err = main(SMALL + [f"--out_dir={tmp_path / 'e'}", f"--init_from={hf}", "--tokenizer=byte"], capsys)
     one_line_error(rc, err, f"cannot read vocab_size from {hf / 'config.json'}")
