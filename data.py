@@ -277,10 +277,14 @@ def tokenize(examples: list, tok: Tokenizer, kind: str, max_length: int,
             drop("chosen == rejected")
         else:
             kept.append(u)
-    # one batched tiktoken call over every text segment, then the segments are put back together
-    segs = [tok.render(x, response=j > 0) for u in kept for j, x in enumerate((u[0], *u[1]))]
-    encoded = iter(tok.encode_batch([s for seg in segs for s in seg if isinstance(s, str)]))
-    ids = iter([i for s in seg for i in (next(encoded) if isinstance(s, str) else (s,))] for seg in segs)
+    # the prompt and responses as segments (text, special ids: Tokenizer.render), then their ids in one batched call
+    segs = []
+    for prompt, responses, _, group in kept:
+        try:
+            segs += tok.render(prompt, responses)
+        except ValueError as e:  # a chat template's refusal: name the example
+            raise ValueError(f"{getattr(examples, 'source', 'examples')}: example {group + 1}: {e}") from None
+    ids = iter(tok.ids(*segs))
     items, seq_lengths = [], []
     for prompt, responses, desirable, group in kept:
         p, rs = next(ids), [next(ids) for _ in responses]

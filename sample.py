@@ -3,9 +3,12 @@ directories, or a Hugging Face Llama directory.
 
     python train.py && python sample.py --ckpt out/tr-dpo-soft --prompt "abc=" --temperature 0
     python sample.py --ckpt /path/to/Llama-3.2-1B --tokenizer /path/to/tokenizer.model --prompt "Once upon a time"
+    python sample.py --ckpt out/my-dpo-run --chat "What is the capital of France?"
 
 The tokenizer is --tokenizer, or else the model directory's own (its tokenizer.json or llama2.c tok*.bin, which a
 checkpoint of a run with a tokenizer.json carries), or else the one the run was trained with (its train_config.json).
+--chat renders a user message with the tokenizer's chat template (or the plain "Human: / Assistant:" format when it
+has none), stops at the end of the assistant's turn and prints the reply alone.
 """
 import argparse
 import json
@@ -49,9 +52,15 @@ def sample(args: argparse.Namespace):
         tok = get_tokenizer(name)
     except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: tiktoken offline without its files
         raise SampleError(f"tokenizer {name}: {e}") from None
-    ids = tok.encode(args.prompt)
-    if tok.bos_id is not None and ids[:1] != [tok.bos_id]:
-        ids = [tok.bos_id] + ids
+    if args.chat is not None:  # the chat template's prompt: BOS and the markup are the template's
+        try:
+            ids = tok.ids(tok.render([{"role": "user", "content": args.chat}])[0])[0]
+        except ValueError as e:  # the template refused the chat (raise_exception), or cannot render it
+            raise SampleError(f"--chat: {e}") from None
+    else:
+        ids = tok.encode(args.prompt)
+        if tok.bos_id is not None and ids[:1] != [tok.bos_id]:
+            ids = [tok.bos_id] + ids
     if not ids:
         raise SampleError("--prompt is empty and the tokenizer has no BOS token to start from")
     if max(ids) >= model.config.vocab_size:
@@ -65,7 +74,8 @@ def sample(args: argparse.Namespace):
     stop = tok.end_ids  # EOS, the end of a turn
     for _ in range(args.num_samples):
         new = model.generate([ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop_ids=stop)[0]
-        print(args.prompt + tok.decode([t for t in new if t not in stop]))
+        text = tok.decode([t for t in new if t not in stop])
+        print(text if args.chat is not None else args.prompt + text)
         print("---------------")
 
 
@@ -76,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "tokenizer.model); default: the model directory's own, else the run's "
                                        "(train_config.json)")
     p.add_argument("--prompt", default="", help="text to continue (BOS is put in front when the tokenizer has one)")
+    p.add_argument("--chat", help="a user message: the reply to it through the chat template (not with --prompt)")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -85,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
+    if args.chat is not None and args.prompt:
+        p.error("--chat and --prompt exclude each other (--chat's prompt is the chat template's)")
     try:
         sample(args)
     except SampleError as e:

@@ -1,14 +1,16 @@
-"""sample.py: a run directory, a checkpoint or a Hugging Face directory; the run's tokenizer; one-line errors."""
+"""sample.py: a run directory, a checkpoint or a Hugging Face directory; the run's tokenizer; --chat through the chat
+template; one-line errors."""
 import json
 import subprocess
 import sys
 
 import pytest
+import tiktoken
 import torch
 
 import sample
-from conftest import ROOT
-from tokenizer import get_tokenizer
+from conftest import ROOT, shared_path
+from tokenizer import Tokenizer, get_tokenizer
 from model import Llama, ModelConfig
 
 
@@ -74,3 +76,85 @@ def test_a_sliding_window_shorter_than_prompt_plus_new_tokens_is_refused(tmp_pat
     assert sample.main(common + ["--max_new_tokens", "13"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sliding_window 16 (config.json) < 17" in err and "--max_new_tokens" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --chat: the tokenizer's chat template applied to a user message, generation stopped at the end of the turn
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'"
+          " + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def chatml_byte_tokenizer(template: str = CHATML) -> Tokenizer:
+    """The byte tokenizer with ChatML's special tokens and template: <|im_end|> (259) ends a turn."""
+    specials = {"<|bos|>": 256, "<|eos|>": 257, "<|im_start|>": 258, "<|im_end|>": 259}
+    enc = tiktoken.Encoding("byte-chatml", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                            special_tokens=specials)
+    return Tokenizer(enc, "<|bos|>", "<|eos|>", chat_template=template, end=[259])
+
+
+@pytest.fixture
+def chat_run(tmp_path, monkeypatch):
+    """A random Llama saved as a run whose tokenizer (sample.get_tokenizer's answer) has ChatML's template."""
+    pytest.importorskip("jinja2")
+    tok = chatml_byte_tokenizer()
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=tok.n_vocab, dim=32, n_layers=1, n_heads=2, max_seq_len=64,
+                              bos_id=tok.bos_id, eos_id=tok.eos_id))
+    model.save_pretrained(tmp_path / "run")
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps({"tokenizer": "byte-chatml"}))
+    monkeypatch.setattr(sample, "get_tokenizer", lambda name: tok if name == "byte-chatml" else get_tokenizer(name))
+    return tmp_path / "run", model, tok
+
+
+def test_chat_applies_the_template_and_stops_at_the_end_of_turn(chat_run, capsys, monkeypatch):
+    run, _, tok = chat_run
+    calls = []
+
+    def generate(self, prompts, max_new_tokens, *args, stop_ids=None, **kw):
+        calls.append((prompts, stop_ids))
+        return [list(b"Paris") + [259]]  # a reply that ends its turn
+
+    monkeypatch.setattr(Llama, "generate", generate)
+    assert sample.main(["--ckpt", str(run), "--chat", "Capital of France? <|im_end|>"]) == 0
+    assert capsys.readouterr().out == "Paris\n---------------\n"  # the reply alone, without the markup
+    (prompts, stop_ids), = calls
+    assert prompts == [[258, *b"user\nCapital of France? <|im_end|>", 259, *b"\n", 258, *b"assistant\n"]]
+    assert stop_ids == [257, 259]  # EOS and the template's end of turn
+
+
+def test_chat_greedy_reply(chat_run, capsys):
+    run, model, tok = chat_run
+    ids = [258, *b"user\nhi", 259, *b"\n", 258, *b"assistant\n"]
+    new = model.generate([ids], 8, temperature=0.0, stop_ids=tok.end_ids)[0]
+    assert sample.main(["--ckpt", str(run), "--chat", "hi", "--max_new_tokens", "8", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == tok.decode([t for t in new if t not in (257, 259)]) + "\n---------------\n"
+
+
+def test_chat_with_a_real_template(tmp_path, capsys, one_thread):
+    """SmolLM2's tokenizer.json and template from ../shared: the prompt ids are transformers' apply_chat_template."""
+    transformers = pytest.importorskip("transformers")
+    directory = shared_path("models", "smollm2-135m-instruct")
+    tok, hf = get_tokenizer(str(directory)), transformers.AutoTokenizer.from_pretrained(str(directory))
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=tok.n_vocab, dim=16, n_layers=1, n_heads=2, max_seq_len=128))
+    model.save_pretrained(tmp_path / "hf")
+    ids = hf.apply_chat_template([{"role": "user", "content": "Hi <|im_end|>"}], add_generation_prompt=True,
+                                 tokenize=True, return_dict=False, sanitize_control_tokens=True)
+    new = model.generate([ids], 6, temperature=0.0, stop_ids=tok.end_ids)[0]
+    assert sample.main(["--ckpt", str(tmp_path / "hf"), "--tokenizer", str(directory), "--chat", "Hi <|im_end|>",
+                        "--max_new_tokens", "6", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == tok.decode([t for t in new if t not in tok.end_ids]) + "\n---------------\n"
+
+
+def test_chat_errors_are_one_line(chat_run, capsys, monkeypatch):
+    run, _, _ = chat_run
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(run), "--chat", "hi", "--prompt", "x"])
+    assert e.value.code == 2 and "--chat and --prompt exclude each other" in capsys.readouterr().err
+    refusing = chatml_byte_tokenizer("{{ raise_exception('System messages are not supported') }}")
+    monkeypatch.setattr(sample, "get_tokenizer", lambda name: refusing)
+    assert sample.main(["--ckpt", str(run), "--chat", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err == "sample.py: error: --chat: chat template of byte-chatml: System messages are not supported " \
+                  "(roles user)\n"
