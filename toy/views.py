@@ -55,8 +55,8 @@ def at_kl_view(points: dict[str, list], bins: list[float]) -> dict:
 def final_view(finals: dict[str, list], form: str, matched: list[float]) -> dict:
     """finals[family] = per seed (kl, gain) arrays of the last evaluation of each of the family's runs. One `form`
     curve per family with its bootstrap band, the paired TR − static of the curves at the matched KLs (each marked
-    inside or outside the KL range both families cover), the same on a plotting grid, and every form's
-    leave-one-seed-out error (stats.curve_criterion, summed over the two families)."""
+    inside or outside the KL range both families cover), the same on a plotting grid inside that range (as columns),
+    and every form's leave-one-seed-out error (stats.curve_criterion, summed over the two families)."""
     kl = {f: [np.asarray(k, dtype=float) for k, _ in finals[f]] for f in ("static", "tr")}
     gain = {f: [np.asarray(g, dtype=float) for _, g in finals[f]] for f in ("static", "tr")}
     rng = {f: [float(min(k.min() for k in kl[f])), float(max(k.max() for k in kl[f]))] for f in kl}
@@ -74,8 +74,14 @@ def final_view(finals: dict[str, list], form: str, matched: list[float]) -> dict
             "points": {f: {"kl": [k.tolist() for k in kl[f]], "gain": [g.tolist() for g in gain[f]]} for f in kl},
             "curves": {f: curve_band(kl[f], gain[f], form, grid) for f in kl},
             "at_matched": {f: curve_band(kl[f], gain[f], form, matched) for f in kl},
-            "gap": gap, "gap_curve": paired_curve_diff(kl["tr"], gain["tr"], kl["static"], gain["static"], form, inner)
-            if inner.size else [], "criterion": criterion}
+            "gap": gap, "gap_curve": _columns(paired_curve_diff(kl["tr"], gain["tr"], kl["static"], gain["static"],
+                                                               form, inner)) if inner.size else {},
+            "criterion": criterion}
+
+
+def _columns(rows: list[dict]) -> dict:
+    """A plotted curve's rows as columns (K, mean, lo, hi): one list each, not a dict per point."""
+    return {key: [r[key] for r in rows] for key in ("K", "mean", "lo", "hi")}
 
 
 def criterion_line(finals: list[dict]) -> str:
@@ -124,7 +130,7 @@ def gap_panel(ax, frontier_K: list, frontier_gap: list[dict], at: dict, final: d
                         label=f"at KL: {stat} gold in (K/2, K]")
     span = [*lo, *hi] + [v for d in at["gap_best"] + at["gap_mean"] if d is not None for v in (d["lo"], d["hi"])]
     if final["gap_curve"]:
-        k, m, lo, hi = (np.array([d[key] for d in final["gap_curve"]]) for key in ("K", "mean", "lo", "hi"))
+        k, m, lo, hi = (np.array(final["gap_curve"][key]) for key in ("K", "mean", "lo", "hi"))
         ax.plot(k, m, "--", color="C1", label="final checkpoints: curve difference")
         ax.fill_between(k, lo, hi, color="C1", alpha=0.2, linewidth=0)
         span += list(m)
