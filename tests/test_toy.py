@@ -382,6 +382,8 @@ def test_curve_fit_recovers_known_parameters(form):
     assert all(lo < f < hi for lo, f, hi in zip(band["lo"], band["fit"], band["hi"]))
     with pytest.raises(ValueError, match="curve form"):
         stats.fit_curve(kl, gain, "exponential")
+    one_kl = stats.fit_curve([np.array([4.0, 4.0])], [np.array([1.0, 1.2])], form)  # singular: the least-norm fit
+    assert np.isfinite(one_kl).all() and stats.curve(one_kl, [4.0], form)[0] == pytest.approx(1.1)
 
 
 def test_paired_curve_difference_cancels_the_shared_seed_spread():

@@ -257,8 +257,8 @@ def setup(quick: bool) -> tuple:
     The other two views of claim (c): at_kl_bins, the K of the bins (K/2, K] (the frontier's budgets, so the two
     views sit side by side); final_kl, the KLs at which the final-checkpoint curves are compared (inside the 1.5–5
     nats the final checkpoints span), and curve, their form: Gao et al.'s RL form d(α − β·log d), d = √KL, which
-    predicts held-out seeds better than their best-of-n form d(α − β·d) in every study here (the JSON's "criterion":
-    leave-one-seed-out squared error, toy/stats.py curve_criterion)."""
+    predicts held-out seeds better than their best-of-n form d(α − β·d) for every loss and data regime here (the
+    JSON's "criterion": leave-one-seed-out squared error, toy/stats.py curve_criterion; main prints both)."""
     if quick:  # τ = 6 gives the TR runs 3 reference updates in 20 steps; lr 1e-3 so they move visibly
         return [0, 1], 20, 1e-3, 30, (16, 64, STREAM), dict(
             static_betas=(0.1, 0.3), tr_betas=(0.1,), alphas=(0.6,), soft_taus=(6,), hard_taus=(6,),

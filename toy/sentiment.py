@@ -55,7 +55,8 @@ TR_BETA = 0.1
 # (the other two views: at_kl_bins, the K of the bins (K/2, K], the frontier's budgets from 2 nats and one past them,
 # where TR's longest runs end; final_kl, where the final-checkpoint curves are compared, inside the 4–110 nats the
 # final checkpoints span and only where both families' checkpoints reach; curve, their form, as toy/overoptimization.py
-# setup() argues: Gao et al.'s RL form, which predicts held-out seeds better here too (the JSON's "criterion"))
+# setup() argues: Gao et al.'s RL form, which predicts held-out seeds better here too, pooled over the cells (per cell
+# the best-of-n form is ahead in 4 of 6; the JSON's "criterion", printed by main))
 FULL = dict(seeds=[0, 1, 2, 3, 4], sizes={"dpo": [128, 512], "ipo": [128, 512], "kto": [128, 512]},
             betas=[0.03, 0.1, 0.3, 0.6, 1.0], soft=[(0.3, 4), (0.6, 4), (0.6, 16)], hard=[4, 16], steps=40,
             eval_every=5, eval_samples=48, batch_pairs=16, lr=4e-4, warmup=3, kl_grid=[0.5, 1, 2, 4, 8, 16, 32],

@@ -147,7 +147,16 @@ def _seed_sums(kl: list, gain: list, form: str) -> tuple[np.ndarray, np.ndarray]
 
 
 def _solve(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
-    return (np.linalg.pinv(xtx) @ xty[..., None])[..., 0]  # pinv: a resample whose points all sit at one KL is singular
+    """(α, β) from the 2 × 2 normal equations, any batch shape: Cramer's rule, and the pseudo-inverse (the least-norm
+    solution) where the system is singular, e.g. a resample whose points all sit at one KL."""
+    a, b, c, d = xtx[..., 0, 0], xtx[..., 0, 1], xtx[..., 1, 0], xtx[..., 1, 1]
+    det = a * d - b * c
+    singular = np.abs(det) <= 1e-12 * np.maximum(np.abs(a * d), 1e-300)
+    safe = np.where(singular, 1.0, det)
+    out = np.stack([(d * xty[..., 0] - b * xty[..., 1]) / safe, (a * xty[..., 1] - c * xty[..., 0]) / safe], -1)
+    if singular.any():
+        out[singular] = (np.linalg.pinv(xtx[singular]) @ xty[singular][..., None])[..., 0]
+    return out
 
 
 def fit_curve(kl: list, gain: list, form: str) -> np.ndarray:
@@ -160,9 +169,8 @@ def _seed_counts(n_seeds: int, n_boot: int, seed: int) -> np.ndarray:
     """(n_boot, n_seeds): how often each seed is drawn in each resample, drawn as bootstrap_means draws its indices, so
     two families fitted with the same (n_seeds, n_boot, seed) see the same resampled seeds: a paired bootstrap."""
     idx = np.random.default_rng(seed).integers(0, n_seeds, size=(n_boot, n_seeds))
-    counts = np.zeros((n_boot, n_seeds))
-    np.add.at(counts, (np.arange(n_boot)[:, None], idx), 1)
-    return counts
+    flat = (np.arange(n_boot)[:, None] * n_seeds + idx).ravel()
+    return np.bincount(flat, minlength=n_boot * n_seeds).reshape(n_boot, n_seeds).astype(float)
 
 
 def bootstrap_curves(kl: list, gain: list, form: str, grid, n_boot: int = 10_000, seed: int = 0) -> np.ndarray:
