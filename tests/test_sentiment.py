@@ -54,6 +54,30 @@ def test_quick_json_is_complete_and_consistent(quick):
             assert values == sorted(values) and values[0] >= sum(start) / len(start) - 1e-4  # JSON: 5 digits
         assert all(r["diff"]["lo"] <= r["diff"]["mean"] <= r["diff"]["hi"] and r["diff"]["n"] == len(grid["seeds"])
                    for r in rows)
+        at, final = on_disk["summary"][cell]["at_kl"], on_disk["summary"][cell]["final"]  # the other two views
+        assert at["K"] == grid["at_kl_bins"] and [g["K"] for g in final["gap"]] == grid["final_kl"]
+        n_tr = sum(map(sentiment.is_tr, sentiment.configs(grid, loss)))  # one final checkpoint per TR run and seed
+        assert final["form"] == grid["curve"]
+        assert [len(k) for k in final["points"]["tr"]["kl"]] == [n_tr] * len(grid["seeds"])
+    rows = on_disk["verdicts"]
+    assert rows and all(r["verdict"] in ("holds", "reversed", "not resolved") for r in rows)
+    assert any(r["quantity"].startswith("at KL") for r in rows)
+    assert {k: on_disk["setup"][k] for k in ("at_kl_bins", "final_kl", "curve")} == {
+        k: grid[k] for k in ("at_kl_bins", "final_kl", "curve")}
+
+
+def test_replot_redraws_from_the_json(quick, tmp_path):
+    sentiment, payload, on_disk = quick
+    with pytest.raises(SystemExit) as e:
+        sentiment.main(["--quick", "--replot", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    (tmp_path / "sentiment.json").write_text(json.dumps(on_disk))
+    again = sentiment.main(["--quick", "--replot", "--out", str(tmp_path)])
+    assert again["runs"] == on_disk["runs"] and len(again["verdicts"]) == len(on_disk["verdicts"])
+    for a, b in zip(again["verdicts"], on_disk["verdicts"]):  # the same statistics from the JSON's 5-digit histories
+        assert a["quantity"] == b["quantity"] and a["verdict"] == b["verdict"]
+        assert (a["mean"], a["lo"], a["hi"]) == pytest.approx((b["mean"], b["lo"], b["hi"]), rel=1e-3, abs=1e-4)
+    assert (tmp_path / "sentiment.png").stat().st_size > 10_000
 
 
 def test_matched_stories_are_decoded_text(quick):
@@ -77,3 +101,8 @@ def test_the_full_grid_sweeps_both_families_equally():
     for loss in grid["sizes"]:
         names = sentiment.configs(grid, loss)
         assert sum(map(sentiment.is_tr, names)) == sum(not sentiment.is_tr(n) for n in names)
+    # the other two views: bins (K/2, K] from 2 nats past the frontier's last budget, a curve form, matched KLs
+    from toy import stats
+    assert grid["at_kl_bins"] == sorted(grid["at_kl_bins"]) and grid["at_kl_bins"][0] == 2
+    assert max(grid["at_kl_bins"]) > max(grid["kl_grid"]) and 32 in grid["at_kl_bins"]
+    assert grid["curve"] == "gao_rl" in stats.CURVES and grid["final_kl"] == sorted(grid["final_kl"])

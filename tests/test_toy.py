@@ -10,7 +10,9 @@ import math
 import pytest
 import torch
 
-from toy import bandit, common, curvature, overoptimization, sequences, stats
+import numpy as np
+
+from toy import bandit, common, curvature, overoptimization, sequences, stats, views
 
 
 def run_quick(module, tmp_path_factory) -> tuple[dict, dict]:
@@ -103,6 +105,46 @@ def test_the_full_study_grid_is_the_one_the_frontiers_need():
     assert len(g["tr_betas"]) >= 2 and len(g["alphas"]) >= 3 and len(g["soft_taus"]) >= 2 and len(g["hard_taus"]) >= 3
     assert regimes[0] == 16 and regimes[-2] == 4096 and regimes[-1] == overoptimization.STREAM
     assert all(steps // t >= 3 for t in g["soft_taus"] + g["hard_taus"])  # every TR run updates its reference
+    # the other two views of (c): bins (K/2, K] at the frontier's budgets, a curve form, matched KLs in 1.5–5 nats
+    assert tuple(g["at_kl_bins"]) == overoptimization.KL_LEVELS and g["curve"] == "gao_rl" in stats.CURVES
+    assert list(g["final_kl"]) == sorted(g["final_kl"]) and 1.5 <= min(g["final_kl"]) and max(g["final_kl"]) <= 5
+    for quick in (False, True):
+        g = overoptimization.setup(quick)[-1]
+        assert g["curve"] in stats.CURVES and all(k > 0 for k in g["at_kl_bins"] + tuple(g["final_kl"]))
+
+
+def test_overoptimization_views_of_claim_c(overoptimization_run):
+    payload, on_disk = overoptimization_run
+    g, n = payload["setup"]["grid"], len(payload["setup"]["seeds"])
+    for views_of in (payload["views"], payload["regimes"]["views"]):
+        for key, v in views_of.items():
+            at, final = v["at_kl"], v["final"]
+            assert at["K"] == list(g["at_kl_bins"]) and len(at["static_best_per_seed"]) == n, key
+            for stat in ("best", "mean"):
+                for d in at[f"gap_{stat}"]:
+                    assert d is None or (2 <= d["n"] <= n and d["lo"] <= d["mean"] <= d["hi"]), key
+            assert [d["K"] for d in final["gap"]] == list(g["final_kl"]) and final["form"] == g["curve"]
+            assert set(final["criterion"]) == set(stats.CURVES)
+            for fam in ("static", "tr"):
+                c = final["curves"][fam]
+                assert len(c["fit"]) == len(c["lo"]) == len(c["hi"]) == len(c["K"]) and c["fit"][0] == 0, key
+                assert all(lo <= hi for lo, hi in zip(c["lo"], c["hi"])) and len(final["points"][fam]["kl"]) == n
+    assert on_disk["views"]["dpo"]["final"]["form"] == g["curve"]
+
+
+def test_replot_recomputes_the_views_from_the_json_alone(overoptimization_run, tmp_path, capsys):
+    payload, on_disk = overoptimization_run
+    with pytest.raises(SystemExit) as e:  # nothing to replot: a one-line error, exit 2
+        overoptimization.main(["--quick", "--replot", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--replot" in capsys.readouterr().err
+    for name in ("overoptimization", "regimes"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(on_disk if name == "overoptimization" else
+                                                          common.rounded(payload["regimes"])))
+    again = overoptimization.main(["--quick", "--replot", "--out", str(tmp_path)])
+    assert [r["quantity"] for r in again["verdicts"]] == [r["quantity"] for r in payload["verdicts"]]
+    for a, b in zip(again["verdicts"] + again["regimes"]["verdicts"],
+                    payload["verdicts"] + payload["regimes"]["verdicts"]):  # the JSON's histories have 5 digits
+        assert (a["mean"], a["lo"], a["hi"]) == pytest.approx((b["mean"], b["lo"], b["hi"]), rel=1e-3, abs=1e-4)
 
 
 def test_regime_map_covers_every_regime_with_paired_gaps(overoptimization_run):
@@ -174,7 +216,8 @@ def test_every_toy_reports_verdicts_with_paired_cis(run, request):
     n = len(payload["setup"]["seeds"])
     assert payload["verdicts"] and on_disk["setup"]["ci"].startswith("percentile bootstrap over seeds")
     for row in payload["verdicts"]:
-        assert row["verdict"] in ("holds", "reversed", "not resolved") and row["n"] == n, row
+        assert row["verdict"] in ("holds", "reversed", "not resolved") and 2 <= row["n"] <= n, row
+        assert row["n"] == n or row["quantity"].startswith("at KL"), row  # only a KL bin can miss seeds
         assert row["lo"] <= row["mean"] + 1e-12 and row["mean"] <= row["hi"] + 1e-12, row
         assert "paired" in row["method"] or row["claim"].startswith("(a)"), row  # (a) is about static alone
 
@@ -193,6 +236,9 @@ def test_quick_writes_under_out_and_pairs_tr_with_static():
     assert common.static_of("dpo/soft/beta=0.1/alpha=0.6/tau=32") == "dpo/static/beta=0.1"
     assert common.static_of("n=16/kto/hard/beta=0.3/tau=8") == "n=16/kto/static/beta=0.3"
     assert common.static_of("dpo/soft/lr=0.01") == "dpo/static/lr=0.01"
+    assert common.parse_args(["--replot"], "", replot=True).replot and not common.parse_args([], "", replot=True).replot
+    with pytest.raises(SystemExit):  # a toy without a --replot path does not offer one
+        common.parse_args(["--replot"], "")
 
 
 def test_map_seeds_gives_the_same_results_with_a_process_pool():
@@ -296,3 +342,95 @@ def test_frontier_is_the_best_gold_within_each_kl_budget():
     assert math.isnan(stats.frontier([], [], [1.0])[0])
     with pytest.raises(ValueError, match="one gold per KL"):
         stats.frontier([0.0, 1.0], [0.0], [1.0])
+
+
+def test_at_kl_takes_the_points_inside_each_bin():
+    kl, gold = [0.0, 0.3, 0.5, 0.9, 1.0, 2.5], [0.0, 1.0, 2.0, 3.0, 0.5, 4.0]
+    best, mean = stats.at_kl(kl, gold, [0.5, 1.0, 2.0, 4.0])  # bins (0.25, 0.5], (0.5, 1], (1, 2], (2, 4]
+    assert best[[0, 1, 3]].tolist() == [2.0, 3.0, 4.0] and mean[[0, 1, 3]].tolist() == [1.5, 1.75, 4.0]
+    assert math.isnan(best[2]) and math.isnan(mean[2])  # KL = 0 (π_SFT) is in no bin, (1, 2] is empty
+    best, mean = stats.at_kl([[0.0, 0.6, 3.0], [0.0, 0.8, 1.5]], [[0.0, 1.0, 5.0], [0.0, 2.0, 7.0]], [1.0, 2.0])
+    assert best.tolist() == [2.0, 7.0] and mean.tolist() == [1.5, 7.0]  # runs × evaluations of one family
+    with pytest.raises(ValueError, match="one gold per KL"):
+        stats.at_kl([0.0, 1.0], [0.0], [1.0])
+
+
+def test_paired_diff_present_pairs_only_the_seeds_both_reach():
+    nan = float("nan")
+    d = stats.paired_diff_present([1.0, nan, 3.0, 4.0], [0.0, 1.0, nan, 2.0])  # seeds 0 and 3: differences 1, 2
+    assert d["mean"] == 1.5 and d["n"] == 2 and (d["lo"], d["hi"]) == stats.bootstrap_ci([1.0, 2.0])
+    assert stats.paired_diff_present([1.0, nan, 3.0, 4.0], [0.0, 1.0, nan, 2.0], min_n=3) is None
+
+
+@pytest.mark.parametrize("form", sorted(stats.CURVES))
+def test_curve_fit_recovers_known_parameters(form):
+    rng = np.random.default_rng(0)
+    kl = [rng.uniform(0.5, 30, size=6) for _ in range(5)]  # 5 seeds, 6 final checkpoints each
+    gain = [stats.curve([0.8, 0.3], k, form) for k in kl]
+    assert stats.fit_curve(kl, gain, form) == pytest.approx([0.8, 0.3])
+    d = np.sqrt(np.array([4.0, 9.0]))
+    expected = d * (0.8 - 0.3 * (d if form == "gao_bon" else np.log(d)))  # the closed forms
+    assert stats.curve([0.8, 0.3], [4.0, 9.0], form) == pytest.approx(expected)
+    noisy = [g + rng.normal(0, 0.01, g.shape) for g in gain]
+    assert stats.fit_curve(kl, noisy, form) == pytest.approx([0.8, 0.3], abs=0.03)
+    # a band over seeds: exact data gives no spread, every resample refits the same curve
+    band = stats.curve_band(kl, gain, form, [0.0, 1.0, 16.0])
+    assert band["fit"] == pytest.approx(band["lo"]) and band["fit"] == pytest.approx(band["hi"])
+    assert band["fit"][0] == 0 and band["n"] == 5 and (band["alpha"], band["beta"]) == pytest.approx((0.8, 0.3))
+    band = stats.curve_band(kl, noisy, form, [1.0, 4.0, 16.0, 25.0])
+    assert len(band["lo"]) == len(band["hi"]) == len(band["fit"]) == 4
+    assert all(lo < f < hi for lo, f, hi in zip(band["lo"], band["fit"], band["hi"]))
+    with pytest.raises(ValueError, match="curve form"):
+        stats.fit_curve(kl, gain, "exponential")
+    one_kl = stats.fit_curve([np.array([4.0, 4.0])], [np.array([1.0, 1.2])], form)  # singular: the least-norm fit
+    assert np.isfinite(one_kl).all() and stats.curve(one_kl, [4.0], form)[0] == pytest.approx(1.1)
+
+
+def test_paired_curve_difference_cancels_the_shared_seed_spread():
+    rng = np.random.default_rng(1)
+    kl = [rng.uniform(1, 20, size=4) for _ in range(6)]
+    static = [np.sqrt(k) * (rng.normal(0.5, 0.3) - 0.1 * np.log(np.sqrt(k))) for k in kl]  # a seed effect on α
+    tr = [g + 0.05 * np.sqrt(k) for g, k in zip(static, kl)]  # α + 0.05 on every seed
+    rows = stats.paired_curve_diff(kl, tr, kl, static, "gao_rl", [4.0, 16.0])
+    for row, k in zip(rows, (4.0, 16.0)):  # paired: every resample sees the same seeds in both, so no spread
+        assert (row["mean"], row["lo"], row["hi"]) == pytest.approx((0.05 * k ** 0.5,) * 3) and row["n"] == 6
+    unpaired = stats.bootstrap_curves(kl, tr, "gao_rl", [16.0], seed=0) - stats.bootstrap_curves(
+        kl, static, "gao_rl", [16.0], seed=1)
+    assert np.quantile(unpaired, 0.975) - np.quantile(unpaired, 0.025) > 0.1  # what pairing removes
+    with pytest.raises(ValueError, match="same seeds"):
+        stats.paired_curve_diff(kl, tr, kl[:5], static[:5], "gao_rl", [4.0])
+
+
+def test_curve_criterion_prefers_the_true_form():
+    rng = np.random.default_rng(2)
+    kl = [rng.uniform(0.5, 60, size=8) for _ in range(5)]
+    for true in stats.CURVES:
+        gain = [stats.curve([0.3, 0.05 if true == "gao_bon" else 0.2], k, true) + rng.normal(0, 0.02, 8) for k in kl]
+        sse = {form: stats.curve_criterion(kl, gain, form)["sse"] for form in stats.CURVES}
+        assert min(sse, key=sse.get) == true
+    # leave one seed out, by hand: two seeds, each predicted from the other's fit
+    kl2, gain2 = [np.array([1.0, 4.0]), np.array([9.0, 16.0])], [np.array([1.0, 2.0]), np.array([2.0, 1.0])]
+    by_hand = sum(((g - stats.curve(stats.fit_curve([kl2[1 - i]], [gain2[1 - i]], "gao_bon"), kl2[i], "gao_bon"))
+                   ** 2).sum() for i, g in enumerate(gain2))
+    assert stats.curve_criterion(kl2, gain2, "gao_bon") == {"sse": pytest.approx(by_hand), "n_points": 4}
+
+
+def test_views_judge_only_bins_enough_seeds_reach_and_curves_inside_both_ranges():
+    rng = np.random.default_rng(3)
+    n = 4
+    points = {fam: [(np.array([[0.0, 0.8, 1.8, 3.5 + s]]), np.array([[0.0, 1.0 + off, 2.0 + off, 2.5 + off]]))
+                    for s in range(n)] for fam, off in (("static", 0.0), ("tr", 0.1))}
+    at = views.at_kl_view(points, [1.0, 2.0, 4.0, 8.0])
+    assert at["min_seeds"] == 2 and at["static_best_per_seed"][0] == [1.0, 2.0, 2.5, None]
+    # the last KLs 3.5, 4.5, 5.5, 6.5: (2, 4] holds seed 0 only (not judged), (4, 8] seeds 1–3 (judged on them)
+    assert at["gap_best"][2] is None and at["gap_best"][3]["n"] == 3
+    assert [at["gap_best"][j]["mean"] for j in (0, 1, 3)] == pytest.approx([0.1, 0.1, 0.1])
+    finals = {fam: [(rng.uniform(lo, hi, 5), rng.normal(0.5, 0.1, 5)) for _ in range(n)]
+              for fam, lo, hi in (("static", 1.0, 10.0), ("tr", 5.0, 20.0))}
+    final = views.final_view(finals, "gao_rl", [2.0, 8.0, 15.0])
+    assert [g["inside"] for g in final["gap"]] == [False, True, False]  # overlap ⊂ [5, 10]
+    rows = views.view_verdicts("DPO", at, final)
+    assert [r["quantity"] for r in rows if r["quantity"].startswith("final")] == [
+        "final checkpoints: gao_rl gain at KL 8"]
+    assert sum(r["quantity"].startswith("at KL: best") for r in rows) == 3
+    assert views.criterion_line([final]).endswith("(used: gao_rl)") and "gao_bon" in views.criterion_line([final])

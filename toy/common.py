@@ -159,14 +159,17 @@ def kl(lp: torch.Tensor, lq: torch.Tensor) -> float:
     return (lp.exp() * (lp - lq)).sum().item()
 
 
-def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
-    """--out, --quick and --workers, shared by every toy script. --quick writes under out/ unless told otherwise, so
-    it never overwrites the committed toy/figures/."""
+def parse_args(argv: list[str] | None, description: str, replot: bool = False) -> argparse.Namespace:
+    """--out, --quick and --workers, shared by every toy script (and --replot where the script has it). --quick writes
+    under out/ unless told otherwise, so it never overwrites the committed toy/figures/."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default=None, help="folder for the PNG figure and the JSON of every number "
                                                     "(default: toy/figures, or out/toy-quick with --quick)")
     parser.add_argument("--quick", action="store_true", help="a small version (under a minute) for the test suite")
     parser.add_argument("--workers", type=int, default=2, help="processes running seeds in parallel (1: in-process)")
+    if replot:
+        parser.add_argument("--replot", action="store_true", help="no training: recompute every statistic and redraw "
+                                                                  "the figures from the runs in the JSON under --out")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
@@ -340,8 +343,9 @@ def print_verdicts(title: str, rows: list[dict]) -> None:
     print(f"{'claim':<34} {'quantity':<44} {'exp':>3}  {'mean [95% CI]':<28} verdict")
     for r in rows:
         ci = f"{r['mean']:+.3g} [{r['lo']:+.3g}, {r['hi']:+.3g}]"
-        print(f"{r['claim']:<34.34} {r['quantity']:<44.44} {r['expected']:>3}  {ci:<28} {r['verdict']}")
-    print(f"(CI: {rows[0]['method']}, n = {rows[0]['n']} seeds; exp = the sign the paper predicts)")
+        n = "" if r["n"] == rows[0]["n"] else f" (n = {r['n']} seeds)"
+        print(f"{r['claim']:<34.34} {r['quantity']:<44.44} {r['expected']:>3}  {ci:<28} {r['verdict']}{n}")
+    print(f"(CI: {rows[0]['method']}, n = {rows[0]['n']} seeds unless a row says; exp = the sign the paper predicts)")
 
 
 def likelihood_verdicts(summary: dict[str, dict], toy: str) -> list[dict]:

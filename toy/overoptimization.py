@@ -16,8 +16,15 @@ Regimes. The same compute, B = 64 pairs per step for 100 steps (6,400 pair draws
 pairs from π_SFT every step (each pair seen once: the paper's one-epoch setting). The regime map shows the paired
 frontier gap per N, i.e. from many passes over few pairs to a single pass over fresh ones.
 
+Beside the frontier, claim (c) and the regime map are read in two more views (toy/views.py): gold *at* KL (the best
+and the mean gold of the evaluations in each bin (K/2, K]) and the final checkpoints (one point per run, a fitted
+gold-vs-KL curve per family, compared at matched KL).
+
     python -m toy.overoptimization [--out toy/figures] [--quick] [--workers 2]   # writes overoptimization.*, regimes.*
+    python -m toy.overoptimization --replot    # no training: statistics and figures from the runs in the JSONs
 """
+import json
+import sys
 from functools import partial
 
 import numpy as np
@@ -27,6 +34,7 @@ from toy.common import (CI_METHOD, LOSSES, RunConfig, all_logps, claim_row, enum
                         mean_std, parse_args, print_verdicts, pyplot, save, sft, summarise, train)
 from toy.sequences import tiny_llama
 from toy.stats import frontier, paired_diff
+from toy.views import at_kl_view, criterion_line, final_panel, final_view, gap_panel, view_verdicts
 
 VOCAB, LENGTH = 4, 5
 N_SFT, BASE_TEMPERATURE = 2000, 0.5  # SFT samples, base distribution sharpness
@@ -134,68 +142,136 @@ def frontier_verdicts(label: str, f: dict, levels: tuple) -> list[dict]:
     return rows
 
 
-def frontier_figure(fronts: dict[str, dict], title: str, caption: str):
-    """Per loss: the static and TR frontiers (mean, 95% CI band over seeds), and below them the paired gap."""
-    fig, axes = pyplot().subplots(2, len(fronts), figsize=(4.2 * len(fronts), 6.6), squeeze=False)
-    for (loss, f), (ax_f, ax_g) in zip(fronts.items(), axes.T):
+def frontier_figure(fronts: dict[str, dict], views: dict[str, dict], title: str, caption: str):
+    """Per loss: the static and TR frontiers (mean, 95% CI band over seeds); below them TR − static in the three views
+    (frontier, at KL, final checkpoints); below that the final checkpoints with their fitted curves."""
+    fig, axes = pyplot().subplots(3, len(fronts), figsize=(4.4 * len(fronts), 10.2), squeeze=False)
+    for (loss, f), (ax_f, ax_g, ax_c) in zip(fronts.items(), axes.T):
         for fam, label, color in (("static", f"static, β ∈ sweep ({len(f['static_runs'])} runs)", "C0"),
                                   ("tr", f"TR soft/hard, α/τ/β ({len(f['tr_runs'])} runs)", "C3")):
             m, lo, hi = (np.array([d[k] for d in f[fam]]) for k in ("mean", "lo", "hi"))
             ax_f.plot(f["K"], m, color=color, label=label)
             ax_f.fill_between(f["K"], lo, hi, color=color, alpha=0.2, linewidth=0)
-        m, lo, hi = (np.array([d[k] for d in f["gap"]]) for k in ("mean", "lo", "hi"))
-        ax_g.plot(f["K"], m, color="k")
-        ax_g.fill_between(f["K"], lo, hi, color="k", alpha=0.2, linewidth=0)
-        ax_g.axhline(0, color="grey", lw=0.8, ls="--")
+        gap_panel(ax_g, f["K"], f["gap"], views[loss]["at_kl"], views[loss]["final"])
+        final_panel(ax_c, views[loss]["final"])
         ax_f.set_title(f"{loss.upper()}: gold-reward frontier", fontsize=9)
-        ax_g.set_title(f"{loss.upper()}: TR − static, paired over seeds", fontsize=9)
+        ax_g.set_title(f"{loss.upper()}: TR − static in three views, paired over seeds", fontsize=9)
+        ax_c.set_title(f"{loss.upper()}: final checkpoints (shaded: KL both families cover)", fontsize=9)
         ax_f.set_ylabel("max E_π[r*] with KL ≤ K", fontsize=8)
-        ax_g.set_ylabel("frontier gap TR − static", fontsize=8)
         for ax in (ax_f, ax_g):
             ax.set_xlabel("KL budget K = KL(π‖π_SFT) [nats]", fontsize=8)
+        for ax in (ax_f, ax_g, ax_c):
             ax.tick_params(labelsize=8)
-        ax_f.legend(fontsize=7)
+        for ax in (ax_f, ax_g, ax_c):
+            ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.035, 1, 1))
     fig.text(0.5, 0.005, caption, ha="center", fontsize=8)
     return fig
 
 
-def regime_figure(gaps: dict[str, dict], labels: list[str], levels: tuple, title: str, caption: str):
-    """The regime map: paired frontier gap TR − static per data regime, one line per KL budget, 95% CI bars."""
-    fig, ax = pyplot().subplots(figsize=(8, 4.2))
+def regime_figure(gaps: dict[str, dict], views: dict[str, dict], labels: list[str], levels: tuple, title: str,
+                  caption: str):
+    """The regime map: per data regime the paired TR − static in the three views (frontier at each KL budget, at-KL
+    best gold per bin, final-checkpoint curves at matched KL; 95% CI bars), and each regime's final checkpoints."""
+    fig = pyplot().figure(figsize=(15, 8.4))
+    grid = fig.add_gridspec(2, 6, height_ratios=(1.25, 1))
+    top = [fig.add_subplot(grid[0, 2 * i:2 * i + 2]) for i in range(3)]
     x = np.arange(len(labels))
-    for j, k in enumerate(levels):
-        d = [gaps[r][f"{k:g}"] for r in gaps]
-        m = np.array([e["mean"] for e in d])
-        err = np.array([[e["mean"] - e["lo"] for e in d], [e["hi"] - e["mean"] for e in d]])
-        ax.errorbar(x + 0.08 * (j - (len(levels) - 1) / 2), m, yerr=err, marker="o", capsize=3, label=f"KL ≤ {k:g}")
-    ax.axhline(0, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(x, labels, fontsize=8)
-    ax.set_xlabel("data regime: distinct pairs N (passes over them)", fontsize=8)
-    ax.set_ylabel("frontier gap TR − static (gold reward)", fontsize=8)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+
+    def bars(ax, cells, names):  # cells[regime][j]: a paired diff or None; one line per j
+        for j, name in enumerate(names):
+            d = [cells[r][j] for r in cells]
+            keep = [i for i, e in enumerate(d) if e is not None]
+            m = np.array([d[i]["mean"] for i in keep])
+            err = np.array([[d[i]["mean"] - d[i]["lo"] for i in keep], [d[i]["hi"] - d[i]["mean"] for i in keep]])
+            ax.errorbar(x[keep] + 0.08 * (j - (len(names) - 1) / 2), m, yerr=err.reshape(2, -1), marker="o", ms=3.5,
+                        capsize=3, label=name)
+        ax.axhline(0, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.legend(fontsize=7)
+        ax.tick_params(labelsize=7)
+
+    bars(top[0], {r: [gaps[r][f"{k:g}"] for k in levels] for r in gaps}, [f"KL ≤ {k:g}" for k in levels])
+    at = {r: views[r]["at_kl"] for r in views}
+    first = next(iter(at.values()))
+    bars(top[1], {r: a["gap_best"] for r, a in at.items()}, [f"KL in ({lo:g}, {hi:g}]" for lo, hi in first["bins"]])
+    fin = {r: views[r]["final"] for r in views}
+    matched = next(iter(fin.values()))["matched_K"]
+    bars(top[2], {r: [g if g["inside"] else None for g in f["gap"]] for r, f in fin.items()},
+         [f"KL = {k:g}" for k in matched])
+    for ax, what in zip(top, ("frontier: best gold at KL ≤ K", "at KL: best gold in the bin",
+                              "final checkpoints: fitted curves at matched KL")):
+        ax.set_title(f"TR − static, {what}", fontsize=9)
+        ax.set_xlabel("data regime: distinct pairs N (passes over them)", fontsize=8)
+    top[0].set_ylabel("TR − static (gold reward), paired 95% CI", fontsize=8)
+    for i, (r, label) in enumerate(zip(views, labels)):
+        ax = fig.add_subplot(grid[1, i])
+        final_panel(ax, views[r]["final"])
+        ax.set_title(f"final checkpoints, N = {label.splitlines()[0]}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=5)
+        if i:
+            ax.set_ylabel("")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.text(0.5, 0.01, caption, ha="center", fontsize=8)
     return fig
+
+
+def family_views(runs: dict[str, list[dict]], static: list[str], tr: list[str], g: dict) -> dict:
+    """The at-KL and the final-checkpoint views of two families (run names; runs[name][seed] a history) on the bins,
+    curve form and matched KLs of setup()."""
+    n_seeds = len(runs[static[0]])
+    points = {fam: [(np.array([runs[n][s]["kl_sft"] for n in names]), np.array([runs[n][s]["gold"] for n in names]))
+                    for s in range(n_seeds)] for fam, names in (("static", static), ("tr", tr))}
+    finals = {fam: [([runs[n][s]["kl_sft"][-1] for n in names], [runs[n][s]["gold"][-1] - runs[n][s]["gold"][0]
+                                                                 for n in names]) for s in range(n_seeds)]
+              for fam, names in (("static", static), ("tr", tr))}
+    return {"at_kl": at_kl_view(points, g["at_kl_bins"]), "final": final_view(finals, g["curve"], g["final_kl"])}
+
+
+def load_runs(out: str, names: list[str]) -> dict[str, list[dict]]:
+    """--replot: the histories of `names` from OUT/overoptimization.json and OUT/regimes.json; a run missing from them
+    is a one-line error (exit 2) that names it."""
+    runs = {}
+    for file in ("overoptimization", "regimes"):
+        try:
+            with open(f"{out}/{file}.json") as f:
+                runs.update(json.load(f)["runs"])
+        except (OSError, ValueError, KeyError) as e:
+            print(f"toy/overoptimization.py --replot: cannot read the runs of {out}/{file}.json ({e})", file=sys.stderr)
+            sys.exit(2)
+    missing = [n for n in names if n not in runs]
+    if missing:
+        print(f"toy/overoptimization.py --replot: {out} has no run {missing[0]!r} ({len(missing)} missing); run "
+              f"without --replot", file=sys.stderr)
+        sys.exit(2)
+    return {n: runs[n] for n in names}
 
 
 def setup(quick: bool) -> tuple:
     """(seeds, steps, lr, sft_steps, regimes, grid). The grids were fixed before any result and are the same for every
     loss: static over β ∈ static_betas; TR at each β of tr_betas, soft over α ∈ alphas × τ ∈ soft_taus and hard over
-    τ ∈ hard_taus (in 100 steps τ = 32 is 3 updates); the regime map's TR configs (mode, α, τ) at β = 0.1."""
+    τ ∈ hard_taus (in 100 steps τ = 32 is 3 updates); the regime map's TR configs (mode, α, τ) at β = 0.1.
+    The other two views of claim (c): at_kl_bins, the K of the bins (K/2, K] (the frontier's budgets, so the two
+    views sit side by side); final_kl, the KLs at which the final-checkpoint curves are compared (inside the 1.5–5
+    nats the final checkpoints span), and curve, their form: Gao et al.'s RL form d(α − β·log d), d = √KL, which
+    predicts held-out seeds better than their best-of-n form d(α − β·d) for every loss and data regime here (the
+    JSON's "criterion": leave-one-seed-out squared error, toy/stats.py curve_criterion; main prints both)."""
     if quick:  # τ = 6 gives the TR runs 3 reference updates in 20 steps; lr 1e-3 so they move visibly
         return [0, 1], 20, 1e-3, 30, (16, 64, STREAM), dict(
             static_betas=(0.1, 0.3), tr_betas=(0.1,), alphas=(0.6,), soft_taus=(6,), hard_taus=(6,),
-            regime_tr=[("soft", 0.6, 6), ("hard", RunConfig.alpha, 6)])
+            regime_tr=[("soft", 0.6, 6), ("hard", RunConfig.alpha, 6)], at_kl_bins=(1.0, 2.0, 4.0), final_kl=(2.0,),
+            curve="gao_rl")
     return list(range(10)), 100, 4e-4, SFT_STEPS, (16, 64, 256, 1024, 4096, STREAM), dict(
         static_betas=(0.01, 0.03, 0.1, 0.3, 1.0), tr_betas=(0.1, 0.3), alphas=(0.3, 0.6, 0.9), soft_taus=(4, 16),
-        hard_taus=(8, 16, 32), regime_tr=[("soft", 0.6, 4), ("soft", 0.6, 16), ("hard", RunConfig.alpha, 16)])
+        hard_taus=(8, 16, 32), regime_tr=[("soft", 0.6, 4), ("soft", 0.6, 16), ("hard", RunConfig.alpha, 16)],
+        at_kl_bins=KL_LEVELS, final_kl=(2.0, 3.0, 4.0), curve="gao_rl")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv, __doc__.splitlines()[0])
+    args = parse_args(argv, __doc__.splitlines()[0], replot=True)
     seeds, steps, lr, sft_steps, regimes, g = setup(args.quick)
     static_betas, tr_betas, alphas, soft_taus, hard_taus, regime_tr = (g[k] for k in (
         "static_betas", "tr_betas", "alphas", "soft_taus", "hard_taus", "regime_tr"))
@@ -217,8 +293,11 @@ def main(argv: list[str] | None = None) -> dict:
                                                                          for m, a, t in regime_tr])
     configs = {r: {f"n={r}/{n}": c for n, c in regime_grid.items()} for r in regimes if r != MAIN_PAIRS}
     configs[MAIN_PAIRS] = main_grid
-    per_seed = map_seeds(partial(seed_runs, configs, sft_steps), seeds, args.workers)
-    runs = {name: [r[name] for r in per_seed] for grid in configs.values() for name in grid}
+    if args.replot:
+        runs = load_runs(args.out, [name for grid in configs.values() for name in grid])
+    else:
+        per_seed = map_seeds(partial(seed_runs, configs, sft_steps), seeds, args.workers)
+        runs = {name: [r[name] for r in per_seed] for grid in configs.values() for name in grid}
     for r in regimes:  # the N = 64 cell of the regime map is the main study's runs of the regime grid
         if r == MAIN_PAIRS:
             runs.update({f"n={r}/{n}": runs[n] for n in regime_grid})
@@ -235,10 +314,15 @@ def main(argv: list[str] | None = None) -> dict:
         for key in ("gold_peak", "kl_at_peak"):
             verdicts.append(claim_row(f"(c) {loss.upper()} soft − static β=0.1", key, t["paired"][key], +1,
                                       static=summary[f"{loss}/static/beta=0.1"][key], tr=t[key]))
+    views = {loss: family_views(main_runs, fronts[loss]["static_runs"], fronts[loss]["tr_runs"], g) for loss in LOSSES}
+    for loss in LOSSES:
+        verdicts += view_verdicts(loss.upper(), views[loss]["at_kl"], views[loss]["final"])
     n_seeds = f"{len(seeds)} seeds"
     caption = ("frontier(K) = max over a family's runs and evaluations of E_π[r*] with KL(π‖π_SFT) ≤ K (exact, nats); "
-               f"bands: 95% bootstrap CI over {n_seeds}")
-    fig = frontier_figure(fronts, f"over-optimisation frontiers: tiny Llama, {VOCAB ** LENGTH} responses, "
+               "\nat KL: the best / mean E_π[r*] of the evaluations with KL in (K/2, K]; final checkpoints: each run's "
+               f"last evaluation, curve gain = d(α − β·log d), d = √KL; bands and bars: 95% bootstrap CI over "
+               f"{n_seeds}")
+    fig = frontier_figure(fronts, views, f"over-optimisation frontiers: tiny Llama, {VOCAB ** LENGTH} responses, "
                                   f"{MAIN_PAIRS} noisy BT pairs full-batch, {steps} steps, Adam lr={lr}; static β ∈ "
                                   f"{list(static_betas)}; TR β ∈ {list(tr_betas)}, soft α ∈ {list(alphas)} × τ ∈ "
                                   f"{list(soft_taus)}, hard τ ∈ {list(hard_taus)}; {n_seeds}",
@@ -247,37 +331,44 @@ def main(argv: list[str] | None = None) -> dict:
                          "base_temperature": BASE_TEMPERATURE, "sft_steps": sft_steps, "sft_lr": SFT_LR,
                          "kl_levels": list(KL_LEVELS), "seeds": seeds, "ci": CI_METHOD, **base,
                          "grid": {"static_betas": static_betas, "tr_betas": tr_betas, "alphas": alphas,
-                                  "soft_taus": soft_taus, "hard_taus": hard_taus}},
-               "configs": {n: vars(c) for n, c in main_grid.items()}, "frontiers": fronts, "summary": summary,
+                                  "soft_taus": soft_taus, "hard_taus": hard_taus, "at_kl_bins": g["at_kl_bins"],
+                                  "final_kl": g["final_kl"], "curve": g["curve"]}},
+               "configs": {n: vars(c) for n, c in main_grid.items()}, "frontiers": fronts, "views": views,
+               "summary": summary,
                "verdicts": verdicts, "runs": main_runs}
     save(args.out, "overoptimization", payload, fig)
     print_verdicts(f"overoptimization: claim (c); {n_seeds} (figure and JSON in {args.out})", verdicts)
+    print(criterion_line([views[loss]["final"] for loss in LOSSES]))
 
-    # the regime map: the regime grid's frontier gap per data regime
-    gaps, regime_rows, labels = {}, [], []
+    # the regime map: the regime grid's frontier gap per data regime, and its other two views
+    gaps, regime_views, regime_rows, labels = {}, {}, [], []
     for r in regimes:
         names = [f"n={r}/{n}" for n in regime_grid]
         f = frontiers(runs, [n for n in names if "/static" in n], [n for n in names if "/static" not in n],
                       list(KL_LEVELS))
         gaps[str(r)] = {f"{k:g}": g for k, g in zip(KL_LEVELS, f["gap"])}
         gaps[str(r)]["frontiers"] = f
+        regime_views[str(r)] = family_views(runs, f["static_runs"], f["tr_runs"], g)
         regime_rows += frontier_verdicts(f"DPO N={r}", f, KL_LEVELS)
+        regime_rows += view_verdicts(f"DPO N={r}", regime_views[str(r)]["at_kl"], regime_views[str(r)]["final"])
         labels.append(f"{r}\n(1 pass)" if r == STREAM else f"{r}\n({steps * min(BATCH, r) / r:g} passes)")
     tr_runs = ", ".join(f"{m} τ={t}" + (f" α={a}" if m == "soft" else "") for m, a, t in regime_tr)
-    fig = regime_figure({r: gaps[r] for r in gaps}, labels, KL_LEVELS,
+    fig = regime_figure(gaps, regime_views, labels, KL_LEVELS,
                         f"where TR helps: DPO, {BATCH} pairs/step × {steps} steps, static β ∈ {list(static_betas)} "
                         f"vs TR (β=0.1) {tr_runs}; {n_seeds}",
-                        "gap = paired difference of the frontiers max{E_π[r*] : KL(π‖π_SFT) ≤ K}; bars: 95% bootstrap "
-                        "CI over seeds; stream = fresh Bradley–Terry pairs from π_SFT every step")
+                        "frontier: max{E_π[r*] : KL(π‖π_SFT) ≤ K}; at KL: max E_π[r*] of the evaluations with KL in "
+                        "(K/2, K]; final checkpoints: each run's last evaluation, curve d(α − β·log d), d = √KL; "
+                        "bars and bands: 95% bootstrap CI over seeds; stream = fresh pairs every step")
     regime_payload = {"setup": {**payload["setup"], "batch_pairs": BATCH, "regimes": [str(r) for r in regimes],
                                 "passes": {str(r): 1 if r == STREAM else steps * min(BATCH, r) / r for r in regimes}},
                       "configs": {f"n={r}/{n}": vars(c) for r in regimes for n, c in regime_grid.items()},
-                      "gaps": gaps, "verdicts": regime_rows,
+                      "gaps": gaps, "views": regime_views, "verdicts": regime_rows,
                       "summary": summarise({n: runs[n] for r in regimes for n in (f"n={r}/{m}" for m in regime_grid)},
                                            run_summary),
                       "runs": {n: runs[n] for r in regimes if r != MAIN_PAIRS for n in configs[r]}}
     save(args.out, "regimes", regime_payload, fig)
-    print_verdicts(f"regimes: TR − static frontier gap per data regime; {n_seeds}", regime_rows)
+    print_verdicts(f"regimes: TR − static per data regime in three views; {n_seeds}", regime_rows)
+    print(criterion_line([v["final"] for v in regime_views.values()]))
     return payload | {"regimes": regime_payload}
 
 

@@ -16,10 +16,14 @@ estimator is unbiased but noisy (its standard error, std/√n, is recorded with 
 
 Frontier of a family of runs (static over the β grid; TR over the α/τ grid, at β = TR_BETA): the best mean gold
 reached at KL ≤ K over all its runs and evaluations, per seed, compared TR − static with a paired bootstrap CI over
-seeds (toy/stats.py).
+seeds (toy/stats.py). Beside it the two other views of toy/views.py: gold at KL (best and mean gold of the evaluations
+in each bin (K/2, K]) and the final checkpoints (a fitted gold-vs-KL curve per family, compared at matched KL).
 
     python -m toy.sentiment [--quick] [--out toy/figures] [--workers 2]   # --quick: out/toy-quick by default
+    python -m toy.sentiment --replot     # no training: statistics and figure from the runs in OUT/sentiment.json
 """
+import json
+import sys
 import math
 import time
 from multiprocessing import get_context
@@ -33,8 +37,9 @@ import tokenizer
 import train
 from model import Llama
 from reference import ReferenceUpdater, make_reference
-from toy.common import parse_args, pyplot, save
+from toy.common import claim_row, parse_args, print_verdicts, pyplot, save
 from toy.stats import frontier, paired_diff, verdict
+from toy.views import at_kl_view, criterion_line, final_panel, final_view, gap_panel, view_verdicts
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 OPENINGS = ["Once upon a time", "One day,", "Tom and his dog", "Lily went to the park", "There was a little bird",
@@ -48,11 +53,18 @@ TR_BETA = 0.1
 # (sizes: pairs per loss; the first is the main size of the figure's left column and of the stories)
 # (static and TR get five configurations each: with a noisy evaluation a frontier is a max over evaluations, and a
 # family with more runs would get more tries at a lucky one)
+# (the other two views: at_kl_bins, the K of the bins (K/2, K], the frontier's budgets from 2 nats and one past them,
+# where TR's longest runs end; final_kl, where the final-checkpoint curves are compared, inside the 4–110 nats the
+# final checkpoints span and only where both families' checkpoints reach; curve, their form, as toy/overoptimization.py
+# setup() argues: Gao et al.'s RL form, which predicts held-out seeds better here too, pooled over the cells (per cell
+# the best-of-n form is ahead in 4 of 6; the JSON's "criterion", printed by main))
 FULL = dict(seeds=[0, 1, 2, 3, 4], sizes={"dpo": [128, 512], "ipo": [128, 512], "kto": [128, 512]},
             betas=[0.03, 0.1, 0.3, 0.6, 1.0], soft=[(0.3, 4), (0.6, 4), (0.6, 16)], hard=[4, 16], steps=40,
-            eval_every=5, eval_samples=48, batch_pairs=16, lr=4e-4, warmup=3, kl_grid=[0.5, 1, 2, 4, 8, 16, 32])
+            eval_every=5, eval_samples=48, batch_pairs=16, lr=4e-4, warmup=3, kl_grid=[0.5, 1, 2, 4, 8, 16, 32],
+            at_kl_bins=[2, 4, 8, 16, 32, 64], final_kl=[8, 16, 32, 48], curve="gao_rl")
 QUICK = dict(seeds=[0, 1], sizes={"dpo": [16], "ipo": [16], "kto": [16]}, betas=[0.1], soft=[(0.6, 2)], hard=[4],
-             steps=6, eval_every=3, eval_samples=16, batch_pairs=4, lr=3e-4, warmup=1, kl_grid=[1, 2, 4])
+             steps=6, eval_every=3, eval_samples=16, batch_pairs=4, lr=3e-4, warmup=1, kl_grid=[1, 2, 4],
+             at_kl_bins=[0.5, 1, 2, 4], final_kl=[0.5, 1], curve="gao_rl")
 
 
 def gold_reward(texts: list[str]) -> list[float]:
@@ -195,13 +207,62 @@ def summarise(runs: dict, grid: dict) -> dict:
             diff = paired_diff(tr, st)
             rows.append({"K": k, "static": float(st.mean()), "static_std": float(st.std()), "tr": float(tr.mean()),
                          "tr_std": float(tr.std()), "diff": diff, "verdict": verdict(diff)})
-        out[cell] = {"frontier": rows, "configs": {}}
+        out[cell] = {"frontier": rows, **cell_views(by_name, grid), "configs": {}}
         for n, hs in by_name.items():
             peak = [max(h, key=lambda p: p["gold"]) for h in hs]
             out[cell]["configs"][n] = {key: {"mean": float(np.mean(v)), "std": float(np.std(v))} for key, v in (
                 ("gold_final", [h[-1]["gold"] for h in hs]), ("kl_final", [h[-1]["kl"] for h in hs]),
                 ("gold_peak", [p["gold"] for p in peak]), ("kl_at_peak", [p["kl"] for p in peak]))}
     return out
+
+
+def cell_views(by_name: dict, grid: dict) -> dict:
+    """The at-KL and final-checkpoint views (toy/views.py) of one cell: per seed every evaluation of each family's
+    runs, and each run's last evaluation as (KL, gold − gold at step 0 of that seed)."""
+    fams = {"static": [n for n in by_name if not is_tr(n)], "tr": [n for n in by_name if is_tr(n)]}
+    seeds = range(len(grid["seeds"]))
+    points = {f: [(np.array([[p["kl"] for p in by_name[n][s]] for n in names]),
+                   np.array([[p["gold"] for p in by_name[n][s]] for n in names])) for s in seeds]
+              for f, names in fams.items()}
+    finals = {f: [([by_name[n][s][-1]["kl"] for n in names], [by_name[n][s][-1]["gold"] - by_name[n][s][0]["gold"]
+                                                              for n in names]) for s in seeds]
+              for f, names in fams.items()}
+    return {"at_kl": at_kl_view(points, grid["at_kl_bins"]), "final": final_view(finals, grid["curve"],
+                                                                                 grid["final_kl"])}
+
+
+def verdicts(summary: dict, grid: dict) -> list[dict]:
+    """Claim (c) per cell in the three views: the frontier at each K ≥ 2 of kl_grid (all of it in --quick), the
+    at-KL bins and the final-checkpoint curves (toy/views.py view_verdicts)."""
+    rows = []
+    for cell, s in summary.items():
+        label = f"{cell.split('/')[0].upper()} {cell.split('=')[1]}"
+        for r in s["frontier"]:
+            if r["K"] >= min(2, grid["kl_grid"][-1]):
+                rows.append(claim_row(f"(c) {label} TR − static", f"frontier: max gold at KL ≤ {r['K']:g}",
+                                      r["diff"], +1, static={"mean": r["static"], "std": r["static_std"]},
+                                      tr={"mean": r["tr"], "std": r["tr_std"]}))
+        rows += view_verdicts(label, s["at_kl"], s["final"])
+    return rows
+
+
+def load_runs(out: str, grid: dict) -> tuple[dict, dict, dict]:
+    """--replot: (runs, stories, setup) from OUT/sentiment.json; a missing file, cell or run is a one-line error
+    (exit 2) that names it."""
+    try:
+        with open(f"{out}/sentiment.json") as f:
+            saved = json.load(f)
+        runs, stories, setup = saved["runs"], saved["stories"], saved["setup"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"toy/sentiment.py --replot: cannot read the runs of {out}/sentiment.json ({e})", file=sys.stderr)
+        sys.exit(2)
+    for cell, loss, _ in cells(grid):
+        for name in configs(grid, loss):
+            if len(runs.get(cell, {}).get(name, [])) != len(grid["seeds"]):
+                print(f"toy/sentiment.py --replot: {out}/sentiment.json has no run {cell} {name} for every seed; "
+                      f"run without --replot", file=sys.stderr)
+                sys.exit(2)
+    return runs, stories, setup
 
 
 def matched_stories(by_name: dict, seed_index: int = 0) -> dict:
@@ -216,11 +277,26 @@ def matched_stories(by_name: dict, seed_index: int = 0) -> dict:
 
 
 def figure(runs: dict, summary: dict, grid: dict, title: str):
-    """Row per loss: gold vs KL per config (mean over seeds at each evaluation) at the loss's first dataset size; then
-    the frontiers of both families (mean over seeds; bars: paired 95% CI of TR − static, drawn around TR) per size."""
+    """Row per loss: gold vs KL per config (mean over seeds at each evaluation) at the loss's first dataset size; the
+    frontiers of both families (mean over seeds; bars: paired 95% CI of TR − static, drawn around TR) per size; per
+    size TR − static in the three views (toy/views.py gap_panel); per size the final checkpoints and their curves."""
     plt = pyplot()
-    fig, axes = plt.subplots(len(grid["sizes"]), 2, figsize=(11, 3.4 * len(grid["sizes"])), squeeze=False)
-    for (loss, sizes), (ax, ax_f) in zip(grid["sizes"].items(), axes):
+    n_sizes = max(len(sizes) for sizes in grid["sizes"].values())
+    fig, axes = plt.subplots(len(grid["sizes"]), 2 + 2 * n_sizes, figsize=(7.6 + 7.6 * n_sizes,
+                                                                           3.6 * len(grid["sizes"])), squeeze=False)
+    for (loss, sizes), row in zip(grid["sizes"].items(), axes):
+        ax, ax_f = row[:2]
+        for sz, ax_g, ax_c in zip(sizes, row[2:2 + n_sizes], row[2 + n_sizes:]):
+            s = summary[f"{loss}/n={sz}"]
+            gap_panel(ax_g, [r["K"] for r in s["frontier"]], [r["diff"] for r in s["frontier"]], s["at_kl"],
+                      s["final"], log_x=True)
+            ax_g.set_title(f"{loss.upper()}, {sz} pairs: TR − static\nin three views, paired over seeds", fontsize=9)
+            ax_g.set_xlabel("K [nats / response]", fontsize=8)
+            ax_g.legend(fontsize=6)
+            final_panel(ax_c, s["final"])
+            ax_c.set_title(f"{loss.upper()}, {sz} pairs: final checkpoints\n(shaded: KL both families cover)",
+                           fontsize=9)
+            ax_c.legend(fontsize=6)
         by_name = runs[f"{loss}/n={sizes[0]}"]
         for names, cmap in (([n for n in by_name if not is_tr(n)], "Blues"), ([n for n in by_name if is_tr(n)],
                                                                                "Oranges")):
@@ -228,7 +304,7 @@ def figure(runs: dict, summary: dict, grid: dict, title: str):
                 kl = np.mean([[p["kl"] for p in h] for h in by_name[n]], 0)
                 gold = np.mean([[p["gold"] for p in h] for h in by_name[n]], 0)
                 ax.plot(kl, gold, "o-", ms=2.5, lw=1, color=c, label=n.split("/", 1)[1])
-        ax.set_title(f"{loss.upper()}, {sizes[0]} pairs: gold vs KL (mean of {len(grid['seeds'])} seeds)", fontsize=9)
+        ax.set_title(f"{loss.upper()}, {sizes[0]} pairs: gold vs KL\n(mean of {len(grid['seeds'])} seeds)", fontsize=9)
         ax.set_xlabel("KL(π‖π_SFT) [nats / response]", fontsize=8)
         ax.set_ylabel("gold (VADER compound)", fontsize=8)
         ax.legend(fontsize=6, ncol=2)
@@ -241,20 +317,58 @@ def figure(runs: dict, summary: dict, grid: dict, title: str):
             ax_f.errorbar(K, [r["tr"] for r in rows], yerr=err, fmt=ls, color="C1", marker="s", ms=3, capsize=2,
                           label=f"TR, {sz} pairs")
         ax_f.set_xscale("log", base=2)
-        ax_f.set_title(f"{loss.upper()}: frontier, best gold at KL ≤ K (bars: paired 95% CI of TR − static)",
+        ax_f.set_title(f"{loss.upper()}: frontier, best gold at KL ≤ K\n(bars: paired 95% CI of TR − static)",
                        fontsize=9)
         ax_f.set_xlabel("K [nats / response]", fontsize=8)
         ax_f.legend(fontsize=6)
     for ax in axes.flat:
         ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.025, 1, 1))
+    fig.text(0.5, 0.005, "at KL: best / mean gold of a family's evaluations with KL in (K/2, K], drawn at K; final "
+                         "checkpoints: each run's last evaluation, curve gold − gold(π_SFT) = d(α − β·log d), d = √KL; "
+                         "bars and bands: 95% bootstrap CI over seeds", ha="center", fontsize=8)
     return fig
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv, __doc__.splitlines()[0])  # --quick writes under out/toy-quick, as every toy's does
+    args = parse_args(argv, __doc__.splitlines()[0], replot=True)  # --quick writes under out/toy-quick, as every toy's
     grid, t0 = QUICK if args.quick else FULL, time.time()
+    if args.replot:
+        runs, stories, setup = load_runs(args.out, grid)
+        results = None
+    else:
+        runs, stories, results = train_all(grid, args.workers)
+    summary = summarise(runs, grid)
+    for cell, s in summary.items():
+        print(f"{cell} frontier (best gold at KL ≤ K), static vs TR, Δ = TR − static [paired 95% CI]:\n  "
+              + "\n  ".join(
+            f"K={r['K']:<3g} {r['static']:.3f} vs {r['tr']:.3f}  Δ {r['diff']['mean']:+.3f} [{r['diff']['lo']:+.3f}, "
+            f"{r['diff']['hi']:+.3f}]  {r['verdict']}" for r in s["frontier"]))
+    for k, v in stories.items():
+        print(f"\n{k} ({v['run']}; mean gold {v['gold']:.3f}, KL {v['kl']:.1f} nats):\n  " + "\n  ".join(v["texts"]))
+    rows = verdicts(summary, grid)
+    title = (f"stories260K made positive (gold: VADER compound), {len(grid['seeds'])} seeds; static over β "
+             f"{grid['betas']}, TR at β = {TR_BETA}; AdamW lr {grid['lr']:g}, {grid['steps']} steps of "
+             f"{grid['batch_pairs']} pairs")
+    if results is not None:
+        setup = {**grid, "openings": OPENINGS, "response_tokens": RESPONSE_TOKENS, "gold_scale": GOLD_SCALE,
+                 "tr_beta": TR_BETA, "workers": args.workers, "seconds": time.time() - t0,
+                 "run_seconds": sum(r["seconds"] for r in results),
+                 "configs": {cell: configs(grid, loss) for cell, loss, _ in cells(grid)}}
+    setup = {**setup, **{k: grid[k] for k in ("at_kl_bins", "final_kl", "curve")}}  # --replot: the views' setup now
+    payload = {"setup": setup, "summary": summary, "verdicts": rows, "stories": stories, "runs": runs}
+    save(args.out, "sentiment", payload, figure(runs, summary, grid, title))
+    print_verdicts(f"sentiment: claim (c) in three views; {len(grid['seeds'])} seeds", rows)
+    print(criterion_line([s["final"] for s in summary.values()]))
+    print(f"\n{'replotted' if args.replot else f'{len(results)} runs'} in {time.time() - t0:.0f} s -> "
+          f"{args.out}/sentiment.png, sentiment.json")
+    return payload
+
+
+def train_all(grid: dict, workers: int) -> tuple[dict, dict, list]:
+    """Every run of the grid, over `workers` processes: (runs[cell][name] = histories in seed order, the matched
+    stories, each run's result)."""
     torch.set_num_threads(1)
     model, tok = load_sft()
     n_max = max(n for sizes in grid["sizes"].values() for n in sizes)
@@ -262,8 +376,8 @@ def main(argv: list[str] | None = None) -> dict:
     shared = {k: grid[k] for k in ("steps", "eval_every", "eval_samples", "batch_pairs", "lr", "warmup")}
     tasks = [{**c, **shared, "name": name, "cell": cell, "seed": s, "pairs": pairs[s][:n], "keep_texts": 3}
              for cell, loss, n in cells(grid) for name, c in configs(grid, loss).items() for s in grid["seeds"]]
-    if args.workers > 1:
-        with get_context("spawn").Pool(args.workers) as pool:
+    if workers > 1:
+        with get_context("spawn").Pool(workers) as pool:
             results = pool.map(run, tasks, chunksize=1)
     else:
         results = [run(t) for t in tasks]
@@ -274,25 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
     for h in (h for by_name in runs.values() for hs in by_name.values() for h in hs):
         for p in h:
             del p["texts"]  # only the matched stories are kept: every sample of every run would be megabytes
-    summary = summarise(runs, grid)
-    for cell, s in summary.items():
-        print(f"{cell} frontier (best gold at KL ≤ K), static vs TR, Δ = TR − static [paired 95% CI]:\n  "
-              + "\n  ".join(
-            f"K={r['K']:<3g} {r['static']:.3f} vs {r['tr']:.3f}  Δ {r['diff']['mean']:+.3f} [{r['diff']['lo']:+.3f}, "
-            f"{r['diff']['hi']:+.3f}]  {r['verdict']}" for r in s["frontier"]))
-    for k, v in stories.items():
-        print(f"\n{k} ({v['run']}; mean gold {v['gold']:.3f}, KL {v['kl']:.1f} nats):\n  " + "\n  ".join(v["texts"]))
-    title = (f"stories260K made positive (gold: VADER compound), {len(grid['seeds'])} seeds; static over β "
-             f"{grid['betas']}, TR at β = {TR_BETA}; AdamW lr {grid['lr']:g}, {grid['steps']} steps of "
-             f"{grid['batch_pairs']} pairs")
-    payload = {"setup": {**grid, "openings": OPENINGS, "response_tokens": RESPONSE_TOKENS, "gold_scale": GOLD_SCALE,
-                         "tr_beta": TR_BETA, "workers": args.workers, "seconds": time.time() - t0,
-                         "run_seconds": sum(r["seconds"] for r in results),
-                         "configs": {cell: configs(grid, loss) for cell, loss, _ in cells(grid)}},
-               "summary": summary, "stories": stories, "runs": runs}
-    save(args.out, "sentiment", payload, figure(runs, summary, grid, title))
-    print(f"\n{len(results)} runs in {time.time() - t0:.0f} s -> {args.out}/sentiment.png, sentiment.json")
-    return payload
+    return runs, stories, results
 
 
 if __name__ == "__main__":
