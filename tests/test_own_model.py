@@ -3,6 +3,7 @@ tokenizer files (../shared/models), a Hub-style parquet preference dataset in TR
 train.py (TR-DPO soft), --resume, sample.py --chat, DDP on 2 processes, and the checkpoint reloaded by transformers.
 This is the README's "your own model" command at toy size."""
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -116,19 +117,31 @@ def test_ddp_on_two_processes(tmp_path, dataset):
     transformers.AutoModelForCausalLM.from_pretrained(checkpoint.model_dir(out))
 
 
-def test_readme_command_runs_on_the_tiny_model(tmp_path, dataset):
-    """The README's "your own model" quickstart, with its paths pointed at the tiny model and dataset."""
+def test_readme_commands_run_on_the_tiny_model(tmp_path, dataset):
+    """The README's "your own model" commands (data.py --show, train.py, sample.py --chat), their downloads replaced by
+    the tiny model and dataset, train.py shortened to one small step."""
     readme = (ROOT / "README.md").read_text()
-    start = readme.index("<!-- own-model-command -->")
-    block = readme[start:].split("```bash\n", 1)[1].split("```", 1)[0]
-    command = " ".join(line.rstrip("\\").strip() for line in block.splitlines() if line.strip())
-    model_dir = write_model("qwen2", tmp_path / "Qwen2.5-0.5B-Instruct")
-    args = command.split()[2:]  # after "python train.py"
-    assert command.startswith("python train.py") and any(a.startswith("--init_from=") for a in args)
-    args = [f"--init_from={model_dir}" if a.startswith("--init_from=") else
-            f"--data={dataset}" if a.startswith("--data=") else a for a in args]
+    block = readme.split("<!-- own-model-command -->\n```bash\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(c, comments=True) for c in block.replace("\\\n", " ").splitlines()]
+    model_dir = write_model("qwen2", tmp_path / "model")
+    paths = {"Qwen2-0.5B-Instruct": str(model_dir), "ultrafeedback_binarized": str(dataset),
+             "out/qwen2-tr-dpo": str(tmp_path / "run")}
     small = ["--max_steps=1", "--batch_size=2", "--micro_batch_size=1", "--max_length=96", "--max_prompt_length=64",
-             "--eval_size=2", "--num_samples=1", "--max_new_tokens=4", "--dtype=float32", f"--out_dir={tmp_path / 'r'}"]
-    p = subprocess.run([sys.executable, "train.py", *args, *small], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+             "--eval_size=2", "--num_samples=1", "--max_new_tokens=4", "--dtype=float32"]
+    ran = []
+    for words in commands:
+        if words[:2] == ["hf", "download"]:
+            continue
+        words = [paths.get(w, w) for w in words]
+        words = [w.split("=")[0] + "=" + paths[w.split("=", 1)[1]] if "=" in w and w.split("=", 1)[1] in paths else w
+                 for w in words]
+        assert words[0] == "python", words
+        extra = small if words[1] == "train.py" else ["--max_new_tokens", "4"] if words[1] == "sample.py" else []
+        p = subprocess.run([sys.executable, *words[1:], *extra], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, f"{words}: " + p.stdout[-3000:] + p.stderr[-3000:]
+        ran.append(words[1])
+        if words[1] == "data.py":  # --show 2: two pairs as JSON lines, their prompt in the model's template
+            shown = [json.loads(line) for line in p.stdout.splitlines()[:2]]
+            assert all(r["text"]["prompt"].endswith("<|im_start|>assistant\n") for r in shown), shown
+    assert ran == ["data.py", "train.py", "sample.py"]
