@@ -1,7 +1,7 @@
 """Packed rows: no padding, and a pair's prompt computed once.
 
 A padded batch (data.collate) gives every sequence its own row, right-padded to the longest, and repeats a pair's
-prompt in its chosen and its rejected row. Here examples are laid end to end in rows of a fixed capacity instead:
+prompt in its chosen and its rejected row. Here examples are laid end to end in rows sized to what they hold:
 
     row:     [ p1 p1 p1 c1 c1 r1 r1 r1 | p2 p2 c2 c2 c2 r2 | p3 ... | pad ]
     pos:       0  1  2  3  4  3  4  5    0  1  2  3  4  2    0 ...
@@ -22,7 +22,8 @@ path: pairs [chosen_1..b ; rejected_1..b], KTO [completions_1..b ; KL completion
 Micro batches are filled to a token budget, whole examples each (a pair's two responses stay together); every rank
 gets the same number of micro batches (FSDP2's forwards are collectives), and each carries the weight that makes the
 sum of micro-batch losses the mean over the global batch (see `weight`), so an optimizer step means what it means
-unpacked, for any world size and any split.
+unpacked, for any world size and any split. On CUDA the tree mask is a FlexAttention BlockMask, once compiled
+FlexAttention has passed a check against SDPA (check_flex); else the boolean mask SDPA takes.
 """
 import os
 from dataclasses import dataclass
