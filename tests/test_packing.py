@@ -184,6 +184,7 @@ def test_a_kernel_that_raises_or_disagrees_falls_back_to_sdpa_with_one_line(monk
     assert len(calls) == 2 * (kernel == "wrong")  # once by check_flex, once by the first flex_passes: not again
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")  # torch's own imports
 def test_batch_mask_picks_the_kernel(model, monkeypatch):
     """CPU: the boolean mask whatever --attention says (FlexAttention has no CPU backward); auto asks flex_passes
     only on CUDA, with the model's head shape (tests/test_packing.py's CUDA tests run the rest)."""
@@ -221,6 +222,7 @@ def mixed_micro_batches(n: int = 24) -> list[dict]:
     return out
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")  # torch's own imports
 def test_mixed_micro_batches_compile_flex_attention_a_bounded_number_of_times():
     """model.compiled_flex_attention is compiled with dynamic shapes: a run of micro batches of many row counts and
     lengths compiles it a few times (specialising a row count and a block count of 1), not once per shape, which
