@@ -105,6 +105,8 @@ def train_rows(out: Path) -> list[dict]:
 
 def compare_steps(got: list[dict], want: list[dict], tol: float) -> tuple[bool, dict]:
     """Every step's loss and gradient norm within tol (relative); the numbers: the largest deviation of each."""
+    if len(got) != len(want):  # a step skipped as non-finite in one run
+        return False, {"max_rel_dev_loss": float("inf"), "max_rel_dev_grad_norm": float("inf"), "steps": len(got)}
     dev = {}
     for key in ("loss", "grad_norm"):
         d = [abs(a[key] - b[key]) / max(abs(b[key]), 1e-12) if None not in (a[key], b[key]) else float("inf")
