@@ -20,10 +20,14 @@ Reported, each the median over the timed steps (after --warmup untimed ones):
   (2 per weight of every matmul, LM head included, plus attention's QK^T and AV over the full T), less the LM head's
   2·dim·vocab at the prompt positions that get no logits (train.batch_logps). Elementwise work (norms, RoPE,
   softmax) is not counted.
+- compiles: graphs torch.compile built in the process (torch._dynamo's unique_graphs: --compile's, and on CUDA the
+  packed path's FlexAttention); attention: packed rows' kernel (flex, or sdpa: forced, on CPU, or after a failed check).
+- cpu: torch's CPU capability and whether /proc/cpuinfo lists AVX-512 BF16 or AMX (fast bf16 matmuls on CPU).
 On CUDA every interval is timed with CUDA events; on CPU with time.perf_counter.
 """
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 import config
 import data
@@ -64,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tau", type=int, default=1, help="τ, steps between reference updates")
     p.add_argument("--precompute_ref", action="store_true", help="static reference: log-probs computed once")
     p.add_argument("--compile", action="store_true", help="torch.compile policy and reference")
+    p.add_argument("--attention", choices=("auto", "flex", "sdpa"), default="auto",
+                   help="packed rows' kernel on CUDA (train.py's --attention)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
@@ -178,6 +185,19 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...]
     return best
 
 
+def cpu_features() -> dict:
+    """torch's CPU capability (DEFAULT, AVX2, AVX512, ...), the CPU's name, and whether it has AVX-512 BF16 or AMX
+    (bf16 matmuls in hardware; without them a bf16 matmul runs ~100x slower than fp32, see docs/packing.md)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        info = ""
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "name": name,
+            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
+
+
 def random_batch(args, device: torch.device, g: torch.Generator) -> dict:
     """Random tokens in train.py's batch layout (data.py's contract), no padding: prompt_len + response_len per row.
 
@@ -219,7 +239,7 @@ def run(args) -> dict:
     reference = ref_lib.make_reference(policy)
     cfg = config.TrainConfig(loss=args.loss, ref_update=args.ref_update, alpha=args.alpha, tau=args.tau,
                              dtype=args.dtype, device=device.type, dim=args.dim, n_layers=args.n_layers,
-                             n_heads=args.n_heads)
+                             n_heads=args.n_heads, attention=args.attention)
     config.validate(cfg, world_size=1)
     updater = ref_lib.ReferenceUpdater(args.ref_update, args.alpha, args.tau)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5, weight_decay=cfg.weight_decay, fused=True)
@@ -305,8 +325,12 @@ def run(args) -> dict:
         peak_mem_mb, peak_mem_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
     tr_ms = statistics.median(update_ms) if update_ms else 0.0
     ref_fwd = statistics.median(ref_ms)
+    flex = device.type == "cuda" and args.attention != "sdpa" and all(packing.FLEX_VERDICTS.values())
     return {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": args.dtype,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "cpu": cpu_features(),
+        "compiles": counters["stats"]["unique_graphs"], "load_avg": os.getloadavg()[0],  # others' work too
+        "attention": None if not args.data or args.packing == "off" else "flex" if flex else "sdpa",
         "loss": args.loss, "ref_update": args.ref_update, "alpha": args.alpha, "tau": args.tau,
         "precompute_ref": args.precompute_ref, "compile": args.compile, "n_params": policy.num_params(),
         "shape": {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "prompt_len",
@@ -327,10 +351,10 @@ def run(args) -> dict:
 DATA_OPTIONS = {"--data", "--tokenizer", "--max_length", "--max_prompt_length", "--micro_batch_size",
                 "--micro_batch_tokens"}
 BENCH_ONLY = {"--micro_batch_tokens", "--ref_update", "--loss", "--compile", "--device", "--precompute_ref",
-              "--profile", "--profile_rows"}  # what bench_trl.py does not take
+              "--profile", "--profile_rows", "--attention"}  # what bench_trl.py does not take
 FLAGS = {"--json", "--compile", "--precompute_ref", "--profile"}
 COMPARE_KEYS = ("tokens_per_s", "real_tokens_per_s", "mfu", "peak_mem_mb", "padding_fraction", "optimizer_share",
-                "tr_update_share")
+                "tr_update_share", "compiles")
 
 
 def compare(argv: list[str], args) -> dict:
@@ -359,7 +383,10 @@ def compare(argv: list[str], args) -> dict:
         for r in rs:
             flops = real_flops if name == "trl" else r["flops_per_step"]
             r["mfu"] = None if flops is None else flops / (r["step_ms"] / 1000) / peak
-    print(f"MFU against the median matmul peak of the runs, {peak / 1e12:.3f} TFLOP/s")
+    c, loads = ours[0]["cpu"], [r["load_avg"] for r in ours]
+    print(f"MFU against the median matmul peak of the runs, {peak / 1e12:.3f} TFLOP/s | {ours[0]['device']}, CPU "
+          f"{c['name']} ({c['capability']}, AVX-512 BF16 {c['avx512_bf16']}, AMX {c['amx_bf16']}) | 1-min load average "
+          f"at the end of each run {min(loads):.2f}..{max(loads):.2f}")
     print("| run | " + " | ".join(COMPARE_KEYS) + " |\n|---|" + "---|" * len(COMPARE_KEYS))
     for name, rs in runs.items():
         cells = []
@@ -399,7 +426,11 @@ def main(argv=None) -> dict:
     ref = "precomputed" if r["precompute_ref"] else f"{r['ref_forward_ms']:.0f} ms ({r['ref_forward_share']:.1%})"
     print(f"{r['loss']} ref={r['ref_update']} tau={r['tau']} {r['dtype']} {r['device']}"
           f"{' compiled' if r['compile'] else ''}: {r['n_params'] / 1e6:.1f}M params, {r['tokens_per_step']} "
-          f"tokens/step")
+          f"tokens/step | torch {r['torch']} | {r['compiles']} compiled graph(s)"
+          + (f" | packed attention {r['attention']}" if r["attention"] else ""))
+    c = r["cpu"]
+    print(f"CPU {c['name'] or '?'}: capability {c['capability']}, AVX-512 BF16 {'yes' if c['avx512_bf16'] else 'no'}, "
+          f"AMX {'yes' if c['amx_bf16'] else 'no'} | load average {r['load_avg']:.2f}")
     if r["data"]:
         print(f"{r['data']} packing={r['packing']}: {r['micro_batches_per_step']:.1f} micro batches/step | "
               f"{r['real_tokens_per_step']:.0f} real tokens/step ({r['real_tokens_per_s']:.0f}/s) | padding "

@@ -59,6 +59,10 @@ class TrainConfig:
                         "(docs/packing.md); false: padded rows of micro_batch_size examples")
     micro_batch_tokens: int = opt(0, "with packing: tokens per forward (0: what micro_batch_size padded examples "
                                   "hold at most, micro_batch_size x max_length x 2 for pairs and kto, x 1 for sft)")
+    attention: str = opt("auto", "packed rows' attention kernel on CUDA: flex (compiled FlexAttention, skips the "
+                         "tree mask's empty blocks), sdpa (SDPA with the boolean mask), auto (flex if it passes its "
+                         "check against sdpa at the first micro batch, else sdpa); CPU always runs sdpa",
+                         ("auto", "flex", "sdpa"))
     max_steps: int = opt(200, "optimizer steps")
     lr: float = opt(1e-3, "peak learning rate (AdamW)")
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay")

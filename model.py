@@ -157,9 +157,11 @@ class KVCache:
 
 
 @functools.cache
-def compiled_flex_attention():
-    """FlexAttention compiled once per process (uncompiled, it materialises every score: a slow reference)."""
-    return torch.compile(flex_attention)
+def compiled_flex_attention(backend: str = "inductor"):
+    """FlexAttention compiled once per process (uncompiled, it materialises every score: a slow reference). Dynamic
+    shapes: packed micro batches differ in rows and length, and a compile per shape would soon hit dynamo's recompile
+    limit and fall back to that reference (tests/test_packing.py counts the compiles)."""
+    return torch.compile(flex_attention, dynamic=True, backend=backend)
 
 
 class Attention(nn.Module):

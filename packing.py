@@ -1,7 +1,7 @@
 """Packed rows: no padding, and a pair's prompt computed once.
 
 A padded batch (data.collate) gives every sequence its own row, right-padded to the longest, and repeats a pair's
-prompt in its chosen and its rejected row. Here examples are laid end to end in rows of a fixed capacity instead:
+prompt in its chosen and its rejected row. Here examples are laid end to end in rows sized to what they hold:
 
     row:     [ p1 p1 p1 c1 c1 r1 r1 r1 | p2 p2 c2 c2 c2 r2 | p3 ... | pad ]
     pos:       0  1  2  3  4  3  4  5    0  1  2  3  4  2    0 ...
@@ -22,15 +22,19 @@ path: pairs [chosen_1..b ; rejected_1..b], KTO [completions_1..b ; KL completion
 Micro batches are filled to a token budget, whole examples each (a pair's two responses stay together); every rank
 gets the same number of micro batches (FSDP2's forwards are collectives), and each carries the weight that makes the
 sum of micro-batch losses the mean over the global batch (see `weight`), so an optimizer step means what it means
-unpacked, for any world size and any split.
+unpacked, for any world size and any split. On CUDA the tree mask is a FlexAttention BlockMask, once compiled
+FlexAttention has passed a check against SDPA (check_flex); else the boolean mask SDPA takes.
 """
+import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 import data
 import losses
+import model as model_lib
 import reference as ref_lib
 
 
@@ -125,17 +129,38 @@ def equalize(groups: list[list[int]], n: int) -> list[list[int]]:
     return groups
 
 
+ROW_QUANTUM = 32  # row lengths are multiples of this: a fixed set of shapes; padding 3.8% on HH-RLHF (docs/packing.md)
+
+
+def layout(lengths: list[int], capacity: int) -> tuple[list[int], int]:
+    """(row of each segment, row length T): the rows that hold these segments in the fewest positions R·T, T a
+    multiple of ROW_QUANTUM from the longest segment up to the capacity (ties: the shorter rows, less attention work),
+    each filled first fit, longest segment first. Rows sized to what they hold leave little padding (docs/packing.md),
+    where rows of the full capacity would leave their unfilled ends."""
+    q = ROW_QUANTUM
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: deterministic for exact resume
+    best = None
+    for T in range(-(-max(lengths) // q) * q, -(-capacity // q) * q + 1, q):
+        fill, where = [], [0] * len(lengths)
+        for i in order:
+            r = next((r for r, f in enumerate(fill) if f + lengths[i] <= T), len(fill))
+            fill += [0] * (r == len(fill))
+            fill[r] += lengths[i]
+            where[i] = r
+        if best is None or len(fill) * T < best[0]:
+            best = (len(fill) * T, where, T)
+    return best[1], best[2]
+
+
 def collate(items: list[data.Item], kind: str, kl: list, pad_id: int, capacity: int, shared: bool) -> dict:
     """One packed micro batch: input_ids, pos, seg (segment id per token, 0 on padding), branch (R, T); index,
     targets, example (N,) for the N scored tokens; counts (E,) scored tokens per example; kto also desirable (b,)."""
-    segs = segments(items, kind, kl, shared)
-    where = first_fit([[len(s.tokens) for s in ss] for ss in segs], capacity)
-    R = 1 + max(r for w in where for r in w)
-    rows = [[] for _ in range(R)]
-    for ss, w in zip(segs, where):
-        for s, r in zip(ss, w):
-            rows[r].append(s)
-    T = max(sum(len(s.tokens) for s in row) for row in rows)
+    flat = [s for ss in segments(items, kind, kl, shared) for s in ss]
+    where, T = layout([len(s.tokens) for s in flat], capacity)
+    rows = [[] for _ in range(1 + max(where))]
+    for s, r in zip(flat, where):
+        rows[r].append(s)
+    R = len(rows)
     ids = torch.full((R, T), pad_id, dtype=torch.long)
     pos, seg_id, branch = (torch.zeros(R, T, dtype=torch.long) for _ in range(3))
     index, targets, example = [], [], []
@@ -181,18 +206,91 @@ def attention_mask(seg: torch.Tensor, branch: torch.Tensor, flex: bool = False) 
     return (same & tree & (i[:, None] >= i))[:, None]
 
 
-def batch_mask(batch: dict) -> torch.Tensor | BlockMask:
-    """A packed micro batch's tree mask, in the form its device's kernel wants (CUDA: a BlockMask)."""
-    return attention_mask(batch["seg"], batch["branch"], flex=batch["seg"].is_cuda)
+# ----------------------------------------------------------------------------------------------------------------------
+# CUDA's kernel. Compiled FlexAttention skips the tree's empty blocks, but a compiler may fail or miscompile on a GPU,
+# torch build or head shape nobody tested. So the first packed micro batch a process sees on CUDA (per dtype and head
+# shape) checks it against SDPA with the boolean mask; if it raises or disagrees, packed rows use SDPA's boolean mask
+# (the memory-efficient kernel: it takes a mask and has a backward, but computes every block) for the rest of the run.
+
+TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 4e-2, torch.float16: 1e-2}  # max |flex − sdpa| / max |sdpa|
+FLEX_VERDICTS: dict[tuple, bool] = {}  # (device, dtype, heads) -> FlexAttention passed its check in this process
+
+
+def check_flex(seg: torch.Tensor, branch: torch.Tensor, heads: tuple[int, int, int], dtype: torch.dtype,
+               rows: int = 2, length: int = 256) -> str | None:
+    """None if compiled FlexAttention (model.compiled_flex_attention) gives SDPA's outputs and q, k, v gradients
+    under the tree mask of the first `rows` × `length` tokens of a micro batch, with random q, k, v of the model's
+    heads (n_heads, n_kv_heads, head_dim) in `dtype`, within TOLERANCE[dtype]; else the reason, in a few words."""
+    seg, branch = seg[:rows, :length], branch[:rows, :length]
+    (R, T), (h, kv_h, d), tol = seg.shape, heads, TOLERANCE[dtype]
+    g = torch.Generator(seg.device).manual_seed(0)
+    shapes = ((R, h, T, d), (R, kv_h, T, d), (R, kv_h, T, d))
+    q, k, v = (torch.randn(s, generator=g, device=seg.device, dtype=dtype, requires_grad=True) for s in shapes)
+    w = torch.randn(R, h, T, d, generator=g, device=seg.device, dtype=dtype)  # any loss of the output
+    outputs = {}
+    try:
+        for name in ("flex", "sdpa"):  # (under the caller's autocast: q, k, v are already in dtype)
+            if name == "flex":
+                y = model_lib.compiled_flex_attention()(q, k, v, block_mask=attention_mask(seg, branch, flex=True),
+                                                        enable_gqa=kv_h != h)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(seg, branch),
+                                                   enable_gqa=kv_h != h)
+            outputs[name] = (y, *torch.autograd.grad((y.float() * w).sum(), (q, k, v)))
+    except Exception as e:  # a compiler or kernel error of any kind: the run goes on with SDPA
+        return f"it raised {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    for name, a, b in zip(("output", "dq", "dk", "dv"), outputs["flex"], outputs["sdpa"]):
+        err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
+        if not err <= tol:  # NaN fails too
+            return f"its {name} differs from SDPA's by {err:.3g} of the largest value (tolerance {tol:g} in {dtype})"
+    return None
+
+
+def flex_passes(seg: torch.Tensor, branch: torch.Tensor, heads: tuple[int, int, int], dtype: torch.dtype) -> bool:
+    """Whether packed rows may use FlexAttention here: check_flex, run once per process, device, dtype and head shape.
+    A failure is said in one line (every rank that fails says it): the reason, and the cost of SDPA instead."""
+    key = (str(seg.device), dtype, heads)
+    if key not in FLEX_VERDICTS:
+        reason = check_flex(seg, branch, heads, dtype)
+        FLEX_VERDICTS[key] = reason is None
+        if reason is not None:
+            R, T = seg.shape
+            skipped = create_block_mask(tree_mask_mod(seg, branch), R, None, T, T, device=seg.device).sparsity()
+            rank = os.environ.get("RANK", "0")
+            print(f"{'' if rank == '0' else f'rank {rank}: '}attention: compiled FlexAttention failed its check "
+                  f"against SDPA on {seg.device} in {dtype} ({reason}): packed rows use SDPA with the boolean tree "
+                  f"mask for the rest of the run, which also computes the {skipped:.0f}% of 128 x 128 score blocks "
+                  f"that the block mask skips in this micro batch (--attention=flex forces FlexAttention)", flush=True)
+    return FLEX_VERDICTS[key]
+
+
+def attention_heads(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(n_heads, n_kv_heads, head_dim) of a Llama, wrapped (DDP, torch.compile) or not."""
+    a = next(m for m in model.modules() if isinstance(m, model_lib.Attention))
+    return a.n_heads, a.n_kv_heads, a.head_dim
+
+
+def batch_mask(batch: dict, model: torch.nn.Module, attention: str = "auto") -> torch.Tensor | BlockMask:
+    """A packed micro batch's tree mask in the form its kernel wants: a BlockMask for FlexAttention (CUDA, unless
+    attention='sdpa', or 'auto' and FlexAttention failed its check here), else the boolean mask for SDPA. Call it
+    where the forward runs (under autocast): the check runs in the dtype the attention will see."""
+    seg, branch = batch["seg"], batch["branch"]
+    flex = seg.is_cuda and attention != "sdpa"
+    if flex and attention == "auto":
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda") if autocast else next(model.parameters()).dtype
+        flex = flex_passes(seg, branch, attention_heads(model), dtype)
+    return attention_mask(seg, branch, flex=flex)
 
 
 def packed_logps(model: torch.nn.Module, batch: dict, reference: bool = False,
                  mask: torch.Tensor | BlockMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π(y|x) per example, scored tokens per example), both (E,) fp32, of one packed micro batch: one forward
-    (the reference's without autograd), logits only at the scored positions. mask: batch_mask(batch), if the caller
-    already has it (train.compute_loss builds it once for the policy and the reference)."""
+    (the reference's without autograd), logits only at the scored positions. mask: batch_mask(batch, ...), if the
+    caller already has it (train.compute_loss builds it once for the policy and the reference, with its --attention)."""
     ids = batch["input_ids"]
-    kwargs = {"pos": batch["pos"], "mask": batch_mask(batch) if mask is None else mask, "logits_index": batch["index"]}
+    mask = batch_mask(batch, model) if mask is None else mask
+    kwargs = {"pos": batch["pos"], "mask": mask, "logits_index": batch["index"]}
     logits = ref_lib.reference_logits(model, ids, **kwargs) if reference else model(ids, **kwargs)
     return losses.gathered_logps(logits, batch["targets"], batch["example"], batch["counts"])
 

@@ -72,8 +72,6 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
     """
     ids, packed = batch["input_ids"], "pos" in batch
     if packed:  # packing.py's rows: one forward gives every example's log-probs (KTO: and its KL row's)
-        tree = packing.batch_mask(batch)  # once for the policy and the reference forward
-
         def forward_logps(model, reference=False):
             return packing.packed_logps(model, batch, reference, tree)
     else:
@@ -83,6 +81,8 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
         def forward_logps(model, reference=False):
             return batch_logps(model, ids, mask, reference, keep)
     with autocast(cfg, ids.device):
+        if packed:  # the tree mask once for the policy and the reference forward, its kernel checked in their dtype
+            tree = packing.batch_mask(batch, policy, cfg.attention)
         logps, n = forward_logps(policy)
         if cfg.loss == "sft":  # next-token cross-entropy on the response tokens
             loss = -logps.sum() / n.sum().clamp(min=1)
@@ -233,7 +233,7 @@ def grad_sync(policy, cfg: TrainConfig, last_micro_step: bool):
 
 # options a resume may change: run length, bookkeeping, where the run lives, and how (not what) is computed
 RESUMABLE = ("max_steps", "eval_every", "ckpt_every", "keep_last", "log_every", "resume", "num_samples", "out_dir",
-             "fsdp", "device", "compile", "max_bad_steps", "wandb_project")
+             "fsdp", "device", "compile", "attention", "max_bad_steps", "wandb_project")
 
 
 def resume_checkpoint(cfg: TrainConfig) -> Path | None:

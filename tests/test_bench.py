@@ -24,12 +24,15 @@ def test_cli_smoke_json_last_line():
     assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_ms"] * 1000)
     assert 0 < r["ref_forward_share"] < 1 and 0 < r["optimizer_share"] < 1
     assert r["optimizer_ms"] + r["tr_update_ms"] < r["step_ms"]  # parts of the step, each marked once
+    assert r["compiles"] == 0 and r["attention"] is None and r["torch"] == bench.torch.__version__
+    assert set(r["cpu"]) == {"capability", "name", "avx512_bf16", "amx_bf16"} and r["load_avg"] >= 0
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")  # torch's own imports under torch.compile
 def test_compiled_step_runs():
     r = bench.main([*TINY, "--steps", "1", "--compile"])
     assert r["compile"] and r["tokens_per_s"] > 0 and r["tr_update_ms"] > 0
+    assert 1 <= r["compiles"] < bench.torch._dynamo.config.recompile_limit  # policy and reference, not per step
 
 
 def test_profile_prints_the_op_table(capsys):
@@ -75,6 +78,13 @@ def test_refused_models_and_options_are_one_line(capsys, args, message):
     assert exit.value.code == 2 and err.startswith("bench.py: error: ") and err.count("\n") == 1 and message in err
 
 
+def test_cpu_features_read_torch_and_proc_cpuinfo():
+    f = bench.cpu_features()
+    assert f["capability"] == bench.torch.backends.cpu.get_cpu_capability()
+    flags = open("/proc/cpuinfo").read().split() if __import__("os").path.exists("/proc/cpuinfo") else []
+    assert f["avx512_bf16"] == ("avx512_bf16" in flags) and f["amx_bf16"] == ("amx_bf16" in flags)
+
+
 def test_matmul_peak_is_positive_and_finite():
     peak = bench.matmul_peak(bench.torch.device("cpu"), bench.torch.float32, (64,), reps=2)
     assert 0 < peak < float("inf")
@@ -116,6 +126,7 @@ def test_real_data_modes_do_the_same_useful_work(tmp_path):
     assert len({x["real_tokens_per_step"] for x in r.values()}) == 1
     assert r["shared"]["tokens_per_step"] < r["rows"]["tokens_per_step"] < r["off"]["tokens_per_step"]
     assert r["off"]["padding_fraction"] > 0 and r["off"]["micro_batches_per_step"] == 2
+    assert r["off"]["attention"] is None and r["shared"]["attention"] == r["rows"]["attention"] == "sdpa"  # CPU
     assert r["shared"]["real_tokens_per_step"] <= r["shared"]["tokens_per_step"]
     for x in r.values():
         assert x["real_tokens_per_s"] == pytest.approx(x["real_tokens_per_step"] / x["step_ms"] * 1000)

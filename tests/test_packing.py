@@ -7,6 +7,7 @@ import torch
 
 import data
 import losses
+import model as model_lib
 import packing
 import train
 from model import Llama, ModelConfig
@@ -117,10 +118,12 @@ def test_bf16_packed_logps_are_within_bf16_rounding(model):
 
 
 def flex_batch(kind: str, device: str = "cpu") -> dict:
-    """Rows of 300 tokens: three 128-token blocks each, so some blocks are empty, some full and some partial."""
+    """Rows of over 256 tokens (one example has a 260-token prompt): three 128-token blocks each, so some blocks are
+    empty, some full and some partial."""
     items = make_items(kind, 24, seed=4)
-    batch = packing.collate(items, kind, kl_of(items, kind), 0, capacity=300, shared=True)
-    assert batch["input_ids"].shape[1] > 256
+    items[5] = items[5]._replace(prompt=[random.Random(5).randrange(V) for _ in range(260)])
+    batch = packing.collate(items, kind, kl_of(items, kind, max_length=300), 0, capacity=599, shared=True)
+    assert batch["input_ids"].shape[1] > 256 and batch["seg"].amax(1).min() > 1  # several segments in every row
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -149,7 +152,12 @@ def test_the_flex_block_mask_is_the_boolean_mask_and_gives_its_logps(model, kind
     torch.testing.assert_close(out["flex"], out["boolean"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's compiled kernels and backward need CUDA")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's compiled kernels and backward need "
+                          "CUDA (gpu_check.py runs these: pytest -m cuda)")
+
+
+@pytest.mark.cuda
+@cuda
 @pytest.mark.parametrize("kind", ["pairs", "kto", "sft"])
 def test_cuda_flex_logps_and_gradients_equal_the_boolean_masks(model, kind):
     m = Llama(model.config).cuda()
@@ -160,6 +168,138 @@ def test_cuda_flex_logps_and_gradients_equal_the_boolean_masks(model, kind):
     grads = [torch.autograd.grad((out[k] * w).sum(), list(m.parameters()), retain_graph=True) for k in out]
     for g, x in zip(*grads):
         assert (g - x).abs().max() <= 1e-4 * x.abs().max()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CUDA's kernel: FlexAttention checked once against SDPA, SDPA for the rest of the run if it raises or disagrees
+
+def sdpa_of_block_mask(calls: list, wrong: bool = False):
+    """A stand-in for compiled FlexAttention, counting its calls: SDPA with the block mask's own mask (correct), or
+    with a plain causal mask (wrong: tokens see other segments and the other response)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    def attend(q, k, v, block_mask, enable_gqa=False):
+        calls.append(q.shape)
+        R, _, T, _ = q.shape
+        mask = None if wrong else create_mask(block_mask.mask_mod, R, None, T, T, device=q.device)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=wrong,
+                                                                enable_gqa=enable_gqa)
+    return attend
+
+
+def raising(q, k, v, block_mask, enable_gqa=False):
+    raise RuntimeError("InductorError: no kernel for this device\n(long traceback)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_check_passes_a_kernel_that_agrees_once_per_process(monkeypatch, capsys, dtype):
+    calls = []
+    monkeypatch.setattr(model_lib, "compiled_flex_attention", lambda: sdpa_of_block_mask(calls))
+    monkeypatch.setattr(packing, "FLEX_VERDICTS", {})
+    batch = flex_batch("pairs")
+    assert packing.check_flex(batch["seg"], batch["branch"], (4, 2, 8), dtype) is None
+    for _ in range(3):  # checked once: the verdict holds for the rest of the run
+        assert packing.flex_passes(batch["seg"], batch["branch"], (4, 2, 8), dtype)
+    assert calls == [(2, 4, 256, 8)] * 2 and capsys.readouterr().out == ""  # a 2-row, 256-token slice of the batch
+
+
+@pytest.mark.parametrize("kernel, reason", [("raising", "it raised RuntimeError: InductorError: no kernel for this "
+                                                        "device"),
+                                            ("wrong", "its output differs from SDPA's by ")])
+def test_a_kernel_that_raises_or_disagrees_falls_back_to_sdpa_with_one_line(monkeypatch, capsys, kernel, reason):
+    calls = []
+    stand_in = raising if kernel == "raising" else sdpa_of_block_mask(calls, wrong=True)
+    monkeypatch.setattr(model_lib, "compiled_flex_attention", lambda: stand_in)
+    monkeypatch.setattr(packing, "FLEX_VERDICTS", {})
+    batch = flex_batch("pairs")
+    assert reason in packing.check_flex(batch["seg"], batch["branch"], (4, 4, 8), torch.float32)
+    assert not any(packing.flex_passes(batch["seg"], batch["branch"], (4, 4, 8), torch.float32) for _ in range(3))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and "long traceback" not in lines[0] and reason in lines[0]
+    assert "SDPA with the boolean tree mask for the rest of the run" in lines[0]
+    assert "% of 128 x 128 score blocks that the block mask skips" in lines[0]
+    assert len(calls) == 2 * (kernel == "wrong")  # once by check_flex, once by the first flex_passes: not again
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")  # torch's own imports
+def test_batch_mask_picks_the_kernel(model, monkeypatch):
+    """CPU: the boolean mask whatever --attention says (FlexAttention has no CPU backward); auto asks flex_passes
+    only on CUDA, with the model's head shape (tests/test_packing.py's CUDA tests run the rest)."""
+    monkeypatch.setattr(packing, "flex_passes", lambda *a: pytest.fail("checked on CPU"))
+    batch = flex_batch("pairs")
+    for attention in ("auto", "flex", "sdpa"):
+        assert torch.equal(packing.batch_mask(batch, model, attention), packing.attention_mask(batch["seg"],
+                                                                                               batch["branch"]))
+    assert packing.attention_heads(torch.compile(model)) == (4, 2, 8)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_auto_attention_checks_flex_and_uses_it(model, monkeypatch, dtype):
+    monkeypatch.setattr(packing, "FLEX_VERDICTS", {})
+    m = Llama(model.config).cuda()
+    batch = flex_batch("pairs", "cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        mask = packing.batch_mask(batch, m, "auto")
+    assert isinstance(mask, packing.BlockMask) and packing.FLEX_VERDICTS == {("cuda:0", dtype, (4, 2, 8)): True}
+    assert isinstance(packing.batch_mask(batch, m, "sdpa"), torch.Tensor)
+
+
+def mixed_micro_batches(n: int = 24) -> list[dict]:
+    """Packed micro batches of varied rows and lengths, as a run of HH-RLHF-like steps makes them."""
+    out = []
+    for s in range(n):
+        max_length = 24 + 31 * (s % 9)
+        items = make_items("pairs", 2 + 5 * (s % 4), seed=s, max_length=max_length)
+        for i, it in enumerate(items):  # long prompts now and then, so rows reach several 128-token blocks
+            if (i + s) % 3 == 0:
+                items[i] = it._replace(prompt=(it.prompt * max_length)[:max_length])
+        out += packing.pack_step(items, [None] * len(items), "pairs", 0, max_length + 12, budget=4 * max_length)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")  # torch's own imports
+def test_mixed_micro_batches_compile_flex_attention_a_bounded_number_of_times():
+    """model.compiled_flex_attention is compiled with dynamic shapes: a run of micro batches of many row counts and
+    lengths compiles it a few times (specialising a row count and a block count of 1), not once per shape, which
+    would pass dynamo's recompile limit and run the materialising reference for the rest of the run. Forward only:
+    CPU FlexAttention has no backward (the CUDA test below runs the backward too)."""
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    attend = model_lib.compiled_flex_attention(backend=counter)
+    shapes = set()
+    for mb in mixed_micro_batches():
+        R, T = mb["seg"].shape
+        shapes.add((R, T))
+        q, k, v = (torch.randn(R, 2, T, 8) for _ in range(3))
+        with torch.no_grad():
+            y = attend(q, k, v, block_mask=packing.attention_mask(mb["seg"], mb["branch"], flex=True))
+        mask = packing.attention_mask(mb["seg"], mb["branch"])
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert len(shapes) > torch._dynamo.config.recompile_limit  # one compile per shape would pass the limit
+    assert {R for R, _ in shapes} > {1, 2} and max(T for _, T in shapes) > 256
+    assert counter.frame_count <= 5
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_mixed_micro_batches_compile_a_bounded_number_of_times(model):
+    """The same on CUDA with inductor, forward and backward of the model's packed path."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("inductor")
+    m = Llama(model.config).cuda()
+    compiled = model_lib.compiled_flex_attention
+    try:
+        model_lib.compiled_flex_attention = lambda: compiled(backend=counter)
+        for mb in mixed_micro_batches():
+            mb = {k: v.cuda() for k, v in mb.items() if torch.is_tensor(v)}
+            logps, _ = packing.packed_logps(m, mb, mask=packing.attention_mask(mb["seg"], mb["branch"], flex=True))
+            logps.sum().backward()
+    finally:
+        model_lib.compiled_flex_attention = compiled
+    assert 0 < counter.frame_count <= 5
 
 
 def test_shared_segment_positions_and_tree_mask():
@@ -179,6 +319,28 @@ def test_logits_index_gathers_positions_of_the_full_forward(model):
     ids = torch.randint(0, V, (2, 9))
     index = torch.tensor([0, 4, 4, 17])
     torch.testing.assert_close(model(ids, logits_index=index), model(ids).flatten(0, 1)[index], rtol=0, atol=1e-6)
+
+
+def test_rows_are_sized_to_what_they_hold():
+    """layout: rows of a multiple of ROW_QUANTUM tokens, in the fewest positions; on lengths like HH-RLHF's pairs at
+    512/256 (prompt + chosen + rejected, 40..800 tokens) far less padding than full-capacity rows filled first fit."""
+    q, capacity = packing.ROW_QUANTUM, 1023
+    assert packing.layout([500, 300, 200, 100], capacity) == ([0, 1, 1, 0], 608)  # 2 x 608, not 2 x 1000
+    assert packing.layout([40, 30], capacity) == ([0, 0], 96)
+    rng = random.Random(0)
+    used = {"layout": 0, "full rows": 0}
+    real = 0
+    for _ in range(50):
+        lengths = [min(capacity, int(rng.lognormvariate(5.4, 0.6))) for _ in range(rng.randint(4, 16))]
+        where, T = packing.layout(lengths, capacity)
+        fills = [sum(n for n, r in zip(lengths, where) if r == row) for row in range(max(where) + 1)]
+        assert T % q == 0 and max(fills) <= T and min(fills) > 0 and T <= -(-capacity // q) * q
+        rows = packing.first_fit([[n] for n in lengths], capacity)  # full-capacity rows, first fit
+        old = [sum(n for n, [r] in zip(lengths, rows) if r == row) for row in range(1 + max(r for [r] in rows))]
+        used["layout"] += len(fills) * T
+        used["full rows"] += len(old) * max(old)
+        real += sum(lengths)
+    assert 1 - real / used["layout"] < 0.05 < 0.1 < 1 - real / used["full rows"]
 
 
 def test_the_default_token_budget_is_what_padded_micro_batches_hold():

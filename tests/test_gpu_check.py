@@ -1,0 +1,42 @@
+"""gpu_check.py's CPU part, what CI runs: packed against padded train.py steps in fp32 and bf16, the benchmark's
+checks at a tiny shape, one report in Markdown and JSON, and a failed check failing the command. (Its CUDA part, the
+`pytest -m cuda` tests, DDP/FSDP2 on 2 GPUs and the benchmarks at the recipe's and the 1B shape, needs a GPU.)"""
+import json
+
+import gpu_check
+from test_bench import preference_file
+
+
+def report(out) -> dict:
+    return json.loads((out / "gpu_check.json").read_text())
+
+
+def test_the_cpu_part_checks_packing_against_padding_and_writes_one_report(tmp_path):
+    out = tmp_path / "report"
+    rc = gpu_check.main(["--device", "cpu", "--data", str(preference_file(tmp_path)), "--tokenizer", "byte",
+                         "--steps", "2", "--out", str(out)])
+    r = report(out)
+    checks = {c["name"]: c for c in r["checks"]}
+    assert rc == 0 and r["passed"], r["checks"]
+    assert list(checks) == ["cuda_tests", "train_float32", "train_bfloat16", "bench_tiny"]
+    assert checks["cuda_tests"]["status"] == "skipped"
+    for dtype in ("float32", "bfloat16"):
+        c = checks[f"train_{dtype}"]
+        assert c["status"] == "pass" and c["steps"] == 2 and len(c["loss_packed_padded"]) == 2
+        assert c["max_rel_dev_loss"] <= gpu_check.TOLERANCE[dtype] and c["max_rel_dev_grad_norm"] > 0  # not one run
+    runs = r["bench"]["bench_tiny"]
+    assert list(runs) == ["off", "shared", "fixed"] and runs["shared"]["attention"] == "sdpa"
+    assert runs["shared"]["padding"] < runs["off"]["padding"] and runs["off"]["peak_mem_mb"] > 0
+    env = r["environment"]
+    assert env["device"] == "cpu" and env["torch"] and set(env["cpu"]) >= {"capability", "avx512_bf16", "amx_bf16"}
+    md = (out / "gpu_check.md").read_text()
+    assert md.startswith("# gpu_check: PASSED") and "| train_bfloat16 | pass |" in md and "## bench_tiny" in md
+
+
+def test_a_check_out_of_tolerance_fails_the_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(gpu_check.TOLERANCE, "float32", -1.0)  # no deviation, not even 0, is within it
+    out = tmp_path / "report"
+    assert gpu_check.main(["--device", "cpu", "--steps", "1", "--out", str(out)]) == 1  # synthetic data, no bench
+    status = {c["name"]: c["status"] for c in report(out)["checks"]}
+    assert status == {"cuda_tests": "skipped", "train_float32": "fail", "train_bfloat16": "pass"}
+    assert (out / "gpu_check.md").read_text().startswith("# gpu_check: FAILED")
