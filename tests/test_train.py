@@ -524,7 +524,7 @@ def test_qwen3_and_mistral_init_from_train_or_refuse_a_window_that_would_cut(tmp
     shape = dict(vocab_size=n_vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48)
     args = ["--loss=dpo", "--ref_update=soft", "--tau=1", "--max_steps=1", "--eval_size=4", "--batch_size=2",
             "--micro_batch_size=2", "--max_length=16", "--max_prompt_length=8", "--num_samples=2",
-            "--max_new_tokens=10", "--ckpt_every=1"]
+            "--max_new_tokens=10", "--ckpt_every=1", "--tokenizer=byte"]
     assert train.longest_sequence(train.parse_config(args, world_size=1)) == 18  # an eval prompt + its generation
     assert train.longest_sequence(train.parse_config(args + ["--num_samples=0"], world_size=1)) == 16
     for name, flags in (("qwen3", dict(model_type="qwen3", qkv_bias=True, o_bias=True, qk_norm=True, head_dim=16)),
