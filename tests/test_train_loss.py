@@ -16,6 +16,7 @@ import torch
 
 import data
 import packing
+import tokenizer
 import train
 from model import Llama, ModelConfig, to_hf_name
 
@@ -171,7 +172,7 @@ def seq_logp(model: Llama, prompt: list[int], response: list[int]) -> float:
 
 
 def test_evaluate_metrics_equal_a_per_sequence_loop_with_pi_ref_pi_init_pi_theta_all_different(monkeypatch):
-    tok = data.get_tokenizer("byte")
+    tok = tokenizer.get_tokenizer("byte")
     cfg = train.TrainConfig(loss="dpo", ref_update="soft", beta=BETA, max_new_tokens=5, seed=3)
     models = []
     for seed in range(3):  # π_θ, π_ref, π_init
