@@ -50,6 +50,11 @@ class Examples(list):
         super().__init__(items)
         self.format, self.source = format, source
 
+    def __getitem__(self, i):
+        """An item, or for a slice Examples of the same format and source (a held-out part reports them too)."""
+        got = super().__getitem__(i)
+        return Examples(got, self.format, self.source) if isinstance(i, slice) else got
+
 
 def _shared(a: str, b: str) -> int:
     """The length of the common prefix of two strings: a binary search on slice equality, at C speed (HH's
@@ -321,9 +326,7 @@ def split_eval(examples: list, n: int) -> tuple[list, list]:
     """(train, eval): the first n examples are held out, before tokenisation so both halves of a pair stay together."""
     if not 0 < n < len(examples):
         raise ValueError(f"cannot hold out {n} of {len(examples)} examples for evaluation (need 0 < n < examples)")
-    if isinstance(examples, Examples):  # keep the format and source for the report
-        return tuple(Examples(part, examples.format, examples.source) for part in (examples[n:], examples[:n]))
-    return examples[n:], examples[:n]
+    return examples[n:], examples[:n]  # Examples stay Examples: format and source for the report
 
 
 # ----------------------------------------------------------------------------------------------------------------------

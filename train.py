@@ -284,8 +284,7 @@ def make_data(cfg: TrainConfig, tok, rank: int, world: int):
         examples = data.read_examples(cfg.data, split=train_split or "auto")
     try:  # data.py's ValueErrors (too few examples, a kind the data cannot give) become one-line errors
         if held_out:
-            held = data.read_examples(held_out[0], split=held_out[1] or "auto")
-            train_ex, eval_ex = examples, data.Examples(held[:cfg.eval_size], held.format, held.source)
+            train_ex, eval_ex = examples, data.read_examples(held_out[0], split=held_out[1] or "auto")[:cfg.eval_size]
         else:
             train_ex, eval_ex = data.split_eval(examples, cfg.eval_size)
         log(f"train data: {train_ex.source}; eval data: "

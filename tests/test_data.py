@@ -274,6 +274,8 @@ def test_eval_split_and_eval_batches(byte):
     recs = [{"prompt": f"{i}", "completion": "c", "label": i % 2 == 0} for i in range(10)]
     train, held = data.split_eval(data.from_records(recs), 4)
     assert len(train) == 6 and held[0].prompt == "0"
+    assert (train.format, train.source) == (held.format, held.source) == (held[1:].format, held[1:].source) == \
+        ("kto", "<records>")  # a slice of Examples keeps its format and source
     ds = data.tokenize(held, byte, "kto", max_length=8)
     shards = [data.eval_batches(ds, micro_batch_size=2, rank=r, world_size=2) for r in range(2)]
     assert [len(s) for s in shards] == [1, 1] and shards[1][0]["desirable"].tolist() == [False, False]
@@ -449,60 +451,6 @@ def test_bad_parquet_names_file_and_row(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # dataset directories: Hub snapshots, their splits
-
-@pytest.mark.parametrize("name,split", [
-    ("train-00000-of-00002.parquet", "train"),  # data/train-00000-of-00002.parquet
-    ("train_prefs-00001-of-00003.parquet", "train_prefs"),
-    ("train.jsonl", "train"),
-    ("test.jsonl.gz", "test"),  # helpful-base/test.jsonl.gz
-    ("helpful-base-test.jsonl.gz", "test"),  # the subset in the name
-    ("red_team_attempts.jsonl.gz", "red_team_attempts"),  # Anthropic/hh-rlhf's other data: never a train split
-    ("validation-00000-of-00001.json", "validation"),
-])
-def test_split_of_a_file(name, split):
-    assert datafiles.split_of(name) == split
-
-
-def make_dir(root, names: list[str]):
-    for name in names:
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).touch()
-    return root
-
-
-@pytest.mark.parametrize("names,train,eval", [
-    (["data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet"], "train", "test"),  # trl-lib
-    ([f"data/{s}_{k}-00000-of-00001.parquet" for s in ("train", "test") for k in ("prefs", "sft", "gen")],
-     "train_prefs", "test_prefs"),  # HuggingFaceH4/ultrafeedback_binarized
-    (["train.jsonl", "validation.jsonl"], "train", "validation"),
-    (["data/train-00000-of-00001.parquet", "data/val-00000-of-00001.parquet"], "train", "val"),
-    (["train.jsonl.gz"], "train", None),  # no test split: hold out examples of train
-    (["my_train.json", "my_test.json"], "my_train", "my_test"),
-])
-def test_default_splits(tmp_path, names, train, eval):
-    make_dir(tmp_path, names + ["README.md", ".cache/huggingface/test.parquet"])
-    assert datafiles.choose_split(tmp_path, "auto") == train
-    assert datafiles.choose_split(tmp_path, "auto", "eval", train=train, required=False) == eval
-
-
-def test_split_choice_errors_list_the_splits(tmp_path):
-    make_dir(tmp_path, [f"data/{s}_{k}-00000-of-00001.parquet" for s in ("train", "test") for k in ("sft", "gen")])
-    assert datafiles.choose_split(tmp_path, "auto", "eval", train="train_sft") == "test_sft"  # the twin
-    listed = "the splits are test_gen \\(1 file\\), test_sft \\(1 file\\), train_gen \\(1 file\\), train_sft"
-    with pytest.raises(data.DataError, match=f"^{tmp_path}: which train split\\? several names hold 'train'; {listed}"
-                       ".*name one with --split$"):
-        datafiles.choose_split(tmp_path, "auto")
-    with pytest.raises(data.DataError, match="which eval split\\? several names hold 'test'"):
-        datafiles.choose_split(tmp_path, "auto", "eval", train="train_gen_2", required=False)
-    with pytest.raises(data.DataError, match=f"^{tmp_path}: no split 'train'; {listed}"):
-        data.read_examples(tmp_path, split="train")
-    hh = make_dir(tmp_path / "hh", [f"{s}-test.jsonl.gz" for s in HH_ROWS])
-    with pytest.raises(data.DataError, match="which train split\\? none is named train or train_prefs or holds "
-                       "'train'; the splits are test \\(4 files\\); name one with --data_split"):
-        datafiles.choose_split(hh, "auto", option="--data_split")
-    with pytest.raises(data.DataError, match="no data files"):
-        data.read_examples(make_dir(tmp_path / "empty", ["README.md", "data/.x.parquet"]))
-
 
 def test_hub_snapshot_reads_its_splits_in_shard_order(tmp_path):
     """A Hub parquet snapshot (train_prefs in two shards, test_prefs) and the JSONL-per-split layout of the same
