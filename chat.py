@@ -52,7 +52,7 @@ def compile_template(source: str):
         raise ChatTemplateError("chat templates need jinja2 (an optional dependency): pip install jinja2") from None
     if tuple(int(x) for x in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
         raise ChatTemplateError(f"chat templates need jinja2 >= 3.1.6 (older ones have sandbox escapes), found "
-                             f"{jinja2.__version__}: pip install -U jinja2")
+                                f"{jinja2.__version__}: pip install -U jinja2")
 
     class Generation(jinja2.ext.Extension):
         tags = {"generation"}
@@ -122,7 +122,7 @@ def render_template(tok, messages: list, add_generation_prompt: bool) -> str:
     except Exception as e:  # raise_exception's message, the sandbox's refusal, or a bug in the template
         why = e.message if isinstance(e, jinja2.exceptions.TemplateError) else f"{type(e).__name__}: {e}"
         raise ChatTemplateError(f"chat template of {tok.name}: {why or type(e).__name__} (roles "
-                             f"{', '.join(m['role'] for m in messages)})") from None
+                                f"{', '.join(m['role'] for m in messages)})") from None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -164,9 +164,9 @@ def _pieces(tok, messages: list, add_generation_prompt: bool) -> list[tuple[str,
             break
         pieces.append((found[0], None))
         pos += len(found[0])
-    raise ChatTemplateError(f"chat template of {tok.name}: near character {pos} of the rendered chat, the template's text "
-                         f"depends on a message's content in a way other than inserting it (or its trim); cannot tell "
-                         f"markup from content (roles {', '.join(m['role'] for m in messages)})")
+    raise ChatTemplateError(f"chat template of {tok.name}: near character {pos} of the rendered chat, the template's "
+                            f"text depends on a message's content in a way other than inserting it (or its trim); "
+                            f"cannot tell markup from content (roles {', '.join(m['role'] for m in messages)})")
 
 
 def _tokens(tok, pieces: list[tuple[str, tuple | None]]) -> list[tuple[str | int, int]]:
@@ -200,7 +200,7 @@ def render_chat(tok, prompt: list, responses: Iterable = ()) -> list[list]:
         text = "".join(t for t, _ in pieces)
         if not text.startswith(prompt_text) or begin < cut and isinstance(whole[first][0], int):  # or a special cut
             raise ChatTemplateError(f"chat template of {tok.name}: the prompt rendered alone is not a prefix of the "
-                                 f"prompt and response rendered together, so they cannot be split")
+                                    f"prompt and response rendered together, so they cannot be split")
         rest = [s for s, _ in whole[first:]]
         if begin < cut:  # a text segment that starts in the prompt: its response part continues that text
             rest[0] = rest[0][cut - begin:]
