@@ -48,10 +48,11 @@ class Tokenizer:
 
     def __init__(self, enc: tiktoken.Encoding, bos: str | None, eos: str, pad: str | None = None, prefix: str = "",
                  normalize: str | None = None, chat_template: str | None = None, end: Iterable[int] = (),
-                 n_vocab: int | None = None, drop_from: int | None = None, bos_token: str | None = None,
+                 n_vocab: int | None = None, bos_token: str | None = None,
                  unk_token: str | None = None, prefix_every_segment: bool = False):
         self.enc, self.name, self.chat_template = enc, enc.name, chat_template
-        self.n_vocab = n_vocab or enc.n_vocab  # the model's ids (a rank space may hold a few more, never returned)
+        # the model's ids; a byte-level rank space may hold a few more (bytes the vocabulary lacks), which encode drops
+        self.n_vocab = n_vocab or enc.n_vocab
         self.special_tokens = dict(enc._special_tokens)
         # the template's variables: bos_token even if never added (SmolLM2's), unk_token only from tokenizer_config
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token or bos, eos, pad, unk_token
@@ -61,7 +62,7 @@ class Tokenizer:
         self.end_ids = list(dict.fromkeys([self.eos_id, *end]))
         # prefix: "" (none), "always" (llama2.c: " " before any text that starts a sequence) or "unless space"
         # (Metaspace: " " unless the text starts with one); normalize: a unicodedata form, "metaspace" or None
-        self.prefix, self.normalize, self.drop_from = prefix, normalize, drop_from
+        self.prefix, self.normalize = prefix, normalize
         self.prefix_every_segment = prefix_every_segment
 
     def _text(self, text: str, start: bool = False) -> str:
@@ -75,9 +76,9 @@ class Tokenizer:
 
     def _ids(self, ids: list[int]) -> list[int]:
         # ids past the model's vocabulary: bytes the vocabulary lacks (tokenizers drops them too)
-        if self.drop_from is None or not ids or max(ids) < self.drop_from:
+        if self.enc.n_vocab <= self.n_vocab or not ids or max(ids) < self.n_vocab:
             return ids
-        return [i for i in ids if i < self.drop_from]
+        return [i for i in ids if i < self.n_vocab]
 
     def encode(self, text: str, start: bool = True) -> list[int]:
         """The text as plain text (never a special token); start: it starts a sequence (after BOS, if any), which
@@ -247,9 +248,9 @@ def tokenizer_json(path: Path) -> Tokenizer:
                            or any(n["type"] in ("Prepend", "Replace") for n in normalizers))
     if sentencepiece_style:
         enc, prefix, every = _sentencepiece_json(path, model, normalizers, pre, added, refuse)
-        normalize, drop_from = "metaspace", None
+        normalize = "metaspace"
     else:
-        enc, normalize, drop_from = _byte_level_json(path, model, normalizers, pre, added, refuse)
+        enc, normalize = _byte_level_json(path, model, normalizers, pre, added, refuse)
         prefix, every = "", False
     bos = _post_processor_bos(tj.get("post_processor"), refuse)
     config_path = path.parent / "tokenizer_config.json"
@@ -272,7 +273,7 @@ def tokenizer_json(path: Path) -> Tokenizer:
         end += [ids] if isinstance(ids, int) else list(ids or [])
     n_vocab = max([*model["vocab"].values(), *added.values()]) + 1
     return Tokenizer(enc, bos, eos, pad, prefix=prefix, normalize=normalize, chat_template=template, end=end,
-                     n_vocab=n_vocab, drop_from=drop_from, bos_token=_token(config.get("bos_token")),
+                     n_vocab=n_vocab, bos_token=_token(config.get("bos_token")),
                      unk_token=_token(config.get("unk_token")), prefix_every_segment=every)
 
 
@@ -292,7 +293,8 @@ def _normalize_form(normalizers: list[dict], refuse) -> str | None:
 
 
 def _byte_level_json(path: Path, model: dict, normalizers: list[dict], pre: list[dict], added: dict, refuse):
-    """Byte-level BPE: (tiktoken Encoding, normalization form, first id of bytes the vocabulary lacks or None)."""
+    """Byte-level BPE: (tiktoken Encoding, normalization form). Bytes the vocabulary lacks get ranks past every id,
+    which Tokenizer.encode drops (its n_vocab)."""
     normalize = _normalize_form(normalizers, refuse)
     types = [p["type"] for p in pre]
     level = pre[-1] if types and types[-1] == "ByteLevel" else None
@@ -342,13 +344,12 @@ def _byte_level_json(path: Path, model: dict, normalizers: list[dict], pre: list
     # bytes the vocabulary lacks (SmolLM2: a few control characters) are dropped, as tokenizers drops them
     missing = [b for b in range(256) if b not in byte_id]
     order = sorted(merged, key=merged.get)  # the merged ids by priority
-    drop_from = None
     try:
         if all(x < y for x, y in zip(order, order[1:])):  # the ids grow in merge order: they serve as the ranks
             ranks = {token_bytes[i]: i for i in vocab.values()}
             if missing:  # ranks past every id, which Tokenizer.encode drops
-                drop_from = max([*ranks.values(), *added.values()]) + 1
-                ranks |= {bytes([b]): drop_from + k for k, b in enumerate(missing)}
+                past = max([*ranks.values(), *added.values()]) + 1
+                ranks |= {bytes([b]): past + k for k, b in enumerate(missing)}
             enc = tiktoken.Encoding(str(path), pat_str=pat, mergeable_ranks=ranks, special_tokens=added)
         else:  # sentencepiece_bpe's rank space: the 256 bytes, then the merges in order, each mapped to its id
             id_bytes = [b""] * (max([*vocab.values(), *added_ids]) + 1)
@@ -361,7 +362,7 @@ def _byte_level_json(path: Path, model: dict, normalizers: list[dict], pre: list
                                                   added.values()], id_bytes, added, pat_str=pat)
     except ValueError as e:
         refuse(f"pre_tokenizer regex {pat!r}", f"tiktoken's regex engine rejects it ({e})")
-    return enc, normalize, drop_from
+    return enc, normalize
 
 
 def _sentencepiece_json(path: Path, model: dict, normalizers: list[dict], pre: list[dict], added: dict, refuse):
