@@ -357,9 +357,7 @@ def _byte_level_json(path: Path, model: dict, normalizers: list[dict], pre: list
                 id_bytes[i] = v
             ranks = {bytes([b]): b for b in range(256)} | {token_bytes[i]: 256 + k for k, i in enumerate(order)}
             rank_ids = [[byte_id[b]] if b in byte_id else [] for b in range(256)] + [[i] for i in order]
-            rank_specials = {t: len(rank_ids) + k for k, t in enumerate(added)}
-            enc = sentencepiece_bpe.RankSpaceEncoding(str(path), ranks, rank_specials, rank_ids + [[i] for i in
-                                                  added.values()], id_bytes, added, pat_str=pat)
+            enc = sentencepiece_bpe.RankSpaceEncoding(str(path), ranks, rank_ids, id_bytes, added, pat_str=pat)
     except ValueError as e:
         refuse(f"pre_tokenizer regex {pat!r}", f"tiktoken's regex engine rejects it ({e})")
     return enc, normalize
