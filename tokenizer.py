@@ -330,12 +330,7 @@ def _byte_level_json(path: Path, model: dict, normalizers: list[dict], pre: list
 
     added_ids = set(added.values())
     vocab = {t: i for t, i in model["vocab"].items() if i not in added_ids}
-    merged = {}  # id -> the position of the first merge giving it (a later one giving it too never applies)
-    for k, merge in enumerate(model["merges"]):
-        a, b = merge.split(" ") if isinstance(merge, str) else merge
-        if (i := vocab.get(a + b)) is None:
-            raise TokenizerError(f"{path}: merge {k} {a!r} {b!r}: {a + b!r} is not in the vocabulary")
-        merged.setdefault(i, k)
+    merged = _first_merges(path, model, vocab.get)  # id -> the position of the first merge giving it
     if unreachable := [t for t, i in vocab.items() if len(t) > 1 and i not in merged]:
         refuse(f"token {unreachable[0]!r}", f"{len(unreachable)} token(s) neither a byte nor made by a merge "
                                             "(tiktoken could make them, tokenizers does not)")
@@ -381,6 +376,10 @@ def _sentencepiece_json(path: Path, model: dict, normalizers: list[dict], pre: l
                "split=false) alone, or the normalizers Prepend(▁) + Replace(' ', ▁) with no pre-tokenizer")
     if not model.get("byte_fallback"):
         refuse("model option byte_fallback=false", "sentencepiece-style BPE is read with byte fallback only")
+
+    def as_text(token: str) -> bytes:
+        return token.replace("\u2581", " ").encode()
+
     added_ids = set(added.values())
     byte_ids, pieces = [None] * 256, {}
     for token, i in model["vocab"].items():
@@ -388,18 +387,13 @@ def _sentencepiece_json(path: Path, model: dict, normalizers: list[dict], pre: l
             continue
         if re.fullmatch(r"<0x[0-9A-F]{2}>", token):
             byte_ids[int(token[3:5], 16)] = i
-        elif (text := token.replace("\u2581", " ").encode()) in pieces:
+        elif (text := as_text(token)) in pieces:
             raise TokenizerError(f"{path}: tokens {token!r} and {pieces[text]} are the same text")
         else:
             pieces[text] = i
     if None in byte_ids:
         refuse(f"byte fallback without the token <0x{byte_ids.index(None):02X}>")
-    merges = {}  # the merged pieces in the order of their first merge
-    for k, merge in enumerate(model["merges"]):
-        a, b = merge.split(" ") if isinstance(merge, str) else merge
-        if (text := (a + b).replace("\u2581", " ").encode()) not in pieces:
-            raise TokenizerError(f"{path}: merge {k} {a!r} {b!r}: {a + b!r} is not in the vocabulary")
-        merges.setdefault(text, k)
+    merges = _first_merges(path, model, lambda t: as_text(t) if as_text(t) in pieces else None)  # in merge order
     id_bytes = [b""] * (max([*model["vocab"].values(), *added_ids]) + 1)
     for text, i in pieces.items():
         id_bytes[i] = text
@@ -408,6 +402,18 @@ def _sentencepiece_json(path: Path, model: dict, normalizers: list[dict], pre: l
     for token, i in added.items():
         id_bytes[i] = token.encode()
     return sentencepiece_bpe.rank_space(str(path), id_bytes, byte_ids, pieces, list(merges), added), prefix, every
+
+
+def _first_merges(path: Path, model: dict, made) -> dict:
+    """What each of the model's merges makes (made(a + b): the token's id or text; None if it is not in the vocabulary,
+    a broken file) -> the position of its first merge, in merge order (a later merge making it too never applies)."""
+    first = {}
+    for k, merge in enumerate(model["merges"]):
+        a, b = merge.split(" ") if isinstance(merge, str) else merge  # "a b" or ["a", "b"]
+        if (token := made(a + b)) is None:
+            raise TokenizerError(f"{path}: merge {k} {a!r} {b!r}: {a + b!r} is not in the vocabulary")
+        first.setdefault(token, k)
+    return first
 
 
 def _post_processor_bos(spec: dict | None, refuse) -> str | None:
