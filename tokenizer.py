@@ -347,9 +347,7 @@ def _byte_level_json(path: Path, model: dict, normalizers: list[dict], pre: list
                 ranks |= {bytes([b]): past + k for k, b in enumerate(missing)}
             enc = tiktoken.Encoding(str(path), pat_str=pat, mergeable_ranks=ranks, special_tokens=added)
         else:  # sentencepiece_bpe's rank space: the 256 bytes, then the merges in order, each mapped to its id
-            id_bytes = [b""] * (max([*vocab.values(), *added_ids]) + 1)
-            for i, v in [*token_bytes.items(), *((i, t.encode()) for t, i in added.items())]:
-                id_bytes[i] = v
+            id_bytes = _id_bytes(model, added, token_bytes)
             ranks = {bytes([b]): b for b in range(256)} | {token_bytes[i]: 256 + k for k, i in enumerate(order)}
             rank_ids = [[byte_id[b]] if b in byte_id else [] for b in range(256)] + [[i] for i in order]
             enc = sentencepiece_bpe.RankSpaceEncoding(str(path), ranks, rank_ids, id_bytes, added, pat_str=pat)
@@ -394,13 +392,8 @@ def _sentencepiece_json(path: Path, model: dict, normalizers: list[dict], pre: l
     if None in byte_ids:
         refuse(f"byte fallback without the token <0x{byte_ids.index(None):02X}>")
     merges = _first_merges(path, model, lambda t: as_text(t) if as_text(t) in pieces else None)  # in merge order
-    id_bytes = [b""] * (max([*model["vocab"].values(), *added_ids]) + 1)
-    for text, i in pieces.items():
-        id_bytes[i] = text
-    for b, i in enumerate(byte_ids):
-        id_bytes[i] = bytes([b])
-    for token, i in added.items():
-        id_bytes[i] = token.encode()
+    tokens = {i: text for text, i in pieces.items()} | {i: bytes([b]) for b, i in enumerate(byte_ids)}
+    id_bytes = _id_bytes(model, added, tokens)
     return sentencepiece_bpe.rank_space(str(path), id_bytes, byte_ids, pieces, list(merges), added), prefix, every
 
 
@@ -414,6 +407,14 @@ def _first_merges(path: Path, model: dict, made) -> dict:
             raise TokenizerError(f"{path}: merge {k} {a!r} {b!r}: {a + b!r} is not in the vocabulary")
         first.setdefault(token, k)
     return first
+
+
+def _id_bytes(model: dict, added: dict[str, int], tokens: dict[int, bytes]) -> list[bytes]:
+    """Each id's bytes, for decoding: the vocabulary's tokens (id -> bytes), then the added tokens' text."""
+    id_bytes = [b""] * (max([*model["vocab"].values(), *added.values()]) + 1)
+    for i, b in [*tokens.items(), *((i, t.encode()) for t, i in added.items())]:
+        id_bytes[i] = b
+    return id_bytes
 
 
 def _post_processor_bos(spec: dict | None, refuse) -> str | None:
