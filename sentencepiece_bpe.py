@@ -95,15 +95,13 @@ def find_llama2c(directory: str | Path) -> Path | None:
 
 
 def llama2c_encoding(path: str | Path) -> tuple[RankSpaceEncoding, str, str]:
-    """A llama2.c tokenizer .bin (or the model directory holding it) as a tiktoken Encoding whose ids are run.c's
-    encode's, for any vocabulary; with its BOS and EOS names.
+    """A llama2.c tokenizer .bin as a tiktoken Encoding whose ids are run.c's encode's, for any vocabulary; with its
+    BOS and EOS names (tokenizer.get_tokenizer finds the file in a model directory).
 
     run.c merges the best-scoring pair, the leftmost among equal scores. The merges are ranked by score, and pieces
     of equal score longest first: Llama 2's tied pieces are its 15 runs of spaces (score -1e9), and within a run of
     spaces run.c's leftmost-first merging grows the leftmost run as long as it can, which is what longest-first does."""
     path = Path(path)
-    if path.is_dir() and (path := find_llama2c(directory := path)) is None:
-        raise ValueError(f"{directory}: no llama2.c tokenizer (tok*.bin) in this directory")
     try:
         raw = path.read_bytes()
     except OSError as e:
