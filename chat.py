@@ -113,9 +113,7 @@ def render_template(tok, messages: list, add_generation_prompt: bool) -> str:
     except ChatTemplateError as e:
         raise ChatTemplateError(f"{tok.name}: {e}") from None
     import jinja2  # compile_template has checked it is there
-    names = {k: v for k, v in (("bos_token", tok.bos_token), ("eos_token", tok.eos_token),
-                               ("pad_token", tok.pad_token), ("unk_token", tok.unk_token))
-             if v is not None}
+    names = {k: v for k in ("bos_token", "eos_token", "pad_token", "unk_token") if (v := getattr(tok, k)) is not None}
     try:
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                                documents=None, **names)
