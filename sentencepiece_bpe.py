@@ -23,16 +23,17 @@ class RankSpaceEncoding(tiktoken.Encoding):
     bytes; then every non-ASCII character that has a piece, built from its bytes through its UTF-8 prefixes, so that
     all characters exist before any merge happens; then the merges by priority. Each rank maps to model ids
     (rank_ids): a byte to its character's piece or its byte token, a character or a merge to its piece, and a prefix
-    left over (a character with no piece) to its byte tokens. Decoding reads the pieces by id, byte tokens included.
-    (tokenizer.py also puts a byte-level BPE whose ids do not grow in merge order in a rank space: its pat_str splits
-    the text, and a byte the vocabulary lacks maps to no id.)"""
+    left over (a character with no piece) to its byte tokens. The special tokens take the ranks after those, each
+    mapped to its id. Decoding reads the pieces by id, byte tokens included. (tokenizer.py also puts a byte-level BPE
+    whose ids do not grow in merge order in a rank space: its pat_str splits the text, and a byte the vocabulary lacks
+    maps to no id.)"""
 
-    def __init__(self, name: str, mergeable_ranks: dict[bytes, int], special_tokens: dict[str, int],
-                 rank_ids: list[list[int]], id_bytes: list[bytes], model_specials: dict[str, int],
-                 pat_str: str = r"[\s\S]+"):
-        super().__init__(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
-        self.rank_ids, self.id_bytes = rank_ids, id_bytes
-        self._special_tokens = model_specials  # what callers read: the specials under the model's ids
+    def __init__(self, name: str, mergeable_ranks: dict[bytes, int], rank_ids: list[list[int]], id_bytes: list[bytes],
+                 specials: dict[str, int], pat_str: str = r"[\s\S]+"):
+        rank_specials = {t: len(rank_ids) + k for k, t in enumerate(specials)}
+        super().__init__(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=rank_specials)
+        self.rank_ids, self.id_bytes = rank_ids + [[i] for i in specials.values()], id_bytes
+        self._special_tokens = dict(specials)  # what callers read: the specials under the model's ids
         self.max_token_value = len(id_bytes) - 1  # n_vocab: the model's vocabulary, not the rank space
 
     def _ids(self, ranks: list[int]) -> list[int]:
@@ -75,9 +76,7 @@ def rank_space(name: str, id_bytes: list[bytes], byte_ids: list[int], pieces: di
         if m not in ranks and all(ch.encode() in pieces for ch in m.decode()):  # else unreachable: a character of
             ranks[m] = len(rank_ids)                                            # it has no piece
             rank_ids.append([pieces[m]])
-    rank_specials = {t: len(rank_ids) + i for i, t in enumerate(specials)}
-    rank_ids += [[i] for i in specials.values()]
-    return RankSpaceEncoding(name, ranks, rank_specials, rank_ids, id_bytes, dict(specials))
+    return RankSpaceEncoding(name, ranks, rank_ids, id_bytes, specials)
 
 
 # llama2.c's tokenizer.bin (karpathy/llama2.c's export of a sentencepiece BPE model): int32 max token length, then per
@@ -96,15 +95,13 @@ def find_llama2c(directory: str | Path) -> Path | None:
 
 
 def llama2c_encoding(path: str | Path) -> tuple[RankSpaceEncoding, str, str]:
-    """A llama2.c tokenizer .bin (or the model directory holding it) as a tiktoken Encoding whose ids are run.c's
-    encode's, for any vocabulary; with its BOS and EOS names.
+    """A llama2.c tokenizer .bin as a tiktoken Encoding whose ids are run.c's encode's, for any vocabulary; with its
+    BOS and EOS names (tokenizer.get_tokenizer finds the file in a model directory).
 
     run.c merges the best-scoring pair, the leftmost among equal scores. The merges are ranked by score, and pieces
     of equal score longest first: Llama 2's tied pieces are its 15 runs of spaces (score -1e9), and within a run of
     spaces run.c's leftmost-first merging grows the leftmost run as long as it can, which is what longest-first does."""
     path = Path(path)
-    if path.is_dir() and (path := find_llama2c(directory := path)) is None:
-        raise ValueError(f"{directory}: no llama2.c tokenizer (tok*.bin) in this directory")
     try:
         raw = path.read_bytes()
     except OSError as e:

@@ -5,20 +5,19 @@
         ──► Tokenizer
 
 Text is always encoded as plain text (encode_ordinary), so a user who types "<|eot_id|>" gets the characters, never
-the control token: special tokens come only from code (BOS, EOS) or a chat template's own markup (see the end of
-this file: chat templates).
+the control token: special tokens come only from code (BOS, EOS) or a chat template's own markup (chat.py renders
+chat templates).
 """
 import base64
-import functools
 import json
 import re
 import unicodedata
-from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
 import tiktoken
 
+import chat
 import sentencepiece_bpe
 
 
@@ -32,13 +31,6 @@ LLAMA3_SPECIAL = (["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_speci
                   + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
                   + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])  # 256 in all, ids 128000..128255
 PLAIN_ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}  # the plain chat format is HH's
-# Meta's chat template for the Llama 3 Instruct models, verbatim: the "chat_template" of tokenizer_config.json in
-# meta-llama/Meta-Llama-3-8B-Instruct on the Hugging Face Hub (tokenizer.model files carry no template)
-LLAMA3_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
 
 class Tokenizer:
@@ -56,10 +48,11 @@ class Tokenizer:
 
     def __init__(self, enc: tiktoken.Encoding, bos: str | None, eos: str, pad: str | None = None, prefix: str = "",
                  normalize: str | None = None, chat_template: str | None = None, end: Iterable[int] = (),
-                 n_vocab: int | None = None, drop_from: int | None = None, bos_token: str | None = None,
+                 n_vocab: int | None = None, bos_token: str | None = None,
                  unk_token: str | None = None, prefix_every_segment: bool = False):
         self.enc, self.name, self.chat_template = enc, enc.name, chat_template
-        self.n_vocab = n_vocab or enc.n_vocab  # the model's ids (a rank space may hold a few more, never returned)
+        # the model's ids; a byte-level rank space may hold a few more (bytes the vocabulary lacks), which encode drops
+        self.n_vocab = n_vocab or enc.n_vocab
         self.special_tokens = dict(enc._special_tokens)
         # the template's variables: bos_token even if never added (SmolLM2's), unk_token only from tokenizer_config
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token or bos, eos, pad, unk_token
@@ -69,7 +62,7 @@ class Tokenizer:
         self.end_ids = list(dict.fromkeys([self.eos_id, *end]))
         # prefix: "" (none), "always" (llama2.c: " " before any text that starts a sequence) or "unless space"
         # (Metaspace: " " unless the text starts with one); normalize: a unicodedata form, "metaspace" or None
-        self.prefix, self.normalize, self.drop_from = prefix, normalize, drop_from
+        self.prefix, self.normalize = prefix, normalize
         self.prefix_every_segment = prefix_every_segment
 
     def _text(self, text: str, start: bool = False) -> str:
@@ -83,9 +76,9 @@ class Tokenizer:
 
     def _ids(self, ids: list[int]) -> list[int]:
         # ids past the model's vocabulary: bytes the vocabulary lacks (tokenizers drops them too)
-        if self.drop_from is None or not ids or max(ids) < self.drop_from:
+        if self.enc.n_vocab <= self.n_vocab or not ids or max(ids) < self.n_vocab:
             return ids
-        return [i for i in ids if i < self.drop_from]
+        return [i for i in ids if i < self.n_vocab]
 
     def encode(self, text: str, start: bool = True) -> list[int]:
         """The text as plain text (never a special token); start: it starts a sequence (after BOS, if any), which
@@ -115,17 +108,17 @@ class Tokenizer:
     def render(self, prompt: str | list, responses: Iterable = ()) -> list[list]:
         """[prompt segments, segments of each response]: a segment is text (str, encoded as text) or a special id
         (int). A string prompt is raw text after BOS and a string response ends with EOS. Chat messages go through
-        the chat template (see render_chat) or, without one, the plain HH format: "\\n\\nHuman: ..\\n\\nAssistant:"
+        the chat template (chat.render_chat) or, without one, the plain HH format: "\\n\\nHuman: ..\\n\\nAssistant:"
         after BOS and the response " content" EOS."""
         bos = [] if self.bos_id is None else [self.bos_id]
         if isinstance(prompt, str):
-            return [[*bos, self._start(prompt)], *([r, self.eos_id] for r in responses)]
+            return [[*bos, self.with_prefix(prompt)], *([r, self.eos_id] for r in responses)]
         if self.chat_template is not None:
-            return render_chat(self, prompt, responses)
-        return [[*bos, self._start("".join(f"\n\n{PLAIN_ROLES[m['role']]}: {m['content']}" for m in prompt)
-                                   + "\n\nAssistant:")], *([" " + r[0]["content"], self.eos_id] for r in responses)]
+            return chat.render_chat(self, prompt, responses)
+        text = "".join(f"\n\n{PLAIN_ROLES[m['role']]}: {m['content']}" for m in prompt) + "\n\nAssistant:"
+        return [[*bos, self.with_prefix(text)], *([" " + r[0]["content"], self.eos_id] for r in responses)]
 
-    def _start(self, text: str) -> str:
+    def with_prefix(self, text: str) -> str:
         """text with the dummy prefix a sequence's first text gets (render's segments are encoded with start=False)."""
         return self._text(text, start=True) if self.prefix else text
 
@@ -171,10 +164,8 @@ def get_tokenizer(name_or_path: str) -> Tokenizer:
             raise TokenizerError(f"{path}:{line_no}: expected '<base64 token> <rank>' ({e})") from None
     special = {tok: len(ranks) + i for i, tok in enumerate(LLAMA3_SPECIAL)}
     enc = tiktoken.Encoding(path.name, pat_str=LLAMA3_PAT, mergeable_ranks=ranks, special_tokens=special)
-    return Tokenizer(enc, "<|begin_of_text|>", "<|end_of_text|>", chat_template=LLAMA3_CHAT_TEMPLATE,
+    return Tokenizer(enc, "<|begin_of_text|>", "<|end_of_text|>", chat_template=chat.LLAMA3_CHAT_TEMPLATE,
                      end=[special["<|eot_id|>"]])
-
-
 
 
 def find_tokenizer(directory: str | Path) -> Path | None:
@@ -257,9 +248,9 @@ def tokenizer_json(path: Path) -> Tokenizer:
                            or any(n["type"] in ("Prepend", "Replace") for n in normalizers))
     if sentencepiece_style:
         enc, prefix, every = _sentencepiece_json(path, model, normalizers, pre, added, refuse)
-        normalize, drop_from = "metaspace", None
+        normalize = "metaspace"
     else:
-        enc, normalize, drop_from = _byte_level_json(path, model, normalizers, pre, added, refuse)
+        enc, normalize = _byte_level_json(path, model, normalizers, pre, added, refuse)
         prefix, every = "", False
     bos = _post_processor_bos(tj.get("post_processor"), refuse)
     config_path = path.parent / "tokenizer_config.json"
@@ -282,7 +273,7 @@ def tokenizer_json(path: Path) -> Tokenizer:
         end += [ids] if isinstance(ids, int) else list(ids or [])
     n_vocab = max([*model["vocab"].values(), *added.values()]) + 1
     return Tokenizer(enc, bos, eos, pad, prefix=prefix, normalize=normalize, chat_template=template, end=end,
-                     n_vocab=n_vocab, drop_from=drop_from, bos_token=_token(config.get("bos_token")),
+                     n_vocab=n_vocab, bos_token=_token(config.get("bos_token")),
                      unk_token=_token(config.get("unk_token")), prefix_every_segment=every)
 
 
@@ -302,7 +293,8 @@ def _normalize_form(normalizers: list[dict], refuse) -> str | None:
 
 
 def _byte_level_json(path: Path, model: dict, normalizers: list[dict], pre: list[dict], added: dict, refuse):
-    """Byte-level BPE: (tiktoken Encoding, normalization form, first id of bytes the vocabulary lacks or None)."""
+    """Byte-level BPE: (tiktoken Encoding, normalization form). Bytes the vocabulary lacks get ranks past every id,
+    which Tokenizer.encode drops (its n_vocab)."""
     normalize = _normalize_form(normalizers, refuse)
     types = [p["type"] for p in pre]
     level = pre[-1] if types and types[-1] == "ByteLevel" else None
@@ -338,12 +330,7 @@ def _byte_level_json(path: Path, model: dict, normalizers: list[dict], pre: list
 
     added_ids = set(added.values())
     vocab = {t: i for t, i in model["vocab"].items() if i not in added_ids}
-    merged = {}  # id -> the position of the first merge giving it (a later one giving it too never applies)
-    for k, merge in enumerate(model["merges"]):
-        a, b = merge.split(" ") if isinstance(merge, str) else merge
-        if (i := vocab.get(a + b)) is None:
-            raise TokenizerError(f"{path}: merge {k} {a!r} {b!r}: {a + b!r} is not in the vocabulary")
-        merged.setdefault(i, k)
+    merged = _first_merges(path, model, vocab.get)  # id -> the position of the first merge giving it
     if unreachable := [t for t, i in vocab.items() if len(t) > 1 and i not in merged]:
         refuse(f"token {unreachable[0]!r}", f"{len(unreachable)} token(s) neither a byte nor made by a merge "
                                             "(tiktoken could make them, tokenizers does not)")
@@ -352,26 +339,21 @@ def _byte_level_json(path: Path, model: dict, normalizers: list[dict], pre: list
     # bytes the vocabulary lacks (SmolLM2: a few control characters) are dropped, as tokenizers drops them
     missing = [b for b in range(256) if b not in byte_id]
     order = sorted(merged, key=merged.get)  # the merged ids by priority
-    drop_from = None
     try:
         if all(x < y for x, y in zip(order, order[1:])):  # the ids grow in merge order: they serve as the ranks
             ranks = {token_bytes[i]: i for i in vocab.values()}
             if missing:  # ranks past every id, which Tokenizer.encode drops
-                drop_from = max([*ranks.values(), *added.values()]) + 1
-                ranks |= {bytes([b]): drop_from + k for k, b in enumerate(missing)}
+                past = max([*ranks.values(), *added.values()]) + 1
+                ranks |= {bytes([b]): past + k for k, b in enumerate(missing)}
             enc = tiktoken.Encoding(str(path), pat_str=pat, mergeable_ranks=ranks, special_tokens=added)
         else:  # sentencepiece_bpe's rank space: the 256 bytes, then the merges in order, each mapped to its id
-            id_bytes = [b""] * (max([*vocab.values(), *added_ids]) + 1)
-            for i, v in [*token_bytes.items(), *((i, t.encode()) for t, i in added.items())]:
-                id_bytes[i] = v
+            id_bytes = _id_bytes(model, added, token_bytes)
             ranks = {bytes([b]): b for b in range(256)} | {token_bytes[i]: 256 + k for k, i in enumerate(order)}
             rank_ids = [[byte_id[b]] if b in byte_id else [] for b in range(256)] + [[i] for i in order]
-            rank_specials = {t: len(rank_ids) + k for k, t in enumerate(added)}
-            enc = sentencepiece_bpe.RankSpaceEncoding(str(path), ranks, rank_specials, rank_ids + [[i] for i in
-                                                  added.values()], id_bytes, added, pat_str=pat)
+            enc = sentencepiece_bpe.RankSpaceEncoding(str(path), ranks, rank_ids, id_bytes, added, pat_str=pat)
     except ValueError as e:
         refuse(f"pre_tokenizer regex {pat!r}", f"tiktoken's regex engine rejects it ({e})")
-    return enc, normalize, drop_from
+    return enc, normalize
 
 
 def _sentencepiece_json(path: Path, model: dict, normalizers: list[dict], pre: list[dict], added: dict, refuse):
@@ -392,6 +374,10 @@ def _sentencepiece_json(path: Path, model: dict, normalizers: list[dict], pre: l
                "split=false) alone, or the normalizers Prepend(▁) + Replace(' ', ▁) with no pre-tokenizer")
     if not model.get("byte_fallback"):
         refuse("model option byte_fallback=false", "sentencepiece-style BPE is read with byte fallback only")
+
+    def as_text(token: str) -> bytes:
+        return token.replace("\u2581", " ").encode()
+
     added_ids = set(added.values())
     byte_ids, pieces = [None] * 256, {}
     for token, i in model["vocab"].items():
@@ -399,26 +385,36 @@ def _sentencepiece_json(path: Path, model: dict, normalizers: list[dict], pre: l
             continue
         if re.fullmatch(r"<0x[0-9A-F]{2}>", token):
             byte_ids[int(token[3:5], 16)] = i
-        elif (text := token.replace("\u2581", " ").encode()) in pieces:
+        elif (text := as_text(token)) in pieces:
             raise TokenizerError(f"{path}: tokens {token!r} and {pieces[text]} are the same text")
         else:
             pieces[text] = i
     if None in byte_ids:
         refuse(f"byte fallback without the token <0x{byte_ids.index(None):02X}>")
-    merges = {}  # the merged pieces in the order of their first merge
-    for k, merge in enumerate(model["merges"]):
-        a, b = merge.split(" ") if isinstance(merge, str) else merge
-        if (text := (a + b).replace("\u2581", " ").encode()) not in pieces:
-            raise TokenizerError(f"{path}: merge {k} {a!r} {b!r}: {a + b!r} is not in the vocabulary")
-        merges.setdefault(text, k)
-    id_bytes = [b""] * (max([*model["vocab"].values(), *added_ids]) + 1)
-    for text, i in pieces.items():
-        id_bytes[i] = text
-    for b, i in enumerate(byte_ids):
-        id_bytes[i] = bytes([b])
-    for token, i in added.items():
-        id_bytes[i] = token.encode()
+    merges = _first_merges(path, model, lambda t: as_text(t) if as_text(t) in pieces else None)  # in merge order
+    tokens = {i: text for text, i in pieces.items()} | {i: bytes([b]) for b, i in enumerate(byte_ids)}
+    id_bytes = _id_bytes(model, added, tokens)
     return sentencepiece_bpe.rank_space(str(path), id_bytes, byte_ids, pieces, list(merges), added), prefix, every
+
+
+def _first_merges(path: Path, model: dict, made) -> dict:
+    """What each of the model's merges makes (made(a + b): the token's id or text; None if it is not in the vocabulary,
+    a broken file) -> the position of its first merge, in merge order (a later merge making it too never applies)."""
+    first = {}
+    for k, merge in enumerate(model["merges"]):
+        a, b = merge.split(" ") if isinstance(merge, str) else merge  # "a b" or ["a", "b"]
+        if (token := made(a + b)) is None:
+            raise TokenizerError(f"{path}: merge {k} {a!r} {b!r}: {a + b!r} is not in the vocabulary")
+        first.setdefault(token, k)
+    return first
+
+
+def _id_bytes(model: dict, added: dict[str, int], tokens: dict[int, bytes]) -> list[bytes]:
+    """Each id's bytes, for decoding: the vocabulary's tokens (id -> bytes), then the added tokens' text."""
+    id_bytes = [b""] * (max([*model["vocab"].values(), *added.values()]) + 1)
+    for i, b in [*tokens.items(), *((i, t.encode()) for t, i in added.items())]:
+        id_bytes[i] = b
+    return id_bytes
 
 
 def _post_processor_bos(spec: dict | None, refuse) -> str | None:
@@ -439,204 +435,3 @@ def _post_processor_bos(spec: dict | None, refuse) -> str | None:
     if len(before) > 1:
         refuse(f"post_processor TemplateProcessing {before} before the text", "one BOS at most")
     return before[0] if before else None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# chat templates: the model's own jinja chat_template, rendered as transformers renders it, then tokenised so that only
-# the template's markup can become special tokens. transformers' apply_chat_template renders the whole chat to one
-# string and tokenises it with every added token recognised, so a message holding "<|im_end|>" ends its turn there;
-# here message contents are always text. Method: render the chat once with each content replaced by a sentinel
-# (private-use characters) to learn the markup between contents, once with the real contents; walk the real string:
-# markup, content, markup, ... Markup is split at the special tokens it holds; contents are text. Text next to text
-# (markup and content) is encoded in one piece, as transformers does between added tokens, so ids match it exactly
-# whenever no content holds an added token's string.
-
-SENTINEL = re.compile("\ue000([0-9]+)\ue001")  # the sentinel of message i: "\ue000{i}\ue001", stable under | trim
-
-
-@functools.lru_cache(maxsize=None)
-def compile_template(source: str):
-    """The template as transformers compiles it (transformers/utils/chat_template_utils.py,
-    _cached_compile_jinja_template): jinja2's ImmutableSandboxedEnvironment (templates come from the Hub: untrusted
-    code), trim_blocks and lstrip_blocks, loop controls ({% break %}), the {% generation %} tag (it marks assistant
-    text for transformers' assistant masks; here it renders its body), and the helpers templates call."""
-    try:
-        import jinja2
-        import jinja2.ext
-        import jinja2.sandbox
-    except ImportError:
-        raise TokenizerError("chat templates need jinja2 (an optional dependency): pip install jinja2") from None
-    if tuple(int(x) for x in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
-        raise TokenizerError(f"chat templates need jinja2 >= 3.1.6 (older ones have sandbox escapes), found "
-                             f"{jinja2.__version__}: pip install -U jinja2")
-
-    class Generation(jinja2.ext.Extension):
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    class Namespace(jinja2.utils.Namespace):  # transformers' TemplateNamespace: no _attributes (CPython internals)
-        def __init__(*args, **kwargs):
-            self, attrs = args[0], dict(*args[1:], **kwargs)
-            for name in attrs:
-                Namespace._check(name)
-            jinja2.utils.Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name, value):
-            Namespace._check(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check(name):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"chat templates cannot set {name!r} on a namespace")
-
-    class Dict:  # transformers' TemplateDict: dict() and dict.fromkeys() without the type's attributes
-        def __call__(self, *args, **kwargs):
-            return dict(*args, **kwargs)
-
-        def fromkeys(self, *args, **kwargs):
-            return dict.fromkeys(*args, **kwargs)
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # jinja's own escapes HTML
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f),
-                       dict=Dict(), namespace=Namespace)
-    try:
-        return env.from_string(source)
-    except jinja2.exceptions.TemplateSyntaxError as e:
-        raise TokenizerError(f"chat template: line {e.lineno}: {e.message}") from None
-
-
-def render_template(tok: Tokenizer, messages: list, add_generation_prompt: bool) -> str:
-    """The chat as transformers' apply_chat_template(tokenize=False) renders it: the same variables (the special
-    token strings, tools and documents None)."""
-    try:
-        template = compile_template(tok.chat_template)
-    except TokenizerError as e:
-        raise TokenizerError(f"{tok.name}: {e}") from None
-    import jinja2  # compile_template has checked it is there
-    names = {k: v for k, v in (("bos_token", tok.bos_token), ("eos_token", tok.eos_token),
-                               ("pad_token", tok.pad_token), ("unk_token", tok.unk_token))
-             if v is not None}
-    try:
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                               documents=None, **names)
-    except Exception as e:  # raise_exception's message, the sandbox's refusal, or a bug in the template
-        why = e.message if isinstance(e, jinja2.exceptions.TemplateError) else f"{type(e).__name__}: {e}"
-        raise TokenizerError(f"chat template of {tok.name}: {why or type(e).__name__} (roles "
-                             f"{', '.join(m['role'] for m in messages)})") from None
-
-
-@functools.lru_cache(maxsize=4096)
-def _markup(tok: Tokenizer, shape: tuple, add_generation_prompt: bool) -> tuple:
-    """(markup, message index, markup, ..., markup) of a chat shape (its messages' items but the content): the
-    template rendered with sentinel contents, split at the sentinels; each markup as (text, its parts: (text or
-    the id of a special token it holds, length in characters))."""
-    messages = [{**dict(items), "content": f"\ue000{i}\ue001"} for i, items in enumerate(shape)]
-    parts = SENTINEL.split(render_template(tok, messages, add_generation_prompt))
-    names = sorted(tok.special_tokens, key=len, reverse=True)  # longest first: a token before its prefixes
-    special = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
-    return tuple(int(p) if i % 2 else (p, tuple((tok.special_tokens[x] if j % 2 else x, len(x)) for j, x in
-                                                enumerate(special.split(p) if special else [p]) if x))
-                 for i, p in enumerate(parts))
-
-
-def _pieces(tok: Tokenizer, messages: list, add_generation_prompt: bool) -> list[tuple[str, tuple | None]]:
-    """The rendered chat as pieces, in order: markup (text, its parts) and contents (text, None); a content may come
-    out trimmed (Llama 3's | trim)."""
-    shape = tuple(tuple((k, v) for k, v in m.items() if k != "content") for m in messages)
-    try:
-        markup = _markup(tok, shape, add_generation_prompt)
-    except TypeError:  # an unhashable field (a list): not cached
-        markup = _markup.__wrapped__(tok, shape, add_generation_prompt)
-    text, pieces, pos = render_template(tok, messages, add_generation_prompt), [], 0
-    for k in range(0, len(markup), 2):
-        if not text.startswith(markup[k][0], pos):
-            break
-        pieces.append(markup[k])
-        pos += len(markup[k][0])
-        if k + 1 == len(markup):
-            if pos == len(text):
-                return pieces
-            break
-        content, after = messages[markup[k + 1]]["content"], markup[k + 2][0]
-        found = [c for c in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip()))
-                 if text.startswith(c, pos) and text.startswith(after, pos + len(c))]
-        if not found:
-            break
-        pieces.append((found[0], None))
-        pos += len(found[0])
-    raise TokenizerError(f"chat template of {tok.name}: near character {pos} of the rendered chat, the template's text "
-                         f"depends on a message's content in a way other than inserting it (or its trim); cannot tell "
-                         f"markup from content (roles {', '.join(m['role'] for m in messages)})")
-
-
-def _tokens(tok: Tokenizer, pieces: list[tuple[str, tuple | None]]) -> list[tuple[str | int, int]]:
-    """(segment, end position in the rendered text) of the pieces: markup's special ids, and text (markup next to
-    content joined) as str."""
-    out, pos = [], 0
-    for text, parts in pieces:
-        for part, n in parts or ((text, len(text)),):
-            pos += n
-            if isinstance(part, str) and out and isinstance(out[-1][0], str):
-                out[-1] = (out[-1][0] + part, pos)
-            else:
-                out.append((part, pos))
-    return out
-
-
-def render_chat(tok: Tokenizer, prompt: list, responses: Iterable = ()) -> list[list]:
-    """[prompt segments, segments of each response] through the chat template. The prompt is the chat rendered with
-    add_generation_prompt; a response (one assistant message) is what rendering prompt + response adds after that,
-    up to its last end id: whitespace the template writes after the end of the turn (ChatML's "\\n" after <|im_end|>)
-    is left out, as generation stops at the end id (anything else there is kept); a response with no end id gets
-    EOS. The prompt rendered alone must be a prefix of the whole conversation rendered."""
-    pieces = _pieces(tok, prompt, True)
-    head, cut, prompt_text = _tokens(tok, pieces), sum(len(t) for t, _ in pieces), "".join(t for t, _ in pieces)
-    out = [_prefixed(tok, [s for s, _ in head], True)]
-    for response in responses:
-        pieces = _pieces(tok, [*prompt, *response], False)
-        whole = _tokens(tok, pieces)
-        first = next((i for i, (_, end) in enumerate(whole) if end > cut), len(whole))  # the first past the prompt
-        begin = whole[first - 1][1] if first else 0  # where it begins
-        text = "".join(t for t, _ in pieces)
-        if not text.startswith(prompt_text) or begin < cut and isinstance(whole[first][0], int):  # or a special cut
-            raise TokenizerError(f"chat template of {tok.name}: the prompt rendered alone is not a prefix of the "
-                                 f"prompt and response rendered together, so they cannot be split")
-        rest = [s for s, _ in whole[first:]]
-        if begin < cut:  # a text segment that starts in the prompt: its response part continues that text
-            rest[0] = rest[0][cut - begin:]
-        after_special = first > 0 and begin == cut and isinstance(whole[first - 1][0], int)
-        rest = _prefixed(tok, rest, cut == 0 or after_special and tok.prefix_every_segment)
-        ends = [i for i, s in enumerate(rest) if isinstance(s, int) and s in tok.end_ids]
-        if not ends:
-            rest.append(tok.eos_id)
-        elif all(isinstance(s, str) and not s.strip() for s in rest[ends[-1] + 1:]):
-            del rest[ends[-1] + 1:]
-        out.append(rest)
-    return out
-
-
-def _prefixed(tok: Tokenizer, segments: list, starts_text: bool) -> list:
-    """The segments with a sentencepiece tokenizer's dummy prefix where tokenizers puts it in a rendered chat: on the
-    text that starts the sequence (starts_text: the first segment does) and, for some (prefix_every_segment), on
-    every text after a special token."""
-    def prefixed(i: int, s) -> bool:
-        return isinstance(s, str) and (starts_text if i == 0 else tok.prefix_every_segment
-                                       and isinstance(segments[i - 1], int))
-
-    return [tok._start(s) if prefixed(i, s) else s for i, s in enumerate(segments)]

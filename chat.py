@@ -1,0 +1,224 @@
+"""Chat templates: the model's own jinja chat_template, rendered as transformers renders it, then split into segments
+so that only the template's markup can become special tokens.
+
+    Tokenizer.render(messages, responses) ──► render_chat(tok, ...) ──► [prompt segments, segments of each response]
+
+transformers' apply_chat_template renders the whole chat to one string and tokenises it with every added token
+recognised, so a message holding "<|im_end|>" ends its turn there; here message contents are always text. Method:
+render the chat once with each content replaced by a sentinel (private-use characters) to learn the markup between
+contents, once with the real contents; walk the real string: markup, content, markup, ... Markup is split at the
+special tokens it holds; contents are text. Text next to text (markup and content) is one segment, encoded in one
+piece as transformers does between added tokens, so ids match it exactly whenever no content holds an added token's
+string.
+
+tok is a tokenizer.Tokenizer, read through its attributes only (name, chat_template, special_tokens, end_ids, eos_id,
+bos_token / eos_token / pad_token / unk_token, prefix_every_segment, with_prefix): tokenizer.py imports this file,
+never the other way round.
+"""
+import functools
+import json
+import re
+from datetime import datetime
+from typing import Iterable
+
+
+class ChatTemplateError(ValueError):
+    """A template that cannot be compiled, refuses a chat (raise_exception), or cannot be split; one line naming the
+    tokenizer."""
+
+
+# Meta's chat template for the Llama 3 Instruct models, verbatim: the "chat_template" of tokenizer_config.json in
+# meta-llama/Meta-Llama-3-8B-Instruct on the Hugging Face Hub (tokenizer.model files carry no template)
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+SENTINEL = re.compile("\ue000([0-9]+)\ue001")  # the sentinel of message i: "\ue000{i}\ue001", stable under | trim
+
+
+@functools.lru_cache(maxsize=None)
+def compile_template(source: str):
+    """The template as transformers compiles it (transformers/utils/chat_template_utils.py,
+    _cached_compile_jinja_template): jinja2's ImmutableSandboxedEnvironment (templates come from the Hub: untrusted
+    code), trim_blocks and lstrip_blocks, loop controls ({% break %}), the {% generation %} tag (it marks assistant
+    text for transformers' assistant masks; here it renders its body), and the helpers templates call."""
+    try:
+        import jinja2
+        import jinja2.ext
+        import jinja2.sandbox
+    except ImportError:
+        raise ChatTemplateError("chat templates need jinja2 (an optional dependency): pip install jinja2") from None
+    if tuple(int(x) for x in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
+        raise ChatTemplateError(f"chat templates need jinja2 >= 3.1.6 (older ones have sandbox escapes), found "
+                                f"{jinja2.__version__}: pip install -U jinja2")
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):  # transformers' TemplateNamespace: no _attributes (CPython internals)
+        def __init__(*args, **kwargs):
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates cannot set {name!r} on a namespace")
+
+    class Dict:  # transformers' TemplateDict: dict() and dict.fromkeys() without the type's attributes
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # jinja's own escapes HTML
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f),
+                       dict=Dict(), namespace=Namespace)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template: line {e.lineno}: {e.message}") from None
+
+
+def render_template(tok, messages: list, add_generation_prompt: bool) -> str:
+    """The chat as transformers' apply_chat_template(tokenize=False) renders it: the same variables (the special
+    token strings, tools and documents None)."""
+    try:
+        template = compile_template(tok.chat_template)
+    except ChatTemplateError as e:
+        raise ChatTemplateError(f"{tok.name}: {e}") from None
+    import jinja2  # compile_template has checked it is there
+    names = {k: v for k in ("bos_token", "eos_token", "pad_token", "unk_token") if (v := getattr(tok, k)) is not None}
+    try:
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                               documents=None, **names)
+    except Exception as e:  # raise_exception's message, the sandbox's refusal, or a bug in the template
+        why = e.message if isinstance(e, jinja2.exceptions.TemplateError) else f"{type(e).__name__}: {e}"
+        raise ChatTemplateError(f"chat template of {tok.name}: {why or type(e).__name__} (roles "
+                                f"{', '.join(m['role'] for m in messages)})") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _markup(tok, shape: tuple, add_generation_prompt: bool) -> tuple:
+    """(markup, message index, markup, ..., markup) of a chat shape (its messages' items but the content): the
+    template rendered with sentinel contents, split at the sentinels; each markup as (text, its parts: (text or
+    the id of a special token it holds, length in characters))."""
+    messages = [{**dict(items), "content": f"\ue000{i}\ue001"} for i, items in enumerate(shape)]
+    parts = SENTINEL.split(render_template(tok, messages, add_generation_prompt))
+    names = sorted(tok.special_tokens, key=len, reverse=True)  # longest first: a token before its prefixes
+    special = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+    return tuple(int(p) if i % 2 else (p, tuple((tok.special_tokens[x] if j % 2 else x, len(x)) for j, x in
+                                                enumerate(special.split(p) if special else [p]) if x))
+                 for i, p in enumerate(parts))
+
+
+def _pieces(tok, messages: list, add_generation_prompt: bool) -> list[tuple[str, tuple | None]]:
+    """The rendered chat as pieces, in order: markup (text, its parts) and contents (text, None); a content may come
+    out trimmed (Llama 3's | trim)."""
+    shape = tuple(tuple((k, v) for k, v in m.items() if k != "content") for m in messages)
+    try:
+        markup = _markup(tok, shape, add_generation_prompt)
+    except TypeError:  # an unhashable field (a list): not cached
+        markup = _markup.__wrapped__(tok, shape, add_generation_prompt)
+    text, pieces, pos = render_template(tok, messages, add_generation_prompt), [], 0
+    for k in range(0, len(markup), 2):
+        if not text.startswith(markup[k][0], pos):
+            break
+        pieces.append(markup[k])
+        pos += len(markup[k][0])
+        if k + 1 == len(markup):
+            if pos == len(text):
+                return pieces
+            break
+        content, after = messages[markup[k + 1]]["content"], markup[k + 2][0]
+        found = [c for c in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip()))
+                 if text.startswith(c, pos) and text.startswith(after, pos + len(c))]
+        if not found:
+            break
+        pieces.append((found[0], None))
+        pos += len(found[0])
+    raise ChatTemplateError(f"chat template of {tok.name}: near character {pos} of the rendered chat, the template's "
+                            f"text depends on a message's content in a way other than inserting it (or its trim); "
+                            f"cannot tell markup from content (roles {', '.join(m['role'] for m in messages)})")
+
+
+def _tokens(tok, pieces: list[tuple[str, tuple | None]]) -> list[tuple[str | int, int]]:
+    """(segment, end position in the rendered text) of the pieces: markup's special ids, and text (markup next to
+    content joined) as str."""
+    out, pos = [], 0
+    for text, parts in pieces:
+        for part, n in parts or ((text, len(text)),):
+            pos += n
+            if isinstance(part, str) and out and isinstance(out[-1][0], str):
+                out[-1] = (out[-1][0] + part, pos)
+            else:
+                out.append((part, pos))
+    return out
+
+
+def render_chat(tok, prompt: list, responses: Iterable = ()) -> list[list]:
+    """[prompt segments, segments of each response] through the chat template. The prompt is the chat rendered with
+    add_generation_prompt; a response (one assistant message) is what rendering prompt + response adds after that,
+    up to its last end id: whitespace the template writes after the end of the turn (ChatML's "\\n" after <|im_end|>)
+    is left out, as generation stops at the end id (anything else there is kept); a response with no end id gets
+    EOS. The prompt rendered alone must be a prefix of the whole conversation rendered."""
+    pieces = _pieces(tok, prompt, True)
+    head, cut, prompt_text = _tokens(tok, pieces), sum(len(t) for t, _ in pieces), "".join(t for t, _ in pieces)
+    out = [_prefixed(tok, [s for s, _ in head], True)]
+    for response in responses:
+        pieces = _pieces(tok, [*prompt, *response], False)
+        whole = _tokens(tok, pieces)
+        first = next((i for i, (_, end) in enumerate(whole) if end > cut), len(whole))  # the first past the prompt
+        begin = whole[first - 1][1] if first else 0  # where it begins
+        text = "".join(t for t, _ in pieces)
+        if not text.startswith(prompt_text) or begin < cut and isinstance(whole[first][0], int):  # or a special cut
+            raise ChatTemplateError(f"chat template of {tok.name}: the prompt rendered alone is not a prefix of the "
+                                    f"prompt and response rendered together, so they cannot be split")
+        rest = [s for s, _ in whole[first:]]
+        if begin < cut:  # a text segment that starts in the prompt: its response part continues that text
+            rest[0] = rest[0][cut - begin:]
+        after_special = first > 0 and begin == cut and isinstance(whole[first - 1][0], int)
+        rest = _prefixed(tok, rest, cut == 0 or after_special and tok.prefix_every_segment)
+        ends = [i for i, s in enumerate(rest) if isinstance(s, int) and s in tok.end_ids]
+        if not ends:
+            rest.append(tok.eos_id)
+        elif all(isinstance(s, str) and not s.strip() for s in rest[ends[-1] + 1:]):
+            del rest[ends[-1] + 1:]
+        out.append(rest)
+    return out
+
+
+def _prefixed(tok, segments: list, starts_text: bool) -> list:
+    """The segments with a sentencepiece tokenizer's dummy prefix where tokenizers puts it in a rendered chat: on the
+    text that starts the sequence (starts_text: the first segment does) and, for some (prefix_every_segment), on
+    every text after a special token."""
+    def prefixed(i: int, s) -> bool:
+        return isinstance(s, str) and (starts_text if i == 0 else tok.prefix_every_segment
+                                       and isinstance(segments[i - 1], int))
+
+    return [tok.with_prefix(s) if prefixed(i, s) else s for i, s in enumerate(segments)]
