@@ -45,6 +45,11 @@ KL_LEVELS = (0.5, 1.0, 2.0, 4.0)  # KL budgets of the verdict tables
 K_GRID = [round(k, 2) for k in np.arange(0, 6.01, 0.25)]  # KL budgets of the frontier plots
 STREAM = "stream"
 
+# The JSONs hold what --replot cannot recompute (setup, configs, every run's history) and the tables readers quote
+# (summary, verdicts). The figures' numbers (frontiers, the regime map's gaps, the views) are main()'s return value
+# only: --replot recomputes them from the histories in seconds, so storing them would only repeat the histories.
+PLOTTED = ("frontiers", "gaps", "views")
+
 
 def random_score(tokens: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Σ_t u[t, y_t] + Σ_t w[y_t, y_{t+1}] with Gaussian tables, standardised to mean 0, std 1 over the space."""
@@ -250,6 +255,11 @@ def load_runs(out: str, names: list[str]) -> dict[str, list[dict]]:
     return {n: runs[n] for n in names}
 
 
+def stored(payload: dict) -> dict:
+    """What save() writes of a payload: all but the PLOTTED numbers."""
+    return {k: v for k, v in payload.items() if k not in PLOTTED}
+
+
 def setup(quick: bool) -> tuple:
     """(seeds, steps, lr, sft_steps, regimes, grid). The grids were fixed before any result and are the same for every
     loss: static over β ∈ static_betas; TR at each β of tr_betas, soft over α ∈ alphas × τ ∈ soft_taus and hard over
@@ -258,7 +268,7 @@ def setup(quick: bool) -> tuple:
     views sit side by side); final_kl, the KLs at which the final-checkpoint curves are compared (inside the 1.5–5
     nats the final checkpoints span), and curve, their form: Gao et al.'s RL form d(α − β·log d), d = √KL, which
     predicts held-out seeds better than their best-of-n form d(α − β·d) for every loss and data regime here (the
-    JSON's "criterion": leave-one-seed-out squared error, toy/stats.py curve_criterion; main prints both)."""
+    views' "criterion": leave-one-seed-out squared error, toy/stats.py curve_criterion; main prints both)."""
     if quick:  # τ = 6 gives the TR runs 3 reference updates in 20 steps; lr 1e-3 so they move visibly
         return [0, 1], 20, 1e-3, 30, (16, 64, STREAM), dict(
             static_betas=(0.1, 0.3), tr_betas=(0.1,), alphas=(0.6,), soft_taus=(6,), hard_taus=(6,),
@@ -336,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
                "configs": {n: vars(c) for n, c in main_grid.items()}, "frontiers": fronts, "views": views,
                "summary": summary,
                "verdicts": verdicts, "runs": main_runs}
-    save(args.out, "overoptimization", payload, fig)
+    save(args.out, "overoptimization", stored(payload), fig)
     print_verdicts(f"overoptimization: claim (c); {n_seeds} (figure and JSON in {args.out})", verdicts)
     print(criterion_line([views[loss]["final"] for loss in LOSSES]))
 
@@ -366,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "summary": summarise({n: runs[n] for r in regimes for n in (f"n={r}/{m}" for m in regime_grid)},
                                            run_summary),
                       "runs": {n: runs[n] for r in regimes if r != MAIN_PAIRS for n in configs[r]}}
-    save(args.out, "regimes", regime_payload, fig)
+    save(args.out, "regimes", stored(regime_payload), fig)
     print_verdicts(f"regimes: TR − static per data regime in three views; {n_seeds}", regime_rows)
     print(criterion_line([v["final"] for v in regime_views.values()]))
     return payload | {"regimes": regime_payload}
