@@ -10,11 +10,12 @@ import itertools
 import json
 import math
 import multiprocessing
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import numpy as np
 import torch
@@ -236,6 +237,22 @@ def save(out: str | Path, name: str, payload: dict, fig) -> None:
         json.dump(rounded(payload), f, allow_nan=False, separators=(",", ":"))  # compact: no spaces
     fig.savefig(out / f"{name}.png", dpi=72, bbox_inches="tight")
     shrink_png(out / f"{name}.png")
+
+
+def replot_error(script: str, message: str) -> NoReturn:
+    """--replot's one-line error naming what is missing (exit 2): there is nothing to redraw from."""
+    print(f"{script} --replot: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def read_saved(out: str | Path, name: str, keys: tuple[str, ...], script: str) -> list:
+    """--replot: the `keys` of OUT/NAME.json as save() wrote it; an unreadable file or a missing key is replot_error."""
+    try:
+        with open(Path(out) / f"{name}.json") as f:
+            saved = json.load(f)
+        return [saved[k] for k in keys]
+    except (OSError, ValueError, KeyError) as e:
+        replot_error(script, f"cannot read the {'/'.join(keys)} of {out}/{name}.json ({e})")
 
 
 def shrink_png(path: Path) -> None:

@@ -23,15 +23,14 @@ gold-vs-KL curve per family, compared at matched KL).
     python -m toy.overoptimization [--out toy/figures] [--quick] [--workers 2]   # writes overoptimization.*, regimes.*
     python -m toy.overoptimization --replot    # no training: statistics and figures from the runs in the JSONs
 """
-import json
-import sys
 from functools import partial
 
 import numpy as np
 import torch
 
 from toy.common import (CI_METHOD, LOSSES, RunConfig, all_logps, claim_row, enumerate_sequences, kl, map_seeds,
-                        mean_std, parse_args, print_verdicts, pyplot, save, sft, summarise, train)
+                        mean_std, parse_args, print_verdicts, pyplot, read_saved, replot_error, save, sft,
+                        summarise, train)
 from toy.sequences import tiny_llama
 from toy.stats import frontier, paired_diff
 from toy.views import at_kl_view, criterion_line, final_panel, final_view, gap_panel, view_verdicts
@@ -44,6 +43,7 @@ MAIN_PAIRS = 64  # the frontier study's data: 64 distinct pairs, full batch
 KL_LEVELS = (0.5, 1.0, 2.0, 4.0)  # KL budgets of the verdict tables
 K_GRID = [round(k, 2) for k in np.arange(0, 6.01, 0.25)]  # KL budgets of the frontier plots
 STREAM = "stream"
+SCRIPT = "toy/overoptimization.py"  # the name its one-line errors give
 
 # The JSONs hold what --replot cannot recompute (setup, configs, every run's history) and the tables readers quote
 # (summary, verdicts). The figures' numbers (frontiers, the regime map's gaps, the views) are main()'s return value
@@ -241,17 +241,10 @@ def load_runs(out: str, names: list[str]) -> dict[str, list[dict]]:
     is a one-line error (exit 2) that names it."""
     runs = {}
     for file in ("overoptimization", "regimes"):
-        try:
-            with open(f"{out}/{file}.json") as f:
-                runs.update(json.load(f)["runs"])
-        except (OSError, ValueError, KeyError) as e:
-            print(f"toy/overoptimization.py --replot: cannot read the runs of {out}/{file}.json ({e})", file=sys.stderr)
-            sys.exit(2)
+        runs.update(read_saved(out, file, ("runs",), SCRIPT)[0])
     missing = [n for n in names if n not in runs]
     if missing:
-        print(f"toy/overoptimization.py --replot: {out} has no run {missing[0]!r} ({len(missing)} missing); run "
-              f"without --replot", file=sys.stderr)
-        sys.exit(2)
+        replot_error(SCRIPT, f"{out} has no run {missing[0]!r} ({len(missing)} missing); run without --replot")
     return {n: runs[n] for n in names}
 
 

@@ -22,8 +22,6 @@ in each bin (K/2, K]) and the final checkpoints (a fitted gold-vs-KL curve per f
     python -m toy.sentiment [--quick] [--out toy/figures] [--workers 2]   # --quick: out/toy-quick by default
     python -m toy.sentiment --replot     # no training: statistics and figure from the runs in OUT/sentiment.json
 """
-import json
-import sys
 import math
 import time
 from multiprocessing import get_context
@@ -37,7 +35,7 @@ import tokenizer
 import train
 from model import Llama
 from reference import ReferenceUpdater, make_reference
-from toy.common import claim_row, parse_args, print_verdicts, pyplot, save
+from toy.common import claim_row, parse_args, print_verdicts, pyplot, read_saved, replot_error, save
 from toy.stats import frontier, paired_diff, verdict
 from toy.views import at_kl_view, criterion_line, final_panel, final_view, gap_panel, view_verdicts
 
@@ -249,19 +247,12 @@ def verdicts(summary: dict, grid: dict) -> list[dict]:
 def load_runs(out: str, grid: dict) -> tuple[dict, dict, dict]:
     """--replot: (runs, stories, setup) from OUT/sentiment.json; a missing file, cell or run is a one-line error
     (exit 2) that names it."""
-    try:
-        with open(f"{out}/sentiment.json") as f:
-            saved = json.load(f)
-        runs, stories, setup = saved["runs"], saved["stories"], saved["setup"]
-    except (OSError, ValueError, KeyError) as e:
-        print(f"toy/sentiment.py --replot: cannot read the runs of {out}/sentiment.json ({e})", file=sys.stderr)
-        sys.exit(2)
+    runs, stories, setup = read_saved(out, "sentiment", ("runs", "stories", "setup"), "toy/sentiment.py")
     for cell, loss, _ in cells(grid):
         for name in configs(grid, loss):
             if len(runs.get(cell, {}).get(name, [])) != len(grid["seeds"]):
-                print(f"toy/sentiment.py --replot: {out}/sentiment.json has no run {cell} {name} for every seed; "
-                      f"run without --replot", file=sys.stderr)
-                sys.exit(2)
+                replot_error("toy/sentiment.py", f"{out}/sentiment.json has no run {cell} {name} for every seed; run "
+                                                 f"without --replot")
     return runs, stories, setup
 
 
