@@ -87,11 +87,10 @@ def _columns(rows: list[dict]) -> dict:
 def criterion_line(finals: list[dict]) -> str:
     """Every curve form's leave-one-seed-out RMSE over the final-checkpoint views of a study (pooled), and the form
     the study uses: the numbers behind the choice of form in setup()."""
-    sse = {name: sum(f["criterion"][name]["sse"] for f in finals) for name in CURVES}
-    n = {name: sum(f["criterion"][name]["n_points"] for f in finals) for name in CURVES}
-    rmse = ", ".join(f"{name} {(sse[name] / n[name]) ** 0.5:.4f}" for name in CURVES)
-    return f"final-checkpoint curves, leave-one-seed-out RMSE over {n[finals[0]['form']]} points: {rmse} " \
-           f"(used: {finals[0]['form']})"
+    form = finals[0]["form"]
+    n = sum(f["criterion"][form]["n_points"] for f in finals)  # every form predicts the same points
+    rmse = ", ".join(f"{name} {(sum(f['criterion'][name]['sse'] for f in finals) / n) ** 0.5:.4f}" for name in CURVES)
+    return f"final-checkpoint curves, leave-one-seed-out RMSE over {n} points: {rmse} (used: {form})"
 
 
 def view_verdicts(label: str, at: dict, final: dict) -> list[dict]:
