@@ -347,7 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
                  "tr_beta": TR_BETA, "workers": args.workers, "seconds": time.time() - t0,
                  "run_seconds": sum(r["seconds"] for r in results),
                  "configs": {cell: configs(grid, loss) for cell, loss, _ in cells(grid)}}
-    setup = {**setup, **{k: grid[k] for k in ("at_kl_bins", "final_kl", "curve")}}  # --replot: the views' setup now
+    # the views' bins, form and matched KLs are the grid's, with --replot too
+    setup = {**setup, **{k: grid[k] for k in ("at_kl_bins", "final_kl", "curve")}}
     payload = {"setup": setup, "summary": summary, "verdicts": rows, "stories": stories, "runs": runs}
     save(args.out, "sentiment", payload, figure(runs, summary, grid, title))
     print_verdicts(f"sentiment: claim (c) in three views; {len(grid['seeds'])} seeds", rows)
