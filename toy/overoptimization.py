@@ -32,7 +32,7 @@ from toy.common import (CI_METHOD, LOSSES, RunConfig, all_logps, claim_row, enum
                         mean_std, parse_args, print_verdicts, pyplot, read_saved, replot_error, save, sft,
                         summarise, train)
 from toy.sequences import tiny_llama
-from toy.stats import frontier, paired_diff
+from toy.stats import FORMULAS, frontier, paired_diff
 from toy.views import at_kl_view, criterion_line, final_panel, final_view, gap_panel, view_verdicts
 
 VOCAB, LENGTH = 4, 5
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_seeds = f"{len(seeds)} seeds"
     caption = ("frontier(K) = max over a family's runs and evaluations of E_π[r*] with KL(π‖π_SFT) ≤ K (exact, nats); "
                "\nat KL: the best / mean E_π[r*] of the evaluations with KL in (K/2, K]; final checkpoints: each run's "
-               f"last evaluation, curve gain = d(α − β·log d), d = √KL; bands and bars: 95% bootstrap CI over "
+               f"last evaluation, curve gain = {FORMULAS[g['curve']]}, d = √KL; bands and bars: 95% bootstrap CI over "
                f"{n_seeds}")
     fig = frontier_figure(fronts, views, f"over-optimisation frontiers: tiny Llama, {VOCAB ** LENGTH} responses, "
                                   f"{MAIN_PAIRS} noisy BT pairs full-batch, {steps} steps, Adam lr={lr}; static β ∈ "
@@ -360,8 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
                         f"where TR helps: DPO, {BATCH} pairs/step × {steps} steps, static β ∈ {list(static_betas)} "
                         f"vs TR (β=0.1) {tr_runs}; {n_seeds}",
                         "frontier: max{E_π[r*] : KL(π‖π_SFT) ≤ K}; at KL: max E_π[r*] of the evaluations with KL in "
-                        "(K/2, K]; final checkpoints: each run's last evaluation, curve d(α − β·log d), d = √KL; "
-                        "bars and bands: 95% bootstrap CI over seeds; stream = fresh pairs every step")
+                        f"(K/2, K]; final checkpoints: each run's last evaluation, curve {FORMULAS[g['curve']]}, "
+                        "d = √KL; bars and bands: 95% bootstrap CI over seeds; stream = fresh pairs every step")
     regime_payload = {"setup": {**payload["setup"], "batch_pairs": BATCH, "regimes": [str(r) for r in regimes],
                                 "passes": {str(r): 1 if r == STREAM else steps * min(BATCH, r) / r for r in regimes}},
                       "configs": {f"n={r}/{n}": vars(c) for r in regimes for n, c in regime_grid.items()},

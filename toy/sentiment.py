@@ -36,7 +36,7 @@ import train
 from model import Llama
 from reference import ReferenceUpdater, make_reference
 from toy.common import claim_row, parse_args, print_verdicts, pyplot, read_saved, replot_error, save
-from toy.stats import frontier, paired_diff, verdict
+from toy.stats import FORMULAS, frontier, paired_diff, verdict
 from toy.views import at_kl_view, criterion_line, final_panel, final_view, gap_panel, view_verdicts
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
@@ -317,8 +317,9 @@ def figure(runs: dict, summary: dict, grid: dict, title: str):
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.025, 1, 1))
     fig.text(0.5, 0.005, "at KL: best / mean gold of a family's evaluations with KL in (K/2, K], drawn at K; final "
-                         "checkpoints: each run's last evaluation, curve gold − gold(π_SFT) = d(α − β·log d), d = √KL; "
-                         "bars and bands: 95% bootstrap CI over seeds", ha="center", fontsize=8)
+                         "checkpoints: each run's last evaluation, curve gold − gold(π_SFT) = "
+                         f"{FORMULAS[grid['curve']]}, d = √KL; bars and bands: 95% bootstrap CI over seeds",
+             ha="center", fontsize=8)
     return fig
 
 

@@ -128,6 +128,7 @@ CURVES = {
     "gao_bon": lambda d: np.stack([d, -d * d], -1),  # d(α − β·d): best-of-n sampling
     "gao_rl": lambda d: np.stack([d, -_d_log_d(d)], -1),  # d(α − β·log d): RL (gradient) optimisation
 }
+FORMULAS = {"gao_bon": "d(α − β·d)", "gao_rl": "d(α − β·log d)"}  # each form as the figures' captions write it
 
 
 def _design(kl, form: str) -> np.ndarray:
