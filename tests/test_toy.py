@@ -371,6 +371,7 @@ def test_curve_fit_recovers_known_parameters(form):
     d = np.sqrt(np.array([4.0, 9.0]))
     expected = d * (0.8 - 0.3 * (d if form == "gao_bon" else np.log(d)))  # the closed forms
     assert stats.curve([0.8, 0.3], [4.0, 9.0], form) == pytest.approx(expected)
+    assert stats.FORMULAS[form] == ("d(α − β·d)" if form == "gao_bon" else "d(α − β·log d)")  # as captions write it
     noisy = [g + rng.normal(0, 0.01, g.shape) for g in gain]
     assert stats.fit_curve(kl, noisy, form) == pytest.approx([0.8, 0.3], abs=0.03)
     # a band over seeds: exact data gives no spread, every resample refits the same curve
