@@ -164,7 +164,7 @@ def parse_args(argv: list[str] | None, description: str, replot: bool = False) -
     """--out, --quick and --workers, shared by every toy script (and --replot where the script has it). --quick writes
     under out/ unless told otherwise, so it never overwrites the committed toy/figures/."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out", default=None, help="folder for the PNG figure and the JSON of every number "
+    parser.add_argument("--out", default=None, help="folder for the PNG figure and the JSON of its runs and numbers "
                                                     "(default: toy/figures, or out/toy-quick with --quick)")
     parser.add_argument("--quick", action="store_true", help="a small version (under a minute) for the test suite")
     parser.add_argument("--workers", type=int, default=2, help="processes running seeds in parallel (1: in-process)")
@@ -230,7 +230,8 @@ def band(ax, x: list, runs: list[list[float]], label: str, color=None, linestyle
 
 
 def save(out: str | Path, name: str, payload: dict, fig) -> None:
-    """Write OUT/NAME.json (every plotted number) and OUT/NAME.png (72 dpi keeps it small)."""
+    """Write OUT/NAME.json (the payload: the plotted numbers, or the histories --replot draws them from) and
+    OUT/NAME.png (72 dpi keeps it small)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{name}.json", "w") as f:
