@@ -33,7 +33,7 @@ from toy.common import (CI_METHOD, LOSSES, RunConfig, all_logps, claim_row, enum
                         summarise, train)
 from toy.sequences import tiny_llama
 from toy.stats import FORMULAS, frontier, paired_diff
-from toy.views import at_kl_view, criterion_line, final_panel, final_view, gap_panel, view_verdicts
+from toy.views import criterion_line, final_panel, gap_panel, two_views, view_verdicts
 
 VOCAB, LENGTH = 4, 5
 N_SFT, BASE_TEMPERATURE = 2000, 0.5  # SFT samples, base distribution sharpness
@@ -225,15 +225,11 @@ def regime_figure(gaps: dict[str, dict], views: dict[str, dict], labels: list[st
 
 
 def family_views(runs: dict[str, list[dict]], static: list[str], tr: list[str], g: dict) -> dict:
-    """The at-KL and the final-checkpoint views of two families (run names; runs[name][seed] a history) on the bins,
-    curve form and matched KLs of setup()."""
+    """The at-KL and the final-checkpoint views (toy/views.py) of two families (run names; runs[name][seed] a
+    history) on the bins, curve form and matched KLs of setup()."""
     n_seeds = len(runs[static[0]])
-    points = {fam: [(np.array([runs[n][s]["kl_sft"] for n in names]), np.array([runs[n][s]["gold"] for n in names]))
-                    for s in range(n_seeds)] for fam, names in (("static", static), ("tr", tr))}
-    finals = {fam: [([runs[n][s]["kl_sft"][-1] for n in names], [runs[n][s]["gold"][-1] - runs[n][s]["gold"][0]
-                                                                 for n in names]) for s in range(n_seeds)]
-              for fam, names in (("static", static), ("tr", tr))}
-    return {"at_kl": at_kl_view(points, g["at_kl_bins"]), "final": final_view(finals, g["curve"], g["final_kl"])}
+    return two_views({fam: [[(np.asarray(runs[n][s]["kl_sft"]), np.asarray(runs[n][s]["gold"])) for n in names]
+                            for s in range(n_seeds)] for fam, names in (("static", static), ("tr", tr))}, g)
 
 
 def load_runs(out: str, names: list[str]) -> dict[str, list[dict]]:

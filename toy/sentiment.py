@@ -37,7 +37,7 @@ from model import Llama
 from reference import ReferenceUpdater, make_reference
 from toy.common import claim_row, parse_args, print_verdicts, pyplot, read_saved, replot_error, save
 from toy.stats import FORMULAS, frontier, paired_diff, verdict
-from toy.views import at_kl_view, criterion_line, final_panel, final_view, gap_panel, view_verdicts
+from toy.views import criterion_line, final_panel, gap_panel, two_views, view_verdicts
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 OPENINGS = ["Once upon a time", "One day,", "Tom and his dog", "Lily went to the park", "There was a little bird",
@@ -215,18 +215,10 @@ def summarise(runs: dict, grid: dict) -> dict:
 
 
 def cell_views(by_name: dict, grid: dict) -> dict:
-    """The at-KL and final-checkpoint views (toy/views.py) of one cell: per seed every evaluation of each family's
-    runs, and each run's last evaluation as (KL, gold − gold at step 0 of that seed)."""
+    """The at-KL and final-checkpoint views (toy/views.py) of one cell's static and TR runs."""
     fams = {"static": [n for n in by_name if not is_tr(n)], "tr": [n for n in by_name if is_tr(n)]}
-    seeds = range(len(grid["seeds"]))
-    points = {f: [(np.array([[p["kl"] for p in by_name[n][s]] for n in names]),
-                   np.array([[p["gold"] for p in by_name[n][s]] for n in names])) for s in seeds]
-              for f, names in fams.items()}
-    finals = {f: [([by_name[n][s][-1]["kl"] for n in names], [by_name[n][s][-1]["gold"] - by_name[n][s][0]["gold"]
-                                                              for n in names]) for s in seeds]
-              for f, names in fams.items()}
-    return {"at_kl": at_kl_view(points, grid["at_kl_bins"]), "final": final_view(finals, grid["curve"],
-                                                                                 grid["final_kl"])}
+    return two_views({f: [[(np.array([p["kl"] for p in by_name[n][s]]), np.array([p["gold"] for p in by_name[n][s]]))
+                           for n in names] for s in range(len(grid["seeds"]))] for f, names in fams.items()}, grid)
 
 
 def verdicts(summary: dict, grid: dict) -> list[dict]:
