@@ -49,7 +49,7 @@ def curvature_run(tmp_path_factory):
 @pytest.mark.parametrize("run", ["bandit_run", "sequences_run", "overoptimization_run", "curvature_run"])
 def test_json_matches_the_returned_payload_and_is_complete(run, request):
     payload, on_disk = request.getfixturevalue(run)
-    written = {k: v for k, v in payload.items() if k != "regimes"}  # overoptimization writes regimes.json apart
+    written = {k: v for k, v in overoptimization.stored(payload).items() if k != "regimes"}  # regimes.json apart
     assert on_disk == json.loads(json.dumps(common.rounded(written)))
     assert {"setup", "summary", "runs"} <= set(on_disk) and set(on_disk["runs"]) == set(on_disk["summary"])
     seeds, steps, every = (on_disk["setup"][k] for k in ("seeds", "steps", "eval_every"))
@@ -129,7 +129,7 @@ def test_overoptimization_views_of_claim_c(overoptimization_run):
                 c = final["curves"][fam]
                 assert len(c["fit"]) == len(c["lo"]) == len(c["hi"]) == len(c["K"]) and c["fit"][0] == 0, key
                 assert all(lo <= hi for lo, hi in zip(c["lo"], c["hi"])) and len(final["points"][fam]["kl"]) == n
-    assert on_disk["views"]["dpo"]["final"]["form"] == g["curve"]
+    assert on_disk["setup"]["grid"]["curve"] == g["curve"] and not set(overoptimization.PLOTTED) & set(on_disk)
 
 
 def test_replot_recomputes_the_views_from_the_json_alone(overoptimization_run, tmp_path, capsys):
@@ -371,6 +371,7 @@ def test_curve_fit_recovers_known_parameters(form):
     d = np.sqrt(np.array([4.0, 9.0]))
     expected = d * (0.8 - 0.3 * (d if form == "gao_bon" else np.log(d)))  # the closed forms
     assert stats.curve([0.8, 0.3], [4.0, 9.0], form) == pytest.approx(expected)
+    assert stats.FORMULAS[form] == ("d(α − β·d)" if form == "gao_bon" else "d(α − β·log d)")  # as captions write it
     noisy = [g + rng.normal(0, 0.01, g.shape) for g in gain]
     assert stats.fit_curve(kl, noisy, form) == pytest.approx([0.8, 0.3], abs=0.03)
     # a band over seeds: exact data gives no spread, every resample refits the same curve

@@ -10,11 +10,12 @@ import itertools
 import json
 import math
 import multiprocessing
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import numpy as np
 import torch
@@ -163,7 +164,7 @@ def parse_args(argv: list[str] | None, description: str, replot: bool = False) -
     """--out, --quick and --workers, shared by every toy script (and --replot where the script has it). --quick writes
     under out/ unless told otherwise, so it never overwrites the committed toy/figures/."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out", default=None, help="folder for the PNG figure and the JSON of every number "
+    parser.add_argument("--out", default=None, help="folder for the PNG figure and the JSON of its runs and numbers "
                                                     "(default: toy/figures, or out/toy-quick with --quick)")
     parser.add_argument("--quick", action="store_true", help="a small version (under a minute) for the test suite")
     parser.add_argument("--workers", type=int, default=2, help="processes running seeds in parallel (1: in-process)")
@@ -229,13 +230,30 @@ def band(ax, x: list, runs: list[list[float]], label: str, color=None, linestyle
 
 
 def save(out: str | Path, name: str, payload: dict, fig) -> None:
-    """Write OUT/NAME.json (every plotted number) and OUT/NAME.png (72 dpi keeps it small)."""
+    """Write OUT/NAME.json (the payload: the plotted numbers, or the histories --replot draws them from) and
+    OUT/NAME.png (72 dpi keeps it small)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{name}.json", "w") as f:
         json.dump(rounded(payload), f, allow_nan=False, separators=(",", ":"))  # compact: no spaces
     fig.savefig(out / f"{name}.png", dpi=72, bbox_inches="tight")
     shrink_png(out / f"{name}.png")
+
+
+def replot_error(script: str, message: str) -> NoReturn:
+    """--replot's one-line error naming what is missing (exit 2): there is nothing to redraw from."""
+    print(f"{script} --replot: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def read_saved(out: str | Path, name: str, keys: tuple[str, ...], script: str) -> list:
+    """--replot: the `keys` of OUT/NAME.json as save() wrote it; an unreadable file or a missing key is replot_error."""
+    try:
+        with open(Path(out) / f"{name}.json") as f:
+            saved = json.load(f)
+        return [saved[k] for k in keys]
+    except (OSError, ValueError, KeyError) as e:
+        replot_error(script, f"cannot read the {'/'.join(keys)} of {out}/{name}.json ({e})")
 
 
 def shrink_png(path: Path) -> None:

@@ -23,18 +23,17 @@ gold-vs-KL curve per family, compared at matched KL).
     python -m toy.overoptimization [--out toy/figures] [--quick] [--workers 2]   # writes overoptimization.*, regimes.*
     python -m toy.overoptimization --replot    # no training: statistics and figures from the runs in the JSONs
 """
-import json
-import sys
 from functools import partial
 
 import numpy as np
 import torch
 
 from toy.common import (CI_METHOD, LOSSES, RunConfig, all_logps, claim_row, enumerate_sequences, kl, map_seeds,
-                        mean_std, parse_args, print_verdicts, pyplot, save, sft, summarise, train)
+                        mean_std, parse_args, print_verdicts, pyplot, read_saved, replot_error, save, sft,
+                        summarise, train)
 from toy.sequences import tiny_llama
-from toy.stats import frontier, paired_diff
-from toy.views import at_kl_view, criterion_line, final_panel, final_view, gap_panel, view_verdicts
+from toy.stats import FORMULAS, frontier, paired_diff
+from toy.views import criterion_line, final_panel, gap_panel, two_views, view_verdicts
 
 VOCAB, LENGTH = 4, 5
 N_SFT, BASE_TEMPERATURE = 2000, 0.5  # SFT samples, base distribution sharpness
@@ -44,6 +43,12 @@ MAIN_PAIRS = 64  # the frontier study's data: 64 distinct pairs, full batch
 KL_LEVELS = (0.5, 1.0, 2.0, 4.0)  # KL budgets of the verdict tables
 K_GRID = [round(k, 2) for k in np.arange(0, 6.01, 0.25)]  # KL budgets of the frontier plots
 STREAM = "stream"
+SCRIPT = "toy/overoptimization.py"  # the name its one-line errors give
+
+# The JSONs hold what --replot cannot recompute (setup, configs, every run's history) and the tables readers quote
+# (summary, verdicts). The figures' numbers (frontiers, the regime map's gaps, the views) are main()'s return value
+# only: --replot recomputes them from the histories in seconds, so storing them would only repeat the histories.
+PLOTTED = ("frontiers", "gaps", "views")
 
 
 def random_score(tokens: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -220,15 +225,11 @@ def regime_figure(gaps: dict[str, dict], views: dict[str, dict], labels: list[st
 
 
 def family_views(runs: dict[str, list[dict]], static: list[str], tr: list[str], g: dict) -> dict:
-    """The at-KL and the final-checkpoint views of two families (run names; runs[name][seed] a history) on the bins,
-    curve form and matched KLs of setup()."""
+    """The at-KL and the final-checkpoint views (toy/views.py) of two families (run names; runs[name][seed] a
+    history) on the bins, curve form and matched KLs of setup()."""
     n_seeds = len(runs[static[0]])
-    points = {fam: [(np.array([runs[n][s]["kl_sft"] for n in names]), np.array([runs[n][s]["gold"] for n in names]))
-                    for s in range(n_seeds)] for fam, names in (("static", static), ("tr", tr))}
-    finals = {fam: [([runs[n][s]["kl_sft"][-1] for n in names], [runs[n][s]["gold"][-1] - runs[n][s]["gold"][0]
-                                                                 for n in names]) for s in range(n_seeds)]
-              for fam, names in (("static", static), ("tr", tr))}
-    return {"at_kl": at_kl_view(points, g["at_kl_bins"]), "final": final_view(finals, g["curve"], g["final_kl"])}
+    return two_views({fam: [[(np.asarray(runs[n][s]["kl_sft"]), np.asarray(runs[n][s]["gold"])) for n in names]
+                            for s in range(n_seeds)] for fam, names in (("static", static), ("tr", tr))}, g)
 
 
 def load_runs(out: str, names: list[str]) -> dict[str, list[dict]]:
@@ -236,18 +237,16 @@ def load_runs(out: str, names: list[str]) -> dict[str, list[dict]]:
     is a one-line error (exit 2) that names it."""
     runs = {}
     for file in ("overoptimization", "regimes"):
-        try:
-            with open(f"{out}/{file}.json") as f:
-                runs.update(json.load(f)["runs"])
-        except (OSError, ValueError, KeyError) as e:
-            print(f"toy/overoptimization.py --replot: cannot read the runs of {out}/{file}.json ({e})", file=sys.stderr)
-            sys.exit(2)
+        runs.update(read_saved(out, file, ("runs",), SCRIPT)[0])
     missing = [n for n in names if n not in runs]
     if missing:
-        print(f"toy/overoptimization.py --replot: {out} has no run {missing[0]!r} ({len(missing)} missing); run "
-              f"without --replot", file=sys.stderr)
-        sys.exit(2)
+        replot_error(SCRIPT, f"{out} has no run {missing[0]!r} ({len(missing)} missing); run without --replot")
     return {n: runs[n] for n in names}
+
+
+def stored(payload: dict) -> dict:
+    """What save() writes of a payload: all but the PLOTTED numbers."""
+    return {k: v for k, v in payload.items() if k not in PLOTTED}
 
 
 def setup(quick: bool) -> tuple:
@@ -258,7 +257,7 @@ def setup(quick: bool) -> tuple:
     views sit side by side); final_kl, the KLs at which the final-checkpoint curves are compared (inside the 1.5–5
     nats the final checkpoints span), and curve, their form: Gao et al.'s RL form d(α − β·log d), d = √KL, which
     predicts held-out seeds better than their best-of-n form d(α − β·d) for every loss and data regime here (the
-    JSON's "criterion": leave-one-seed-out squared error, toy/stats.py curve_criterion; main prints both)."""
+    views' "criterion": leave-one-seed-out squared error, toy/stats.py curve_criterion; main prints both)."""
     if quick:  # τ = 6 gives the TR runs 3 reference updates in 20 steps; lr 1e-3 so they move visibly
         return [0, 1], 20, 1e-3, 30, (16, 64, STREAM), dict(
             static_betas=(0.1, 0.3), tr_betas=(0.1,), alphas=(0.6,), soft_taus=(6,), hard_taus=(6,),
@@ -320,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_seeds = f"{len(seeds)} seeds"
     caption = ("frontier(K) = max over a family's runs and evaluations of E_π[r*] with KL(π‖π_SFT) ≤ K (exact, nats); "
                "\nat KL: the best / mean E_π[r*] of the evaluations with KL in (K/2, K]; final checkpoints: each run's "
-               f"last evaluation, curve gain = d(α − β·log d), d = √KL; bands and bars: 95% bootstrap CI over "
+               f"last evaluation, curve gain = {FORMULAS[g['curve']]}, d = √KL; bands and bars: 95% bootstrap CI over "
                f"{n_seeds}")
     fig = frontier_figure(fronts, views, f"over-optimisation frontiers: tiny Llama, {VOCAB ** LENGTH} responses, "
                                   f"{MAIN_PAIRS} noisy BT pairs full-batch, {steps} steps, Adam lr={lr}; static β ∈ "
@@ -336,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
                "configs": {n: vars(c) for n, c in main_grid.items()}, "frontiers": fronts, "views": views,
                "summary": summary,
                "verdicts": verdicts, "runs": main_runs}
-    save(args.out, "overoptimization", payload, fig)
+    save(args.out, "overoptimization", stored(payload), fig)
     print_verdicts(f"overoptimization: claim (c); {n_seeds} (figure and JSON in {args.out})", verdicts)
     print(criterion_line([views[loss]["final"] for loss in LOSSES]))
 
@@ -357,8 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
                         f"where TR helps: DPO, {BATCH} pairs/step × {steps} steps, static β ∈ {list(static_betas)} "
                         f"vs TR (β=0.1) {tr_runs}; {n_seeds}",
                         "frontier: max{E_π[r*] : KL(π‖π_SFT) ≤ K}; at KL: max E_π[r*] of the evaluations with KL in "
-                        "(K/2, K]; final checkpoints: each run's last evaluation, curve d(α − β·log d), d = √KL; "
-                        "bars and bands: 95% bootstrap CI over seeds; stream = fresh pairs every step")
+                        f"(K/2, K]; final checkpoints: each run's last evaluation, curve {FORMULAS[g['curve']]}, "
+                        "d = √KL; bars and bands: 95% bootstrap CI over seeds; stream = fresh pairs every step")
     regime_payload = {"setup": {**payload["setup"], "batch_pairs": BATCH, "regimes": [str(r) for r in regimes],
                                 "passes": {str(r): 1 if r == STREAM else steps * min(BATCH, r) / r for r in regimes}},
                       "configs": {f"n={r}/{n}": vars(c) for r in regimes for n, c in regime_grid.items()},
@@ -366,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "summary": summarise({n: runs[n] for r in regimes for n in (f"n={r}/{m}" for m in regime_grid)},
                                            run_summary),
                       "runs": {n: runs[n] for r in regimes if r != MAIN_PAIRS for n in configs[r]}}
-    save(args.out, "regimes", regime_payload, fig)
+    save(args.out, "regimes", stored(regime_payload), fig)
     print_verdicts(f"regimes: TR − static per data regime in three views; {n_seeds}", regime_rows)
     print(criterion_line([v["final"] for v in regime_views.values()]))
     return payload | {"regimes": regime_payload}

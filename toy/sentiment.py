@@ -22,8 +22,6 @@ in each bin (K/2, K]) and the final checkpoints (a fitted gold-vs-KL curve per f
     python -m toy.sentiment [--quick] [--out toy/figures] [--workers 2]   # --quick: out/toy-quick by default
     python -m toy.sentiment --replot     # no training: statistics and figure from the runs in OUT/sentiment.json
 """
-import json
-import sys
 import math
 import time
 from multiprocessing import get_context
@@ -37,9 +35,9 @@ import tokenizer
 import train
 from model import Llama
 from reference import ReferenceUpdater, make_reference
-from toy.common import claim_row, parse_args, print_verdicts, pyplot, save
-from toy.stats import frontier, paired_diff, verdict
-from toy.views import at_kl_view, criterion_line, final_panel, final_view, gap_panel, view_verdicts
+from toy.common import claim_row, parse_args, print_verdicts, pyplot, read_saved, replot_error, save
+from toy.stats import FORMULAS, frontier, paired_diff, verdict
+from toy.views import criterion_line, final_panel, gap_panel, two_views, view_verdicts
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 OPENINGS = ["Once upon a time", "One day,", "Tom and his dog", "Lily went to the park", "There was a little bird",
@@ -217,18 +215,10 @@ def summarise(runs: dict, grid: dict) -> dict:
 
 
 def cell_views(by_name: dict, grid: dict) -> dict:
-    """The at-KL and final-checkpoint views (toy/views.py) of one cell: per seed every evaluation of each family's
-    runs, and each run's last evaluation as (KL, gold − gold at step 0 of that seed)."""
+    """The at-KL and final-checkpoint views (toy/views.py) of one cell's static and TR runs."""
     fams = {"static": [n for n in by_name if not is_tr(n)], "tr": [n for n in by_name if is_tr(n)]}
-    seeds = range(len(grid["seeds"]))
-    points = {f: [(np.array([[p["kl"] for p in by_name[n][s]] for n in names]),
-                   np.array([[p["gold"] for p in by_name[n][s]] for n in names])) for s in seeds]
-              for f, names in fams.items()}
-    finals = {f: [([by_name[n][s][-1]["kl"] for n in names], [by_name[n][s][-1]["gold"] - by_name[n][s][0]["gold"]
-                                                              for n in names]) for s in seeds]
-              for f, names in fams.items()}
-    return {"at_kl": at_kl_view(points, grid["at_kl_bins"]), "final": final_view(finals, grid["curve"],
-                                                                                 grid["final_kl"])}
+    return two_views({f: [[(np.array([p["kl"] for p in by_name[n][s]]), np.array([p["gold"] for p in by_name[n][s]]))
+                           for n in names] for s in range(len(grid["seeds"]))] for f, names in fams.items()}, grid)
 
 
 def verdicts(summary: dict, grid: dict) -> list[dict]:
@@ -249,19 +239,12 @@ def verdicts(summary: dict, grid: dict) -> list[dict]:
 def load_runs(out: str, grid: dict) -> tuple[dict, dict, dict]:
     """--replot: (runs, stories, setup) from OUT/sentiment.json; a missing file, cell or run is a one-line error
     (exit 2) that names it."""
-    try:
-        with open(f"{out}/sentiment.json") as f:
-            saved = json.load(f)
-        runs, stories, setup = saved["runs"], saved["stories"], saved["setup"]
-    except (OSError, ValueError, KeyError) as e:
-        print(f"toy/sentiment.py --replot: cannot read the runs of {out}/sentiment.json ({e})", file=sys.stderr)
-        sys.exit(2)
+    runs, stories, setup = read_saved(out, "sentiment", ("runs", "stories", "setup"), "toy/sentiment.py")
     for cell, loss, _ in cells(grid):
         for name in configs(grid, loss):
             if len(runs.get(cell, {}).get(name, [])) != len(grid["seeds"]):
-                print(f"toy/sentiment.py --replot: {out}/sentiment.json has no run {cell} {name} for every seed; "
-                      f"run without --replot", file=sys.stderr)
-                sys.exit(2)
+                replot_error("toy/sentiment.py", f"{out}/sentiment.json has no run {cell} {name} for every seed; run "
+                                                 f"without --replot")
     return runs, stories, setup
 
 
@@ -326,8 +309,9 @@ def figure(runs: dict, summary: dict, grid: dict, title: str):
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.025, 1, 1))
     fig.text(0.5, 0.005, "at KL: best / mean gold of a family's evaluations with KL in (K/2, K], drawn at K; final "
-                         "checkpoints: each run's last evaluation, curve gold − gold(π_SFT) = d(α − β·log d), d = √KL; "
-                         "bars and bands: 95% bootstrap CI over seeds", ha="center", fontsize=8)
+                         "checkpoints: each run's last evaluation, curve gold − gold(π_SFT) = "
+                         f"{FORMULAS[grid['curve']]}, d = √KL; bars and bands: 95% bootstrap CI over seeds",
+             ha="center", fontsize=8)
     return fig
 
 
@@ -356,7 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
                  "tr_beta": TR_BETA, "workers": args.workers, "seconds": time.time() - t0,
                  "run_seconds": sum(r["seconds"] for r in results),
                  "configs": {cell: configs(grid, loss) for cell, loss, _ in cells(grid)}}
-    setup = {**setup, **{k: grid[k] for k in ("at_kl_bins", "final_kl", "curve")}}  # --replot: the views' setup now
+    # the views' bins, form and matched KLs are the grid's, with --replot too
+    setup = {**setup, **{k: grid[k] for k in ("at_kl_bins", "final_kl", "curve")}}
     payload = {"setup": setup, "summary": summary, "verdicts": rows, "stories": stories, "runs": runs}
     save(args.out, "sentiment", payload, figure(runs, summary, grid, title))
     print_verdicts(f"sentiment: claim (c) in three views; {len(grid['seeds'])} seeds", rows)

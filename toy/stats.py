@@ -14,18 +14,28 @@ def _finite_1d(x, name: str) -> np.ndarray:
     return a
 
 
+def resample_seeds(n_seeds: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_seeds) seed indices drawn with replacement. Every bootstrap here draws through this, so two
+    statistics resampled with the same (n_seeds, n_boot, seed) see the same resampled seeds: a paired bootstrap."""
+    return np.random.default_rng(seed).integers(0, n_seeds, size=(n_boot, n_seeds))
+
+
+def percentile_ci(boot: np.ndarray, level: float) -> np.ndarray:
+    """(lo, hi) percentile interval of a bootstrap distribution, resamples along axis 0."""
+    if not 0 < level < 1:
+        raise ValueError(f"toy/stats.py: level must be in (0, 1), got {level}")
+    return np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
+
+
 def bootstrap_means(x, n_boot: int = 10_000, seed: int = 0) -> np.ndarray:
     """n_boot means of x resampled with replacement (same n): the bootstrap distribution of mean(x)."""
     a = _finite_1d(x, "x")
-    idx = np.random.default_rng(seed).integers(0, a.size, size=(n_boot, a.size))
-    return a[idx].mean(axis=1)
+    return a[resample_seeds(a.size, n_boot, seed)].mean(axis=1)
 
 
 def bootstrap_ci(x, level: float = 0.95, n_boot: int = 10_000, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap CI of mean(x); x is 1-D over seeds. A constant x gives (c, c)."""
-    if not 0 < level < 1:
-        raise ValueError(f"toy/stats.py: level must be in (0, 1), got {level}")
-    lo, hi = np.quantile(bootstrap_means(x, n_boot, seed), [(1 - level) / 2, (1 + level) / 2])
+    lo, hi = percentile_ci(bootstrap_means(x, n_boot, seed), level)
     return float(lo), float(hi)
 
 
@@ -118,6 +128,7 @@ CURVES = {
     "gao_bon": lambda d: np.stack([d, -d * d], -1),  # d(α − β·d): best-of-n sampling
     "gao_rl": lambda d: np.stack([d, -_d_log_d(d)], -1),  # d(α − β·log d): RL (gradient) optimisation
 }
+FORMULAS = {"gao_bon": "d(α − β·d)", "gao_rl": "d(α − β·log d)"}  # each form as the figures' captions write it
 
 
 def _design(kl, form: str) -> np.ndarray:
@@ -166,9 +177,8 @@ def fit_curve(kl: list, gain: list, form: str) -> np.ndarray:
 
 
 def _seed_counts(n_seeds: int, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, n_seeds): how often each seed is drawn in each resample, drawn as bootstrap_means draws its indices, so
-    two families fitted with the same (n_seeds, n_boot, seed) see the same resampled seeds: a paired bootstrap."""
-    idx = np.random.default_rng(seed).integers(0, n_seeds, size=(n_boot, n_seeds))
+    """(n_boot, n_seeds): how often each seed is drawn in each resample of resample_seeds."""
+    idx = resample_seeds(n_seeds, n_boot, seed)
     flat = (np.arange(n_boot)[:, None] * n_seeds + idx).ravel()
     return np.bincount(flat, minlength=n_boot * n_seeds).reshape(n_boot, n_seeds).astype(float)
 
@@ -186,7 +196,7 @@ def curve_band(kl: list, gain: list, form: str, grid, level: float = 0.95, n_boo
                ) -> dict:
     """The fit on all seeds and its percentile bootstrap band over seeds at the KLs of grid."""
     boot = bootstrap_curves(kl, gain, form, grid, n_boot, seed)
-    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    lo, hi = percentile_ci(boot, level)
     params = fit_curve(kl, gain, form)
     return {"form": form, "alpha": float(params[0]), "beta": float(params[1]), "K": [float(k) for k in grid],
             "fit": curve(params, grid, form).tolist(), "lo": lo.tolist(), "hi": hi.tolist(), "n": len(kl),
@@ -201,7 +211,7 @@ def paired_curve_diff(kl_a: list, gain_a: list, kl_b: list, gain_b: list, form: 
         raise ValueError(f"toy/stats.py: paired curves need the same seeds, got {len(kl_a)} and {len(kl_b)}")
     boot = (bootstrap_curves(kl_a, gain_a, form, grid, n_boot, seed)
             - bootstrap_curves(kl_b, gain_b, form, grid, n_boot, seed))
-    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    lo, hi = percentile_ci(boot, level)
     est = curve(fit_curve(kl_a, gain_a, form), grid, form) - curve(fit_curve(kl_b, gain_b, form), grid, form)
     return [{"K": float(k), "mean": float(m), "lo": float(l), "hi": float(h), "n": len(kl_a),
              "method": f"paired percentile bootstrap over seeds of the fitted curves ({form}), {n_boot} resamples"}

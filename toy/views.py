@@ -12,8 +12,8 @@
   per trained model.
 
 Each view's TR − static is paired over seeds (toy/stats.py). The study scripts (toy/overoptimization.py,
-toy/sentiment.py) collect per seed the (KL, gold) of every evaluation and the last evaluation of every run; this file
-turns them into the views, their verdict rows and their figure panels.
+toy/sentiment.py) give per seed each run's (KL, gold) at every evaluation (two_views); this file turns them into the
+views, their verdict rows and their figure panels.
 """
 import numpy as np
 
@@ -26,6 +26,18 @@ PLOT_POINTS = 60  # KLs at which a figure's curves and bands are drawn
 
 def _none_for_nan(values) -> list:
     return [None if not np.isfinite(v) else float(v) for v in values]
+
+
+def two_views(curves: dict[str, list[list[tuple]]], grid: dict) -> dict:
+    """The at-KL and the final-checkpoint views of two families on a study's at_kl_bins, curve and final_kl.
+    curves[family][seed] = per run of the family its (KL, gold) at every evaluation, step 0 first: every evaluation
+    is a point of the at-KL view, each run's last one a final checkpoint with gain = gold − gold at step 0."""
+    points = {f: [(np.concatenate([k for k, _ in runs]), np.concatenate([g for _, g in runs])) for runs in per_seed]
+              for f, per_seed in curves.items()}
+    finals = {f: [([k[-1] for k, _ in runs], [g[-1] - g[0] for _, g in runs]) for runs in per_seed]
+              for f, per_seed in curves.items()}
+    return {"at_kl": at_kl_view(points, grid["at_kl_bins"]), "final": final_view(finals, grid["curve"],
+                                                                                 grid["final_kl"])}
 
 
 def at_kl_view(points: dict[str, list], bins: list[float]) -> dict:
@@ -87,11 +99,10 @@ def _columns(rows: list[dict]) -> dict:
 def criterion_line(finals: list[dict]) -> str:
     """Every curve form's leave-one-seed-out RMSE over the final-checkpoint views of a study (pooled), and the form
     the study uses: the numbers behind the choice of form in setup()."""
-    sse = {name: sum(f["criterion"][name]["sse"] for f in finals) for name in CURVES}
-    n = {name: sum(f["criterion"][name]["n_points"] for f in finals) for name in CURVES}
-    rmse = ", ".join(f"{name} {(sse[name] / n[name]) ** 0.5:.4f}" for name in CURVES)
-    return f"final-checkpoint curves, leave-one-seed-out RMSE over {n[finals[0]['form']]} points: {rmse} " \
-           f"(used: {finals[0]['form']})"
+    form = finals[0]["form"]
+    n = sum(f["criterion"][form]["n_points"] for f in finals)  # every form predicts the same points
+    rmse = ", ".join(f"{name} {(sum(f['criterion'][name]['sse'] for f in finals) / n) ** 0.5:.4f}" for name in CURVES)
+    return f"final-checkpoint curves, leave-one-seed-out RMSE over {n} points: {rmse} (used: {form})"
 
 
 def view_verdicts(label: str, at: dict, final: dict) -> list[dict]:
