@@ -137,19 +137,17 @@ def layout(lengths: list[int], capacity: int) -> tuple[list[int], int]:
     multiple of ROW_QUANTUM from the longest segment up to the capacity (ties: the shorter rows, less attention work),
     each filled first fit, longest segment first. Rows sized to what they hold leave little padding (docs/packing.md),
     where rows of the full capacity would leave their unfilled ends."""
-    q = ROW_QUANTUM
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: deterministic for exact resume
-    best = None
-    for T in range(-(-max(lengths) // q) * q, -(-capacity // q) * q + 1, q):
-        fill, where = [], [0] * len(lengths)
-        for i in order:
-            r = next((r for r, f in enumerate(fill) if f + lengths[i] <= T), len(fill))
-            fill += [0] * (r == len(fill))
-            fill[r] += lengths[i]
+
+    def rows_of(T: int) -> list[int]:  # first fit, longest first, given back in the segments' order
+        where = [0] * len(lengths)
+        for i, (r,) in zip(order, first_fit([[lengths[i]] for i in order], T)):
             where[i] = r
-        if best is None or len(fill) * T < best[0]:
-            best = (len(fill) * T, where, T)
-    return best[1], best[2]
+        return where
+
+    q = ROW_QUANTUM
+    fits = [(rows_of(T), T) for T in range(-(-max(lengths) // q) * q, -(-capacity // q) * q + 1, q)]
+    return min(fits, key=lambda f: (1 + max(f[0])) * f[1])  # min keeps the first (shortest T) of ties
 
 
 def collate(items: list[data.Item], kind: str, kl: list, pad_id: int, capacity: int, shared: bool) -> dict:

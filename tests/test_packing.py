@@ -336,9 +336,9 @@ def test_rows_are_sized_to_what_they_hold():
         fills = [sum(n for n, r in zip(lengths, where) if r == row) for row in range(max(where) + 1)]
         assert T % q == 0 and max(fills) <= T and min(fills) > 0 and T <= -(-capacity // q) * q
         rows = packing.first_fit([[n] for n in lengths], capacity)  # full-capacity rows, first fit
-        old = [sum(n for n, [r] in zip(lengths, rows) if r == row) for row in range(1 + max(r for [r] in rows))]
+        full = [sum(n for n, [r] in zip(lengths, rows) if r == row) for row in range(1 + max(r for [r] in rows))]
         used["layout"] += len(fills) * T
-        used["full rows"] += len(old) * max(old)
+        used["full rows"] += len(full) * max(full)
         real += sum(lengths)
     assert 1 - real / used["layout"] < 0.05 < 0.1 < 1 - real / used["full rows"]
 
