@@ -73,7 +73,7 @@ def test_packed_logps_and_gradients_equal_the_padded_path(model, kind, shared):
 FAMILIES = {  # every bias and norm a family can have, random, so a packed path that skipped one would show
     "llama-biases": dict(qkv_bias=True, o_bias=True, mlp_bias=True),
     "qwen2": dict(model_type="qwen2", qkv_bias=True),
-    "qwen3-biases": dict(model_type="qwen3", qkv_bias=True, o_bias=True, qk_norm=True, head_dim=16),
+    "qwen3-biases": dict(model_type="qwen3", qkv_bias=True, o_bias=True, head_dim=16),
 }
 
 
