@@ -198,6 +198,14 @@ def cpu_features() -> dict:
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 
 
+def environment(device: torch.device) -> dict:
+    """Where a run ran: the device's name, torch's and CUDA's versions, the CPU (cpu_features) and the 1-minute load
+    average at the end (others' work too). gpu_check.py's report starts from it."""
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "cpu": cpu_features(),
+            "load_avg": os.getloadavg()[0]}
+
+
 def random_batch(args, device: torch.device, g: torch.Generator) -> dict:
     """Random tokens in train.py's batch layout (data.py's contract), no padding: prompt_len + response_len per row.
 
@@ -327,9 +335,7 @@ def run(args) -> dict:
     ref_fwd = statistics.median(ref_ms)
     flex = device.type == "cuda" and args.attention != "sdpa" and all(packing.FLEX_VERDICTS.values())
     return {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": args.dtype,
-        "torch": torch.__version__, "cuda": torch.version.cuda, "cpu": cpu_features(),
-        "compiles": counters["stats"]["unique_graphs"], "load_avg": os.getloadavg()[0],  # others' work too
+        **environment(device), "dtype": args.dtype, "compiles": counters["stats"]["unique_graphs"],
         "attention": None if not args.data or args.packing == "off" else "flex" if flex else "sdpa",
         "loss": args.loss, "ref_update": args.ref_update, "alpha": args.alpha, "tau": args.tau,
         "precompute_ref": args.precompute_ref, "compile": args.compile, "n_params": policy.num_params(),
