@@ -225,19 +225,18 @@ def check_flex(seg: torch.Tensor, branch: torch.Tensor, heads: tuple[int, int, i
     shapes = ((R, h, T, d), (R, kv_h, T, d), (R, kv_h, T, d))
     q, k, v = (torch.randn(s, generator=g, device=seg.device, dtype=dtype, requires_grad=True) for s in shapes)
     w = torch.randn(R, h, T, d, generator=g, device=seg.device, dtype=dtype)  # any loss of the output
-    outputs = {}
+
+    def with_grads(y: torch.Tensor) -> tuple:  # (under the caller's autocast: q, k, v are already in dtype)
+        return (y, *torch.autograd.grad((y.float() * w).sum(), (q, k, v)))
+
     try:
-        for name in ("flex", "sdpa"):  # (under the caller's autocast: q, k, v are already in dtype)
-            if name == "flex":
-                y = model_lib.compiled_flex_attention()(q, k, v, block_mask=attention_mask(seg, branch, flex=True),
-                                                        enable_gqa=kv_h != h)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(seg, branch),
-                                                   enable_gqa=kv_h != h)
-            outputs[name] = (y, *torch.autograd.grad((y.float() * w).sum(), (q, k, v)))
+        flex = with_grads(model_lib.compiled_flex_attention()(
+            q, k, v, block_mask=attention_mask(seg, branch, flex=True), enable_gqa=kv_h != h))
+        sdpa = with_grads(F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(seg, branch),
+                                                         enable_gqa=kv_h != h))
     except Exception as e:  # a compiler or kernel error of any kind: the run goes on with SDPA
         return f"it raised {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-    for name, a, b in zip(("output", "dq", "dk", "dv"), outputs["flex"], outputs["sdpa"]):
+    for name, a, b in zip(("output", "dq", "dk", "dv"), flex, sdpa):
         err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
         if not err <= tol:  # NaN fails too
             return f"its {name} differs from SDPA's by {err:.3g} of the largest value (tolerance {tol:g} in {dtype})"
