@@ -251,13 +251,13 @@ def flex_passes(seg: torch.Tensor, branch: torch.Tensor, heads: tuple[int, int, 
         reason = check_flex(seg, branch, heads, dtype)
         FLEX_VERDICTS[key] = reason is None
         if reason is not None:
-            R, T = seg.shape
-            skipped = create_block_mask(tree_mask_mod(seg, branch), R, None, T, T, device=seg.device).sparsity()
-            rank = os.environ.get("RANK", "0")
+            blocks = attention_mask(seg, branch, flex=True)
+            (bq, bk), rank = blocks.BLOCK_SIZE, os.environ.get("RANK", "0")
             print(f"{'' if rank == '0' else f'rank {rank}: '}attention: compiled FlexAttention failed its check "
                   f"against SDPA on {seg.device} in {dtype} ({reason}): packed rows use SDPA with the boolean tree "
-                  f"mask for the rest of the run, which also computes the {skipped:.0f}% of 128 x 128 score blocks "
-                  f"that the block mask skips in this micro batch (--attention=flex forces FlexAttention)", flush=True)
+                  f"mask for the rest of the run, which also computes the {blocks.sparsity():.0f}% of {bq} x {bk} "
+                  f"score blocks that the block mask skips in this micro batch (--attention=flex forces "
+                  f"FlexAttention)", flush=True)
     return FLEX_VERDICTS[key]
 
 
