@@ -129,7 +129,7 @@ def equalize(groups: list[list[int]], n: int) -> list[list[int]]:
     return groups
 
 
-ROW_QUANTUM = 32  # row lengths are multiples of this: a fixed set of shapes; padding 3.8% on HH-RLHF (docs/packing.md)
+ROW_QUANTUM = 32  # row lengths are multiples of this: a fixed set of shapes (docs/packing.md measures the padding)
 
 
 def layout(lengths: list[int], capacity: int) -> tuple[list[int], int]:
