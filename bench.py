@@ -20,7 +20,7 @@ Reported, each the median over the timed steps (after --warmup untimed ones):
   (2 per weight of every matmul, LM head included, plus attention's QK^T and AV over the full T), less the LM head's
   2·dim·vocab at the prompt positions that get no logits (train.batch_logps). Elementwise work (norms, RoPE,
   softmax) is not counted.
-- compiles: graphs torch.compile built in the process (torch._dynamo's unique_graphs: --compile's, and on CUDA the
+- compiles: graphs torch.compile built during the run (torch._dynamo's unique_graphs: --compile's, and on CUDA the
   packed path's FlexAttention); attention: packed rows' kernel (flex, or sdpa: forced, on CPU, or after a failed check).
 - cpu: torch's CPU capability and whether /proc/cpuinfo lists AVX-512 BF16 or AMX (fast bf16 matmuls on CPU).
 On CUDA every interval is timed with CUDA events; on CPU with time.perf_counter.
@@ -198,6 +198,14 @@ def cpu_features() -> dict:
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 
 
+def environment(device: torch.device) -> dict:
+    """Where a run ran: the device's name, torch's and CUDA's versions, the CPU (cpu_features) and the 1-minute load
+    average at the end (others' work too). gpu_check.py's report starts from it."""
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "cpu": cpu_features(),
+            "load_avg": os.getloadavg()[0]}
+
+
 def random_batch(args, device: torch.device, g: torch.Generator) -> dict:
     """Random tokens in train.py's batch layout (data.py's contract), no padding: prompt_len + response_len per row.
 
@@ -227,6 +235,7 @@ def run(args) -> dict:
     device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
                           else "cpu")
     dtype = DTYPES[args.dtype]
+    graphs_before = counters["stats"]["unique_graphs"]  # the process's count: earlier runs' graphs are not this run's
     train.keep_freed_memory(device)  # as train.py does
     if args.data:
         args.vocab_size, steps = data_steps(args, device)
@@ -327,9 +336,7 @@ def run(args) -> dict:
     ref_fwd = statistics.median(ref_ms)
     flex = device.type == "cuda" and args.attention != "sdpa" and all(packing.FLEX_VERDICTS.values())
     return {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": args.dtype,
-        "torch": torch.__version__, "cuda": torch.version.cuda, "cpu": cpu_features(),
-        "compiles": counters["stats"]["unique_graphs"], "load_avg": os.getloadavg()[0],  # others' work too
+        **environment(device), "dtype": args.dtype, "compiles": counters["stats"]["unique_graphs"] - graphs_before,
         "attention": None if not args.data or args.packing == "off" else "flex" if flex else "sdpa",
         "loss": args.loss, "ref_update": args.ref_update, "alpha": args.alpha, "tau": args.tau,
         "precompute_ref": args.precompute_ref, "compile": args.compile, "n_params": policy.num_params(),

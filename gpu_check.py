@@ -31,6 +31,7 @@ import torch
 import bench
 
 ROOT = Path(__file__).resolve().parent
+RECIPE = json.loads((ROOT / "configs" / "hh_rlhf.json").read_text())  # the CUDA checks' lengths, micro batch, dtype
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}  # |packed − padded| / |padded|, per step, loss and gradient norm
 DATASHEET_BF16_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "GH200": 989, "A100": 312}  # dense, no sparsity
 BENCH_SHAPES = {"bench_recipe": [], "bench_1b": ["--dim", "2048", "--n_layers", "16", "--n_heads", "32",
@@ -91,12 +92,12 @@ def train_args(args, dtype: str, out: Path) -> list[str]:
               "--keep_last=1", "--seed=0", f"--dtype={dtype}", f"--device={args.device}", f"--out_dir={out}"]
     cuda = args.device == "cuda"  # CUDA: a small model from scratch; CPU (CI): a tiny one, short lengths
     model = ["--dim=256", "--n_layers=2", "--n_heads=4"] if cuda else ["--dim=32", "--n_layers=1", "--n_heads=2"]
-    if args.data:  # the recipe's lengths and micro batches
-        lengths = ["--max_length=512", "--max_prompt_length=256"] if cuda else ["--max_length=64",
-                                                                               "--max_prompt_length=32"]
-        return common + model + lengths + [f"--data={args.data}", f"--tokenizer={args.tokenizer}", "--batch_size=16",
-                                           "--micro_batch_size=4"]
-    return common + model + ["--batch_size=8", "--micro_batch_size=4"]
+    micro = f"--micro_batch_size={RECIPE['micro_batch_size']}"
+    if args.data:  # the recipe's lengths (CPU: shorter) and micro batches
+        length, prompt = (RECIPE["max_length"], RECIPE["max_prompt_length"]) if cuda else (64, 32)
+        return common + model + [f"--max_length={length}", f"--max_prompt_length={prompt}", f"--data={args.data}",
+                                 f"--tokenizer={args.tokenizer}", "--batch_size=16", micro]
+    return common + model + ["--batch_size=8", micro]
 
 
 def train_rows(out: Path) -> list[dict]:
@@ -155,10 +156,11 @@ def datasheet_peak(device: str) -> float | None:
 def bench_checks(args, checks: Checks, out: Path) -> dict:
     """bench.py --compare off,shared,fixed at each shape; returns {check: {run: result}} and adds a check each."""
     cuda = args.device == "cuda"
-    common = ["--data", args.data, "--tokenizer", args.tokenizer, "--pairs", "8", "--micro_batch_size", "4",
-              "--compare", "off,shared,fixed", "--repeat", "1", "--json"]
+    common = ["--data", args.data, "--tokenizer", args.tokenizer, "--pairs", "8", "--micro_batch_size",
+              str(RECIPE["micro_batch_size"]), "--compare", "off,shared,fixed", "--repeat", "1", "--json"]
     if cuda:
-        common += ["--dtype", "bfloat16", "--warmup", "2", "--steps", "3"]
+        common += ["--dtype", RECIPE["dtype"], "--max_length", str(RECIPE["max_length"]), "--max_prompt_length",
+                   str(RECIPE["max_prompt_length"]), "--warmup", "2", "--steps", "3"]
     else:  # CI: a tiny model and lengths, fp32 (the check's logic, not its numbers)
         common += ["--dtype", "float32", "--warmup", "1", "--steps", "1", "--device", "cpu", "--max_length", "64",
                    "--max_prompt_length", "32"]
@@ -190,11 +192,10 @@ def bench_checks(args, checks: Checks, out: Path) -> dict:
 
 
 def environment(args) -> dict:
-    cuda = args.device == "cuda"
-    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "gpus": torch.cuda.device_count() if cuda else 0,
-            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda
-            else None, "cpu": bench.cpu_features(), "load_avg": os.getloadavg()[0],
-            "datasheet_bf16_tflops": datasheet_peak(torch.cuda.get_device_name()) if cuda else None}
+    """bench.py's environment, with the GPU count, cuDNN's version and the datasheet peak."""
+    env, cuda = bench.environment(torch.device(args.device)), args.device == "cuda"
+    return {**env, "gpus": torch.cuda.device_count() if cuda else 0, "cudnn": torch.backends.cudnn.version() if cuda
+            else None, "datasheet_bf16_tflops": datasheet_peak(env["device"])}
 
 
 def markdown(report: dict) -> str:

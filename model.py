@@ -45,7 +45,6 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on q, k, v: always in Qwen2, with attention_bias in Llama and Qwen3
     o_bias: bool = False  # a bias on the output projection: with attention_bias in Llama and Qwen3, never in Qwen2
     mlp_bias: bool = False  # biases on the three SwiGLU projections (Llama's mlp_bias)
-    qk_norm: bool = False  # Qwen3: each head's q and k RMS-normalised over head_dim before RoPE
     sliding_window: int | None = None  # Mistral, Qwen: layers >= max_window_layers see only the last sliding_window
     max_window_layers: int = 0  # keys; not implemented here, so check_context refuses every run the window would change
 
@@ -59,19 +58,23 @@ class ModelConfig:
         if self.model_type not in ARCHITECTURES:
             raise ValueError(f"model_type {self.model_type!r} is not supported (only {', '.join(ARCHITECTURES)})")
         fits = {  # what each family's config.json can say; any other combination would be saved as another model
-            "llama": self.qkv_bias == self.o_bias and not self.qk_norm and self.sliding_window is None,
-            "qwen2": self.qkv_bias and not (self.o_bias or self.mlp_bias or self.qk_norm),
-            "qwen3": self.qkv_bias == self.o_bias and self.qk_norm and not self.mlp_bias,
-            "mistral": not (self.qkv_bias or self.o_bias or self.mlp_bias or self.qk_norm)}
+            "llama": self.qkv_bias == self.o_bias and self.sliding_window is None,
+            "qwen2": self.qkv_bias and not (self.o_bias or self.mlp_bias),
+            "qwen3": self.qkv_bias == self.o_bias and not self.mlp_bias,
+            "mistral": not (self.qkv_bias or self.o_bias or self.mlp_bias)}
         if not fits[self.model_type]:
             raise ValueError(f"ModelConfig: a {self.model_type} model cannot have qkv_bias={self.qkv_bias}, o_bias="
-                             f"{self.o_bias}, mlp_bias={self.mlp_bias}, qk_norm={self.qk_norm}, sliding_window="
-                             f"{self.sliding_window}")
+                             f"{self.o_bias}, mlp_bias={self.mlp_bias}, sliding_window={self.sliding_window}")
         if self.rope_scaling is not None:
             missing = [k for k in LLAMA3_ROPE_KEYS if k not in self.rope_scaling]
             if self.rope_scaling.get("rope_type") != "llama3" or missing:
                 raise ValueError(f"ModelConfig.rope_scaling: need rope_type 'llama3' and {LLAMA3_ROPE_KEYS}, "
                                  f"got {self.rope_scaling}")
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3 (and no other family): each head's q and k RMS-normalised over head_dim before RoPE."""
+        return self.model_type == "qwen3"
 
 
 def check_context(config: ModelConfig, length: int):
@@ -483,9 +486,9 @@ def config_from_hf(d: dict, where) -> ModelConfig:
     # q_norm/k_norm and a head_dim of 128 unless it says otherwise; Mistral slides a 4096 window unless it says null.
     bias = d.get("attention_bias", False) if family in ("llama", "qwen3") else False
     mlp_bias = d.get("mlp_bias", False) if family == "llama" else False
-    window, first = None, 0
+    window, first, declared = None, 0, d.get("sliding_window", 4096)  # 4096: MistralConfig's and Qwen's default
     if family == "mistral":
-        window = d.get("sliding_window", 4096)
+        window = declared
     elif family in ("qwen2", "qwen3") and d.get("use_sliding_window", False):  # false (every Qwen release): unused
         n = need("num_hidden_layers")
         types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28) else
@@ -493,8 +496,8 @@ def config_from_hf(d: dict, where) -> ModelConfig:
         sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
         if sliding and sliding != list(range(sliding[0], n)):
             raise ValueError(f"{where}: layer_types {types}: only the last layers may use a sliding window here")
-        if sliding and d.get("sliding_window", 4096) is not None:
-            window, first = d.get("sliding_window", 4096), sliding[0]
+        if sliding and declared is not None:
+            window, first = declared, sliding[0]
     try:  # ModelConfig checks the rest (head counts, llama3 keys); say which file it came from
         return ModelConfig(
             vocab_size=need("vocab_size"), dim=need("hidden_size"), n_layers=need("num_hidden_layers"),
@@ -504,7 +507,7 @@ def config_from_hf(d: dict, where) -> ModelConfig:
             rope_scaling=rope_scaling if rope_type == "llama3" else None,
             max_seq_len=d.get("max_position_embeddings", 2048), tie_embeddings=d.get("tie_word_embeddings", False),
             bos_id=d.get("bos_token_id"), eos_id=d.get("eos_token_id"), model_type=family,
-            qkv_bias=bias or family == "qwen2", o_bias=bias, mlp_bias=mlp_bias, qk_norm=family == "qwen3",
+            qkv_bias=bias or family == "qwen2", o_bias=bias, mlp_bias=mlp_bias,
             sliding_window=window, max_window_layers=first)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None

@@ -129,7 +129,7 @@ def equalize(groups: list[list[int]], n: int) -> list[list[int]]:
     return groups
 
 
-ROW_QUANTUM = 32  # row lengths are multiples of this: a fixed set of shapes; padding 3.8% on HH-RLHF (docs/packing.md)
+ROW_QUANTUM = 32  # row lengths are multiples of this: a fixed set of shapes (docs/packing.md measures the padding)
 
 
 def layout(lengths: list[int], capacity: int) -> tuple[list[int], int]:
@@ -137,19 +137,17 @@ def layout(lengths: list[int], capacity: int) -> tuple[list[int], int]:
     multiple of ROW_QUANTUM from the longest segment up to the capacity (ties: the shorter rows, less attention work),
     each filled first fit, longest segment first. Rows sized to what they hold leave little padding (docs/packing.md),
     where rows of the full capacity would leave their unfilled ends."""
-    q = ROW_QUANTUM
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: deterministic for exact resume
-    best = None
-    for T in range(-(-max(lengths) // q) * q, -(-capacity // q) * q + 1, q):
-        fill, where = [], [0] * len(lengths)
-        for i in order:
-            r = next((r for r, f in enumerate(fill) if f + lengths[i] <= T), len(fill))
-            fill += [0] * (r == len(fill))
-            fill[r] += lengths[i]
+
+    def rows_of(T: int) -> list[int]:  # first fit, longest first, given back in the segments' order
+        where = [0] * len(lengths)
+        for i, (r,) in zip(order, first_fit([[lengths[i]] for i in order], T)):
             where[i] = r
-        if best is None or len(fill) * T < best[0]:
-            best = (len(fill) * T, where, T)
-    return best[1], best[2]
+        return where
+
+    q = ROW_QUANTUM
+    fits = [(rows_of(T), T) for T in range(-(-max(lengths) // q) * q, -(-capacity // q) * q + 1, q)]
+    return min(fits, key=lambda f: (1 + max(f[0])) * f[1])  # min keeps the first (shortest T) of ties
 
 
 def collate(items: list[data.Item], kind: str, kl: list, pad_id: int, capacity: int, shared: bool) -> dict:
@@ -227,19 +225,18 @@ def check_flex(seg: torch.Tensor, branch: torch.Tensor, heads: tuple[int, int, i
     shapes = ((R, h, T, d), (R, kv_h, T, d), (R, kv_h, T, d))
     q, k, v = (torch.randn(s, generator=g, device=seg.device, dtype=dtype, requires_grad=True) for s in shapes)
     w = torch.randn(R, h, T, d, generator=g, device=seg.device, dtype=dtype)  # any loss of the output
-    outputs = {}
+
+    def with_grads(y: torch.Tensor) -> tuple:  # (under the caller's autocast: q, k, v are already in dtype)
+        return (y, *torch.autograd.grad((y.float() * w).sum(), (q, k, v)))
+
     try:
-        for name in ("flex", "sdpa"):  # (under the caller's autocast: q, k, v are already in dtype)
-            if name == "flex":
-                y = model_lib.compiled_flex_attention()(q, k, v, block_mask=attention_mask(seg, branch, flex=True),
-                                                        enable_gqa=kv_h != h)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(seg, branch),
-                                                   enable_gqa=kv_h != h)
-            outputs[name] = (y, *torch.autograd.grad((y.float() * w).sum(), (q, k, v)))
+        flex = with_grads(model_lib.compiled_flex_attention()(
+            q, k, v, block_mask=attention_mask(seg, branch, flex=True), enable_gqa=kv_h != h))
+        sdpa = with_grads(F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(seg, branch),
+                                                         enable_gqa=kv_h != h))
     except Exception as e:  # a compiler or kernel error of any kind: the run goes on with SDPA
         return f"it raised {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-    for name, a, b in zip(("output", "dq", "dk", "dv"), outputs["flex"], outputs["sdpa"]):
+    for name, a, b in zip(("output", "dq", "dk", "dv"), flex, sdpa):
         err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
         if not err <= tol:  # NaN fails too
             return f"its {name} differs from SDPA's by {err:.3g} of the largest value (tolerance {tol:g} in {dtype})"
@@ -254,13 +251,13 @@ def flex_passes(seg: torch.Tensor, branch: torch.Tensor, heads: tuple[int, int, 
         reason = check_flex(seg, branch, heads, dtype)
         FLEX_VERDICTS[key] = reason is None
         if reason is not None:
-            R, T = seg.shape
-            skipped = create_block_mask(tree_mask_mod(seg, branch), R, None, T, T, device=seg.device).sparsity()
-            rank = os.environ.get("RANK", "0")
+            blocks = attention_mask(seg, branch, flex=True)
+            (bq, bk), rank = blocks.BLOCK_SIZE, os.environ.get("RANK", "0")
             print(f"{'' if rank == '0' else f'rank {rank}: '}attention: compiled FlexAttention failed its check "
                   f"against SDPA on {seg.device} in {dtype} ({reason}): packed rows use SDPA with the boolean tree "
-                  f"mask for the rest of the run, which also computes the {skipped:.0f}% of 128 x 128 score blocks "
-                  f"that the block mask skips in this micro batch (--attention=flex forces FlexAttention)", flush=True)
+                  f"mask for the rest of the run, which also computes the {blocks.sparsity():.0f}% of {bq} x {bk} "
+                  f"score blocks that the block mask skips in this micro batch (--attention=flex forces "
+                  f"FlexAttention)", flush=True)
     return FLEX_VERDICTS[key]
 
 

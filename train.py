@@ -71,18 +71,18 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
     a per-token estimate of KL(π‖π_ref) on the data (on-policy estimates are made at eval time).
     """
     ids, packed = batch["input_ids"], "pos" in batch
-    if packed:  # packing.py's rows: one forward gives every example's log-probs (KTO: and its KL row's)
-        def forward_logps(model, reference=False):
-            return packing.packed_logps(model, batch, reference, tree)
-    else:
-        mask = batch["loss_mask"]
-        keep = losses.logits_to_keep(mask)  # once for the policy and the reference forward
-
-        def forward_logps(model, reference=False):
-            return batch_logps(model, ids, mask, reference, keep)
     with autocast(cfg, ids.device):
-        if packed:  # the tree mask once for the policy and the reference forward, its kernel checked in their dtype
-            tree = packing.batch_mask(batch, policy, cfg.attention)
+        if packed:  # packing.py's rows: one forward gives every example's log-probs (KTO: and its KL row's)
+            tree = packing.batch_mask(batch, policy, cfg.attention)  # once for both forwards, checked in their dtype
+
+            def forward_logps(model, reference=False):
+                return packing.packed_logps(model, batch, reference, tree)
+        else:
+            mask = batch["loss_mask"]
+            keep = losses.logits_to_keep(mask)  # once for the policy and the reference forward
+
+            def forward_logps(model, reference=False):
+                return batch_logps(model, ids, mask, reference, keep)
         logps, n = forward_logps(policy)
         if cfg.loss == "sft":  # next-token cross-entropy on the response tokens
             loss = -logps.sum() / n.sum().clamp(min=1)

@@ -23,7 +23,7 @@ FAMILIES = {  # ModelConfig flags of each family, with every bias and norm the f
     "llama": dict(),
     "llama-biases": dict(qkv_bias=True, o_bias=True, mlp_bias=True),
     "qwen2": dict(model_type="qwen2", qkv_bias=True),
-    "qwen3-biases": dict(model_type="qwen3", qkv_bias=True, o_bias=True, qk_norm=True, head_dim=16),
+    "qwen3-biases": dict(model_type="qwen3", qkv_bias=True, o_bias=True, head_dim=16),
     "mistral": dict(model_type="mistral", sliding_window=64),
 }
 

@@ -527,7 +527,7 @@ def test_qwen3_and_mistral_init_from_train_or_refuse_a_window_that_would_cut(tmp
             "--max_new_tokens=10", "--ckpt_every=1", "--tokenizer=byte"]
     assert train.longest_sequence(train.parse_config(args, world_size=1)) == 18  # an eval prompt + its generation
     assert train.longest_sequence(train.parse_config(args + ["--num_samples=0"], world_size=1)) == 16
-    for name, flags in (("qwen3", dict(model_type="qwen3", qkv_bias=True, o_bias=True, qk_norm=True, head_dim=16)),
+    for name, flags in (("qwen3", dict(model_type="qwen3", qkv_bias=True, o_bias=True, head_dim=16)),
                         ("mistral", dict(model_type="mistral", sliding_window=18))):
         torch.manual_seed(0)
         Llama(ModelConfig(**shape, **flags)).save_pretrained(tmp_path / name)
