@@ -222,3 +222,11 @@ def _prefixed(tok, segments: list, starts_text: bool) -> list:
                                        and isinstance(segments[i - 1], int))
 
     return [tok.with_prefix(s) if prefixed(i, s) else s for i, s in enumerate(segments)]
+
+
+def render_conversation(tok, messages: list) -> list:
+    """The segments of a whole chat (no generation prompt) exactly as the template renders it: what transformers'
+    apply_chat_template(messages) tokenizes, whitespace after the last end of turn included (ChatML's "\\n" after
+    <|im_end|>). A reward model reads a conversation this way (transformers' and TRL's convention), where
+    render_chat ends a response at its end id for generation."""
+    return _prefixed(tok, [s for s, _ in _tokens(tok, _pieces(tok, messages, False))], True)

@@ -9,7 +9,7 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,8 @@ LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_m
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "mistral": "MistralForCausalLM"}  # config.json's model_type -> its transformers class
+REWARD_MODEL = "ForSequenceClassification"  # a reward model's class: ARCHITECTURES' with this for "ForCausalLM"
+SCORE_STD = 0.02  # a new score head's init, N(0, 0.02): transformers' _init_weights with its initializer_range default
 
 
 @dataclass
@@ -47,6 +49,10 @@ class ModelConfig:
     mlp_bias: bool = False  # biases on the three SwiGLU projections (Llama's mlp_bias)
     sliding_window: int | None = None  # Mistral, Qwen: layers >= max_window_layers see only the last sliding_window
     max_window_layers: int = 0  # keys; not implemented here, so check_context refuses every run the window would change
+    # A reward model (transformers' *ForSequenceClassification, num_labels 1): the same body with a score head, one
+    # output, in place of the LM head. pad_id is config.json's pad_token_id, which transformers' classes need.
+    reward_model: bool = False
+    pad_id: int | None = None
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -236,9 +242,12 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        if config.reward_model:  # r(x, y) = score · h at the last token; never tied (tie_embeddings kept for config.json)
+            self.score = nn.Linear(config.dim, 1, bias=False)
+        else:
+            self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.embed_tokens.weight
         # A plain attribute, not a buffer: model.to(bfloat16) and FSDP leave it alone, so the angles stay fp32.
         self.inv_freq = rope_inv_freq(config)
         # llama2.c / GPT-2 init for from-scratch runs: N(0, 0.02) everywhere, and N(0, 0.02/sqrt(2 n_layers)) for the
@@ -251,6 +260,44 @@ class Llama(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers) if residual else 0.02)
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
+
+    @property
+    def is_reward_model(self) -> bool:
+        return self.config.reward_model
+
+    def add_score_head(self, generator: torch.Generator | None = None) -> "Llama":
+        """Make this causal LM a reward model, in place: the LM head goes, a new score head N(0, SCORE_STD) (as
+        transformers initialises one) takes its place; returns self. The body is kept as it is."""
+        if self.config.reward_model:
+            raise ValueError("add_score_head: this model is a reward model already")
+        w = self.embed_tokens.weight
+        del self.lm_head  # tied: the embedding stays, the head was only a second name for it
+        self.config = replace(self.config, reward_model=True)
+        self.score = nn.Linear(self.config.dim, 1, bias=False, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            self.score.weight.copy_(torch.randn(self.score.weight.shape, generator=generator) * SCORE_STD)
+        return self
+
+    def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """A reward model's score of each row, (B,) fp32: the score head at the row's last real token (the last
+        attention_mask = 1 position), with left or right padding. transformers reads the rightmost token that is not
+        pad_token_id instead, which is the wrong one when the pad id is also a real token ending the row (a pad id
+        equal to the end-of-turn id). Pads are masked out of attention and positions count from each row's first
+        real token (as in generate), so a row scores as it would alone."""
+        if not self.config.reward_model:
+            raise ValueError("rewards: this model has an LM head, not a score head (not a reward model)")
+        real = attention_mask.bool()
+        if input_ids.shape != real.shape or not real.any(1).all():
+            raise ValueError(f"rewards: need input_ids and attention_mask of one shape (B, T) with a real token in "
+                             f"every row, got {tuple(input_ids.shape)} and {tuple(real.shape)}")
+        B, T = real.shape
+        j = torch.arange(T, device=real.device)
+        last = (j * real).argmax(-1)
+        pos = (real.long().cumsum(1) - 1).clamp(min=0)
+        # query i sees key j iff j <= i and j is real; every query sees itself, so no softmax row is empty (NaN)
+        mask = ((j[:, None] >= j) & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=real.device)
+        scores = self(input_ids, pos, mask[:, None], logits_index=torch.arange(B, device=real.device) * T + last)
+        return scores[:, 0].float()
 
     def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: list[KVCache] | None = None, logits_to_keep: int = 0,
@@ -272,7 +319,7 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache[i])
         x = x[:, -logits_to_keep:] if logits_index is None else x.flatten(0, 1)[logits_index]  # -0: every position
-        return self.lm_head(self.norm(x))
+        return (self.score if self.config.reward_model else self.lm_head)(self.norm(x))
 
     def num_params(self) -> int:
         """Number of parameters, the tied embedding/head counted once."""
@@ -285,7 +332,7 @@ class Llama(nn.Module):
         Biases and norms (Qwen's q/k/v biases, Qwen3's q_norm/k_norm) are elementwise and, like RMSNorm, not counted."""
         c = self.config
         attn = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim
-        matmul = c.n_layers * (attn + 3 * c.dim * c.hidden_dim) + c.dim * c.vocab_size
+        matmul = c.n_layers * (attn + 3 * c.dim * c.hidden_dim) + c.dim * (1 if c.reward_model else c.vocab_size)
         return 2 * matmul + 4 * c.n_layers * seq_len * c.n_heads * c.head_dim
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -304,6 +351,8 @@ class Llama(nn.Module):
         (a tokenizer smaller than the model's vocabulary) draws only ids below n_vocab, the ones the tokenizer can
         decode: the others' logits are -inf before greedy or sampled selection.
         """
+        if self.config.reward_model:
+            raise ValueError("generate: a reward model (a score head, no LM head) does not generate")
         rows = prompts.tolist() if torch.is_tensor(prompts) else [list(r) for r in prompts]
         if not rows or min(map(len, rows)) == 0:
             raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
@@ -343,13 +392,16 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = torch.float32) -> "Llama":
         """Load a Hugging Face Llama, Qwen2, Qwen3 or Mistral directory: config.json (transformers 4.x or 5.x layout)
-        and model.safetensors or a sharded model.safetensors.index.json. dtype=None keeps the checkpoint's dtype."""
+        and model.safetensors or a sharded model.safetensors.index.json. dtype=None keeps the checkpoint's dtype.
+        A *ForSequenceClassification directory (num_labels 1) gives a reward model: score.weight, no LM head."""
         path = Path(path)
         raw = read_json(path / "config.json")
         config = config_from_hf(raw, path / "config.json")
         tensors = read_safetensors(path)
         # Checkpoints that tie the head to the embedding store it once (no lm_head.weight).
-        if "lm_head.weight" not in tensors:
+        if config.reward_model:
+            pass  # no LM head to tie
+        elif "lm_head.weight" not in tensors:
             config.tie_embeddings = True
         elif config.tie_embeddings:
             head, embedding = tensors.pop("lm_head.weight"), tensors.get("model.embed_tokens.weight")
@@ -364,10 +416,11 @@ class Llama(nn.Module):
             model = cls(config)
         check_keys(tensors, model.state_dict(), config.tie_embeddings, path)
         sd = {from_hf_name(k): v.to(dtype) for k, v in tensors.items()}
-        if config.tie_embeddings:
+        tied = config.tie_embeddings and not config.reward_model
+        if tied:
             sd["lm_head.weight"] = sd["embed_tokens.weight"]
         model.load_state_dict(sd, assign=True)
-        if config.tie_embeddings:  # assign=True put two separate Parameters in; make them one again
+        if tied:  # assign=True put two separate Parameters in; make them one again
             model.lm_head.weight = model.embed_tokens.weight
         return model
 
@@ -411,8 +464,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = No
 # Hugging Face checkpoint format: names, config.json (both layouts), safetensors files
 
 def to_hf_name(name: str) -> str:
-    """Our parameter name -> transformers' LlamaForCausalLM name."""
-    return name if name == "lm_head.weight" else "model." + name
+    """Our parameter name -> transformers' LlamaForCausalLM (or *ForSequenceClassification) name."""
+    return name if name in ("lm_head.weight", "score.weight") else "model." + name
 
 
 def from_hf_name(name: str) -> str:
@@ -473,6 +526,12 @@ def config_from_hf(d: dict, where) -> ModelConfig:
     family = d.get("model_type", "llama")
     if family not in ARCHITECTURES:
         raise ValueError(f"{where}: model_type {family!r} is not supported (only {', '.join(ARCHITECTURES)})")
+    reward = any(str(a).endswith(REWARD_MODEL) for a in d.get("architectures") or [])
+    # transformers' label count: id2label's length, else num_labels, else its default of 2
+    labels = len(d["id2label"]) if d.get("id2label") else d.get("num_labels", 2)
+    if reward and labels != 1:
+        raise ValueError(f"{where}: a {d['architectures'][0]} with num_labels {labels}; a reward model here has one "
+                         f"score (num_labels 1, id2label of one entry)")
     for key, ok in (("hidden_act", "silu"), ("attention_dropout", 0.0)):
         if d.get(key, ok) != ok:
             raise ValueError(f"{where}: field '{key}' is {d[key]!r}; this Llama supports only {ok!r}")
@@ -508,7 +567,7 @@ def config_from_hf(d: dict, where) -> ModelConfig:
             max_seq_len=d.get("max_position_embeddings", 2048), tie_embeddings=d.get("tie_word_embeddings", False),
             bos_id=d.get("bos_token_id"), eos_id=d.get("eos_token_id"), model_type=family,
             qkv_bias=bias or family == "qwen2", o_bias=bias, mlp_bias=mlp_bias,
-            sliding_window=window, max_window_layers=first)
+            sliding_window=window, max_window_layers=first, reward_model=reward, pad_id=d.get("pad_token_id"))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -523,8 +582,14 @@ def config_to_hf(c: ModelConfig, dtype: torch.dtype) -> dict:
     if c.model_type in ("qwen2", "qwen3"):
         family.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
                       max_window_layers=c.max_window_layers)
+    arch = ARCHITECTURES[c.model_type]
+    if c.reward_model:  # the *ForSequenceClassification class, its one label as transformers writes it
+        arch = arch.replace("ForCausalLM", REWARD_MODEL)
+        family.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    if c.pad_id is not None:
+        family["pad_token_id"] = c.pad_id
     return {
-        "architectures": [ARCHITECTURES[c.model_type]], "model_type": c.model_type, "vocab_size": c.vocab_size,
+        "architectures": [arch], "model_type": c.model_type, "vocab_size": c.vocab_size,
         "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
         "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
         "hidden_act": "silu", "rms_norm_eps": c.norm_eps, "max_position_embeddings": c.max_seq_len,

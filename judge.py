@@ -1,0 +1,170 @@
+"""Judges: a judge scores (prompt, response) text, one number per response, higher is better.
+
+    load_judge("gold")            the synthetic task's gold reward of the response (synthetic.gold_reward)
+    load_judge("path/to/rm")      a reward model (a *ForSequenceClassification directory, or one of our --loss=rm runs)
+
+A reward model judges through its own tokenizer and chat template, never the policy's: the policy's response is
+decoded to text by the caller and encoded here again. With a chat template, the conversation [prompt turns, the
+response as one assistant turn] is read as transformers' apply_chat_template writes it and as TRL's RewardTrainer
+trained on it (whitespace after the last end of turn included), with exactly one BOS: the template's, or the
+tokenizer's own when the template writes none (Skywork-Reward's recipe: strip the template's BOS, let the tokenizer
+add it). No system turn is added: the judge renders the prompt's turns and nothing else, so a system message appears
+only where the data has one or where the template itself writes a default one when none is given (Qwen2.5's "You are
+Qwen, created by Alibaba Cloud. ..."): that default is part of the template, as transformers renders it and as the
+reward model saw it in training, and is kept. Prompts as data.Pair gives them:
+  - chat messages: as they are;
+  - an HH transcript ("\\n\\nHuman: ..\\n\\nAssistant: ..\\n\\nHuman: ..\\n\\nAssistant:"): its turns as messages;
+  - any other string: one user message.
+Responses are stripped of surrounding whitespace for a chat template (HH responses start with a space). A judge
+without a chat template reads the text as the data pipeline writes it (data.tokenize): BOS, the prompt, the response,
+EOS (messages in the plain HH format).
+
+A conversation longer than the reward model's context (max_position_embeddings) keeps BOS and its last tokens: the
+prompt is cut from the left, and `.truncated` counts the responses scored so. A response that does not fit even with
+the whole prompt cut is refused (ValueError naming the judge): its score would not be the response's.
+"""
+import json
+from pathlib import Path
+
+import torch
+
+import chat
+import checkpoint
+import synthetic
+import tokenizer
+from data import HH_TURN
+from model import Llama
+
+HH_HUMAN = "\n\nHuman:"
+
+
+class GoldJudge:
+    """The synthetic task's known reward of each response (what the demo's gold_greedy / gold_sampled average)."""
+    name = "gold"
+
+    def __init__(self):
+        self.truncated = 0
+
+    def score(self, prompts: list, responses: list[str]) -> list[float]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"judge gold: {len(prompts)} prompts but {len(responses)} responses")
+        return [synthetic.gold_reward(r) for r in responses]
+
+
+def hh_messages(text: str) -> list[dict] | None:
+    """An HH transcript prompt ("\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:") as chat messages
+    [user a, assistant b, user c]; None if text is not one (it must start with a Human turn and end with the empty
+    Assistant turn being answered)."""
+    if not text.startswith(HH_HUMAN) or not text.endswith(HH_TURN):
+        return None
+    messages, rest = [], text[:-len(HH_TURN)]
+    while rest:
+        role, marker = ("user", HH_HUMAN) if rest.startswith(HH_HUMAN) else ("assistant", HH_TURN)
+        if not rest.startswith(marker):
+            return None
+        rest = rest[len(marker):]
+        nxt = min((i for i in (rest.find(HH_HUMAN), rest.find(HH_TURN)) if i >= 0), default=len(rest))
+        messages.append({"role": role, "content": rest[:nxt].strip()})
+        rest = rest[nxt:]
+    return messages
+
+
+def one_bos(ids: list[int], bos: int) -> list[int]:
+    """ids starting with exactly one BOS, however many they had."""
+    n = next((i for i, t in enumerate(ids) if t != bos), len(ids))
+    return [bos, *ids[n:]]
+
+
+class RewardModelJudge:
+    """A reward model (model.Llama with a score head) and its own tokenizer."""
+
+    def __init__(self, model: Llama, tok: tokenizer.Tokenizer, name: str, batch_size: int = 8):
+        if not model.is_reward_model:
+            raise ValueError(f"judge {name}: not a reward model")
+        self.model, self.tok, self.name, self.batch_size = model.eval(), tok, name, batch_size
+        self.truncated = 0
+
+    def encode(self, prompt: str | list, response: str) -> tuple[list[int], int]:
+        """(token ids of the conversation as this judge reads it, how many of them are the prompt's)."""
+        tok = self.tok
+        if tok.chat_template is None:  # the data pipeline's layout: [BOS] prompt | response EOS
+            reply = [{"role": "assistant", "content": response}] if isinstance(prompt, list) else response
+            p, r = tok.ids(*tok.render(prompt, [reply]))
+            return p + r, len(p)
+        if isinstance(prompt, str):
+            prompt = hh_messages(prompt) or [{"role": "user", "content": prompt}]
+        p = tok.ids(tok.render(prompt)[0])[0]  # the prompt with the generation prompt: the response's start
+        ids = tok.ids(chat.render_conversation(tok, [*prompt, {"role": "assistant", "content": response.strip()}]))[0]
+        if tok.bos_id is not None:  # one BOS: the template's, or the one the tokenizer adds when it writes none
+            ids, p = one_bos(ids, tok.bos_id), one_bos(p, tok.bos_id)
+        return ids, len(p)
+
+    def fit(self, ids: list[int], n_prompt: int) -> list[int]:
+        """ids within the context: BOS kept, the prompt cut from the left (counted in .truncated)."""
+        limit = self.model.config.max_seq_len
+        if len(ids) <= limit:
+            return ids
+        keep = int(self.tok.bos_id is not None and ids[:1] == [self.tok.bos_id])
+        if len(ids) - n_prompt + keep > limit:
+            raise ValueError(f"judge {self.name}: a response of {len(ids) - n_prompt} tokens does not fit its context "
+                             f"of {limit} (max_position_embeddings) even without its prompt")
+        self.truncated += 1
+        return ids[:keep] + ids[len(ids) - limit + keep:]
+
+    @torch.no_grad()
+    def score(self, prompts: list, responses: list[str]) -> list[float]:
+        """The reward of each (prompt, response), in batches of batch_size right-padded rows."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"judge {self.name}: {len(prompts)} prompts but {len(responses)} responses")
+        rows = [self.fit(*self.encode(p, r)) for p, r in zip(prompts, responses)]
+        device = self.model.embed_tokens.weight.device
+        out = []
+        for i in range(0, len(rows), self.batch_size):
+            batch = rows[i:i + self.batch_size]
+            T = max(map(len, batch))
+            ids = torch.full((len(batch), T), self.tok.pad_id, dtype=torch.long)
+            mask = torch.zeros(len(batch), T, dtype=torch.long)
+            for b, r in enumerate(batch):
+                ids[b, :len(r)], mask[b, :len(r)] = torch.tensor(r), 1
+            out += self.model.rewards(ids.to(device), mask.to(device)).tolist()
+        return out
+
+
+def judge_tokenizer(directory: Path) -> tokenizer.Tokenizer:
+    """The reward model's own tokenizer: its tokenizer.json (or llama2.c tok*.bin), else the one its run recorded."""
+    found = tokenizer.find_tokenizer(directory)
+    if found is None and (directory / "train_config.json").is_file():
+        found = json.loads((directory / "train_config.json").read_text()).get("tokenizer")
+    if found is None:
+        raise ValueError(f"{directory}: no tokenizer.json, llama2.c tok*.bin or train_config.json beside the reward "
+                         "model: a judge reads text through its own tokenizer")
+    return tokenizer.get_tokenizer(str(found))
+
+
+def load_judge(spec: str, device: str | torch.device = "cpu") -> GoldJudge | RewardModelJudge:
+    """'gold', or a reward-model directory (a Hub snapshot, a run directory or one of its ckpt-*). Bad input (no such
+    directory, a causal LM, num_labels != 1, no tokenizer) is a ValueError of one line naming it, raised before any
+    weight is read where the config tells."""
+    if spec == "gold":
+        return GoldJudge()
+    try:
+        directory = checkpoint.model_dir(spec)
+    except ValueError as e:
+        raise ValueError(f"judge {e}") from None
+    config = directory / "config.json"
+    if not config.is_file():
+        raise ValueError(f"judge {spec}: no config.json in {directory}")
+    archs = json.loads(config.read_text()).get("architectures") or ["no architectures"]
+    if not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        raise ValueError(f"judge {spec}: {config} is a {archs[0]}, not a reward model (a *ForSequenceClassification "
+                         f"with num_labels 1)")
+    tok = judge_tokenizer(directory)
+    device = torch.device(device)
+    try:  # fp32 on CPU; the checkpoint's own dtype (bf16 for Hub reward models) on a GPU
+        model = Llama.from_pretrained(directory, dtype=torch.float32 if device.type == "cpu" else None)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"judge {spec}: {e}") from None
+    if model.config.vocab_size < tok.n_vocab:
+        raise ValueError(f"judge {spec}: vocab_size {model.config.vocab_size} ({config}) < the {tok.n_vocab} ids of "
+                         f"its tokenizer")
+    return RewardModelJudge(model.to(device), tok, name=Path(spec).name or str(spec))
