@@ -219,6 +219,8 @@ def validate(cfg: TrainConfig, world_size: int):
     if cfg.judge and cfg.loss == "rm":
         fail(f"judge={cfg.judge} scores the policy's generations, but loss=rm trains a reward model, which generates "
              "none")
+    if cfg.judge and cfg.num_samples == 0:
+        fail(f"judge={cfg.judge} scores the eval's sampled responses, but num_samples=0 samples none")
     if cfg.judge == "gold" and cfg.data != "synthetic":
         fail(f"judge=gold is the synthetic task's gold reward, but data={cfg.data}")
     if cfg.judge and cfg.judge != "gold" and not Path(cfg.judge).exists():

@@ -242,7 +242,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        if config.reward_model:  # r(x, y) = score · h at the last token; never tied (tie_embeddings kept for config.json)
+        if config.reward_model:  # r(x, y) = score · h at the last token; never tied (tie_embeddings: for config.json)
             self.score = nn.Linear(config.dim, 1, bias=False)
         else:
             self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)

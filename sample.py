@@ -47,6 +47,9 @@ def sample(args: argparse.Namespace):
         model = Llama.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     except (ValueError, OSError) as e:
         raise SampleError(f"--ckpt {ckpt}: {e}") from None
+    if model.is_reward_model:
+        raise SampleError(f"--ckpt {ckpt}: a reward model (a score head, no LM head) does not generate; judge.py "
+                          "scores text with it")
     name = args.tokenizer or run_tokenizer(ckpt, model_dir)
     try:
         tok = get_tokenizer(name)

@@ -158,3 +158,12 @@ def test_chat_errors_are_one_line(chat_run, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err == "sample.py: error: --chat: chat template of byte-chatml: System messages are not supported " \
                   "(roles user)\n"
+
+
+def test_a_reward_model_is_refused_in_one_line(tmp_path, capsys):
+    tok = get_tokenizer("byte")
+    Llama(ModelConfig(vocab_size=tok.n_vocab, dim=16, n_layers=1, n_heads=2, reward_model=True,
+                      pad_id=tok.pad_id)).save_pretrained(tmp_path)
+    assert sample.main(["--ckpt", str(tmp_path), "--tokenizer", "byte", "--prompt", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a reward model (a score head, no LM head) does not generate" in err

@@ -369,14 +369,14 @@ def test_the_padded_path_matches_the_packed_default(straight, tmp_path):
         assert a.keys() == b.keys() and all(v == pytest.approx(b[k], abs=1e-4) for k, v in a.items())
 
 
-@pytest.mark.parametrize("loss", ["dpo", "sft"])
+@pytest.mark.parametrize("loss", ["dpo", "sft", "rm"])
 def test_packed_micro_batches_of_a_small_budget_are_world_size_invariant(tmp_path, loss):
     """A budget of 3 rows gives one process uneven micro batches (3 + 1 examples, 2 + 2 on each of 2 ranks); DDP and
     FSDP2 on 2 processes still reproduce 1 process: the loss weights make the global batch mean (SFT: its token
     mean) of any split."""
     args = [a for a in TINY if not a.startswith(("--loss", "--ref_update"))]
-    args += [f"--loss={loss}", "--ref_update=static" if loss == "sft" else "--ref_update=soft",
-             f"--micro_batch_tokens={93 if loss == 'dpo' else 48}", "--max_steps=6", "--eval_every=0", "--ckpt_every=0"]
+    args += [f"--loss={loss}", "--ref_update=soft" if loss == "dpo" else "--ref_update=static",
+             f"--micro_batch_tokens={48 if loss == 'sft' else 93}", "--max_steps=6", "--eval_every=0", "--ckpt_every=0"]
     runs = {}
     for name, extra, nproc in (("one", [], 0), ("ddp", [], 2), ("fsdp", ["--fsdp=true"], 2)):
         runs[name] = tmp_path / name
