@@ -55,7 +55,8 @@ class GoldJudge:
 def hh_messages(text: str) -> list[dict] | None:
     """An HH transcript prompt ("\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:") as chat messages
     [user a, assistant b, user c]; None if text is not one (it must start with a Human turn and end with the empty
-    Assistant turn being answered)."""
+    Assistant turn being answered). Consecutive turns of one speaker (a few HH transcripts have two Assistant turns in a
+    row) are joined into one message, separated by a blank line: templates that require alternating roles accept it."""
     if not text.startswith(HH_HUMAN) or not text.endswith(HH_TURN):
         return None
     messages, rest = [], text[:-len(HH_TURN)]
@@ -65,7 +66,10 @@ def hh_messages(text: str) -> list[dict] | None:
             return None
         rest = rest[len(marker):]
         nxt = min((i for i in (rest.find(HH_HUMAN), rest.find(HH_TURN)) if i >= 0), default=len(rest))
-        messages.append({"role": role, "content": rest[:nxt].strip()})
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n\n" + rest[:nxt].strip()
+        else:
+            messages.append({"role": role, "content": rest[:nxt].strip()})
         rest = rest[nxt:]
     return messages
 

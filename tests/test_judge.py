@@ -68,6 +68,24 @@ def test_hh_transcripts_become_chat_turns():
     assert judge.hh_messages("abc=") is None and judge.hh_messages("\n\nHuman: no answer turn") is None
 
 
+def test_every_shared_hh_test_prompt_becomes_alternating_turns_with_its_text():
+    """The four HH-RLHF test files: every prompt parses; user and assistant alternate, from a user turn to the user
+    turn being answered; the turns hold the transcript's text (whitespace aside)."""
+    import glob
+    import data
+    files = sorted(glob.glob(str(shared_path("data", "hh-rlhf") / "*-test.jsonl.gz")))
+    n = 0
+    for f in files:
+        for ex in data.read_examples(f):
+            messages = judge.hh_messages(ex.prompt)
+            roles = [m["role"] for m in messages]
+            assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"], ex.prompt[:200]
+            words = " ".join(m["content"] for m in messages).split()
+            assert words == ex.prompt.replace("\n\nHuman:", " ").replace("\n\nAssistant:", " ").split()
+            n += 1
+    assert len(files) == 4 and n >= 1000  # (the four files hold 8,552 test pairs)
+
+
 def test_qwen_judge_reads_the_conversation_as_transformers_writes_it(tmp_path):
     """Qwen2.5's template: the judge's ids are apply_chat_template's (its default system prompt included, as the
     template writes it when the data has none; a system turn of the data replaces it, never both), the trailing "\\n"
