@@ -16,8 +16,11 @@ reward model saw it in training, and is kept. Prompts as data.Pair gives them:
   - an HH transcript ("\\n\\nHuman: ..\\n\\nAssistant: ..\\n\\nHuman: ..\\n\\nAssistant:"): its turns as messages;
   - any other string: one user message.
 Responses are stripped of surrounding whitespace for a chat template (HH responses start with a space). A judge
-without a chat template reads the text as the data pipeline writes it (data.tokenize): BOS, the prompt, the response,
-EOS (messages in the plain HH format).
+without a chat template, and a reward model trained here (--loss=rm: its checkpoint's train_config.json says so), read
+the text as the data pipeline writes it (data.tokenize, Tokenizer.render): a string prompt as text after BOS and the
+response then EOS; chat messages through the template, the response ending at its end-of-turn id (ChatML's "\\n"
+after <|im_end|> left out); without a template, the plain HH format. So a reward model trained here is read exactly
+where its training read it.
 
 A conversation longer than the reward model's context (max_position_embeddings) keeps BOS and its last tokens: the
 prompt is cut from the left, and `.truncated` counts the responses scored so. A response that does not fit even with
@@ -83,16 +86,19 @@ def one_bos(ids: list[int], bos: int) -> list[int]:
 class RewardModelJudge:
     """A reward model (model.Llama with a score head) and its own tokenizer."""
 
-    def __init__(self, model: Llama, tok: tokenizer.Tokenizer, name: str, batch_size: int = 8):
+    def __init__(self, model: Llama, tok: tokenizer.Tokenizer, name: str, batch_size: int = 8,
+                 data_layout: bool = False):
         if not model.is_reward_model:
             raise ValueError(f"judge {name}: not a reward model")
         self.model, self.tok, self.name, self.batch_size = model.eval(), tok, name, batch_size
+        # data.tokenize's layout (a reward model trained here, or no chat template), else apply_chat_template's
+        self.data_layout = data_layout or tok.chat_template is None
         self.truncated, self.responses_cut = 0, 0
 
     def encode(self, prompt: str | list, response: str) -> tuple[list[int], int]:
         """(token ids of the conversation as this judge reads it, how many of them are the prompt's)."""
         tok = self.tok
-        if tok.chat_template is None:  # the data pipeline's layout: [BOS] prompt | response EOS
+        if self.data_layout:  # the data pipeline's: [BOS] prompt | response EOS, or the chat to the response's end id
             reply = [{"role": "assistant", "content": response}] if isinstance(prompt, list) else response
             p, r = tok.ids(*tok.render(prompt, [reply]))
             return p + r, len(p)
@@ -184,4 +190,6 @@ def load_judge(spec: str, device: str | torch.device = "cpu") -> GoldJudge | Rew
     if model.config.vocab_size < tok.n_vocab:
         raise ValueError(f"judge {spec}: vocab_size {model.config.vocab_size} ({directory / 'config.json'}) < the "
                          f"{tok.n_vocab} ids of its tokenizer")
-    return RewardModelJudge(model.to(device), tok, name=Path(spec).name or str(spec))
+    trained_here = directory / "train_config.json"
+    data_layout = trained_here.is_file() and json.loads(trained_here.read_text()).get("loss") == "rm"
+    return RewardModelJudge(model.to(device), tok, name=Path(spec).name or str(spec), data_layout=data_layout)

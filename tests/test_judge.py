@@ -176,3 +176,23 @@ def test_bad_judges_are_one_line_errors(tmp_path):
             judge.load_judge(str(spec))
         assert "\n" not in str(e.value) and culprit in str(e.value), str(e.value)
     assert qwen.is_dir()
+
+
+def test_a_reward_model_trained_here_is_read_where_its_training_read(tmp_path):
+    """A --loss=rm checkpoint (train_config.json: loss rm) is read in data.tokenize's layout: with Qwen2.5's template,
+    the ids of a tokenised pair's prompt + response (ending at <|im_end|>), one token short of apply_chat_template's
+    conversation (its trailing "\\n"); a string prompt as text, as its training saw it."""
+    import data
+    qwen = shared_path("models", "qwen2.5-0.5b-instruct")
+    hf_reward_model(tmp_path, qwen)
+    hub = judge.load_judge(tmp_path)
+    (tmp_path / "train_config.json").write_text(json.dumps({"loss": "rm", "tokenizer": str(tmp_path)}))
+    here = judge.load_judge(tmp_path)
+    assert (hub.data_layout, here.data_layout) == (False, True)
+    for prompt, chosen, rejected in (([{"role": "user", "content": "Name a colour."}], "Blue.", "Red."),
+                                     ("abc=", "abdcab", "efgh")):
+        reply = (lambda t: [{"role": "assistant", "content": t}]) if isinstance(prompt, list) else (lambda t: t)
+        item = data.tokenize([data.Pair(prompt, reply(chosen), reply(rejected))], here.tok, "pairs", 4096).items[0]
+        assert here.encode(prompt, chosen) == (item.prompt + item.response, len(item.prompt))
+    chat = [{"role": "user", "content": "Name a colour."}]
+    assert hub.encode(chat, "Blue.")[0] == here.encode(chat, "Blue.")[0] + here.tok.encode("\n", start=False)
