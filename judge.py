@@ -4,14 +4,14 @@
     load_judge("path/to/rm")      a reward model (a *ForSequenceClassification directory, or one of our --loss=rm runs)
 
 A reward model judges through its own tokenizer and chat template, never the policy's: the policy's response is
-decoded to text by the caller and encoded here again. With a chat template, the conversation [prompt turns, the
-response as one assistant turn] is read as transformers' apply_chat_template writes it and as TRL's RewardTrainer
-trained on it (whitespace after the last end of turn included), with exactly one BOS: the template's, or the
-tokenizer's own when the template writes none (Skywork-Reward's recipe: strip the template's BOS, let the tokenizer
-add it). No system turn is added: the judge renders the prompt's turns and nothing else, so a system message appears
-only where the data has one or where the template itself writes a default one when none is given (Qwen2.5's "You are
-Qwen, created by Alibaba Cloud. ..."): that default is part of the template, as transformers renders it and as the
-reward model saw it in training, and is kept. Prompts as data.Pair gives them:
+decoded to text by the caller and encoded here again. With a chat template (a Hub reward model), the conversation
+[prompt turns, the response as one assistant turn] is read as transformers' apply_chat_template writes it and as TRL's
+RewardTrainer trained on it (whitespace after the last end of turn included), with exactly one BOS: the template's,
+or the tokenizer's own when the template writes none (Skywork-Reward's recipe: strip the template's BOS, let the
+tokenizer add it). No system turn is added: the judge renders the prompt's turns and nothing else, so a system
+message appears only where the data has one or where the template itself writes a default one when none is given
+(Qwen2.5's "You are Qwen, created by Alibaba Cloud. ..."): that default is part of the template, as transformers
+renders it and as the reward model saw it in training, and is kept. Prompts as data.Pair gives them:
   - chat messages: as they are;
   - an HH transcript ("\\n\\nHuman: ..\\n\\nAssistant: ..\\n\\nHuman: ..\\n\\nAssistant:"): its turns as messages;
   - any other string: one user message.
@@ -47,7 +47,7 @@ class GoldJudge:
     name = "gold"
 
     def __init__(self):
-        self.truncated = 0
+        self.truncated = self.responses_cut = 0  # as a reward-model judge counts them: never, here
 
     def score(self, prompts: list, responses: list[str]) -> list[float]:
         if len(prompts) != len(responses):
