@@ -11,8 +11,8 @@ from pathlib import Path
 
 import checkpoint
 import datafiles
-import judge
 import tokenizer
+import judge
 
 
 def opt(default, help: str, choices: tuple = ()):

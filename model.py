@@ -9,7 +9,7 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -272,7 +272,7 @@ class Llama(nn.Module):
             raise ValueError("add_score_head: this model is a reward model already")
         w = self.embed_tokens.weight
         del self.lm_head  # tied: the embedding stays, the head was only a second name for it
-        self.config = replace(self.config, reward_model=True)
+        self.config.reward_model = True
         self.score = nn.Linear(self.config.dim, 1, bias=False, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             self.score.weight.copy_(torch.randn(self.score.weight.shape, generator=generator) * SCORE_STD)

@@ -30,9 +30,9 @@ from safetensors import SafetensorError
 
 import checkpoint
 import data
-import judge as judge_lib
 import losses
 import packing
+import judge as judge_lib
 import tokenizer
 import reference as ref_lib
 import synthetic
@@ -487,14 +487,14 @@ def run(cfg: TrainConfig) -> dict:
     train_loader, eval_batches, prompts, prompt_texts = make_data(cfg, tok, rank, world)
     micro_steps = (f"packed micro steps of <= {train_loader.rows} x {train_loader.capacity} tokens" if cfg.packing else
                    f"{cfg.batch_size // (cfg.micro_batch_size * world)} micro step(s) of {cfg.micro_batch_size}")
-
-    # models: the policy π_θ, the reference π_ref (a frozen copy, TR-updated), the initial policy for KL at eval time
-    init = load_model(cfg, tok).to(device)
-    policy = init if ckpt is None else Llama.from_pretrained(ckpt).to(device)
     try:  # the eval's judge (--judge), on rank 0, which writes metrics.jsonl
         scorer = judge_lib.load_judge(cfg.judge, device) if cfg.judge and rank == 0 and prompts else None
     except ValueError as e:
         fail(str(e))
+
+    # models: the policy π_θ, the reference π_ref (a frozen copy, TR-updated), the initial policy for KL at eval time
+    init = load_model(cfg, tok).to(device)
+    policy = init if ckpt is None else Llama.from_pretrained(ckpt).to(device)
     reference = None
     if cfg.loss not in ("sft", "rm"):
         reference = ref_lib.make_reference(init if ckpt is None else Llama.from_pretrained(ckpt / "reference")

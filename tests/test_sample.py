@@ -63,6 +63,15 @@ def test_bad_paths_fail_in_one_line(tmp_path, args, culprit):
     assert p.stderr.startswith("sample.py: error: ") and culprit.format(tmp=tmp_path) in p.stderr
 
 
+def test_a_reward_model_is_refused_in_one_line(tmp_path, capsys):
+    tok = get_tokenizer("byte")
+    Llama(ModelConfig(vocab_size=tok.n_vocab, dim=16, n_layers=1, n_heads=2, reward_model=True,
+                      pad_id=tok.pad_id)).save_pretrained(tmp_path)
+    assert sample.main(["--ckpt", str(tmp_path), "--tokenizer", "byte", "--prompt", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a reward model (a score head, no LM head) does not generate" in err
+
+
 def test_a_sliding_window_shorter_than_prompt_plus_new_tokens_is_refused(tmp_path, capsys):
     """A Mistral whose window is 16: BOS + "abc" + 12 new tokens fit, 13 would be cut by the window."""
     tok = get_tokenizer("byte")
@@ -159,11 +168,3 @@ def test_chat_errors_are_one_line(chat_run, capsys, monkeypatch):
     assert err == "sample.py: error: --chat: chat template of byte-chatml: System messages are not supported " \
                   "(roles user)\n"
 
-
-def test_a_reward_model_is_refused_in_one_line(tmp_path, capsys):
-    tok = get_tokenizer("byte")
-    Llama(ModelConfig(vocab_size=tok.n_vocab, dim=16, n_layers=1, n_heads=2, reward_model=True,
-                      pad_id=tok.pad_id)).save_pretrained(tmp_path)
-    assert sample.main(["--ckpt", str(tmp_path), "--tokenizer", "byte", "--prompt", "abc"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "a reward model (a score head, no LM head) does not generate" in err
