@@ -167,4 +167,3 @@ def test_chat_errors_are_one_line(chat_run, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err == "sample.py: error: --chat: chat template of byte-chatml: System messages are not supported " \
                   "(roles user)\n"
-

@@ -652,4 +652,3 @@ def test_a_model_directory_with_a_tokenizer_json_trains_and_its_checkpoint_carri
     transformers = pytest.importorskip("transformers")
     reloaded = transformers.AutoTokenizer.from_pretrained(str(checkpoint.model_dir(tmp_path / "b")))
     assert reloaded("Say hi")["input_ids"] == train.tokenizer.get_tokenizer(str(ckpt)).encode("Say hi")
-
