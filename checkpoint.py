@@ -282,7 +282,7 @@ class RunDir:
         self.out, self.old, self.stale = out, old, stale
 
     def path(self, name: str) -> Path:
-        """Where this run writes metrics.jsonl or train_config.json now: beside the earlier run's until it is replaced."""
+        """Where this run writes metrics.jsonl or train_config.json now: beside the earlier run's until it goes."""
         return self.out / (NEW + name if self.old else name)
 
     def newest(self) -> Path | None:

@@ -401,7 +401,7 @@ def guard(norm: float, loss: float, bad_steps: int, step: int, cfg: TrainConfig,
     non-finite loss or norm at the first forward of a fresh run (no optimizer step yet: lr played no part) is the
     initial model's: ConfigError naming init_from."""
     if step == 0 and not (math.isfinite(norm) and math.isfinite(loss)):
-        fail(f"non-finite loss at the first forward (loss {loss}, gradient norm {norm}), before any optimizer step: "
+        fail(f"the first forward is non-finite (loss {loss}, gradient norm {norm}), before any optimizer step: "
              f"the model of init_from={cfg.init_from} gives NaN/inf (check its weights and config.json, e.g. "
              "rope_theta)" + (" or use dtype=float32" if cfg.dtype != "float32" else ""))
     if math.isfinite(norm):
@@ -478,7 +478,7 @@ def run(cfg: TrainConfig) -> dict:
     metrics_file = out / "metrics.jsonl"
     # killed between a checkpoint and its eval: the eval runs first (read by every rank before rank 0 rewrites the file)
     eval_first = ckpt is not None and eval_due(start, cfg) and not evaluated(metrics_file, start)
-    checkpoint.barrier()  # every rank has read the checkpoint before rank 0 renames damaged ones
+    checkpoint.barrier()  # every rank has read the checkpoint and metrics before rank 0 renames or rewrites
     if rank == 0:
         for d in [] if ckpt is None else checkpoint.set_aside(out, ckpt):
             log(f"warning: --resume: the damaged {d.name.removesuffix('.damaged')} renamed to {d.name}")

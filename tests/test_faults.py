@@ -613,7 +613,7 @@ def test_a_non_finite_first_forward_names_the_model_not_the_lr(tmp_path, capsys,
     one_line_error(rc, err, f"init_from={hf}")
     assert "lower lr" not in err and "non-finite steps in a row" not in err
     if spoil.startswith("rope_theta 0"):
-        one_line_error(rc, err, "non-finite loss at the first forward (loss nan, gradient norm nan), before any "
+        one_line_error(rc, err, "the first forward is non-finite (loss nan, gradient norm nan), before any "
                        f"optimizer step: the model of init_from={hf} gives NaN/inf (check its weights and config.json,"
                        " e.g. rope_theta)" + (" or use dtype=float32" if bf16 else ""))
 

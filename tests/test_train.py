@@ -399,6 +399,19 @@ def test_a_fresh_run_with_overwrite_replaces_an_earlier_runs_checkpoints(straigh
     assert any(not torch.equal(new[k], old[k]) for k in old)  # the new run's own weights, not the copied ones
 
 
+def test_on_two_processes_rank_0_decides_and_every_rank_agrees(straight, tmp_path):
+    """A run into an out_dir holding a run, under torchrun: every rank stops with the same line (none waits in a
+    collective); with --overwrite the earlier run is replaced at the first checkpoint, which all ranks write."""
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    p = subprocess.run(launcher + [str(ROOT / "train.py"), *TINY, f"--out_dir={tmp_path}", "--max_steps=6"], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=180)
+    assert p.returncode != 0 and p.stderr.count(f"train.py: error: out_dir={tmp_path} holds a run (ckpt-000012") == 2
+    run(TINY + [f"--out_dir={tmp_path}", "--max_steps=6", "--overwrite=true"], nproc=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "ckpt-000006", "metrics.jsonl", "train_config.json"]
+    assert [r["step"] for r in metrics(tmp_path) if r["split"] == "eval"] == [6]
+
+
 KILLED_RUN = """
 import os, signal, sys, checkpoint, train
 module, name = sys.argv[1].split(".")
