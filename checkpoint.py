@@ -198,7 +198,9 @@ def resumable(out_dir: str | Path, warn) -> Path:
         problems.append(problem)
     if problems:
         raise CheckpointError(f"--resume: no usable checkpoint in out_dir={out_dir}: " + "; ".join(problems))
-    raise CheckpointError(f"--resume: no checkpoint (ckpt-*) in out_dir={out_dir}; drop --resume to start a fresh run")
+    held = earlier_run(out_dir)  # a run that stopped before its first checkpoint: a fresh run must replace it
+    raise CheckpointError(f"--resume: no checkpoint (ckpt-*) in out_dir={out_dir}; drop --resume to start a fresh run"
+                          + (f" (it holds a run, {held}: add --overwrite=true)" if held else ""))
 
 
 def set_aside(out_dir: str | Path, after: Path) -> list[Path]:

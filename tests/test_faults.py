@@ -442,6 +442,12 @@ def test_a_lock_that_is_not_a_regular_file_is_refused(tmp_path):
 def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
     rc, _, err = main(SMALL + [f"--out_dir={tmp_path / 'typo'}", "--resume"], capsys)
     one_line_error(rc, err, f"--resume: no checkpoint (ckpt-*) in out_dir={tmp_path / 'typo'}", "drop --resume")
+    assert "overwrite" not in err
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "split": "train"}) + "\n")  # killed before ckpt 1
+    rc, _, err = main(SMALL + [f"--out_dir={tmp_path}", "--resume"], capsys)
+    one_line_error(rc, err, "drop --resume to start a fresh run (it holds a run, no checkpoint; metrics.jsonl to step "
+                   "1, written ", ": add --overwrite=true)")
+    assert main(SMALL + [f"--out_dir={tmp_path}", "--overwrite=true", "--max_steps=2"], capsys)[0] == 0
 
 
 def truncate(ckpt: Path):
