@@ -336,7 +336,7 @@ def claim(out_dir: str | Path, resume: bool, overwrite: bool, reads: dict[str, s
         links = [p for p in found if p.is_symlink()]
         odd = [out / n for n in RUN_FILES if os.path.lexists(out / n) and not (out / n).is_file()]
         held = None if resume or links or odd else earlier_run(out)
-        read = [f"{k}={v}" for k, v in reads.items() if held and inside(v, out, found)]
+        read = [f"{k}={v}" for k, v in reads.items() if held and inside(v, found)]
         if links:
             problem = link_problem(links[0])
         elif odd:
@@ -360,7 +360,7 @@ def claim(out_dir: str | Path, resume: bool, overwrite: bool, reads: dict[str, s
     return RunDir(out, old, stale)
 
 
-def inside(value: str, out: Path, found: list[Path]) -> bool:
+def inside(value: str, found: list[Path]) -> bool:
     """Whether the path value (a run directory standing for its newest checkpoint) is one of found or inside one."""
     path = Path(value)
     if not value or not path.exists():
