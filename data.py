@@ -460,7 +460,8 @@ def show(ds: Dataset, tok: Tokenizer, n: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="data.py", description="Summarise a preference / SFT data file or dataset "
-                                 "directory: formats, drops, truncation; --show N prints the first N tokenised examples.")
+                                 "directory: formats, drops, truncation; --show N prints the first N tokenised "
+                                 "examples.")
     ap.error = lambda message: ap.exit(2, f"data.py: error: {message}\n")  # one line, without the usage block
     ap.add_argument("path", help=".jsonl, .jsonl.gz, .json or .parquet file, or a dataset directory")
     ap.add_argument("--split", default="auto", help="a dataset directory's split (auto: its train split)")
