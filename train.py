@@ -172,14 +172,30 @@ def load_model(cfg: TrainConfig, tok) -> Llama:
     """The initial policy: from scratch (seeded identically on every rank), or a Hugging Face / our checkpoint."""
     if cfg.init_from == "scratch":
         torch.manual_seed(cfg.seed)
+        # the context: every sequence this run may hold, with or without eval samples (num_samples may change on
+        # --resume, and the model's config comes from its checkpoint then)
+        context = max(cfg.max_length, cfg.max_prompt_length + cfg.max_new_tokens)
         return Llama(ModelConfig(vocab_size=tok.n_vocab, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                                 max_seq_len=cfg.max_length, bos_id=tok.bos_id, eos_id=tok.eos_id))
+                                 max_seq_len=context, bos_id=tok.bos_id, eos_id=tok.eos_id))
     try:
         model = Llama.from_pretrained(checkpoint.model_dir(cfg.init_from))
+        check_length(cfg, model.config, f"init_from={cfg.init_from}")
         check_context(model.config, longest_sequence(cfg))  # a sliding window that would cut this run's sequences
         return model
+    except ConfigError:  # check_length's, complete
+        raise
     except (ValueError, OSError, SafetensorError) as e:  # a bad config.json or weights file: its message names it
         fail(f"init_from={cfg.init_from}: {e}")
+
+
+def check_length(cfg: TrainConfig, config: ModelConfig, where: str):
+    """Before any work: the run's longest sequence fits the model's context (its max_position_embeddings)."""
+    n = longest_sequence(cfg)
+    if n > config.max_seq_len:
+        options = (f"max_length={cfg.max_length}" if n == cfg.max_length else
+                   f"max_prompt_length + max_new_tokens = {cfg.max_prompt_length} + {cfg.max_new_tokens} = {n}")
+        fail(f"{options} tokens is longer than the context of {where}, max_position_embeddings {config.max_seq_len} "
+             f"(config.json): use at most {config.max_seq_len} tokens")
 
 
 def longest_sequence(cfg: TrainConfig) -> int:

@@ -668,3 +668,27 @@ def test_a_model_directory_with_a_tokenizer_json_trains_and_its_checkpoint_carri
     transformers = pytest.importorskip("transformers")
     reloaded = transformers.AutoTokenizer.from_pretrained(str(checkpoint.model_dir(tmp_path / "b")))
     assert reloaded("Say hi")["input_ids"] == train.tokenizer.get_tokenizer(str(ckpt)).encode("Say hi")
+
+
+def test_lengths_are_bounded_by_the_models_context(tmp_path, capsys):
+    """init_from a model of 16 positions: max_length, or an eval prompt with its generation, past them is refused in
+    one line naming the options and the limit, before any step; from scratch, the context holds both."""
+    import tokenizer
+    tok = tokenizer.get_tokenizer("byte")
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=tok.n_vocab, dim=32, n_layers=1, n_heads=2, max_seq_len=16))
+    model.save_pretrained(tmp_path / "m")
+    args = ["--loss=dpo", "--max_steps=1", "--eval_size=4", "--batch_size=2", "--micro_batch_size=2",
+            "--tokenizer=byte", "--max_length=16", "--max_prompt_length=8", "--num_samples=2", "--max_new_tokens=8",
+            "--ckpt_every=1", f"--init_from={tmp_path / 'm'}"]
+    for extra, culprit in ((["--max_new_tokens=9"], "max_prompt_length + max_new_tokens = 8 + 9 = 17 tokens"),
+                           (["--max_length=17"], "max_length=17 tokens")):
+        assert train.main(args + extra + [f"--out_dir={tmp_path / 'no'}"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"train.py: error: {culprit} is longer than the context of init_from={tmp_path / 'm'}, " \
+                      f"max_position_embeddings 16 (config.json): use at most 16 tokens\n"
+        assert not (tmp_path / "no" / "metrics.jsonl").exists()
+    assert train.main(args + ["--max_new_tokens=100", "--num_samples=0", f"--out_dir={tmp_path / 'ok'}"]) == 0
+    cfg = train.parse_config(["--max_length=16", "--max_prompt_length=8", "--max_new_tokens=100"], world_size=1)
+    assert train.load_model(cfg, tok).config.max_seq_len == 108  # from scratch: eval prompts with their generation
+    assert train.load_model(dataclasses.replace(cfg, max_new_tokens=4), tok).config.max_seq_len == 16
