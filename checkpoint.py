@@ -2,7 +2,7 @@
 
     out_dir/ckpt-<step>/  config.json + model.safetensors     the policy, Hugging Face layout (init_from can load it)
                           reference/                          π_ref, the same layout (TR runs change it)
-      LoRA runs instead:  config.json + model.safetensors     the merged policy W0 + s·B·A (fp32), what transformers loads
+      LoRA runs instead:  config.json + model.safetensors     merged policy W0 + s·B·A (fp32), transformers loads it
                           base/                               the frozen W0 (HF layout, its storage dtype)
                           adapter/                            B and A in peft's format (PeftModel.from_pretrained(base))
                           reference_delta.safetensors         π_ref's ΔW_ref = U·V as factors (delta_U, delta_V)

@@ -65,7 +65,8 @@ class LoRALinear(nn.Module):
 
 class DeltaLinear(nn.Module):
     """y = x·W0ᵀ + b + (x·Vᵀ)·Uᵀ: the reference's layer, ΔW_ref = U·V kept as factors of rank k (k = 0: ΔW_ref = 0).
-    W0 and b are the policy's own Parameters (one storage); U and V are buffers (no gradient, saved by checkpoint.py)."""
+    W0 and b are the policy's own Parameters (one storage); U and V are buffers (no gradient; checkpoint.py saves
+    them)."""
 
     def __init__(self, layer: LoRALinear):
         super().__init__()

@@ -189,8 +189,8 @@ def lora_models(cfg: TrainConfig, tok, ckpt: Path | None, device: torch.device):
     reference factors (checkpoint.load_lora)."""
     base = load_model(cfg, tok) if ckpt is None else Llama.from_pretrained(ckpt / "base", dtype=None)
     try:
-        policy = lora.apply(base.to(device), cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
-                            getattr(torch, cfg.lora_base_dtype), seed=cfg.seed)
+        policy = lora.apply(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, getattr(torch, cfg.lora_base_dtype),
+                            seed=cfg.seed).to(device)  # cast to the base dtype before it reaches the GPU
     except ValueError as e:
         fail(str(e))
     reference = lora.make_reference(policy) if cfg.loss != "sft" else None
@@ -199,8 +199,8 @@ def lora_models(cfg: TrainConfig, tok, ckpt: Path | None, device: torch.device):
         checkpoint.load_lora(ckpt, policy, reference)
     adapters = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     log(f"LoRA: rank {cfg.lora_rank} on {len(lora.layers(policy, lora.LoRALinear))} layers ({cfg.lora_targets}): "
-        f"{adapters / 1e6:.3f}M trained parameters; base W0 frozen in {cfg.lora_base_dtype}, shared by policy, "
-        f"reference and initial policy")
+        f"{adapters / 1e6:.3f}M trained parameters; base W0 frozen in {cfg.lora_base_dtype}, "
+        + ("each model's own shards under FSDP2" if cfg.fsdp else "one copy under policy, reference and initial"))
     return policy, reference, initial
 
 

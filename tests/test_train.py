@@ -420,14 +420,15 @@ KILL_POINTS = [("checkpoint.write_manifest", 5),  # step 5's checkpoint fully wr
                ("train.compute_loss", 19)]  # inside a training step after step 6's eval (the last checkpoint: 6+)
 
 
-LORA = ["--lora_rank=4", "--lora_alpha=8", "--lora_ref_rank=8"]  # TINY's soft TR-DPO with LoRA: W0 + s·B·A, ΔW_ref = U·V
+LORA = ["--lora_rank=4", "--lora_alpha=8", "--lora_ref_rank=8"]  # TINY's TR-DPO with LoRA: W0 + s·B·A, ΔW_ref = U·V
 
 
 def all_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the newest checkpoint's safetensors files (policy and reference/; LoRA: merged model, base/,
     adapter/ and the reference's factors), keyed by file and name."""
     ckpt = checkpoint.model_dir(run_dir)
-    return {f"{f.relative_to(ckpt)}:{k}": v for f in sorted(ckpt.rglob("*.safetensors")) for k, v in load_file(f).items()}
+    return {f"{f.relative_to(ckpt)}:{k}": v for f in sorted(ckpt.rglob("*.safetensors"))
+            for k, v in load_file(f).items()}
 
 
 @pytest.mark.parametrize("function, call, extra", [(f, c, []) for f, c in KILL_POINTS] + [(f, c, LORA)
