@@ -150,8 +150,7 @@ def apply(model: nn.Module, rank: int, alpha: float, targets: str = DEFAULT_TARG
     keep = {id(p) for n in trainable for p in model.get_submodule(n).parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
-        if id(p) not in keep:
-            p.data = p.data.to(base_dtype)
+        p.data = p.data.float() if id(p) in keep else p.data.to(base_dtype)  # trained weights in fp32
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name in sorted(n for where in found.values() for n in where):  # a fixed order: the same draws on every rank
         parent, _, child = name.rpartition(".")

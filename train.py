@@ -169,14 +169,15 @@ def keep_freed_memory(device: torch.device) -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))  # no mmap, no trim
 
 
-def load_model(cfg: TrainConfig, tok) -> Llama:
-    """The initial policy: from scratch (seeded identically on every rank), or a Hugging Face / our checkpoint."""
+def load_model(cfg: TrainConfig, tok, dtype: torch.dtype = torch.float32) -> Llama:
+    """The initial policy: from scratch (seeded identically on every rank), or a Hugging Face / our checkpoint, its
+    weights read in dtype (LoRA's bf16 base: a bf16 checkpoint is never held in fp32)."""
     if cfg.init_from == "scratch":
         torch.manual_seed(cfg.seed)
         return Llama(ModelConfig(vocab_size=tok.n_vocab, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                                  max_seq_len=cfg.max_length, bos_id=tok.bos_id, eos_id=tok.eos_id))
     try:
-        model = Llama.from_pretrained(checkpoint.model_dir(cfg.init_from))
+        model = Llama.from_pretrained(checkpoint.model_dir(cfg.init_from), dtype=dtype)
         check_context(model.config, longest_sequence(cfg))  # a sliding window that would cut this run's sequences
         return model
     except (ValueError, OSError, SafetensorError) as e:  # a bad config.json or weights file: its message names it
@@ -187,9 +188,10 @@ def lora_models(cfg: TrainConfig, tok, ckpt: Path | None, device: torch.device):
     """(policy W0 + s·B·A, reference W0 + ΔW_ref or None for sft, initial policy W0 for TR runs' eval KL or None), all
     on one frozen W0 storage: the initial model's weights, or on resume the checkpoint's base/, adapters and
     reference factors (checkpoint.load_lora)."""
-    base = load_model(cfg, tok) if ckpt is None else Llama.from_pretrained(ckpt / "base", dtype=None)
+    base_dtype = getattr(torch, cfg.lora_base_dtype)
+    base = load_model(cfg, tok, base_dtype) if ckpt is None else Llama.from_pretrained(ckpt / "base", dtype=None)
     try:
-        policy = lora.apply(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, getattr(torch, cfg.lora_base_dtype),
+        policy = lora.apply(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, base_dtype,
                             seed=cfg.seed).to(device)  # cast to the base dtype before it reaches the GPU
     except ValueError as e:
         fail(str(e))

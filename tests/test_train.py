@@ -444,8 +444,8 @@ def all_weights(run_dir: Path) -> dict[str, torch.Tensor]:
             for k, v in load_file(f).items()}
 
 
-@pytest.mark.parametrize("function, call, extra", [(f, c, []) for f, c in KILL_POINTS] + [(f, c, LORA)
-                                                                                          for f, c in KILL_POINTS])
+@pytest.mark.parametrize("function, call, extra", [pytest.param(f, c, [], id=f"{f}-{c}") for f, c in KILL_POINTS]
+                         + [pytest.param(f, c, LORA, id=f"lora-{f}-{c}") for f, c in KILL_POINTS])
 def test_sigkill_then_resume_matches_uninterrupted(request, tmp_path, function, call, extra):
     straight_run = request.getfixturevalue("straight_lora" if extra else "straight")
     args = [*TINY, *extra, f"--out_dir={tmp_path}", "--ckpt_every=1"]
