@@ -503,14 +503,18 @@ def save(out_dir: str | Path, step: int, policy, reference, optimizer, state: di
 
 def save_lora(tmp: Path, dest: Path, model, policy_sd: dict, ref_sd: dict | None, config: dict):
     """A LoRA run's weights: the merged policy as the checkpoint's model (transformers and init_from load it), the
-    frozen base and the adapter in peft's format beside it, and the reference's factors (exact resume needs all)."""
+    base and the adapter in peft's format beside it, and the reference's factors (exact resume needs all). base/ holds
+    every parameter but the adapters, so modules trained in full (a score head) are there, and in the adapter as its
+    modules_to_save."""
     with torch.device("meta"):  # a plain model of the same config: save_pretrained checks the names against it
         plain = type(model)(model.config)
     scale = config["lora_alpha"] / config["lora_rank"]
     plain.save_pretrained(tmp, lora.merged_state_dict(policy_sd, scale))
     plain.save_pretrained(tmp / "base", {k: v for k, v in policy_sd.items() if not k.endswith((".lora_A", ".lora_B"))})
+    full = {n for n, p in model.named_parameters() if p.requires_grad and not n.endswith((".lora_A", ".lora_B"))}
     lora.save_adapter(tmp / "adapter", {k: v for k, v in policy_sd.items() if k.endswith((".lora_A", ".lora_B"))},
-                      config["lora_rank"], config["lora_alpha"], config["lora_targets"], str((dest / "base").resolve()))
+                      config["lora_rank"], config["lora_alpha"], config["lora_targets"], str((dest / "base").resolve()),
+                      {k: policy_sd[k] for k in full})
     if ref_sd is not None:
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in ref_sd.items()}, tmp / "reference_delta.safetensors")
