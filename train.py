@@ -30,13 +30,14 @@ from safetensors import SafetensorError
 
 import checkpoint
 import data
+import lora
 import losses
 import packing
 import tokenizer
 import reference as ref_lib
 import synthetic
-from config import (ConfigError, TrainConfig, auto_tokenizer, data_splits, fail, help_text, parse_config,
-                    schedule_warning, truncation_warnings)
+from config import (ConfigError, TrainConfig, auto_tokenizer, data_splits, fail, help_text, lora_ref_rank,
+                    parse_config, schedule_warning, truncation_warnings)
 from model import Llama, ModelConfig, check_context
 
 
@@ -168,8 +169,9 @@ def keep_freed_memory(device: torch.device) -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))  # no mmap, no trim
 
 
-def load_model(cfg: TrainConfig, tok) -> Llama:
-    """The initial policy: from scratch (seeded identically on every rank), or a Hugging Face / our checkpoint."""
+def load_model(cfg: TrainConfig, tok, dtype: torch.dtype = torch.float32) -> Llama:
+    """The initial policy: from scratch (seeded identically on every rank), or a Hugging Face / our checkpoint, its
+    weights read in dtype (LoRA's bf16 base: a bf16 checkpoint is never held in fp32)."""
     if cfg.init_from == "scratch":
         torch.manual_seed(cfg.seed)
         # the context: every sequence this run may hold, with or without eval samples (num_samples may change on
@@ -178,7 +180,7 @@ def load_model(cfg: TrainConfig, tok) -> Llama:
         return Llama(ModelConfig(vocab_size=tok.n_vocab, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                                  max_seq_len=context, bos_id=tok.bos_id, eos_id=tok.eos_id))
     try:
-        model = Llama.from_pretrained(checkpoint.model_dir(cfg.init_from))
+        model = Llama.from_pretrained(checkpoint.model_dir(cfg.init_from), dtype=dtype)
         check_length(cfg, model.config, f"init_from={cfg.init_from}")
         check_context(model.config, longest_sequence(cfg))  # a sliding window that would cut this run's sequences
         return model
@@ -196,6 +198,28 @@ def check_length(cfg: TrainConfig, config: ModelConfig, where: str):
                    f"max_prompt_length + max_new_tokens = {cfg.max_prompt_length} + {cfg.max_new_tokens} = {n}")
         fail(f"{options} tokens is longer than the context of {where}, max_position_embeddings {config.max_seq_len} "
              f"(config.json): use at most {config.max_seq_len} tokens")
+
+
+def lora_models(cfg: TrainConfig, tok, ckpt: Path | None, device: torch.device):
+    """(policy W0 + s·B·A, reference W0 + ΔW_ref or None for sft, initial policy W0 for TR runs' eval KL or None), all
+    on one frozen W0 storage: the initial model's weights, or on resume the checkpoint's base/, adapters and
+    reference factors (checkpoint.load_lora)."""
+    base_dtype = getattr(torch, cfg.lora_base_dtype)
+    base = load_model(cfg, tok, base_dtype) if ckpt is None else Llama.from_pretrained(ckpt / "base", dtype=None)
+    try:
+        policy = lora.apply(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, base_dtype,
+                            seed=cfg.seed).to(device)  # cast to the base dtype before it reaches the GPU
+    except ValueError as e:
+        fail(str(e))
+    reference = lora.make_reference(policy) if cfg.loss != "sft" else None
+    initial = lora.make_reference(policy) if cfg.ref_update != "static" else None  # W0 itself: ΔW = 0, no copy
+    if ckpt is not None:  # before FSDP2 shards the adapters
+        checkpoint.load_lora(ckpt, policy, reference)
+    adapters = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    log(f"LoRA: rank {cfg.lora_rank} on {len(lora.layers(policy, lora.LoRALinear))} layers ({cfg.lora_targets}): "
+        f"{adapters / 1e6:.3f}M trained parameters; base W0 frozen in {cfg.lora_base_dtype}, "
+        + ("each model's own shards under FSDP2" if cfg.fsdp else "one copy under policy, reference and initial"))
+    return policy, reference, initial
 
 
 def longest_sequence(cfg: TrainConfig) -> int:
@@ -471,18 +495,22 @@ def run(cfg: TrainConfig) -> dict:
                    f"{cfg.batch_size // (cfg.micro_batch_size * world)} micro step(s) of {cfg.micro_batch_size}")
 
     # models: the policy π_θ, the reference π_ref (a frozen copy, TR-updated), the initial policy for KL at eval time
-    init = load_model(cfg, tok).to(device)
-    policy = init if ckpt is None else Llama.from_pretrained(ckpt).to(device)
-    reference = None
-    if cfg.loss != "sft":
-        reference = ref_lib.make_reference(init if ckpt is None else Llama.from_pretrained(ckpt / "reference")
-                                           .to(device))
-    initial = ref_lib.make_reference(init) if cfg.ref_update != "static" else None  # static: the reference is it
+    if cfg.lora_rank:  # LoRA: one frozen W0 under all three, each with its own low-rank delta (lora.py)
+        policy, reference, initial = lora_models(cfg, tok, ckpt, device)
+    else:
+        init = load_model(cfg, tok).to(device)
+        policy = init if ckpt is None else Llama.from_pretrained(ckpt).to(device)
+        reference = None
+        if cfg.loss != "sft":
+            reference = ref_lib.make_reference(init if ckpt is None else Llama.from_pretrained(ckpt / "reference")
+                                               .to(device))
+        initial = ref_lib.make_reference(init) if cfg.ref_update != "static" else None  # static: the reference is it
     n_params = policy.num_params()
     policy, reference, initial = distribute([policy, reference, initial], cfg, world, device)
     # fused: one kernel over all tensors (~6x faster than the default on CPU at 16M parameters)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    updater = ref_lib.ReferenceUpdater(cfg.ref_update, cfg.alpha, cfg.tau)
+    trained = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    updater = ref_lib.ReferenceUpdater(cfg.ref_update, cfg.alpha, cfg.tau, lora_ref_rank(cfg))
 
     # exact resume: weights (above), optimizer, data position, RNG states, step; otherwise a fresh run directory
     start = 0
@@ -557,7 +585,9 @@ def run(cfg: TrainConfig) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        updater.after_step(step, reference, policy)  # TR: θ_ref ← α·θ + (1−α)·θ_ref (soft) or θ (hard) every τ
+        if updater.after_step(step, reference, policy) and cfg.lora_rank:  # TR: θ_ref ← α·θ + (1−α)·θ_ref (soft)
+            record({"step": step, "split": "reference", "compression_error": updater.compression_error,  # or θ (hard)
+                    "ref_rank": max(m.delta_U.shape[1] for m in lora.layers(reference, lora.DeltaLinear).values())})
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             keys = sorted(sums)
