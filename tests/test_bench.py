@@ -99,6 +99,21 @@ def test_trl_baseline_runs_on_the_same_tokens():
     assert r["tokens_per_step"] == 2 * 2 * (4 + 6) and r["tokens_per_s"] > 0
 
 
+def test_trl_peft_lora_baseline_trains_the_adapters_only():
+    """bench_trl.py --lora_rank: TRL's own PEFT path (peft_config, no ref_model: the adapter disabled is the static
+    reference) on the same tokens; only the LoRA factors of the targeted layers train, r·(in + out) each."""
+    pytest.importorskip("trl")
+    pytest.importorskip("peft")
+    import bench_trl
+    r = bench_trl.main(["--dim", "32", "--n_layers", "1", "--n_heads", "2", "--vocab_size", "97", "--prompt_len", "4",
+                        "--response_len", "6", "--pairs", "2", "--warmup", "1", "--steps", "1", "--lora_rank", "4",
+                        "--lora_alpha", "8", "--lora_targets", "q_proj,v_proj,down_proj"])
+    hidden = 96  # model.ModelConfig's SwiGLU width for dim 32
+    assert r["n_trainable"] == 4 * ((32 + 32) * 2 + (hidden + 32))
+    assert r["ref_update"] == "static" and r["lora_rank"] == 4 and r["peft"]
+    assert r["tokens_per_step"] == 2 * 2 * (4 + 6) and r["tokens_per_s"] > 0
+
+
 def preference_file(tmp_path, n: int = 24):
     """A small JSONL of prompt/chosen/rejected texts of varied lengths."""
     rng = __import__("random").Random(0)
