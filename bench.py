@@ -4,6 +4,7 @@
     python bench.py --ref_update static --precompute_ref      # static reference, log-probs computed once
     python bench.py --dim 512 --n_layers 8 --n_heads 8 --prompt_len 128 --response_len 384 --dtype bfloat16
     python bench.py ... --json                       # the last line is one JSON object
+    python bench.py --lora_rank 8 --lora_alpha 16    # LoRA TR-DPO: adapters trained, reference = W0 + low-rank delta
 
 Reported, each the median over the timed steps (after --warmup untimed ones):
 - step_ms: one optimizer step, from the batch to the updated reference (forward, reference forward, loss, backward,
@@ -23,6 +24,8 @@ Reported, each the median over the timed steps (after --warmup untimed ones):
 - compiles: graphs torch.compile built during the run (torch._dynamo's unique_graphs: --compile's, and on CUDA the
   packed path's FlexAttention); attention: packed rows' kernel (flex, or sdpa: forced, on CPU, or after a failed check).
 - cpu: torch's CPU capability and whether /proc/cpuinfo lists AVX-512 BF16 or AMX (fast bf16 matmuls on CPU).
+- n_trainable: parameters the optimizer updates (with --lora_rank: the adapters; MFU still counts 3 forwards for the
+  policy, though a LoRA backward skips W0's weight gradients: compare LoRA runs by tokens/s).
 On CUDA every interval is timed with CUDA events; on CPU with time.perf_counter.
 """
 import argparse
@@ -40,6 +43,7 @@ from torch._dynamo.utils import counters
 
 import config
 import data
+import lora
 import losses
 import packing
 import tokenizer
@@ -78,6 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one more step")
     p.add_argument("--profile_rows", type=int, default=25, help="rows of that table")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--lora_rank", type=int, default=0, help="> 0: LoRA policy and low-rank reference (train.py's)")
+    p.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA scale numerator, s = lora_alpha / lora_rank")
+    p.add_argument("--lora_targets", default=lora.DEFAULT_TARGETS, help="comma-separated linear-layer names")
+    p.add_argument("--lora_ref_rank", type=int, default=0, help="rank cap of the reference delta (0: 8 x lora_rank)")
+    p.add_argument("--lora_base_dtype", choices=tuple(DTYPES), default="float32", help="storage of the frozen W0")
     p.add_argument("--compare", default="", help="with --data: comma-separated runs among off, rows, shared "
                    "(--packing), trl (bench_trl.py), fixed (random tokens of --prompt_len + --response_len, the "
                    "file's vocabulary), each in a fresh process, interleaved --repeat times; prints their table")
@@ -245,13 +254,21 @@ def run(args) -> dict:
                                max_seq_len=2 * args.max_length if args.data else args.prompt_len + args.response_len)
     with torch.device(device):  # initialise in place: a 1B model is slow to init on the CPU and copy over
         policy = Llama(model_config)
-    reference = ref_lib.make_reference(policy)
     cfg = config.TrainConfig(loss=args.loss, ref_update=args.ref_update, alpha=args.alpha, tau=args.tau,
                              dtype=args.dtype, device=device.type, dim=args.dim, n_layers=args.n_layers,
-                             n_heads=args.n_heads, attention=args.attention)
+                             n_heads=args.n_heads, attention=args.attention, lora_rank=args.lora_rank,
+                             lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                             lora_ref_rank=args.lora_ref_rank, lora_base_dtype=args.lora_base_dtype)
     config.validate(cfg, world_size=1)
-    updater = ref_lib.ReferenceUpdater(args.ref_update, args.alpha, args.tau)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5, weight_decay=cfg.weight_decay, fused=True)
+    if args.lora_rank:  # as train.py: one frozen W0 under policy and reference, each with its own delta
+        lora.apply(policy, args.lora_rank, args.lora_alpha, args.lora_targets, DTYPES[args.lora_base_dtype],
+                   seed=args.seed)
+        reference = lora.make_reference(policy)
+    else:
+        reference = ref_lib.make_reference(policy)
+    updater = ref_lib.ReferenceUpdater(args.ref_update, args.alpha, args.tau, config.lora_ref_rank(cfg))
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-5, weight_decay=cfg.weight_decay, fused=True)
     if not args.data:  # the same random batch at every step, one micro batch
         batch = random_batch(args, device, torch.Generator().manual_seed(args.seed))
         steps = [([batch], None)] * (args.warmup + args.steps)
@@ -280,7 +297,7 @@ def run(args) -> dict:
                                          ref_logps)
             (loss * weight).backward()
         computed = clock.mark()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stepped = clock.mark()
@@ -340,6 +357,10 @@ def run(args) -> dict:
         "attention": None if not args.data or args.packing == "off" else "flex" if flex else "sdpa",
         "loss": args.loss, "ref_update": args.ref_update, "alpha": args.alpha, "tau": args.tau,
         "precompute_ref": args.precompute_ref, "compile": args.compile, "n_params": policy.num_params(),
+        "n_trainable": sum(p.numel() for p in trained), "lora_rank": args.lora_rank,
+        "lora_alpha": args.lora_alpha if args.lora_rank else None,
+        "lora_targets": args.lora_targets if args.lora_rank else None,
+        "lora_ref_rank": config.lora_ref_rank(cfg) if args.lora_rank else None,
         "shape": {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "prompt_len",
                                                   "response_len", "pairs")},
         "data": args.data, "packing": args.packing if args.data else None,
@@ -358,7 +379,8 @@ def run(args) -> dict:
 DATA_OPTIONS = {"--data", "--tokenizer", "--max_length", "--max_prompt_length", "--micro_batch_size",
                 "--micro_batch_tokens"}
 BENCH_ONLY = {"--micro_batch_tokens", "--ref_update", "--loss", "--compile", "--device", "--precompute_ref",
-              "--profile", "--profile_rows", "--attention"}  # what bench_trl.py does not take
+              "--profile", "--profile_rows", "--attention",
+              "--lora_ref_rank", "--lora_base_dtype"}  # what bench_trl.py does not take
 FLAGS = {"--json", "--compile", "--precompute_ref", "--profile"}
 COMPARE_KEYS = ("tokens_per_s", "real_tokens_per_s", "mfu", "peak_mem_mb", "padding_fraction", "optimizer_share",
                 "tr_update_share", "compiles")
@@ -431,8 +453,11 @@ def main(argv=None) -> dict:
         print(f"bench.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     ref = "precomputed" if r["precompute_ref"] else f"{r['ref_forward_ms']:.0f} ms ({r['ref_forward_share']:.1%})"
+    lora_note = (f" | LoRA r={r['lora_rank']} alpha={r['lora_alpha']:g} ({r['n_trainable'] / 1e6:.2f}M trained), "
+                 f"reference delta rank <= {r['lora_ref_rank']}" if r["lora_rank"] else "")
     print(f"{r['loss']} ref={r['ref_update']} tau={r['tau']} {r['dtype']} {r['device']}"
-          f"{' compiled' if r['compile'] else ''}: {r['n_params'] / 1e6:.1f}M params, {r['tokens_per_step']} "
+          f"{' compiled' if r['compile'] else ''}: {r['n_params'] / 1e6:.1f}M params{lora_note}, "
+          f"{r['tokens_per_step']} "
           f"tokens/step | torch {r['torch']} | {r['compiles']} compiled graph(s)"
           + (f" | packed attention {r['attention']}" if r["attention"] else ""))
     c = r["cpu"]
