@@ -234,10 +234,6 @@ def validate(cfg: TrainConfig, world_size: int):
     if cfg.lora_rank and cfg.lora_ref_rank and cfg.lora_ref_rank < cfg.lora_rank:
         fail(f"lora_ref_rank={cfg.lora_ref_rank} must be >= lora_rank={cfg.lora_rank} (a hard update alone needs "
              f"rank lora_rank)")
-    if cfg.lora_rank and cfg.fsdp:
-        fail("fsdp=true with lora_rank>0 is not supported: policy, reference and initial policy share one frozen base "
-             "W0, which FSDP2 would shard as three separate copies; use DDP (the base in bf16 fits one GPU: "
-             "lora_base_dtype=bfloat16)")
     if cfg.lora_base_dtype != "float32" and (not cfg.lora_rank or cfg.dtype != "bfloat16"):
         fail(f"lora_base_dtype={cfg.lora_base_dtype} needs lora_rank > 0 and dtype=bfloat16 (a bf16 base is computed "
              f"under bf16 autocast)")

@@ -8,7 +8,8 @@ A starts as peft initialises it (kaiming-uniform, a = sqrt(5), nn.Linear's own i
 starts exactly at W0. The chosen linear layers (named by their last component: q_proj, ..., down_proj, or any other
 nn.Linear such as a reward model's score) are swapped for LoRALinear in the policy and DeltaLinear in the reference;
 their weight and bias stay the same Parameter objects, so the state dict keeps transformers' names and model.py needs
-to know nothing. A reference costs its factors, not a second model: make_reference shares every frozen tensor.
+to know nothing. A reference costs its factors, not a second model: make_reference shares every frozen tensor (on one
+process and under DDP; FSDP2 gives each sharded model its own shards of W0).
 
 The TR rule itself (which factors a soft or hard update writes) lives in reference.py; this file gives it the layers
 and the exact compression of a delta whose factors grew past the rank cap (compress). Checkpoints: checkpoint.py

@@ -75,7 +75,8 @@ def reference_logits(reference: nn.Module, input_ids: torch.Tensor, logits_to_ke
 
 def _paired_params(reference: nn.Module, policy: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Matching (θ_ref, θ) tensors by parameter name: local shards for FSDP2 modules, full tensors otherwise. Tensors
-    the two share (LoRA's frozen W0: one storage) are left out, as are the policy's LoRA factors (see _lora_pairs)."""
+    the policy does not train (LoRA's frozen W0, which the reference shares) are left out, as are the policy's LoRA
+    factors (see _lora_pairs)."""
     policy = unwrap(policy)
     reshard(reference)
     reshard(policy)
@@ -87,7 +88,7 @@ def _paired_params(reference: nn.Module, policy: nn.Module) -> tuple[list[torch.
     refs, pols = [], []
     for name, r in ref_params.items():
         p = pol_params[name]
-        if r is p:  # one tensor under both (LoRA's frozen base): θ_ref = θ holds already
+        if not p.requires_grad:  # a weight the policy does not train (LoRA's frozen base W0): θ_ref = θ from the start
             continue
         if isinstance(r, DTensor) != isinstance(p, DTensor):
             raise ValueError(f"reference.py: {name} is FSDP2-sharded in only one of reference and policy; shard both")
@@ -136,13 +137,19 @@ def soft_update(reference: nn.Module, policy: nn.Module, alpha: float, max_rank:
     # (exact while the true rank fits). Mixing A and B separately instead would drop α(1−α)(B − B_r)(A − A_r).
     errors = [0.0]
     for ref, pol in _lora_pairs(reference, policy):
-        U, V = ref.delta_U, ref.delta_V
+        (A, B), U, V = _full(pol.lora_A, pol.lora_B), ref.delta_U, ref.delta_V
         if alpha < 1.0 and U.shape[1]:
-            U, V = torch.cat([alpha * pol.scale * pol.lora_B, (1 - alpha) * U], 1), torch.cat([pol.lora_A, V], 0)
+            U, V = torch.cat([alpha * pol.scale * B, (1 - alpha) * U], 1), torch.cat([A, V], 0)
         else:  # α = 1 or ΔW_ref = 0 so far: ΔW_ref ← α·s·B·A, rank r
-            U, V = alpha * pol.scale * pol.lora_B, pol.lora_A.clone()
-        errors.append(ref.set_delta(U.detach().float(), V.detach().float(), max_rank))
+            U, V = alpha * pol.scale * B, A.clone()
+        errors.append(ref.set_delta(U, V, max_rank))
     return max(errors)
+
+
+def _full(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Whole fp32 copies of LoRA factors; an FSDP2-sharded one is all-gathered (every rank then holds the same, as the
+    reference's factors are replicated buffers)."""
+    return [(t.full_tensor() if isinstance(t, DTensor) else t).detach().float() for t in tensors]
 
 
 @torch.no_grad()
@@ -152,7 +159,8 @@ def hard_update(reference: nn.Module, policy: nn.Module) -> float:
     if refs:
         torch._foreach_copy_(refs, pols)
     for ref, pol in _lora_pairs(reference, policy):
-        ref.set_delta(pol.scale * pol.lora_B.detach().float(), pol.lora_A.detach().float().clone(), pol.rank)
+        A, B = _full(pol.lora_A, pol.lora_B)
+        ref.set_delta(pol.scale * B, A.clone(), pol.rank)
     return 0.0
 
 

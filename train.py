@@ -185,8 +185,8 @@ def load_model(cfg: TrainConfig, tok) -> Llama:
 
 def lora_models(cfg: TrainConfig, tok, ckpt: Path | None, device: torch.device):
     """(policy W0 + s·B·A, reference W0 + ΔW_ref or None for sft, initial policy W0 for TR runs' eval KL or None), all
-    on one frozen W0 storage: the initial model's weights, or on resume the checkpoint's base/ (its adapters and
-    factors are loaded after the optimizer, by checkpoint.load_lora)."""
+    on one frozen W0 storage: the initial model's weights, or on resume the checkpoint's base/, adapters and
+    reference factors (checkpoint.load_lora)."""
     base = load_model(cfg, tok) if ckpt is None else Llama.from_pretrained(ckpt / "base", dtype=None)
     try:
         policy = lora.apply(base.to(device), cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
@@ -195,6 +195,12 @@ def lora_models(cfg: TrainConfig, tok, ckpt: Path | None, device: torch.device):
         fail(str(e))
     reference = lora.make_reference(policy) if cfg.loss != "sft" else None
     initial = lora.make_reference(policy) if cfg.ref_update != "static" else None  # W0 itself: ΔW = 0, no copy
+    if ckpt is not None:  # before FSDP2 shards the adapters
+        checkpoint.load_lora(ckpt, policy, reference)
+    adapters = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    log(f"LoRA: rank {cfg.lora_rank} on {len(lora.layers(policy, lora.LoRALinear))} layers ({cfg.lora_targets}): "
+        f"{adapters / 1e6:.3f}M trained parameters; base W0 frozen in {cfg.lora_base_dtype}, shared by policy, "
+        f"reference and initial policy")
     return policy, reference, initial
 
 
@@ -479,8 +485,6 @@ def run(cfg: TrainConfig) -> dict:
     random.seed(cfg.seed + rank), np.random.seed(cfg.seed + rank), torch.manual_seed(cfg.seed + rank)
     if ckpt is not None:
         state = checkpoint.load(ckpt, policy, optimizer)
-        if cfg.lora_rank:
-            checkpoint.load_lora(ckpt, policy, reference)
         start = state["step"]
         train_loader.load_state_dict(state["data"])
     metrics_file = out / "metrics.jsonl"

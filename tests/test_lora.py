@@ -204,12 +204,6 @@ def test_bad_lora_options_are_refused(argv, message):
         config.parse_config(argv, world_size=1)
 
 
-def test_lora_with_fsdp_is_refused_in_one_line():
-    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--lora_rank=4", "--fsdp=true"], cwd=ROOT, env={
-        **ENV, "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "fsdp=true with lora_rank>0" in p.stderr
-
-
 def test_a_target_that_matches_no_layer_is_refused_naming_it(tmp_path):
     p = run(TINY + [f"--out_dir={tmp_path}", "--lora_targets=q_proj,qkv_proj"], ok=False)
     assert p.returncode == 2 and p.stderr.count("\n") == 1
@@ -268,3 +262,126 @@ def test_a_lora_run_resumes_exactly_and_refuses_another_rank_or_targets(lora_run
         a, b = load_file(tmp_path / "ckpt-000012" / f), load_file(lora_run / "ckpt-000012" / f)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
     assert rows(tmp_path) == rows(lora_run)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# against peft (a dev-only reference)
+
+
+def hf_and_ours(tmp_path, targets: list[str], tie: bool):
+    """A tiny random transformers Llama under peft's LoraModel and our Llama + lora.apply with the same A and B."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=tie, pad_token_id=None)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32,
+                                                       attn_implementation="eager")
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=6, target_modules=targets, lora_dropout=0.0))
+    ours = lora.apply(Llama.from_pretrained(tmp_path / "base"), 4, 6.0, ",".join(targets))
+    randomize_adapters(ours, 3)
+    mine = lora.layers(ours, lora.LoRALinear)
+    assert len(mine) == 2 * len(targets)
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if hasattr(module, "lora_A") and isinstance(module.lora_A, nn.ModuleDict):
+                layer = mine[name.removeprefix("base_model.model.model.")]
+                module.lora_A["default"].weight.copy_(layer.lora_A)
+                module.lora_B["default"].weight.copy_(layer.lora_B)
+    return peft_model, ours
+
+
+@pytest.mark.parametrize("targets, tie", [(["q_proj", "v_proj"], True),
+                                          (lora.DEFAULT_TARGETS.split(","), False)])
+def test_forward_and_adapter_gradients_equal_peft(tmp_path, targets, tie):
+    peft_model, ours = hf_and_ours(tmp_path, targets, tie)
+    ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
+    theirs_logits, our_logits = peft_model(ids).logits, ours(ids)
+    assert (theirs_logits - our_logits).abs().max() < 1e-5
+    for logits in (theirs_logits, our_logits):  # a loss that weighs every logit differently
+        (logits.log_softmax(-1) * torch.linspace(-1, 1, 61)).sum().backward()
+    grads = {n.removeprefix("base_model.model.model.").replace(".default.weight", ""): p.grad
+             for n, p in peft_model.named_parameters() if p.requires_grad}
+    ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert grads.keys() == ours_grads.keys()
+    for n, g in ours_grads.items():
+        assert torch.allclose(g, grads[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_a_lora_checkpoint_loads_in_transformers_merged_and_in_peft_as_an_adapter(lora_run):
+    """The run's checkpoint: transformers loads its model files (W0 + s·B·A merged) and peft loads adapter/ onto
+    base/, both with the logits of our policy (base/ + adapters, as a resume builds it)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import checkpoint
+    ckpt = lora_run / "ckpt-000012"
+    ours = lora.apply(Llama.from_pretrained(ckpt / "base"), 4, 8.0)
+    checkpoint.load_lora(ckpt, ours, None)
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    want = ours(ids)
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    merged = load(ckpt, dtype=torch.float32, attn_implementation="eager")
+    assert (merged(ids).logits - want).abs().max() < 1e-5
+    adapted = peft.PeftModel.from_pretrained(load(ckpt / "base", dtype=torch.float32, attn_implementation="eager"),
+                                             ckpt / "adapter")
+    assert (adapted(ids).logits - want).abs().max() < 1e-5
+    assert (load(ckpt / "base", dtype=torch.float32)(ids).logits - want).abs().max() > 1e-3  # the adapter matters
+    saved = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and saved["lora_alpha"] == 8.0 and saved["peft_type"] == "LORA"
+
+
+def test_ddp_on_two_processes_syncs_the_adapters_and_matches_one_process(lora_run, tmp_path):
+    """torchrun, 2 CPU processes (DDP): gradients of the adapters are reduced (the run equals the single-process one
+    with 2 micro steps), and both ranks hold the same adapters and the same reference factors at every checkpoint."""
+    from safetensors.torch import load_file
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    p = subprocess.run(launcher + [str(ROOT / "tests" / "lora_ranks.py"), *TINY, f"--out_dir={tmp_path}"], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for step in (6, 12):
+        rank0, rank1 = (load_file(tmp_path / f"rank{r}-step{step}.safetensors") for r in (0, 1))
+        assert rank0.keys() == rank1.keys() and any(".delta_U" in k for k in rank0)
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    for f in ("model.safetensors", "adapter/adapter_model.safetensors", "reference_delta.safetensors"):
+        a, b = load_file(tmp_path / "ckpt-000012" / f), load_file(lora_run / "ckpt-000012" / f)
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, f
+    for a, b in zip(rows(tmp_path), rows(lora_run), strict=True):
+        assert a.keys() == b.keys() and all(v == pytest.approx(b[k], abs=1e-4) for k, v in a.items())
+
+
+def test_sft_with_lora_then_init_from_it_continues_on_its_merged_weights_with_a_bf16_base(tmp_path):
+    """SFT trains the adapters like the preference losses (no reference: no factors saved); init_from that run loads
+    its merged weights W0 + s·B·A as the next run's W0, here stored in bf16 under bf16 autocast, and a fresh adapter."""
+    from safetensors.torch import load_file
+    sft = [a for a in TINY if not a.startswith(("--loss", "--ref_update", "--lr"))] + ["--loss=sft", "--lr=5e-2"]
+    run(sft + [f"--out_dir={tmp_path / 'sft'}", "--max_steps=24", "--eval_every=0", "--ckpt_every=0"])
+    ckpt = tmp_path / "sft" / "ckpt-000024"
+    assert not (ckpt / "reference_delta.safetensors").exists() and (ckpt / "adapter").is_dir()
+    losses = [r["loss"] for r in rows(tmp_path / "sft", "train")]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05  # the adapters learn (nats per token; frozen embedding)
+    merged = load_file(ckpt / "model.safetensors")
+    dpo = TINY + [f"--out_dir={tmp_path / 'dpo'}", f"--init_from={tmp_path / 'sft'}", "--dtype=bfloat16",
+                  "--lora_base_dtype=bfloat16", "--max_steps=4", "--eval_every=0", "--ckpt_every=0"]
+    run(dpo)
+    base = load_file(tmp_path / "dpo" / "ckpt-000004" / "base" / "model.safetensors")
+    assert base.keys() == merged.keys() and all(v.dtype == torch.bfloat16 for v in base.values())
+    assert all(torch.equal(base[k], merged[k].bfloat16()) for k in base)  # W0 = the SFT run's merged weights
+    assert rows(tmp_path / "dpo", "train")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_checkpoint_of_one_process_resumes_under_fsdp2_on_two(lora_run, tmp_path):
+    """FSDP2 shards the base and the adapters (reference and initial policy sharded alike, each its own W0 shards; the
+    reference's factors, computed from the all-gathered adapters, are replicated): step 6 of the single-process run
+    continues on 2 FSDP2 processes to its weights, factors and metrics."""
+    import shutil
+    from safetensors.torch import load_file
+    shutil.copytree(lora_run / "ckpt-000006", tmp_path / "ckpt-000006")
+    shutil.copy(lora_run / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    run(TINY + [f"--out_dir={tmp_path}", "--resume", "--fsdp=true"], nproc=2)
+    for f in ("model.safetensors", "adapter/adapter_model.safetensors", "reference_delta.safetensors"):
+        a, b = load_file(tmp_path / "ckpt-000012" / f), load_file(lora_run / "ckpt-000012" / f)
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, f
+    for a, b in zip(rows(tmp_path), rows(lora_run), strict=True):
+        assert a.keys() == b.keys() and all(v == pytest.approx(b[k], abs=1e-4) for k, v in a.items())

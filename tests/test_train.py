@@ -420,21 +420,40 @@ KILL_POINTS = [("checkpoint.write_manifest", 5),  # step 5's checkpoint fully wr
                ("train.compute_loss", 19)]  # inside a training step after step 6's eval (the last checkpoint: 6+)
 
 
-@pytest.mark.parametrize("function, call", KILL_POINTS)
-def test_sigkill_then_resume_matches_uninterrupted(straight, tmp_path, function, call):
-    args = [*TINY, f"--out_dir={tmp_path}", "--ckpt_every=1"]
+LORA = ["--lora_rank=4", "--lora_alpha=8", "--lora_ref_rank=8"]  # TINY's soft TR-DPO with LoRA: W0 + s·B·A, ΔW_ref = U·V
+
+
+def all_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the newest checkpoint's safetensors files (policy and reference/; LoRA: merged model, base/,
+    adapter/ and the reference's factors), keyed by file and name."""
+    ckpt = checkpoint.model_dir(run_dir)
+    return {f"{f.relative_to(ckpt)}:{k}": v for f in sorted(ckpt.rglob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("function, call, extra", [(f, c, []) for f, c in KILL_POINTS] + [(f, c, LORA)
+                                                                                          for f, c in KILL_POINTS])
+def test_sigkill_then_resume_matches_uninterrupted(request, tmp_path, function, call, extra):
+    straight_run = request.getfixturevalue("straight_lora" if extra else "straight")
+    args = [*TINY, *extra, f"--out_dir={tmp_path}", "--ckpt_every=1"]
     p = subprocess.run([sys.executable, "-c", KILLED_RUN, function, str(call), *args], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=180)
     assert p.returncode == -signal.SIGKILL, f"the run was not killed at call {call} of {function}: {p.stderr[-2000:]}"
     on_disk = sorted(x.name for x in tmp_path.glob("*ckpt-*"))
     print(f"killed on entering call {call} of {function}; checkpoints on disk: {on_disk}")
     run(args + ["--resume"])
-    for sub in ("", "reference"):
-        assert_close(weights(tmp_path, sub), weights(straight, sub), atol=0.0)
-    assert metrics(tmp_path) == metrics(straight)
+    assert_close(all_weights(tmp_path), all_weights(straight_run), atol=0.0)
+    assert metrics(tmp_path) == metrics(straight_run)
     assert len(list(tmp_path.glob("ckpt-*"))) == 2 and not list(tmp_path.glob(".tmp-*"))  # keep_last=2
     with pytest.raises(train.ConfigError, match="other values of beta"):  # a resume must not change the objective
-        train.resume_checkpoint(train.parse_config(TINY + [f"--out_dir={tmp_path}", "--resume", "--beta=0.2"]))
+        train.resume_checkpoint(train.parse_config(TINY + extra + [f"--out_dir={tmp_path}", "--resume", "--beta=0.2"]))
+
+
+@pytest.fixture(scope="module")
+def straight_lora(tmp_path_factory) -> Path:
+    """The uninterrupted single-process LoRA run (soft TR-DPO, exact low-rank reference updates)."""
+    out = tmp_path_factory.mktemp("straight_lora")
+    run(TINY + LORA + [f"--out_dir={out}"])
+    return out
 
 
 def test_a_checkpoint_older_than_an_option_resumes_with_its_default(straight, tmp_path):
