@@ -89,7 +89,8 @@ def train_args(args, dtype: str, out: Path) -> list[str]:
     """TR-DPO, a few steps, nothing but the training steps and one cheap evaluation at the end."""
     common = ["--loss=dpo", "--ref_update=soft", "--alpha=0.6", "--tau=2", f"--max_steps={args.steps}",
               "--warmup_steps=1", "--lr=1e-4", "--log_every=1", "--eval_every=0", "--eval_size=8", "--num_samples=0",
-              "--keep_last=1", "--seed=0", f"--dtype={dtype}", f"--device={args.device}", f"--out_dir={out}"]
+              "--keep_last=1", "--seed=0", f"--dtype={dtype}", f"--device={args.device}", f"--out_dir={out}",
+              "--overwrite=true"]  # its own runs: a second gpu_check replaces the first's
     cuda = args.device == "cuda"  # CUDA: a small model from scratch; CPU (CI): a tiny one, short lengths
     model = ["--dim=256", "--n_layers=2", "--n_heads=4"] if cuda else ["--dim=32", "--n_layers=1", "--n_heads=2"]
     micro = f"--micro_batch_size={RECIPE['micro_batch_size']}"

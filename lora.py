@@ -65,7 +65,8 @@ class LoRALinear(nn.Module):
 
 class DeltaLinear(nn.Module):
     """y = x·W0ᵀ + b + (x·Vᵀ)·Uᵀ: the reference's layer, ΔW_ref = U·V kept as factors of rank k (k = 0: ΔW_ref = 0).
-    W0 and b are the policy's own Parameters (one storage); U and V are buffers (no gradient, saved by checkpoint.py)."""
+    W0 and b are the policy's own Parameters (one storage); U and V are buffers (no gradient; checkpoint.py saves
+    them)."""
 
     def __init__(self, layer: LoRALinear):
         super().__init__()
@@ -149,8 +150,7 @@ def apply(model: nn.Module, rank: int, alpha: float, targets: str = DEFAULT_TARG
     keep = {id(p) for n in trainable for p in model.get_submodule(n).parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
-        if id(p) not in keep:
-            p.data = p.data.to(base_dtype)
+        p.data = p.data.float() if id(p) in keep else p.data.to(base_dtype)  # trained weights in fp32
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name in sorted(n for where in found.values() for n in where):  # a fixed order: the same draws on every rank
         parent, _, child = name.rpartition(".")
@@ -201,30 +201,34 @@ def merged_state_dict(state_dict: dict[str, torch.Tensor], scale: float) -> dict
 
 
 def peft_name(name: str) -> str:
-    """Our 'layers.0.self_attn.q_proj.lora_A' -> peft's 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'
-    (the names of LlamaForCausalLM's modules under a PeftModel, without the adapter name)."""
-    return "base_model.model." + ("" if name.startswith(("lm_head.", "score.")) else "model.") + name + ".weight"
-
-
-def our_name(name: str) -> str:
-    return name.removeprefix("base_model.model.").removeprefix("model.").removesuffix(".weight")
+    """Our parameter name -> peft's key for it in adapter_model.safetensors (transformers' name under a PeftModel,
+    without the adapter name): 'layers.0.self_attn.q_proj.lora_A' -> 'base_model.model.model.layers.0.self_attn.
+    q_proj.lora_A.weight', a module trained in full (modules_to_save) 'lm_head.weight' -> 'base_model.model.lm_head.
+    weight'."""
+    head = name.startswith(("lm_head.", "score."))
+    return "base_model.model." + ("" if head else "model.") + name + (".weight" if name.endswith(".lora_A")
+                                                                      or name.endswith(".lora_B") else "")
 
 
 def save_adapter(path: Path, adapters: dict[str, torch.Tensor], rank: int, alpha: float, targets: str,
-                 base: str | None):
-    """Write the adapters (our names: '....lora_A', '....lora_B') as peft writes a LoRA adapter of a causal LM."""
+                 base: str | None, full: dict[str, torch.Tensor] | None = None):
+    """Write the adapters (our names: '....lora_A', '....lora_B') as peft writes a LoRA adapter of a causal LM, with
+    the parameters of modules trained in full (apply's `trainable`, our names) as its modules_to_save."""
     from safetensors.torch import save_file
+    full = full or {}
     path.mkdir(parents=True, exist_ok=True)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": rank,
               "lora_alpha": alpha, "target_modules": sorted(parse_targets(targets)), "lora_dropout": 0.0,
               "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
-              "use_dora": False, "modules_to_save": None, "inference_mode": True}
+              "use_dora": False, "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in full}) or None,
+              "inference_mode": True}
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    save_file({peft_name(k): v.detach().cpu().contiguous() for k, v in adapters.items()},
+    save_file({peft_name(k): v.detach().cpu().contiguous() for k, v in {**adapters, **full}.items()},
               path / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
 def load_adapter(path: Path) -> dict[str, torch.Tensor]:
-    """The adapters of save_adapter's directory under our names."""
+    """The adapters (lora_A, lora_B) of save_adapter's directory under our names."""
     from safetensors.torch import load_file
-    return {our_name(k): v for k, v in load_file(path / "adapter_model.safetensors").items()}
+    return {k.removeprefix("base_model.model.").removeprefix("model.").removesuffix(".weight"): v
+            for k, v in load_file(path / "adapter_model.safetensors").items() if ".lora_A." in k or ".lora_B." in k}

@@ -40,3 +40,5 @@ def test_a_check_out_of_tolerance_fails_the_command(tmp_path, monkeypatch):
     status = {c["name"]: c["status"] for c in report(out)["checks"]}
     assert status == {"cuda_tests": "skipped", "train_float32": "fail", "train_bfloat16": "pass"}
     assert (out / "gpu_check.md").read_text().startswith("# gpu_check: FAILED")
+    assert gpu_check.main(["--device", "cpu", "--steps", "1", "--out", str(out)]) == 1  # again: its runs replaced
+    assert {c["name"]: c["status"] for c in report(out)["checks"]} == status

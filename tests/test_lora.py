@@ -25,13 +25,12 @@ TINY = ["--loss=dpo", "--ref_update=soft", "--tau=2", "--alpha=0.5", "--dim=32",
         "--lr=3e-2", "--ckpt_every=6", "--lora_rank=4", "--lora_alpha=8", "--lora_ref_rank=8"]
 
 
-def run(args: list[str], nproc: int = 0, ok: bool = True) -> subprocess.CompletedProcess:
+def run(args: list[str], nproc: int = 0) -> subprocess.CompletedProcess:
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                                    if nproc else [])
     p = subprocess.run(launcher + [str(ROOT / "train.py"), *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=300)
-    if ok:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
 
@@ -204,10 +203,11 @@ def test_bad_lora_options_are_refused(argv, message):
         config.parse_config(argv, world_size=1)
 
 
-def test_a_target_that_matches_no_layer_is_refused_naming_it(tmp_path):
-    p = run(TINY + [f"--out_dir={tmp_path}", "--lora_targets=q_proj,qkv_proj"], ok=False)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1
-    assert "qkv_proj matches no linear layer" in p.stderr and "down_proj" in p.stderr
+def test_a_target_that_matches_no_layer_is_refused_naming_it(tmp_path, capsys):
+    import train
+    assert train.main(TINY + [f"--out_dir={tmp_path}", "--lora_targets=q_proj,qkv_proj"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "qkv_proj matches no linear layer" in err and "down_proj" in err
     with pytest.raises(ValueError, match="tied to the embedding"):
         lora.apply(tiny_llama(), 2, 4.0, "lm_head")
 
@@ -385,3 +385,29 @@ def test_a_checkpoint_of_one_process_resumes_under_fsdp2_on_two(lora_run, tmp_pa
         assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, f
     for a, b in zip(rows(tmp_path), rows(lora_run), strict=True):
         assert a.keys() == b.keys() and all(v == pytest.approx(b[k], abs=1e-4) for k, v in a.items())
+
+
+def test_a_module_trained_in_full_is_saved_as_peft_modules_to_save(tmp_path):
+    """apply's `trainable` (a reward model's score head; here an untied lm_head): checkpoint.save_lora writes it into
+    base/ and into the adapter as peft's modules_to_save, so PeftModel.from_pretrained(base) gives our logits."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import checkpoint
+    peft_model, _ = hf_and_ours(tmp_path, ["q_proj", "v_proj"], tie=False)  # writes tmp_path/base
+    ours = lora.apply(Llama.from_pretrained(tmp_path / "base"), 4, 6.0, "q_proj,v_proj", trainable=("lm_head",))
+    randomize_adapters(ours, 5)
+    with torch.no_grad():
+        ours.lm_head.weight.mul_(1.5)
+    config_dict = {"lora_rank": 4, "lora_alpha": 6.0, "lora_targets": "q_proj,v_proj"}
+    checkpoint.save_lora(tmp_path / "ckpt", tmp_path / "ckpt", ours, ours.state_dict(), None, config_dict)
+    saved = json.loads((tmp_path / "ckpt" / "adapter" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["lm_head"]
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(2))
+    load = transformers.LlamaForCausalLM.from_pretrained
+    adapted = peft.PeftModel.from_pretrained(load(tmp_path / "base", dtype=torch.float32, attn_implementation="eager"),
+                                             tmp_path / "ckpt" / "adapter")
+    assert (adapted(ids).logits - ours(ids)).abs().max() < 1e-5
+    merged = load(tmp_path / "ckpt", dtype=torch.float32, attn_implementation="eager")
+    assert (merged(ids).logits - ours(ids)).abs().max() < 1e-5
+    assert set(lora.load_adapter(tmp_path / "ckpt" / "adapter")) == {f"{n}.lora_{ab}" for n in lora.layers(
+        ours, lora.LoRALinear) for ab in "AB"}  # the adapters only: a resume takes lm_head from base/
