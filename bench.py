@@ -41,6 +41,7 @@ from torch._dynamo.utils import counters
 import config
 import data
 import losses
+import memory
 import packing
 import tokenizer
 import reference as ref_lib
@@ -57,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n_layers", type=int, default=4)
     p.add_argument("--n_heads", type=int, default=4)
     p.add_argument("--n_kv_heads", type=int, default=None, help="default: n_heads")
+    p.add_argument("--hidden_dim", type=int, default=None, help="SwiGLU inner size (default: llama2.c's rule)")
+    p.add_argument("--model_type", choices=("llama", "qwen2"), default="llama",
+                   help="qwen2: biases on q, k, v (Qwen2.5-0.5B: --dim 896 --n_layers 24 --n_heads 14 --n_kv_heads 2 "
+                   "--hidden_dim 4864 --vocab_size 151936)")
     p.add_argument("--vocab_size", type=int, default=50257)
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--response_len", type=int, default=192)
@@ -69,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tau", type=int, default=1, help="τ, steps between reference updates")
     p.add_argument("--precompute_ref", action="store_true", help="static reference: log-probs computed once")
     p.add_argument("--compile", action="store_true", help="torch.compile policy and reference")
+    p.add_argument("--activation_checkpointing", action="store_true",
+                   help="recompute the policy's blocks in the backward (train.py's option)")
+    p.add_argument("--logps_chunk", type=int, default=0,
+                   help="scored tokens per chunk of the LM head and log-softmax, 0: off (train.py's option)")
     p.add_argument("--attention", choices=("auto", "flex", "sdpa"), default="auto",
                    help="packed rows' kernel on CUDA (train.py's --attention)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -241,14 +250,18 @@ def run(args) -> dict:
         args.vocab_size, steps = data_steps(args, device)
     torch.manual_seed(args.seed)
     model_config = ModelConfig(vocab_size=args.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
-                               n_kv_heads=args.n_kv_heads,
+                               n_kv_heads=args.n_kv_heads, hidden_dim=args.hidden_dim, model_type=args.model_type,
+                               qkv_bias=args.model_type == "qwen2",
                                max_seq_len=2 * args.max_length if args.data else args.prompt_len + args.response_len)
     with torch.device(device):  # initialise in place: a 1B model is slow to init on the CPU and copy over
         policy = Llama(model_config)
     reference = ref_lib.make_reference(policy)
+    if args.activation_checkpointing:  # as train.py: the policy only, after the reference is copied
+        memory.checkpoint_blocks(policy)
     cfg = config.TrainConfig(loss=args.loss, ref_update=args.ref_update, alpha=args.alpha, tau=args.tau,
                              dtype=args.dtype, device=device.type, dim=args.dim, n_layers=args.n_layers,
-                             n_heads=args.n_heads, attention=args.attention)
+                             n_heads=args.n_heads, attention=args.attention, logps_chunk=args.logps_chunk,
+                             activation_checkpointing=args.activation_checkpointing)
     config.validate(cfg, world_size=1)
     updater = ref_lib.ReferenceUpdater(args.ref_update, args.alpha, args.tau)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5, weight_decay=cfg.weight_decay, fused=True)
@@ -261,7 +274,7 @@ def run(args) -> dict:
     if args.precompute_ref:
         updater.check_precompute()
         with torch.no_grad(), train.autocast(cfg, device):
-            ref_logps, _ = train.batch_logps(run_ref, batch["input_ids"], batch["loss_mask"])
+            ref_logps, _ = train.batch_logps(run_ref, batch["input_ids"], batch["loss_mask"], chunk=args.logps_chunk)
 
     clock = Clock(device)
     ref_marks: list = []  # (start, end) of every reference forward of the current step
@@ -340,7 +353,9 @@ def run(args) -> dict:
         "attention": None if not args.data or args.packing == "off" else "flex" if flex else "sdpa",
         "loss": args.loss, "ref_update": args.ref_update, "alpha": args.alpha, "tau": args.tau,
         "precompute_ref": args.precompute_ref, "compile": args.compile, "n_params": policy.num_params(),
-        "shape": {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "prompt_len",
+        "activation_checkpointing": args.activation_checkpointing, "logps_chunk": args.logps_chunk,
+        "shape": {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "model_type",
+                                                  "vocab_size", "prompt_len",
                                                   "response_len", "pairs")},
         "data": args.data, "packing": args.packing if args.data else None,
         "micro_batches_per_step": statistics.mean(len(micro) for micro, _ in timed),
@@ -358,8 +373,9 @@ def run(args) -> dict:
 DATA_OPTIONS = {"--data", "--tokenizer", "--max_length", "--max_prompt_length", "--micro_batch_size",
                 "--micro_batch_tokens"}
 BENCH_ONLY = {"--micro_batch_tokens", "--ref_update", "--loss", "--compile", "--device", "--precompute_ref",
-              "--profile", "--profile_rows", "--attention"}  # what bench_trl.py does not take
-FLAGS = {"--json", "--compile", "--precompute_ref", "--profile"}
+              "--profile", "--profile_rows", "--attention", "--activation_checkpointing",
+              "--logps_chunk"}  # what bench_trl.py does not take
+FLAGS = {"--json", "--compile", "--precompute_ref", "--profile", "--activation_checkpointing"}
 COMPARE_KEYS = ("tokens_per_s", "real_tokens_per_s", "mfu", "peak_mem_mb", "padding_fraction", "optimizer_share",
                 "tr_update_share", "compiles")
 

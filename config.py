@@ -79,7 +79,8 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the policy and reference forwards of the training step "
                         "(docs/performance.md)")
     activation_checkpointing: bool = opt(False, "recompute each block of the policy in the backward instead of "
-                                         "keeping its activations: less memory, ~1/3 more compute (docs/performance.md)")
+                                         "keeping its activations: less memory, one more forward of the blocks "
+                                         "(docs/performance.md)")
     logps_chunk: int = opt(0, "run the LM head, log-softmax and gather over chunks of this many scored tokens, made "
                            "again in the backward, so the [tokens x vocabulary] logits never exist at once (0: off, "
                            "the head over all scored tokens at once; 1024 suits a 128k vocabulary)")

@@ -2,6 +2,7 @@
 within its rounding, fp64 gradcheck), on padded and packed rows, in whole runs on 1 and 2 processes (DDP, FSDP2); they
 keep less for the backward; and the memory model's arithmetic."""
 import copy
+from dataclasses import replace
 import math
 
 import pytest
@@ -213,3 +214,65 @@ def test_runs_with_checkpointing_and_chunks_match_the_straight_run(straight_run,
         assert_close(weights(tmp_path, sub), weights(straight_run, sub), atol=1e-5)
     for a, b in zip(metrics(tmp_path), metrics(straight_run), strict=True):
         assert a.keys() == b.keys() and all(v == pytest.approx(b[k], abs=1e-4) for k, v in a.items())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the memory model's arithmetic: exact parameter counts, and the activations autograd keeps, counted by saved-tensor hooks
+
+SHAPES = [dict(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48),
+          dict(vocab_size=V, dim=48, n_layers=3, n_heads=6, n_kv_heads=3, hidden_dim=80, head_dim=16,
+               tie_embeddings=False),
+          dict(vocab_size=V, dim=32, n_layers=1, n_heads=4, hidden_dim=64, model_type="qwen2", qkv_bias=True),
+          dict(vocab_size=V, dim=32, n_layers=2, n_heads=4, hidden_dim=64, model_type="llama", qkv_bias=True,
+               o_bias=True, mlp_bias=True),
+          dict(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, head_dim=16,
+               model_type="qwen3")]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_parameter_counts_are_exact(shape):
+    c = ModelConfig(**shape)
+    model = Llama(c)
+    counts = memory.param_count(c)
+    assert counts["total"] == model.num_params()
+    assert counts["matmul"] == sum(p.numel() for n, p in model.layers.named_parameters() if n.endswith("proj.weight"))
+    for name, c in memory.MODELS.items():  # the published sizes
+        want = {"Llama-3-8B": 8_030_261_248, "Qwen2.5-7B": 7_615_616_512, "Qwen2.5-0.5B": 494_032_768}[name]
+        assert memory.param_count(c)["total"] == want
+
+
+def kept_bytes(model, ids, dtype: str) -> int:
+    """Bytes of the distinct storages autograd keeps from a forward to the final hidden states, parameters excluded
+    (the autocast bf16 copies of the weights included)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            model(ids, return_hidden=True)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[2]])
+def test_activation_bytes_match_what_autograd_keeps(shape, dtype):
+    """One row of T tokens (RoPE's cos/sin per token, as the model counts them): the plain forward keeps exactly
+    activation_bytes + the autocast copies; checkpointed blocks keep their inputs, and the model adds one block for the
+    recompute."""
+    c = ModelConfig(**shape)
+    torch.manual_seed(0)
+    model, T = Llama(c), 40
+    ids = torch.randint(0, V, (1, T))
+    casts = 2 * memory.param_count(c)["matmul"] if dtype == "bfloat16" else 0
+    assert kept_bytes(model, ids, dtype) == memory.activation_bytes(c, T, dtype, checkpointed=False) + casts
+    memory.checkpoint_blocks(model)
+    one_block = (memory.activation_bytes(c, T, dtype, False) - memory.activation_bytes(replace(c, n_layers=0), T,
+                                                                                        dtype, False)) // c.n_layers
+    # checkpointed blocks keep only fp32 inputs (and no autocast copy for the backward)
+    assert kept_bytes(model, ids, dtype) + one_block == memory.activation_bytes(c, T, dtype, checkpointed=True)
