@@ -2,6 +2,10 @@
 
     out_dir/ckpt-<step>/  config.json + model.safetensors     the policy, Hugging Face layout (init_from can load it)
                           reference/                          π_ref, the same layout (TR runs change it)
+      LoRA runs instead:  config.json + model.safetensors     the merged policy W0 + s·B·A (fp32), what transformers loads
+                          base/                               the frozen W0 (HF layout, its storage dtype)
+                          adapter/                            B and A in peft's format (PeftModel.from_pretrained(base))
+                          reference_delta.safetensors         π_ref's ΔW_ref = U·V as factors (delta_U, delta_V)
                           optimizer.pt                        AdamW state: tensors and numbers only (weights_only load)
                           state.json                          step and data position
                           rng-rank<r>.json                    python / numpy / torch RNG states of each rank
@@ -33,6 +37,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
+
+import lora
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, in CPU memory
 
@@ -156,9 +162,9 @@ def verify(ckpt: Path) -> str | None:
             json.loads((ckpt / name).read_text())
         except (OSError, json.JSONDecodeError) as e:
             return f"{ckpt / name}: {e}"
-    for sub in ("", "reference"):
-        if (ckpt / sub / "model.safetensors").exists():
-            bad = nonfinite(load_file(ckpt / sub / "model.safetensors"), str(ckpt / sub / "model.safetensors"))
+    for name in files:
+        if name.endswith(".safetensors"):  # the policy and reference/, or LoRA's merged model, base, adapter, deltas
+            bad = nonfinite(load_file(ckpt / name), str(ckpt / name))
             if bad:
                 return f"non-finite values in {bad}"
     return nonfinite(torch.load(ckpt / "optimizer.pt", weights_only=True), str(ckpt / "optimizer.pt"))
@@ -252,7 +258,9 @@ def save(out_dir: str | Path, step: int, policy, reference, optimizer, state: di
     its partial temp directory and raises CheckpointError naming the path."""
     policy_sd, optim_sd = get_model_state_dict(policy, options=FULL), get_optimizer_state_dict(policy, optimizer,
                                                                                                 options=FULL)
-    ref_sd = None if reference is None else get_model_state_dict(reference, options=FULL)
+    lora_run = lora.is_lora(policy)
+    ref_sd = None if reference is None else get_model_state_dict(reference, options=FULL) if not lora_run else {
+        k: v.detach().cpu() for k, v in reference.state_dict().items() if k.endswith((".delta_U", ".delta_V"))}
     out = Path(out_dir)
     tmp, dest = out / f".tmp-ckpt-{step:06d}", out / f"ckpt-{step:06d}"
     bad = None
@@ -273,8 +281,11 @@ def save(out_dir: str | Path, step: int, policy, reference, optimizer, state: di
         barrier()
         if rank() == 0:
             model = policy.module if isinstance(policy, DistributedDataParallel) else policy
-            model.save_pretrained(tmp, policy_sd)
-            if reference is not None:
+            if lora_run:
+                save_lora(tmp, dest, model, policy_sd, ref_sd, config)
+            else:
+                model.save_pretrained(tmp, policy_sd)
+            if reference is not None and not lora_run:
                 reference.save_pretrained(tmp / "reference", ref_sd)
             torch.save(optim_sd, tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
@@ -292,6 +303,40 @@ def save(out_dir: str | Path, step: int, policy, reference, optimizer, state: di
     barrier()
     if problem:
         raise CheckpointError(problem)
+
+
+def save_lora(tmp: Path, dest: Path, model, policy_sd: dict, ref_sd: dict | None, config: dict):
+    """A LoRA run's weights: the merged policy as the checkpoint's model (transformers and init_from load it), the
+    frozen base and the adapter in peft's format beside it, and the reference's factors (exact resume needs all)."""
+    with torch.device("meta"):  # a plain model of the same config: save_pretrained checks the names against it
+        plain = type(model)(model.config)
+    scale = config["lora_alpha"] / config["lora_rank"]
+    plain.save_pretrained(tmp, lora.merged_state_dict(policy_sd, scale))
+    plain.save_pretrained(tmp / "base", {k: v for k, v in policy_sd.items() if not k.endswith((".lora_A", ".lora_B"))})
+    lora.save_adapter(tmp / "adapter", {k: v for k, v in policy_sd.items() if k.endswith((".lora_A", ".lora_B"))},
+                      config["lora_rank"], config["lora_alpha"], config["lora_targets"], str((dest / "base").resolve()))
+    if ref_sd is not None:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in ref_sd.items()}, tmp / "reference_delta.safetensors")
+
+
+def load_lora(ckpt: Path, policy, reference):
+    """Put a LoRA checkpoint's adapters into the policy (built on its base/) and its factors into the reference."""
+    from safetensors.torch import load_file
+    policy = policy.module if isinstance(policy, DistributedDataParallel) else policy
+    adapters = lora.load_adapter(ckpt / "adapter")
+    layers = lora.layers(policy, lora.LoRALinear)
+    if set(adapters) != {f"{n}.{ab}" for n in layers for ab in ("lora_A", "lora_B")}:
+        raise CheckpointError(f"{ckpt / 'adapter'}: its adapters sit on other layers than lora_targets names")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.lora_A.copy_(adapters[f"{name}.lora_A"])
+            layer.lora_B.copy_(adapters[f"{name}.lora_B"])
+    if reference is not None:
+        factors = load_file(ckpt / "reference_delta.safetensors")
+        for name, layer in lora.layers(reference, lora.DeltaLinear).items():
+            layer.delta_U = factors[f"{name}.delta_U"].to(layer.weight.device)
+            layer.delta_V = factors[f"{name}.delta_V"].to(layer.weight.device)
 
 
 def write_error(e: Exception, tmp: Path, dest: Path) -> str:

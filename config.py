@@ -11,6 +11,7 @@ from pathlib import Path
 
 import checkpoint
 import datafiles
+import lora
 import tokenizer
 
 
@@ -27,6 +28,15 @@ class TrainConfig:
     dim: int = opt(64, "from-scratch model width")
     n_layers: int = opt(2, "from-scratch model depth")
     n_heads: int = opt(4, "from-scratch attention heads")
+    # LoRA (lora.py): π_θ = W0 + s·B·A, π_ref = the same W0 + its own low-rank delta (docs/method.md)
+    lora_rank: int = opt(0, "r of the LoRA adapters on the lora_targets layers (0: off, full-parameter training)")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator: ΔW = (lora_alpha / lora_rank)·B·A")
+    lora_targets: str = opt(lora.DEFAULT_TARGETS, "comma-separated names of the linear layers that get adapters")
+    lora_ref_rank: int = opt(0, "cap on the rank of the soft-updated reference delta ΔW_ref (compressed by SVD past "
+                             "it, exact while its rank fits; 0: 8 x lora_rank)")
+    lora_base_dtype: str = opt("float32", "storage of the frozen base weights W0, shared by policy and reference "
+                               "(bfloat16 needs dtype=bfloat16); adapters and optimizer stay fp32",
+                               ("float32", "bfloat16"))
     # data
     data: str = opt("synthetic", "'synthetic' (the built-in task of synthetic.py), a .jsonl(.gz), .json or .parquet "
                     "file, or a dataset directory (a Hub snapshot: docs/data.md)")
@@ -220,6 +230,23 @@ def validate(cfg: TrainConfig, world_size: int):
     if cfg.batch_size % (cfg.micro_batch_size * world_size):
         fail(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size} "
              f"x {world_size} process(es)")
+    if cfg.lora_rank < 0 or cfg.lora_ref_rank < 0 or not cfg.lora_alpha > 0:
+        fail(f"lora_rank={cfg.lora_rank} and lora_ref_rank={cfg.lora_ref_rank} must be >= 0, lora_alpha="
+             f"{cfg.lora_alpha} > 0")
+    try:
+        lora.parse_targets(cfg.lora_targets)
+    except ValueError as e:
+        fail(str(e))
+    if cfg.lora_rank and cfg.lora_ref_rank and cfg.lora_ref_rank < cfg.lora_rank:
+        fail(f"lora_ref_rank={cfg.lora_ref_rank} must be >= lora_rank={cfg.lora_rank} (a hard update alone needs "
+             f"rank lora_rank)")
+    if cfg.lora_rank and cfg.fsdp:
+        fail("fsdp=true with lora_rank>0 is not supported: policy, reference and initial policy share one frozen base "
+             "W0, which FSDP2 would shard as three separate copies; use DDP (the base in bf16 fits one GPU: "
+             "lora_base_dtype=bfloat16)")
+    if cfg.lora_base_dtype != "float32" and (not cfg.lora_rank or cfg.dtype != "bfloat16"):
+        fail(f"lora_base_dtype={cfg.lora_base_dtype} needs lora_rank > 0 and dtype=bfloat16 (a bf16 base is computed "
+             f"under bf16 autocast)")
     if cfg.fsdp and world_size < 2:
         fail("fsdp=true needs torchrun with at least 2 processes")
     for name in ("data", "eval_data", "init_from"):
@@ -243,6 +270,11 @@ def validate(cfg: TrainConfig, world_size: int):
         fail(f"tokenizer=auto: {e}")
     if cfg.data == "synthetic" and resolved != "byte":
         fail(f"data=synthetic is a byte-level task: tokenizer must be 'byte', not {resolved!r}")
+
+
+def lora_ref_rank(cfg: TrainConfig) -> int:
+    """The rank cap of ΔW_ref: lora_ref_rank, or 8 x lora_rank when 0 (the exact history of 8 soft updates)."""
+    return cfg.lora_ref_rank or 8 * cfg.lora_rank
 
 
 def data_splits(cfg: TrainConfig) -> tuple[str, tuple[str, str] | None]:

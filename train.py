@@ -30,14 +30,15 @@ from safetensors import SafetensorError
 
 import checkpoint
 import data
+import lora
 import losses
 import memory
 import packing
 import tokenizer
 import reference as ref_lib
 import synthetic
-from config import (ConfigError, TrainConfig, auto_tokenizer, data_splits, fail, help_text, parse_config,
-                    schedule_warning, truncation_warnings)
+from config import (ConfigError, TrainConfig, auto_tokenizer, data_splits, fail, help_text, lora_ref_rank,
+                    parse_config, schedule_warning, truncation_warnings)
 from model import Llama, ModelConfig, check_context
 
 
@@ -185,6 +186,21 @@ def load_model(cfg: TrainConfig, tok) -> Llama:
         return model
     except (ValueError, OSError, SafetensorError) as e:  # a bad config.json or weights file: its message names it
         fail(f"init_from={cfg.init_from}: {e}")
+
+
+def lora_models(cfg: TrainConfig, tok, ckpt: Path | None, device: torch.device):
+    """(policy W0 + s·B·A, reference W0 + ΔW_ref or None for sft, initial policy W0 for TR runs' eval KL or None), all
+    on one frozen W0 storage: the initial model's weights, or on resume the checkpoint's base/ (its adapters and
+    factors are loaded after the optimizer, by checkpoint.load_lora)."""
+    base = load_model(cfg, tok) if ckpt is None else Llama.from_pretrained(ckpt / "base", dtype=None)
+    try:
+        policy = lora.apply(base.to(device), cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                            getattr(torch, cfg.lora_base_dtype), seed=cfg.seed)
+    except ValueError as e:
+        fail(str(e))
+    reference = lora.make_reference(policy) if cfg.loss != "sft" else None
+    initial = lora.make_reference(policy) if cfg.ref_update != "static" else None  # W0 itself: ΔW = 0, no copy
+    return policy, reference, initial
 
 
 def longest_sequence(cfg: TrainConfig) -> int:
@@ -446,26 +462,32 @@ def run(cfg: TrainConfig) -> dict:
                    f"{cfg.batch_size // (cfg.micro_batch_size * world)} micro step(s) of {cfg.micro_batch_size}")
 
     # models: the policy π_θ, the reference π_ref (a frozen copy, TR-updated), the initial policy for KL at eval time
-    init = load_model(cfg, tok).to(device)
-    policy = init if ckpt is None else Llama.from_pretrained(ckpt).to(device)
-    reference = None
-    if cfg.loss != "sft":
-        reference = ref_lib.make_reference(init if ckpt is None else Llama.from_pretrained(ckpt / "reference")
-                                           .to(device))
-    initial = ref_lib.make_reference(init) if cfg.ref_update != "static" else None  # static: the reference is it
+    if cfg.lora_rank:  # LoRA: one frozen W0 under all three, each with its own low-rank delta (lora.py)
+        policy, reference, initial = lora_models(cfg, tok, ckpt, device)
+    else:
+        init = load_model(cfg, tok).to(device)
+        policy = init if ckpt is None else Llama.from_pretrained(ckpt).to(device)
+        reference = None
+        if cfg.loss != "sft":
+            reference = ref_lib.make_reference(init if ckpt is None else Llama.from_pretrained(ckpt / "reference")
+                                               .to(device))
+        initial = ref_lib.make_reference(init) if cfg.ref_update != "static" else None  # static: the reference is it
     if cfg.activation_checkpointing:  # the policy's blocks recomputed in its backward (the references take none)
         memory.checkpoint_blocks(policy)
     n_params = policy.num_params()
     policy, reference, initial = distribute([policy, reference, initial], cfg, world, device)
     # fused: one kernel over all tensors (~6x faster than the default on CPU at 16M parameters)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    updater = ref_lib.ReferenceUpdater(cfg.ref_update, cfg.alpha, cfg.tau)
+    trained = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    updater = ref_lib.ReferenceUpdater(cfg.ref_update, cfg.alpha, cfg.tau, lora_ref_rank(cfg))
 
     # exact resume: weights (above), optimizer, data position, RNG states, step; otherwise a fresh run directory
     start = 0
     random.seed(cfg.seed + rank), np.random.seed(cfg.seed + rank), torch.manual_seed(cfg.seed + rank)
     if ckpt is not None:
         state = checkpoint.load(ckpt, policy, optimizer)
+        if cfg.lora_rank:
+            checkpoint.load_lora(ckpt, policy, reference)
         start = state["step"]
         train_loader.load_state_dict(state["data"])
     metrics_file = out / "metrics.jsonl"
@@ -539,7 +561,9 @@ def run(cfg: TrainConfig) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        updater.after_step(step, reference, policy)  # TR: θ_ref ← α·θ + (1−α)·θ_ref (soft) or θ (hard) every τ
+        if updater.after_step(step, reference, policy) and cfg.lora_rank:  # TR: θ_ref ← α·θ + (1−α)·θ_ref (soft)
+            record({"step": step, "split": "reference", "compression_error": updater.compression_error,  # or θ (hard)
+                    "ref_rank": max(m.delta_U.shape[1] for m in lora.layers(reference, lora.DeltaLinear).values())})
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             keys = sorted(sums)
