@@ -40,6 +40,7 @@ from torch._dynamo.utils import counters
 
 import config
 import data
+import lora
 import losses
 import memory
 import packing
@@ -78,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="recompute the policy's blocks in the backward (train.py's option)")
     p.add_argument("--logps_chunk", type=int, default=0,
                    help="scored tokens per chunk of the LM head and log-softmax, 0: off (train.py's option)")
+    p.add_argument("--lora_rank", type=int, default=0, help="LoRA adapters of this rank on every linear layer of the "
+                   "blocks (train.py's lora_rank, lora_alpha 16), the reference a low-rank delta on the same W0; 0: off")
+    p.add_argument("--lora_base_dtype", choices=tuple(DTYPES), default="float32", help="storage of the frozen W0")
     p.add_argument("--attention", choices=("auto", "flex", "sdpa"), default="auto",
                    help="packed rows' kernel on CUDA (train.py's --attention)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -255,7 +259,11 @@ def run(args) -> dict:
                                max_seq_len=2 * args.max_length if args.data else args.prompt_len + args.response_len)
     with torch.device(device):  # initialise in place: a 1B model is slow to init on the CPU and copy over
         policy = Llama(model_config)
-    reference = ref_lib.make_reference(policy)
+    if args.lora_rank:  # as train.lora_models: one frozen W0 under policy and reference
+        policy = lora.apply(policy, args.lora_rank, 16.0, lora.DEFAULT_TARGETS, DTYPES[args.lora_base_dtype])
+        reference = lora.make_reference(policy)
+    else:
+        reference = ref_lib.make_reference(policy)
     if args.activation_checkpointing:  # as train.py: the policy only, after the reference is copied
         memory.checkpoint_blocks(policy)
     cfg = config.TrainConfig(loss=args.loss, ref_update=args.ref_update, alpha=args.alpha, tau=args.tau,
@@ -263,8 +271,9 @@ def run(args) -> dict:
                              n_heads=args.n_heads, attention=args.attention, logps_chunk=args.logps_chunk,
                              activation_checkpointing=args.activation_checkpointing)
     config.validate(cfg, world_size=1)
-    updater = ref_lib.ReferenceUpdater(args.ref_update, args.alpha, args.tau)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5, weight_decay=cfg.weight_decay, fused=True)
+    updater = ref_lib.ReferenceUpdater(args.ref_update, args.alpha, args.tau, 8 * args.lora_rank or 2 ** 31)
+    trained = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trained, lr=1e-5, weight_decay=cfg.weight_decay, fused=True)
     if not args.data:  # the same random batch at every step, one micro batch
         batch = random_batch(args, device, torch.Generator().manual_seed(args.seed))
         steps = [([batch], None)] * (args.warmup + args.steps)
@@ -293,7 +302,7 @@ def run(args) -> dict:
                                          ref_logps)
             (loss * weight).backward()
         computed = clock.mark()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stepped = clock.mark()
@@ -354,9 +363,9 @@ def run(args) -> dict:
         "loss": args.loss, "ref_update": args.ref_update, "alpha": args.alpha, "tau": args.tau,
         "precompute_ref": args.precompute_ref, "compile": args.compile, "n_params": policy.num_params(),
         "activation_checkpointing": args.activation_checkpointing, "logps_chunk": args.logps_chunk,
+        "lora_rank": args.lora_rank, "lora_base_dtype": args.lora_base_dtype,
         "shape": {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "model_type",
-                                                  "vocab_size", "prompt_len",
-                                                  "response_len", "pairs")},
+                                                  "vocab_size", "prompt_len", "response_len", "pairs")},
         "data": args.data, "packing": args.packing if args.data else None,
         "micro_batches_per_step": statistics.mean(len(micro) for micro, _ in timed),
         "timed_steps": args.steps, "tokens_per_step": tokens, "step_ms": ms, "tokens_per_s": tokens / (ms / 1000),
@@ -374,7 +383,7 @@ DATA_OPTIONS = {"--data", "--tokenizer", "--max_length", "--max_prompt_length", 
                 "--micro_batch_tokens"}
 BENCH_ONLY = {"--micro_batch_tokens", "--ref_update", "--loss", "--compile", "--device", "--precompute_ref",
               "--profile", "--profile_rows", "--attention", "--activation_checkpointing",
-              "--logps_chunk"}  # what bench_trl.py does not take
+              "--logps_chunk", "--lora_rank", "--lora_base_dtype"}  # what bench_trl.py does not take
 FLAGS = {"--json", "--compile", "--precompute_ref", "--profile", "--activation_checkpointing"}
 COMPARE_KEYS = ("tokens_per_s", "real_tokens_per_s", "mfu", "peak_mem_mb", "padding_fraction", "optimizer_share",
                 "tr_update_share", "compiles")

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -113,7 +114,7 @@ def lora_param_count(c: ModelConfig, rank: int, targets: tuple[str, ...] = LINEA
     return c.n_layers * sum(rank * (i + o) for name, (i, o) in linear_shapes(c).items() if name in targets)
 
 
-def activation_bytes(c: ModelConfig, tokens: int, dtype: str, checkpointed: bool) -> int:
+def activation_bytes(c: ModelConfig, tokens: int, dtype: str, checkpointed: bool, lora_rank: int = 0) -> int:
     """Bytes autograd keeps from the policy's forward for its backward, for `tokens` tokens (the hidden states up to
     the final norm; the LM head's logits are logits_bytes'). Per token and block, counted from the tensors the
     blocks of model.py save (tests/test_memory.py measures them with saved-tensor hooks): fp32
@@ -121,13 +122,20 @@ def activation_bytes(c: ModelConfig, tokens: int, dtype: str, checkpointed: bool
     (the residual stream and the norms stay fp32), q = heads·head_dim, kv = kv_heads·head_dim; outside the blocks the
     final norm's 4·(2·dim + 1) and the token ids' 8 per token, and 8·head_dim for RoPE's cos/sin (per position of a
     row; counted per token, an upper bound). Checkpointed blocks keep their fp32 input, 4·dim per token and block, and
-    one block's activations exist again while it is recomputed in the backward."""
+    one block's activations exist again while it is recomputed in the backward.
+    LoRA (frozen W0 and norms): the norms' outputs are not kept for their weights' gradients (8·dim fp32, 14·dim bf16
+    fewer per block; measured exactly in fp32, fitted in bf16), nothing outside the blocks but RoPE's, and each of the 7
+    adapters keeps its r-wide x·Aᵀ (4·r or 2·r bytes)."""
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    if dtype == "float32":
+    fp32 = dtype == "float32"
+    if fp32:
         block = 24 * c.dim + 16 * c.hidden_dim + 8 * (q + kv) + 4 * c.n_heads + 8
     else:
         block = 26 * c.dim + 8 * c.hidden_dim + 4 * (q + kv) + 4 * c.n_heads + 8
     outside = 4 * (2 * c.dim + 1) + 8 + 8 * c.head_dim
+    if lora_rank:
+        block += len(LINEARS) * lora_rank * (4 if fp32 else 2) - (8 if fp32 else 14) * c.dim
+        outside = 8 * c.head_dim
     kept = c.n_layers * (4 * c.dim if checkpointed else block)
     return tokens * (outside + kept + (block if checkpointed else 0))
 
@@ -169,7 +177,7 @@ def estimate(c: ModelConfig, pairs: int, prompt_len: int, response_len: int, dty
         adapters = lora_param_count(c, lora_rank)
         parts["base W0 (shared)"] = p["total"] * (2 if base_dtype == "bfloat16" else 4)
         parts["adapters + grads + AdamW"] = 16 * adapters
-        parts["reference factors"] = 4 * lora_param_count(c, lora_ref_rank or lora_rank)
+        parts["reference factors"] = 4 * lora_param_count(c, lora_ref_rank or 8 * lora_rank)  # config's default cap
         grads = 4 * adapters
         casts = 2 * p["matmul"] if dtype == "bfloat16" and base_dtype == "float32" else 0
     else:
@@ -184,7 +192,7 @@ def estimate(c: ModelConfig, pairs: int, prompt_len: int, response_len: int, dty
             parts["FSDP2 gathered"] = 4 * (root + 2 * p["total"] // c.n_layers)
         grads = 4 * p["total"] // shard
         casts = 2 * p["matmul"] if dtype == "bfloat16" else 0
-    acts = activation_bytes(c, tokens, dtype, checkpointed)
+    acts = activation_bytes(c, tokens, dtype, checkpointed, lora_rank)
     logits = logits_bytes(c, rows * response_len if chunk else keep, dtype, chunk)
     forward = acts + logits + casts + (grads if accumulating else 0)
     parts.update({"gradients" + (" (accumulated)" if accumulating else ""): grads, "activations": acts,
@@ -213,6 +221,7 @@ MEASURE_SHAPE = ["--dim", "896", "--n_layers", "24", "--n_heads", "14", "--n_kv_
 TINY_SHAPE = ["--dim", "32", "--n_layers", "1", "--n_heads", "2", "--vocab_size", "1000"]
 SETTINGS = {"plain": [], "checkpointing": ["--activation_checkpointing"], "chunked": ["--logps_chunk", "128"],
             "checkpointing + chunked": ["--activation_checkpointing", "--logps_chunk", "128"]}
+SETTINGS.update({f"LoRA r16 {k}": v + ["--lora_rank", "16"] for k, v in SETTINGS.items()})
 
 
 def bench_peak(args: list[str]) -> dict:
@@ -230,21 +239,26 @@ def measure(a) -> list[dict]:
     (plus the runtime: the peak RSS of the same bench at a tiny shape)."""
     lengths = ["--pairs", str(a.pairs), "--prompt_len", str(a.prompt_len), "--response_len", str(a.response_len),
                "--warmup", "1", "--steps", "1", "--dtype", "float32"]
+    shape = MEASURE_SHAPE + ["--n_layers", str(a.n_layers)]
+    c = replace(MODELS[MEASURED], n_layers=a.n_layers)
     runtime = bench_peak(TINY_SHAPE + ["--pairs", "1", "--prompt_len", "8", "--response_len", "8", "--steps", "1"])
     runtime_bytes = runtime["peak_mem_mb"] * 2 ** 20
     rows = []
     for name in a.settings.split(","):
-        r = bench_peak(MEASURE_SHAPE + lengths + SETTINGS[name])
-        e = estimate(MODELS[MEASURED], a.pairs, a.prompt_len, a.response_len, dtype="float32",
+        r = bench_peak(shape + lengths + SETTINGS[name])
+        rank = 16 if "--lora_rank" in SETTINGS[name] else 0
+        e = estimate(c, a.pairs, a.prompt_len, a.response_len, dtype="float32",
                      checkpointed="--activation_checkpointing" in SETTINGS[name],
-                     chunk=128 if "--logps_chunk" in SETTINGS[name] else 0, initial=False, accumulating=False)
+                     chunk=128 if "--logps_chunk" in SETTINGS[name] else 0, lora_rank=rank, lora_ref_rank=2 * rank,
+                     base_dtype="float32", initial=False, accumulating=False)  # (bench: τ = 1, two soft updates)
         modelled = e["peak"] + runtime_bytes
         measured = r["peak_mem_mb"] * 2 ** 20
         rows.append({"setting": name, "measured_gib": measured / GIB, "model_gib": modelled / GIB,
                      "off": modelled / measured - 1, "runtime_gib": runtime_bytes / GIB, "step_ms": r["step_ms"],
                      "parts_gib": {k: v / GIB for k, v in e["parts"].items()}})
         print(json.dumps(rows[-1]), flush=True)
-    print(f"| {MEASURED}, fp32, {a.pairs} pair(s) of {a.prompt_len} + {a.response_len} tokens | measured peak RSS "
+    print(f"| {MEASURED} widths, {a.n_layers} layers, fp32, {a.pairs} pair(s) of {a.prompt_len} + {a.response_len} "
+          "tokens | measured peak RSS "
           "(GiB) | model + runtime (GiB) | model off by |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['setting']} | {r['measured_gib']:.2f} | {r['model_gib']:.2f} | {r['off']:+.1%} |")
@@ -277,9 +291,9 @@ def table(a) -> str:
                     kw = dict(prompt_len=a.prompt_len, response_len=a.response_len, checkpointed=ckpt, chunk=chunk,
                               world=world if kind == "full" else 1,
                               lora_rank=a.lora_rank if kind == "LoRA" else 0, lora_ref_rank=a.lora_ref_rank)
-                    n = largest_micro_batch(c, budget, **kw)
+                    n = largest_micro_batch(c, budget, limit=a.limit, **kw)
                     lines.append(f"| {model_name} | {gpus} | {kind}{' FSDP2' if world > 1 else ''} | "
-                                 f"{'yes' if ckpt else 'no'} | {chunk or 'no'} | {n} | "
+                                 f"{'yes' if ckpt else 'no'} | {chunk or 'no'} | {n if n < a.limit else f'>= {n}'} | "
                                  f"{estimate(c, 1, **kw)['peak'] / GIB:.1f} |")
     return "\n".join(lines)
 
@@ -290,12 +304,14 @@ def main(argv=None):
     p.add_argument("--settings", default=",".join(SETTINGS), help="with --measure: comma-separated among "
                    + ", ".join(SETTINGS))
     p.add_argument("--pairs", type=int, default=1, help="with --measure: pairs per micro batch")
+    p.add_argument("--n_layers", type=int, default=24, help="with --measure: blocks of the Qwen2.5-0.5B shape")
     p.add_argument("--prompt_len", type=int, default=256, help="configs/hh_rlhf.json's max_prompt_length")
     p.add_argument("--response_len", type=int, default=256, help="max_length - max_prompt_length")
     p.add_argument("--chunk", type=int, default=256, help="the table's --logps_chunk")
     p.add_argument("--lora_rank", type=int, default=16)
     p.add_argument("--lora_ref_rank", type=int, default=64)
     p.add_argument("--usable", type=float, default=0.9, help="share of a GPU's memory a run may plan for")
+    p.add_argument("--limit", type=int, default=32, help="the largest micro batch tried")
     a = p.parse_args(argv)
     if a.measure:
         return measure(a)

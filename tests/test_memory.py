@@ -276,3 +276,33 @@ def test_activation_bytes_match_what_autograd_keeps(shape, dtype):
                                                                                         dtype, False)) // c.n_layers
     # checkpointed blocks keep only fp32 inputs (and no autocast copy for the backward)
     assert kept_bytes(model, ids, dtype) + one_block == memory.activation_bytes(c, T, dtype, checkpointed=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_activation_bytes_match_what_autograd_keeps(dtype):
+    """A LoRA policy (frozen W0 and norms) keeps less than the full model for the norms, plus each adapter's r-wide
+    x·Aᵀ: exactly in fp32; within 5% under bf16 autocast with a bf16 W0 (a fitted coefficient)."""
+    import lora
+    c = ModelConfig(**SHAPES[1])
+    torch.manual_seed(0)
+    model, T = lora.apply(Llama(c), 4, 8.0, base_dtype=getattr(torch, dtype)), 40
+    ids = torch.randint(0, V, (1, T))
+    want = memory.activation_bytes(c, T, dtype, False, lora_rank=4)
+    casts = 2 * memory.lora_param_count(c, 4) if dtype == "bfloat16" else 0  # the adapters' bf16 copies
+    got = kept_bytes(model, ids, dtype) - casts
+    assert got == want if dtype == "float32" else abs(got / want - 1) < 0.05
+    assert memory.lora_param_count(c, 4) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_the_estimate_adds_its_parts_and_fits_the_table():
+    c = memory.MODELS["Llama-3-8B"]
+    e = memory.estimate(c, 1, 256, 256, accumulating=True)
+    p = memory.param_count(c)["total"]
+    assert e["parts"]["policy weights"] == 4 * p and e["parts"]["AdamW moments"] == 8 * p
+    assert e["peak"] == sum(e["parts"].values())  # accumulating: everything at once
+    lora_e = memory.estimate(c, 1, 256, 256, lora_rank=16, checkpointed=True, chunk=256)
+    assert lora_e["peak"] < 24e9 * 0.9 < e["peak"]  # 8B full does not fit one GPU; LoRA fits 24 GB
+    assert memory.largest_micro_batch(c, 80e9 * 0.9, lora_rank=16, checkpointed=True, chunk=256,
+                                      prompt_len=256, response_len=256) > \
+        memory.largest_micro_batch(c, 24e9 * 0.9, lora_rank=16, checkpointed=True, chunk=256, prompt_len=256,
+                                   response_len=256) > 0
