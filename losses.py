@@ -113,8 +113,9 @@ class _HeadLogps(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         hidden, weight, targets = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden)
+        # summed over chunks in fp32; none for a frozen head (LoRA), which would cost a vocabulary x dim buffer
         grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
-                                  device=weight.device)  # summed over chunks in fp32
+                                  device=weight.device) if ctx.needs_input_grad[1] else None
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(ctx.dtype)
             for i in range(0, targets.shape[0], ctx.chunk):
@@ -125,8 +126,9 @@ class _HeadLogps(torch.autograd.Function):
                                                                                               torch.float32)))
                 g = g.to(ctx.dtype)
                 grad_hidden[c] = g @ w
-                grad_weight += g.T @ h
-        return grad_hidden, grad_weight.to(weight.dtype), None, None
+                if grad_weight is not None:
+                    grad_weight += g.T @ h
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
 
 
 def head_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, example: torch.Tensor,

@@ -195,10 +195,13 @@ def estimate(c: ModelConfig, pairs: int, prompt_len: int, response_len: int, dty
     acts = activation_bytes(c, tokens, dtype, checkpointed, lora_rank)
     logits = logits_bytes(c, rows * response_len if chunk else keep, dtype, chunk)
     forward = acts + logits + casts + (grads if accumulating else 0)
+    if not lora_rank and c.tie_embeddings:  # the embedding's dense gradient, made whole before it is added to the
+        parts["tied embedding's gradient"] = 4 * c.vocab_size * c.dim  # head's at the end of the backward
+        grads += parts["tied embedding's gradient"]
     parts.update({"gradients" + (" (accumulated)" if accumulating else ""): grads, "activations": acts,
                   "logits": logits, "autocast bf16 copies": casts})
-    persistent = sum(v for k, v in parts.items() if k not in ("activations", "logits", "autocast bf16 copies")
-                     and not k.startswith("gradients"))
+    transient = ("activations", "logits", "autocast bf16 copies", "tied embedding's gradient")
+    persistent = sum(v for k, v in parts.items() if k not in transient and not k.startswith("gradients"))
     return {"parts": parts, "persistent": persistent, "peak": persistent + max(forward, grads), "tokens": tokens}
 
 

@@ -306,3 +306,22 @@ def test_the_estimate_adds_its_parts_and_fits_the_table():
                                       prompt_len=256, response_len=256) > \
         memory.largest_micro_batch(c, 24e9 * 0.9, lora_rank=16, checkpointed=True, chunk=256, prompt_len=256,
                                    response_len=256) > 0
+
+
+def test_a_frozen_head_gets_no_gradient_buffer():
+    """LoRA freezes the head: the chunked backward makes no vocabulary x dim gradient for it, and the hidden states'
+    gradient is the unchunked path's."""
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 8, requires_grad=True)
+    weight = torch.randn(V, 8)
+    targets, example = torch.randint(0, V, (9,)), torch.zeros(9, dtype=torch.long)
+    counts = torch.tensor([9.0])
+    got, _ = losses.head_logps(hidden, weight, targets, example, counts, chunk=4)
+    (g,) = torch.autograd.grad(got.sum(), hidden)
+    want = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[:, None]).sum()
+    torch.testing.assert_close(g, torch.autograd.grad(want, hidden)[0], rtol=1e-5, atol=1e-6)
+    ctx = type("Ctx", (), {"saved_tensors": (hidden.detach(), weight, targets), "chunk": 4, "dtype": torch.float32,
+                           "needs_input_grad": (True, False, False, False)})()
+    grads = losses._HeadLogps.backward(ctx, torch.ones(9))
+    assert grads[1] is None
+    torch.testing.assert_close(grads[0], g, rtol=1e-5, atol=1e-6)
