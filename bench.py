@@ -45,6 +45,7 @@ import config
 import data
 import lora
 import losses
+import memory
 import packing
 import tokenizer
 import reference as ref_lib
@@ -61,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n_layers", type=int, default=4)
     p.add_argument("--n_heads", type=int, default=4)
     p.add_argument("--n_kv_heads", type=int, default=None, help="default: n_heads")
+    p.add_argument("--hidden_dim", type=int, default=None, help="SwiGLU inner size (default: llama2.c's rule)")
+    p.add_argument("--model_type", choices=("llama", "qwen2"), default="llama",
+                   help="qwen2: biases on q, k, v (Qwen2.5-0.5B: --dim 896 --n_layers 24 --n_heads 14 --n_kv_heads 2 "
+                   "--hidden_dim 4864 --vocab_size 151936)")
     p.add_argument("--vocab_size", type=int, default=50257)
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--response_len", type=int, default=192)
@@ -73,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tau", type=int, default=1, help="τ, steps between reference updates")
     p.add_argument("--precompute_ref", action="store_true", help="static reference: log-probs computed once")
     p.add_argument("--compile", action="store_true", help="torch.compile policy and reference")
+    p.add_argument("--activation_checkpointing", action="store_true",
+                   help="recompute the policy's blocks in the backward (train.py's option)")
+    p.add_argument("--logps_chunk", type=int, default=0,
+                   help="scored tokens per chunk of the LM head and log-softmax, 0: off (train.py's option)")
     p.add_argument("--attention", choices=("auto", "flex", "sdpa"), default="auto",
                    help="packed rows' kernel on CUDA (train.py's --attention)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -250,13 +259,15 @@ def run(args) -> dict:
         args.vocab_size, steps = data_steps(args, device)
     torch.manual_seed(args.seed)
     model_config = ModelConfig(vocab_size=args.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
-                               n_kv_heads=args.n_kv_heads,
+                               n_kv_heads=args.n_kv_heads, hidden_dim=args.hidden_dim, model_type=args.model_type,
+                               qkv_bias=args.model_type == "qwen2",
                                max_seq_len=2 * args.max_length if args.data else args.prompt_len + args.response_len)
     with torch.device(device):  # initialise in place: a 1B model is slow to init on the CPU and copy over
         policy = Llama(model_config)
     cfg = config.TrainConfig(loss=args.loss, ref_update=args.ref_update, alpha=args.alpha, tau=args.tau,
                              dtype=args.dtype, device=device.type, dim=args.dim, n_layers=args.n_layers,
-                             n_heads=args.n_heads, attention=args.attention, lora_rank=args.lora_rank,
+                             n_heads=args.n_heads, attention=args.attention, logps_chunk=args.logps_chunk,
+                             activation_checkpointing=args.activation_checkpointing, lora_rank=args.lora_rank,
                              lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
                              lora_ref_rank=args.lora_ref_rank, lora_base_dtype=args.lora_base_dtype)
     config.validate(cfg, world_size=1)
@@ -266,8 +277,10 @@ def run(args) -> dict:
         reference = lora.make_reference(policy)
     else:
         reference = ref_lib.make_reference(policy)
+    if args.activation_checkpointing:  # as train.py: the policy only, after the reference is copied
+        memory.checkpoint_blocks(policy)
     updater = ref_lib.ReferenceUpdater(args.ref_update, args.alpha, args.tau, config.lora_ref_rank(cfg))
-    trained = [p for p in policy.parameters() if p.requires_grad]
+    trained = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trained, lr=1e-5, weight_decay=cfg.weight_decay, fused=True)
     if not args.data:  # the same random batch at every step, one micro batch
         batch = random_batch(args, device, torch.Generator().manual_seed(args.seed))
@@ -278,7 +291,7 @@ def run(args) -> dict:
     if args.precompute_ref:
         updater.check_precompute()
         with torch.no_grad(), train.autocast(cfg, device):
-            ref_logps, _ = train.batch_logps(run_ref, batch["input_ids"], batch["loss_mask"])
+            ref_logps, _ = train.batch_logps(run_ref, batch["input_ids"], batch["loss_mask"], chunk=args.logps_chunk)
 
     clock = Clock(device)
     ref_marks: list = []  # (start, end) of every reference forward of the current step
@@ -360,9 +373,10 @@ def run(args) -> dict:
         "n_trainable": sum(p.numel() for p in trained), "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha if args.lora_rank else None,
         "lora_targets": args.lora_targets if args.lora_rank else None,
-        "lora_ref_rank": config.lora_ref_rank(cfg) if args.lora_rank else None,
-        "shape": {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "prompt_len",
-                                                  "response_len", "pairs")},
+        "lora_ref_rank": config.lora_ref_rank(cfg) if args.lora_rank else None, "lora_base_dtype": args.lora_base_dtype,
+        "activation_checkpointing": args.activation_checkpointing, "logps_chunk": args.logps_chunk,
+        "shape": {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "model_type",
+                                                  "vocab_size", "prompt_len", "response_len", "pairs")},
         "data": args.data, "packing": args.packing if args.data else None,
         "micro_batches_per_step": statistics.mean(len(micro) for micro, _ in timed),
         "timed_steps": args.steps, "tokens_per_step": tokens, "step_ms": ms, "tokens_per_s": tokens / (ms / 1000),
@@ -379,9 +393,9 @@ def run(args) -> dict:
 DATA_OPTIONS = {"--data", "--tokenizer", "--max_length", "--max_prompt_length", "--micro_batch_size",
                 "--micro_batch_tokens"}
 BENCH_ONLY = {"--micro_batch_tokens", "--ref_update", "--loss", "--compile", "--device", "--precompute_ref",
-              "--profile", "--profile_rows", "--attention",
-              "--lora_ref_rank", "--lora_base_dtype"}  # what bench_trl.py does not take
-FLAGS = {"--json", "--compile", "--precompute_ref", "--profile"}
+              "--profile", "--profile_rows", "--attention", "--activation_checkpointing", "--logps_chunk",
+              "--lora_ref_rank", "--lora_base_dtype"}  # what bench_trl.py does not take (it takes the other --lora_*)
+FLAGS = {"--json", "--compile", "--precompute_ref", "--profile", "--activation_checkpointing"}
 COMPARE_KEYS = ("tokens_per_s", "real_tokens_per_s", "mfu", "peak_mem_mb", "padding_fraction", "optimizer_share",
                 "tr_update_share", "compiles")
 
