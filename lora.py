@@ -185,14 +185,15 @@ def make_reference(policy: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def merged_state_dict(state_dict: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """A policy's state dict (our names, full tensors) with each W0 replaced by W0 + s·B·A in fp32 and the adapters
-    dropped: the weights of a plain model that computes what the policy computes."""
-    out = {k: v for k, v in state_dict.items() if not k.endswith((".lora_A", ".lora_B"))}
+    """A policy's state dict (our names, full tensors) with each W0 replaced by W0 + s·B·A and the adapters dropped,
+    all in fp32 (a bf16 base too: the delta would round away in bf16): a plain model that computes what the policy
+    computes."""
+    out = {k: v.float() for k, v in state_dict.items() if not k.endswith((".lora_A", ".lora_B"))}
     for k in state_dict:
         if k.endswith(".lora_A"):
             layer = k.removesuffix(".lora_A")
             A, B = state_dict[k].float(), state_dict[layer + ".lora_B"].float()
-            out[layer + ".weight"] = out[layer + ".weight"].float() + scale * B @ A
+            out[layer + ".weight"] = out[layer + ".weight"] + scale * B @ A
     return out
 
 

@@ -368,6 +368,8 @@ def test_sft_with_lora_then_init_from_it_continues_on_its_merged_weights_with_a_
     base = load_file(tmp_path / "dpo" / "ckpt-000004" / "base" / "model.safetensors")
     assert base.keys() == merged.keys() and all(v.dtype == torch.bfloat16 for v in base.values())
     assert all(torch.equal(base[k], merged[k].bfloat16()) for k in base)  # W0 = the SFT run's merged weights
+    merged_bf16_run = load_file(tmp_path / "dpo" / "ckpt-000004" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in merged_bf16_run.values())  # W0 + s·B·A in fp32, not rounded to bf16
     assert rows(tmp_path / "dpo", "train")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
