@@ -166,8 +166,9 @@ def estimate(c: ModelConfig, pairs: int, prompt_len: int, response_len: int, dty
     with gradients and moments (16 B/adapter param); the reference's factors (4 B per r_ref·(in + out)); with an fp32
     W0 under autocast, the bf16 copies of W0 that the backward keeps (2 B/matmul param).
     Activations and logits: activation_bytes and logits_bytes. Peak = the persistent parts + the largest of (what the
-    forward keeps: activations, logits, autocast copies; plus the gradients while accumulating micro batches) and
-    (the gradients at the end of the backward, after the activations are freed).
+    forward keeps: activations, logits, autocast copies; plus the gradients while accumulating micro batches, else the
+    head's weight gradient, the first one the backward makes) and (the gradients at the end of the backward, after
+    the activations are freed; with a tied head, the embedding's dense gradient before it is added to the head's).
     """
     p = param_count(c)
     rows, length = 2 * pairs, prompt_len + response_len
@@ -195,6 +196,8 @@ def estimate(c: ModelConfig, pairs: int, prompt_len: int, response_len: int, dty
     acts = activation_bytes(c, tokens, dtype, checkpointed, lora_rank)
     logits = logits_bytes(c, rows * response_len if chunk else keep, dtype, chunk)
     forward = acts + logits + casts + (grads if accumulating else 0)
+    if not lora_rank and not accumulating:  # the backward starts at the head: its weight's gradient is made while
+        forward += 4 * c.vocab_size * c.dim // (world if world > 1 else 1)  # every activation is still kept
     if not lora_rank and c.tie_embeddings:  # the embedding's dense gradient, made whole before it is added to the
         parts["tied embedding's gradient"] = 4 * c.vocab_size * c.dim  # head's at the end of the backward
         grads += parts["tied embedding's gradient"]
