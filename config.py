@@ -88,6 +88,12 @@ class TrainConfig:
     fsdp: bool = opt(False, "shard policy and reference with FSDP2 (fully_shard) instead of DDP")
     compile: bool = opt(False, "torch.compile the policy and reference forwards of the training step "
                         "(docs/performance.md)")
+    activation_checkpointing: bool = opt(False, "recompute each block of the policy in the backward instead of "
+                                         "keeping its activations: less memory, one more forward of the blocks "
+                                         "(docs/performance.md)")
+    logps_chunk: int = opt(0, "run the LM head, log-softmax and gather over chunks of this many scored tokens, made "
+                           "again in the backward, so the [tokens x vocabulary] logits never exist at once (0: off, "
+                           "the head over all scored tokens at once; 1024 suits a 128k vocabulary)")
     seed: int = opt(1337, "seed: model init and data order identical on all ranks")
     # logging, evaluation, checkpoints
     log_every: int = opt(1, "optimizer steps between metrics.jsonl lines and progress lines")
@@ -209,7 +215,7 @@ def validate(cfg: TrainConfig, world_size: int):
         if getattr(cfg, name) < 1:
             fail(f"{name}={getattr(cfg, name)} must be >= 1")
     for name in ("warmup_steps", "eval_every", "ckpt_every", "num_samples", "weight_decay", "grad_clip",
-                 "micro_batch_tokens"):
+                 "micro_batch_tokens", "logps_chunk"):
         if getattr(cfg, name) < 0:
             fail(f"{name}={getattr(cfg, name)} must be >= 0")
     if not 0 < cfg.alpha <= 1:

@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="train.py steps per train check")
     p.add_argument("--out", default="out/gpu_check", help="directory of the report and the runs")
     p.add_argument("--budget_s", type=float, default=570, help="wall time for everything; a check past it fails")
+    p.add_argument("--activation_checkpointing", action="store_true", help="train.py's and bench.py's option, in every "
+                   "run (CUDA runs a packed check with it and --logps_chunk=64 regardless)")
+    p.add_argument("--logps_chunk", type=int, default=0, help="train.py's and bench.py's option, in every run")
     return p.parse_args(argv)
 
 
@@ -128,7 +131,8 @@ def train_args(args, dtype: str, out: Path) -> list[str]:
     common = ["--loss=dpo", "--ref_update=soft", "--alpha=0.6", "--tau=2", f"--max_steps={args.steps}",
               "--warmup_steps=1", "--lr=1e-4", "--log_every=1", "--eval_every=0", f"--eval_size={EVAL_SIZE}",
               "--num_samples=0", "--keep_last=1", "--seed=0", f"--dtype={dtype}", f"--device={args.device}",
-              f"--out_dir={out}", "--overwrite=true"]  # its own runs: a second gpu_check replaces the first's
+              f"--out_dir={out}", f"--activation_checkpointing={args.activation_checkpointing}",
+              f"--logps_chunk={args.logps_chunk}", "--overwrite=true"]  # its own runs: a second gpu_check replaces them
     cuda = args.device == "cuda"  # CUDA: a small model from scratch; CPU (CI): a tiny one, short lengths
     model = ["--dim=256", "--n_layers=2", "--n_heads=4"] if cuda else ["--dim=32", "--n_layers=1", "--n_heads=2"]
     micro = f"--micro_batch_size={RECIPE['micro_batch_size']}"
@@ -164,6 +168,9 @@ def train_checks(args, checks: Checks, out: Path):
     if args.device == "cuda" and torch.cuda.device_count() >= 2:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
         launches += [("_ddp", torchrun, []), ("_fsdp", torchrun, ["--fsdp=true"])]
+    if args.device == "cuda":  # memory.py's recomputed blocks and chunked head against the padded plain run
+        launches.append(("_memory", [sys.executable, "train.py"], ["--activation_checkpointing=true",
+                                                                  "--logps_chunk=64"]))
     for dtype in ("float32", "bfloat16"):
         t = time.time()
         padded = out / f"train_{dtype}_padded"
@@ -197,6 +204,7 @@ def bench_checks(args, checks: Checks, out: Path) -> dict:
     cuda = args.device == "cuda"
     common = ["--data", args.data, "--tokenizer", args.tokenizer, "--pairs", "8", "--micro_batch_size",
               str(RECIPE["micro_batch_size"]), "--compare", "off,shared,fixed", "--repeat", "1", "--json"]
+    common += ["--activation_checkpointing"] * args.activation_checkpointing + ["--logps_chunk", str(args.logps_chunk)]
     if cuda:
         common += ["--dtype", RECIPE["dtype"], "--max_length", str(RECIPE["max_length"]), "--max_prompt_length",
                    str(RECIPE["max_prompt_length"]), "--warmup", "2", "--steps", "3"]

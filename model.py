@@ -258,7 +258,7 @@ class Llama(nn.Module):
 
     def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: list[KVCache] | None = None, logits_to_keep: int = 0,
-                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+                logits_index: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T), causal. logits_to_keep = k > 0 keeps the last k positions,
         (B, k, vocab), as in transformers: the final norm and the LM head, a large share of a small model's work, skip
         positions whose next-token distribution nobody needs (a prompt's, a prefill's). logits_index (N,), indices
@@ -266,7 +266,8 @@ class Llama(nn.Module):
         pos and mask replace the default positions 0..T-1 and causal attention: positions (B, T) and a boolean
         attention mask (B, 1, T, T_keys), True where a query may see a key (generate()'s left-padded rows, packing.py's
         packed rows), or a FlexAttention BlockMask of one (packed rows on CUDA); cache is generate()'s, one KVCache
-        per layer."""
+        per layer. return_hidden returns the final hidden states (after the final norm, before the LM head) at the
+        same positions, (B, k, dim) or (N, dim): losses.head_logps runs the head over them chunk by chunk."""
         if pos is None:
             pos = torch.arange(idx.shape[1], device=idx.device)
         if self.inv_freq.device != idx.device:  # once: a plain attribute does not follow model.to(device), and a copy
@@ -276,7 +277,8 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache[i])
         x = x[:, -logits_to_keep:] if logits_index is None else x.flatten(0, 1)[logits_index]  # -0: every position
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
 
     def num_params(self) -> int:
         """Number of parameters, the tied embedding/head counted once."""

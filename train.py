@@ -32,6 +32,7 @@ import checkpoint
 import data
 import lora
 import losses
+import memory
 import packing
 import tokenizer
 import reference as ref_lib
@@ -46,11 +47,14 @@ from model import Llama, ModelConfig, check_context
 
 
 def batch_logps(model: torch.nn.Module, input_ids: torch.Tensor, loss_mask: torch.Tensor, reference: bool = False,
-                keep: int | None = None):
+                keep: int | None = None, chunk: int = 0):
     """(log π(y|x) summed over response tokens, response token counts), both (B,) fp32: one forward (the reference's,
     without autograd, if reference). Logits are made only for the last keep = losses.logits_to_keep(loss_mask)
     positions (pass it when known: on GPU it costs a sync), so the LM head and the log-softmax over the vocabulary
-    skip the prompt part that every row has."""
+    skip the prompt part that every row has. chunk > 0 (--logps_chunk): only the scored positions, their LM head run
+    chunk tokens at a time (memory.chunked_logps)."""
+    if chunk:
+        return memory.chunked_logps(model, input_ids, losses.scored_positions(input_ids, loss_mask), chunk, reference)
     keep = losses.logits_to_keep(loss_mask) if keep is None else keep
     logits = ref_lib.reference_logits(model, input_ids, keep) if reference else model(input_ids, logits_to_keep=keep)
     return losses.sequence_logps(logits, input_ids[:, -keep:], loss_mask[:, -keep:])
@@ -77,13 +81,13 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
             tree = packing.batch_mask(batch, policy, cfg.attention)  # once for both forwards, checked in their dtype
 
             def forward_logps(model, reference=False):
-                return packing.packed_logps(model, batch, reference, tree)
+                return packing.packed_logps(model, batch, reference, tree, cfg.logps_chunk)
         else:
             mask = batch["loss_mask"]
             keep = losses.logits_to_keep(mask)  # once for the policy and the reference forward
 
             def forward_logps(model, reference=False):
-                return batch_logps(model, ids, mask, reference, keep)
+                return batch_logps(model, ids, mask, reference, keep, cfg.logps_chunk)
         logps, n = forward_logps(policy)
         if cfg.loss == "sft":  # next-token cross-entropy on the response tokens
             loss = -logps.sum() / n.sum().clamp(min=1)
@@ -98,8 +102,9 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
             kl_ids, kl_mask = batch["kl_input_ids"], batch["kl_loss_mask"]
             kl_keep = losses.logits_to_keep(kl_mask)
             with torch.no_grad():
-                policy_kl, _ = batch_logps(policy, kl_ids, kl_mask, keep=kl_keep)
-                ref_kl, _ = batch_logps(reference, kl_ids, kl_mask, reference=True, keep=kl_keep)
+                policy_kl, _ = batch_logps(policy, kl_ids, kl_mask, keep=kl_keep, chunk=cfg.logps_chunk)
+                ref_kl, _ = batch_logps(reference, kl_ids, kl_mask, reference=True, keep=kl_keep,
+                                        chunk=cfg.logps_chunk)
         if cfg.loss == "kto":
             good = batch["desirable"]
             per_example, rewards, z_ref = losses.kto_loss(logps, ref_logps, good, policy_kl, ref_kl, cfg.beta)
@@ -401,10 +406,10 @@ def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list
         ids, mask = data.pad(list(zip(prompts, sampled)), tok.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         keep = losses.logits_to_keep(mask)
-        logp, _ = batch_logps(gen_model, ids, mask, keep=keep)
+        logp, _ = batch_logps(gen_model, ids, mask, keep=keep, chunk=cfg.logps_chunk)
         for name, model in (("kl_ref", reference), ("kl_init", initial)):
             if model is not None:
-                other, _ = batch_logps(model, ids, mask, reference=True, keep=keep)
+                other, _ = batch_logps(model, ids, mask, reference=True, keep=keep, chunk=cfg.logps_chunk)
                 out[name] = (logp - other).mean().item()
     ref_lib.reshard(policy)  # an FSDP2 root stays gathered after a forward without backward
     if cfg.data == "synthetic":
@@ -505,6 +510,8 @@ def run(cfg: TrainConfig) -> dict:
             reference = ref_lib.make_reference(init if ckpt is None else Llama.from_pretrained(ckpt / "reference")
                                                .to(device))
         initial = ref_lib.make_reference(init) if cfg.ref_update != "static" else None  # static: the reference is it
+    if cfg.activation_checkpointing:  # the policy's blocks recomputed in its backward (the references take none)
+        memory.checkpoint_blocks(policy)
     n_params = policy.num_params()
     policy, reference, initial = distribute([policy, reference, initial], cfg, world, device)
     # fused: one kernel over all tensors (~6x faster than the default on CPU at 16M parameters)
