@@ -151,6 +151,7 @@ def test_judge_scores_eval_samples_beside_kl_init(sft_run, tmp_path):
     (["--judge=gold", "--loss=rm"], "generates none"),
     (["--loss=rm", "--ref_update=soft"], "loss=rm has none"),
     (["--judge=gold", "--num_samples=0"], "num_samples=0 samples none"),
+    (["--loss=rm", "--lora_rank=4"], "LoRA on a reward model is not supported"),
 ])
 def test_bad_judges_and_rm_options_are_one_line_before_any_work(sft_run, tmp_path, capsys, extra, culprit):
     args = [a.format(lm=sft_run, tmp=tmp_path) for a in extra]
