@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 
 import checkpoint
 import data
+import inputs
 import losses
 import packing
 import tokenizer
@@ -37,7 +38,7 @@ import reference as ref_lib
 import synthetic
 from config import (ConfigError, TrainConfig, auto_tokenizer, data_splits, fail, help_text, parse_config,
                     schedule_warning, truncation_warnings)
-from model import Llama, ModelConfig, check_context
+from model import Llama, ModelConfig, check_context, read_json
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -194,9 +195,10 @@ def check_vocab(cfg: TrainConfig, tok):
     if cfg.init_from == "scratch":
         return
     file = checkpoint.model_dir(cfg.init_from) / "config.json"
-    try:
-        vocab = json.loads(file.read_text())["vocab_size"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    try:  # read_json: a regular file of at most 64 MiB holding an object; vocab_size an integer >= 1
+        vocab = read_json(file)["vocab_size"]
+        inputs.check_fields({"vocab_size": vocab}, {"vocab_size": inputs.POSITIVE_INT}, file)
+    except (ValueError, KeyError) as e:
         fail(f"init_from={cfg.init_from}: cannot read vocab_size from {file} ({type(e).__name__}: {e})")
     if vocab < tok.n_vocab:
         fail(f"init_from={cfg.init_from}: vocab_size {vocab} ({file}) < the {tok.n_vocab} ids of tokenizer="
