@@ -153,6 +153,8 @@ def get_tokenizer(name_or_path: str) -> Tokenizer:
         enc, bos, eos = sentencepiece_bpe.llama2c_encoding(path)
         return Tokenizer(enc, bos, eos, prefix="always")  # run.c's dummy prefix: " " before any text
     if not path.is_file():
+        if path.exists():  # a FIFO or a device: named as such
+            inputs.check_regular(path, TokenizerError)
         raise ValueError(f"unknown tokenizer {name_or_path!r}: 'byte', one of {tiktoken.list_encoding_names()}, "
                          "the path of a tokenizer.json, a llama2.c tokenizer .bin, a Llama 3 tokenizer.model, or a "
                          "model directory holding one")

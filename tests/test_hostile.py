@@ -241,28 +241,29 @@ def test_a_bad_world_size_is_one_line(monkeypatch, capsys, env, message):
 # paths: regular files of a sane size, refused before a byte is read
 
 PROBE = """
-import json, sys, train
+import json, sys, data, train
 for arg in sys.argv[1:]:
-    rc = train.main([arg, "--out_dir=" + sys.argv[1].split("=", 1)[1] + ".run"])
-    print(json.dumps(rc), flush=True)
+    prog, *args = json.loads(arg)
+    print(json.dumps({"train": train.main, "data": data.main}[prog](args)), flush=True)
 """
 
 
 def test_a_fifo_or_a_device_where_a_file_belongs_is_refused_before_reading(tmp_path):
-    """--data, --eval_data and --config on a FIFO (blocked forever) or /dev/zero (read until memory ran out), in one
-    subprocess with a timeout, so that a regression fails here instead of hanging the suite."""
+    """--data, --eval_data and --config on a FIFO (blocked forever) or /dev/zero (read until memory ran out), and
+    data.py on them, in one subprocess with a timeout, so that a regression fails here instead of hanging the suite."""
     fifo = tmp_path / "pipe.jsonl"
     os.mkfifo(fifo)
-    cases = [(f"--{option}={path}", f"{path}: {kind}, not a regular file") for option in ("data", "eval_data",
-                                                                                           "config")
-             for path, kind in ((fifo, "a FIFO"), ("/dev/zero", "a character device"))]
-    p = subprocess.run([sys.executable, "-c", PROBE, *(arg for arg, _ in cases)], cwd=ROOT, env=ENV,
+    cases = [(["train", f"--{option}={path}", f"--out_dir={tmp_path / 'run'}"], f"{path}: {kind}, not a regular file")
+             for option in ("data", "eval_data", "config") for path, kind in ((fifo, "a FIFO"),
+                                                                               ("/dev/zero", "a character device"))]
+    cases += [(["data", str(fifo), "--tokenizer=byte"], f"{fifo}: a FIFO, not a regular file")]
+    p = subprocess.run([sys.executable, "-c", PROBE, *(json.dumps(args) for args, _ in cases)], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=180)
     assert p.stdout.split() == ["2"] * len(cases), p.stderr
     lines = p.stderr.splitlines()
     assert len(lines) == len(cases) and "Traceback" not in p.stderr, p.stderr
-    for (arg, message), line in zip(cases, lines):
-        assert line.startswith("train.py: error: ") and message in line, (arg, line)
+    for (args, message), line in zip(cases, lines):
+        assert line.startswith(f"{args[0]}.py: error: ") and message in line, (args, line)
 
 
 def test_a_directory_or_a_huge_file_where_a_json_file_belongs_is_refused(tmp_path):
@@ -354,3 +355,276 @@ def test_every_checkpoint_with_bad_json_is_one_line(run_dir, tmp_path, capsys):
         rewrite(ckpt, "state.json", {"step": [], "data": {}})
     rc, _, err = train_main(SMALL + ["--max_steps=4", f"--out_dir={tmp_path}", "--resume"], capsys)
     one_line(rc, err, "--resume: no usable checkpoint", "state.json: step must be an integer >= 0, got []")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tokenizers: JSON shapes, unique ids, merges of vocabulary tokens, split regexes tiktoken applies as tokenizers does
+
+tokenizers = pytest.importorskip("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory) -> dict:
+    """A small byte-level BPE trained by tokenizers, as its tokenizer.json."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    hf.train_from_iterator(["a b! hello world ab ab, it's 2024"] * 10, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<|eos|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return json.loads(hf.to_str())
+
+
+def load_tokenizer(tmp_path: Path, tj, config=None, hf_too: bool = False):
+    """Our Tokenizer of tj (and, hf_too, whether tokenizers itself loads it: (ours or the error, tokenizers' or its
+    error))."""
+    import tokenizer
+    (tmp_path / "tokenizer.json").write_text(tj if isinstance(tj, str) else json.dumps(tj))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eos|>"} if config is None else config))
+    return tokenizer.get_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def edited(tj: dict, edit) -> dict:
+    tj = json.loads(json.dumps(tj))
+    edit(tj)
+    return tj
+
+
+def split(pattern: dict):
+    return lambda tj: tj.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": pattern, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]})
+
+
+BAD_TOKENIZERS = [
+    (lambda tj: tj.clear() or tj.update(x=1), "model must be an object, got None"),
+    (lambda tj: tj.update(model=[1]), "model must be an object, got [1]"),
+    (lambda tj: tj["model"].update(vocab=[["a", 0]]), "model.vocab must be an object of token -> id"),
+    (lambda tj: tj["model"]["vocab"].update(zz="5"), "model.vocab['zz'] must be an id (an integer >= 0), got '5'"),
+    (lambda tj: tj["model"]["vocab"].update(zz=-1), "model.vocab['zz'] must be an id (an integer >= 0), got -1"),
+    (lambda tj: tj["model"].update(merges={"a": "b"}), "model.merges must be a list"),
+    (lambda tj: tj["model"]["merges"].append("a b c"), "must be \"a b\" or [\"a\", \"b\"] (two tokens), got 'a b c'"),
+    (lambda tj: tj["model"]["merges"].append(7), "(two tokens), got 7"),
+    (lambda tj: tj.update(added_tokens={"<|eos|>": 0}), "added_tokens must be a list"),
+    (lambda tj: tj["added_tokens"][0].pop("id"), "added_tokens[0] must be an object with content"),
+    (lambda tj: tj["added_tokens"][0].update(id="0"), "added_tokens[0] must be an object with content"),
+    (lambda tj: tj.update(pre_tokenizer="ByteLevel"), "pre_tokenizer must be null or an object with a 'type'"),
+    (lambda tj: tj.update(normalizer={"types": "NFC"}), "normalizer must be null or an object with a 'type'"),
+    (lambda tj: tj.update(pre_tokenizer={"type": "Sequence", "pretokenizers": 3}), "pre_tokenizer.pretokenizers must "
+                                                                                    "be a list, got 3"),
+    (lambda tj: tj.update(post_processor={"type": "TemplateProcessing", "single": [{"x": 1}]}),
+     "post_processor.single must be a list of"),
+    (split({"Regex": 5}), "pre_tokenizer.pretokenizers[0].pattern must be {\"Regex\": str}"),
+    (split(["a"]), "pre_tokenizer.pretokenizers[0].pattern must be"),
+]
+
+
+@pytest.mark.parametrize("edit, message", BAD_TOKENIZERS, ids=[str(i) for i in range(len(BAD_TOKENIZERS))])
+def test_a_tokenizer_json_of_the_wrong_shape_is_one_line_naming_the_key(tmp_path, tokenizer_json, edit, message):
+    import tokenizer
+    with pytest.raises(tokenizer.TokenizerError) as e:
+        load_tokenizer(tmp_path, edited(tokenizer_json, edit))
+    assert str(e.value).startswith(f"{tmp_path / 'tokenizer.json'}: ") and message in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_tokenizer_json_that_is_not_an_object_or_not_a_file_is_one_line(tmp_path, tokenizer_json):
+    import tokenizer
+    with pytest.raises(tokenizer.TokenizerError, match="tokenizer.json: expected a JSON object, got array"):
+        load_tokenizer(tmp_path, "[1]")
+    (tmp_path / "tokenizer.json").unlink()
+    os.mkfifo(tmp_path / "tokenizer.json")
+    with pytest.raises(tokenizer.TokenizerError, match="tokenizer.json: a FIFO, not a regular file"):
+        tokenizer.get_tokenizer(str(tmp_path / "tokenizer.json"))
+    for name in ("tok.model", "tok512.bin"):  # a tiktoken BPE file, a llama2.c tokenizer
+        os.mkfifo(tmp_path / name)
+        with pytest.raises(ValueError, match=f"{name}: a FIFO, not a regular file"):
+            tokenizer.get_tokenizer(str(tmp_path / name))
+
+
+def test_duplicate_ids_are_refused_where_they_would_lose_text(tmp_path, tokenizer_json):
+    """Two tokens with one id: tokenizers loads the file, and one of the two decodes as the other; refused,
+    naming both tokens. Added tokens must not take another token's id either."""
+    import tokenizer
+    dup = edited(tokenizer_json, lambda tj: tj["model"]["vocab"].update({"!": tj["model"]["vocab"]["b"]}))
+    hf = tokenizers.Tokenizer.from_str(json.dumps(dup))
+    assert hf.token_to_id("!") == hf.token_to_id("b")  # what the refusal prevents: one of them decodes as the other
+    with pytest.raises(tokenizer.TokenizerError, match="model.vocab: tokens '!' and 'b' have the same id|"
+                                                       "model.vocab: tokens 'b' and '!' have the same id"):
+        load_tokenizer(tmp_path, dup)
+    b = tokenizer_json["model"]["vocab"]["b"]
+    for edit in (lambda tj: tj["added_tokens"][0].update(id=b),
+                 lambda tj: tj["added_tokens"].append({**tj["added_tokens"][0], "content": "<|x|>"}),
+                 lambda tj: tj["added_tokens"].append({**tj["added_tokens"][0], "id": 999})):
+        with pytest.raises(tokenizer.TokenizerError, match="added_tokens\\[[01]\\] .* each id must be one token's"):
+            load_tokenizer(tmp_path, edited(tokenizer_json, edit))
+    ranks = tmp_path / "tokenizer.model"  # a tiktoken BPE file with a rank twice
+    ranks.write_text("YQ== 0\nYg== 0\n")
+    with pytest.raises(tokenizer.TokenizerError, match="tokenizer.model:2: token b'b' rank 0: each token and each rank"):
+        tokenizer.get_tokenizer(str(ranks))
+
+
+def test_merges_must_be_of_tokens_in_the_vocabulary_as_tokenizers_requires(tmp_path, tokenizer_json):
+    import tokenizer
+    for parts in (["zz", "q"], ["a", "qq"]):  # the result is in the vocabulary, one part is not
+        bad = edited(tokenizer_json, lambda tj: (tj["model"]["vocab"].update({"".join(parts): 500}),
+                                                 tj["model"]["merges"].append(parts)))
+        with pytest.raises(Exception, match="out of vocabulary"):
+            tokenizers.Tokenizer.from_str(json.dumps(bad))
+        with pytest.raises(tokenizer.TokenizerError, match=f"merge {len(bad['model']['merges']) - 1} .*: "
+                                                           f"'{[p for p in parts if len(p) == 2][0]}' is not in the "
+                                                           f"vocabulary"):
+            load_tokenizer(tmp_path, bad)
+
+
+@pytest.mark.parametrize("pattern", [{"Regex": "a*"}, {"Regex": ""}, {"Regex": "x?"}, {"Regex": "\\b"},
+                                     {"Regex": "(?=a)"}, {"Regex": "\\s*"}, {"String": ""}])
+def test_a_split_regex_that_can_match_the_empty_string_is_refused(tmp_path, tokenizer_json, pattern):
+    """tokenizers skips empty matches; tiktoken drops the text after one ('ab' -> 'a') or panics in Rust."""
+    import tokenizer
+    tj = edited(tokenizer_json, split(pattern))
+    hf = tokenizers.Tokenizer.from_str(json.dumps(tj))
+    assert hf.decode(hf.encode("a b!ab").ids) == "a b!ab"  # tokenizers applies it without loss
+    with pytest.raises(tokenizer.TokenizerError) as e:
+        load_tokenizer(tmp_path, tj)
+    assert f"tokenizer.json: pre_tokenizer Split pattern {next(iter(pattern.values()))!r} can match the empty " \
+           f"string" in str(e.value)
+
+
+def test_a_split_regex_that_cannot_match_the_empty_string_loads(tmp_path, tokenizer_json):
+    tok = load_tokenizer(tmp_path, edited(tokenizer_json, split({"Regex": " ?\\p{L}+|\\p{N}{1,3}|\\s+|[^\\s\\p{L}\\p{N}]+"})))
+    assert tok.decode(tok.encode("a b!ab 2024")) == "a b!ab 2024"
+
+
+BAD_TOKENIZER_CONFIGS = [
+    ([1], "tokenizer_config.json: expected a JSON object, got array"),
+    ({"eos_token": 5}, "tokenizer_config.json: eos_token must be null, a string or an object with a content string"),
+    ({"eos_token": {"text": "<|eos|>"}}, "eos_token must be null, a string or an object with a content string"),
+    ({"eos_token": "<|eos|>", "pad_token": ["x"]}, "pad_token must be null, a string or an object"),
+    ({"eos_token": "<|eos|>", "chat_template": 5}, "chat_template must be null, a string or a list of"),
+    ({"eos_token": "<|eos|>", "chat_template": [1]}, "chat_template must be null, a string or a list of"),
+    ({"eos_token": "<|eos|>", "chat_template": [{"name": "default"}]}, "chat_template must be null, a string or a"),
+    ({"eos_token": "<|eos|>", "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "rag",
+                                                                                       "template": "y"}]},
+     "chat_template lists the templates ['tool_use', 'rag'] but none named 'default'"),
+]
+
+
+@pytest.mark.parametrize("config, message", BAD_TOKENIZER_CONFIGS, ids=[str(i) for i in
+                                                                        range(len(BAD_TOKENIZER_CONFIGS))])
+def test_a_tokenizer_config_of_the_wrong_shape_is_one_line(tmp_path, tokenizer_json, config, message):
+    import tokenizer
+    with pytest.raises(tokenizer.TokenizerError) as e:
+        load_tokenizer(tmp_path, tokenizer_json, config)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_template_list_without_default_is_refused_as_transformers_does(tmp_path, tokenizer_json):
+    transformers = pytest.importorskip("transformers")
+    config = {"eos_token": "<|eos|>", "chat_template": [{"name": "tool_use", "template": "{{ messages }}"}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
+                                              chat_template={"tool_use": "{{ messages }}"})
+    with pytest.raises(ValueError, match="no default"):
+        hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    import tokenizer
+    with pytest.raises(tokenizer.TokenizerError, match="none named 'default'"):
+        tokenizer.get_tokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("gen, message", [([1], "expected a JSON object, got array"),
+                                          ({"eos_token_id": "x"}, "eos_token_id must be an integer >= 0 or a list"),
+                                          ({"eos_token_id": [1.5]}, "eos_token_id must be an integer >= 0 or a list")])
+def test_a_generation_config_of_the_wrong_shape_is_one_line(tmp_path, tokenizer_json, gen, message):
+    import tokenizer
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    with pytest.raises(tokenizer.TokenizerError, match=f"generation_config.json: {message}"):
+        load_tokenizer(tmp_path, tokenizer_json)
+
+
+def test_a_bad_tokenizer_is_one_line_through_train(tmp_path, tokenizer_json, capsys):
+    load_dir = tmp_path / "tok"
+    load_dir.mkdir()
+    (load_dir / "tokenizer.json").write_text(json.dumps(edited(
+        tokenizer_json, lambda tj: tj["model"]["vocab"].update({"!": tj["model"]["vocab"]["b"]}))))
+    (load_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eos|>"}))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    rc, _, err = train_main(SMALL + [f"--out_dir={tmp_path / 'run'}", f"--tokenizer={load_dir / 'tokenizer.json'}",
+                                     f"--data={data}"], capsys)
+    one_line(rc, err, "tokenizer.json: model.vocab: tokens", "have the same id")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# chat templates are untrusted code: bounded in loop items, size and time, refused naming the template's tokenizer
+
+HOSTILE_TEMPLATES = [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "loops take more than"),
+    ("{% for m in messages %}{% for i in range(100000) %}{% for c in 'abcdefghijklmnopqrstuvwxyz' %}{% endfor %}"
+     "{% endfor %}{% endfor %}", "loops take more than"),
+    ("{% set s = 'x' * 10000000 %}{% for a in s %}{{ '' }}{% endfor %}", "loops take more than"),
+    ("{{ 'x' * 500000000 }}", "it repeats a value of 1 items 500000000 times"),
+    ("{% set n = 250000000 %}{{ n * 'ab' }}", "it repeats a value of 2 items 250000000 times"),
+    ("{{ ['x'] * 100000000 }}", "it repeats a value of 1 items 100000000 times"),
+    ("{{ 2 ** 100000000 }}", "it raises 2 to the power 100000000"),
+    ("{{ 'x' | center(1000000000) }}", "it passes 1000000000 to a call or filter"),
+    ("{{ 'x'.ljust(1000000000) }}", "it passes 1000000000 to a call or filter"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+     "it builds a value of 16777216 items"),
+    ("{% macro f(s, n) %}{{ f(s ~ s, n - 1) if n else s }}{% endmacro %}{{ f('x', 40) }}", "it builds a value of"),
+    ("{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}", "its output passes 16000000 characters"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "it recurses too deeply"),
+]
+
+
+@pytest.mark.parametrize("source, message", HOSTILE_TEMPLATES, ids=[str(i) for i in range(len(HOSTILE_TEMPLATES))])
+def test_a_template_past_a_rendering_bound_is_refused(source, message):
+    import chat
+    import tokenizer
+    tok = tokenizer.get_tokenizer("byte")
+    tok.chat_template = source
+    with pytest.raises(chat.ChatTemplateError) as e:
+        tok.render([{"role": "user", "content": "hi"}], [[{"role": "assistant", "content": "yo"}]])
+    assert str(e.value).startswith("chat template of byte: refused: ") and message in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_the_time_bound_refuses_a_template_with_no_loop_bound_reached(monkeypatch):
+    """The wall-clock bound, checked at every loop item, call and output piece: with it set to 0, any template that
+    loops or calls is refused (the real bound, 10 s, is far above what a chat template takes)."""
+    import chat
+    import tokenizer
+    monkeypatch.setattr(chat, "MAX_SECONDS", 0.0)
+    tok = tokenizer.get_tokenizer("byte")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(chat.ChatTemplateError, match="refused: rendering takes more than 0 s"):
+        chat.render_template(tok, [{"role": "user", "content": "hi"}], False)
+
+
+def test_bounded_templates_render_as_before():
+    """The bounds change nothing a real template does: loop variables, filters with the context, namespaces."""
+    import chat
+    import tokenizer
+    tok = tokenizer.get_tokenizer("byte")
+    tok.chat_template = ("{% set ns = namespace(n=0) %}{% for m in messages if m['role'] != 'system' %}"
+                         "{% set ns.n = ns.n + 1 %}{{ loop.index }}/{{ loop.length }} {{ m['content'] | trim | upper }}"
+                         "{{ '!' if loop.last }}{% endfor %}{{ ns.n }}{{ messages | map(attribute='role') | join(',') }}"
+                         "{{ [1, 2] * 2 }}{{ 2 ** 10 }}")
+    out = chat.render_template(tok, [{"role": "system", "content": "s"}, {"role": "user", "content": " a "},
+                                     {"role": "assistant", "content": "b"}], False)
+    assert out == "1/2 A2/2 B!2system,user,assistant[1, 2, 1, 2]1024"
+
+
+def test_a_hostile_template_is_one_line_through_data_py(tmp_path, tokenizer_json):
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|eos|>", "chat_template": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                                                 "{% endfor %}"}))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+                                "rejected": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "b"}]}) + "\n")
+    p = subprocess.run([sys.executable, "data.py", str(data), f"--tokenizer={tmp_path / 'tokenizer.json'}"], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    one_line(p.returncode, p.stderr, "loops take more than 1000000 items", prog="data.py")
