@@ -38,7 +38,7 @@ import reference as ref_lib
 import synthetic
 from config import (ConfigError, TrainConfig, auto_tokenizer, data_splits, fail, help_text, parse_config,
                     schedule_warning, truncation_warnings)
-from model import Llama, ModelConfig, check_context, read_json
+from model import Llama, ModelConfig, check_context, check_pretrained, read_json
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -191,7 +191,8 @@ def longest_sequence(cfg: TrainConfig) -> int:
 
 def check_vocab(cfg: TrainConfig, tok):
     """Before any work: refuse a model vocabulary smaller than the tokenizer's (its ids would index past the
-    embedding). A larger one is fine: evaluate's generate never samples the ids the tokenizer cannot decode."""
+    embedding), and a config.json the weights' headers contradict. A larger vocabulary is fine: evaluate's generate
+    never samples the ids the tokenizer cannot decode."""
     if cfg.init_from == "scratch":
         return
     file = checkpoint.model_dir(cfg.init_from) / "config.json"
@@ -203,6 +204,10 @@ def check_vocab(cfg: TrainConfig, tok):
     if vocab < tok.n_vocab:
         fail(f"init_from={cfg.init_from}: vocab_size {vocab} ({file}) < the {tok.n_vocab} ids of tokenizer="
              f"{cfg.tokenizer}; choose the tokenizer the model was trained with")
+    try:  # config.json against the weights' headers (no tensor read): a bad model is named before the data is read
+        check_pretrained(file.parent)
+    except (ValueError, OSError) as e:
+        fail(f"init_from={cfg.init_from}: {e}")
 
 
 def distribute(models: list, cfg: TrainConfig, world: int, device: torch.device) -> list:
