@@ -9,7 +9,6 @@ the control token: special tokens come only from code (BOS, EOS) or a chat templ
 chat templates).
 """
 import base64
-import json
 import re
 import unicodedata
 from pathlib import Path
@@ -250,9 +249,10 @@ def _check_tokenizer_json(path: Path, tj: dict):
             bad(f"{where}.pattern", "{\"Regex\": str} or {\"String\": str}", spec.get("pattern"))
         if spec["type"] == "TemplateProcessing":
             single = spec.get("single")
-            if not isinstance(single, list) or not all(
-                    isinstance(x, dict) and ("Sequence" in x or isinstance((x.get("SpecialToken") or {}).get("id"), str))
-                    for x in single):
+            def part(x) -> bool:  # {"Sequence": {...}} ($A) or {"SpecialToken": {"id": "<s>", ...}}
+                return isinstance(x, dict) and ("Sequence" in x or isinstance(x.get("SpecialToken"), dict)
+                                                and isinstance(x["SpecialToken"].get("id"), str))
+            if not isinstance(single, list) or not all(part(x) for x in single):
                 bad(f"{where}.single", "a list of {\"SpecialToken\": {\"id\": str}} and {\"Sequence\": ...}",
                     single)
 

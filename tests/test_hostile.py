@@ -460,7 +460,7 @@ def test_duplicate_ids_are_refused_where_they_would_lose_text(tmp_path, tokenize
             load_tokenizer(tmp_path, edited(tokenizer_json, edit))
     ranks = tmp_path / "tokenizer.model"  # a tiktoken BPE file with a rank twice
     ranks.write_text("YQ== 0\nYg== 0\n")
-    with pytest.raises(tokenizer.TokenizerError, match="tokenizer.model:2: token b'b' rank 0: each token and each rank"):
+    with pytest.raises(tokenizer.TokenizerError, match="tokenizer.model:2: token b'b' rank 0: each token and each"):
         tokenizer.get_tokenizer(str(ranks))
 
 
@@ -492,7 +492,8 @@ def test_a_split_regex_that_can_match_the_empty_string_is_refused(tmp_path, toke
 
 
 def test_a_split_regex_that_cannot_match_the_empty_string_loads(tmp_path, tokenizer_json):
-    tok = load_tokenizer(tmp_path, edited(tokenizer_json, split({"Regex": " ?\\p{L}+|\\p{N}{1,3}|\\s+|[^\\s\\p{L}\\p{N}]+"})))
+    pattern = " ?\\p{L}+|\\p{N}{1,3}|\\s+|[^\\s\\p{L}\\p{N}]+"
+    tok = load_tokenizer(tmp_path, edited(tokenizer_json, split({"Regex": pattern})))
     assert tok.decode(tok.encode("a b!ab 2024")) == "a b!ab 2024"
 
 
@@ -609,7 +610,8 @@ def test_bounded_templates_render_as_before():
     tok = tokenizer.get_tokenizer("byte")
     tok.chat_template = ("{% set ns = namespace(n=0) %}{% for m in messages if m['role'] != 'system' %}"
                          "{% set ns.n = ns.n + 1 %}{{ loop.index }}/{{ loop.length }} {{ m['content'] | trim | upper }}"
-                         "{{ '!' if loop.last }}{% endfor %}{{ ns.n }}{{ messages | map(attribute='role') | join(',') }}"
+                         "{{ '!' if loop.last }}{% endfor %}{{ ns.n }}"
+                         "{{ messages | map(attribute='role') | join(',') }}"
                          "{{ [1, 2] * 2 }}{{ 2 ** 10 }}")
     out = chat.render_template(tok, [{"role": "system", "content": "s"}, {"role": "user", "content": " a "},
                                      {"role": "assistant", "content": "b"}], False)
