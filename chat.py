@@ -11,6 +11,9 @@ special tokens it holds; contents are text. Text next to text (markup and conten
 piece as transformers does between added tokens, so ids match it exactly whenever no content holds an added token's
 string.
 
+Templates are untrusted code: besides the sandbox, one rendering is bounded in loop items, characters and time
+(MAX_LOOP_ITEMS, MAX_CHARS, MAX_SECONDS), and a template past a bound is refused in one line.
+
 tok is a tokenizer.Tokenizer, read through its attributes only (name, chat_template, special_tokens, end_ids, eos_id,
 bos_token / eos_token / pad_token / unk_token, prefix_every_segment, with_prefix): tokenizer.py imports this file,
 never the other way round.

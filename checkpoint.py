@@ -175,7 +175,10 @@ def verify(ckpt: Path) -> str | None:
         inputs.check_fields(saved, {"max_steps": inputs.POSITIVE_INT, "tokenizer": inputs.STRING},
                             ckpt / "train_config.json")
         for f in sorted(ckpt.glob("rng-rank*.json")):
-            inputs.check_fields(inputs.read_json(f), {k: inputs.LIST for k in ("python", "numpy", "torch")}, f)
+            rng = inputs.read_json(f)
+            inputs.check_fields(rng, {k: inputs.LIST for k in ("python", "numpy", "torch")}, f)
+            if problem := restorable(rng, f):
+                return problem
         for sub in ("", "reference"):
             if sub == "" or (ckpt / sub).exists():
                 model.check_pretrained(ckpt / sub)
@@ -190,6 +193,18 @@ def verify(ckpt: Path) -> str | None:
         return nonfinite(torch.load(ckpt / "optimizer.pt", weights_only=True), str(ckpt / "optimizer.pt"))
     except (SafetensorError, RuntimeError, OSError, pickle.UnpicklingError) as e:  # what the manifest vouched for
         return f"{ckpt}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+
+def restorable(rng: dict, file: Path) -> str | None:
+    """None if set_rng_state accepts rng (tried, then this process's own states put back), else why not."""
+    own = rng_state()
+    try:
+        set_rng_state(rng)
+    except (TypeError, ValueError, RuntimeError, OverflowError, IndexError, KeyError) as e:
+        return f"{file}: not an RNG state a resume can restore ({type(e).__name__}: {inputs.shown(str(e))})"
+    finally:
+        set_rng_state(own)
+    return None
 
 
 DATA_STATE = {"step": inputs.NATURAL, "steps_per_epoch": inputs.POSITIVE_INT, "batch_size": inputs.POSITIVE_INT,

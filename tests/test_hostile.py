@@ -4,6 +4,7 @@ anything is built or read past what the check needs; nothing here may hang or bl
 the FIFO and /dev/zero cases run in a subprocess with a timeout)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -283,6 +284,18 @@ def test_a_directory_or_a_huge_file_where_a_json_file_belongs_is_refused(tmp_pat
         inputs.read_json(tmp_path / "deep.json", want=None)
 
 
+@pytest.mark.parametrize("content, message", [
+    ({"beta": [0.1]}, "beta must be float, got [0.1]"), ({"dim": 1.5}, "dim must be int, got 1.5"),
+    ({"seed": 1e30}, "seed must be int, got 1e+30"), ({"packing": "maybe"}, "packing must be bool, got 'maybe'"),
+    ({"loss": 3}, "loss must be str, got 3"), ({"max_steps": None}, "max_steps must be int, got None"),
+    ({"lr": 1e400}, "lr=inf must be a finite number"), ([{"loss": "dpo"}], "expected a JSON object of options")])
+def test_a_config_file_value_of_the_wrong_type_is_one_line(tmp_path, content, message):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps(content).replace("Infinity", "1e400"))  # json writes inf as Infinity; 1e400 reads as inf
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.parse_config([f"--config={f}"], world_size=1)
+
+
 def test_a_config_json_fifo_is_refused(hf, tmp_path):
     (hf / "config.json").unlink()
     os.mkfifo(hf / "config.json")
@@ -324,6 +337,9 @@ BAD_CHECKPOINTS = [
     ("state.json", {"step": 4, "data": {"step": 4, "batch_size": 4, "seed": 1}}, "state.json: no data.steps_per_epoch"),
     ("train_config.json", {"max_steps": None}, "train_config.json: max_steps must be an integer >= 1"),
     ("rng-rank0.json", {"python": 1}, "rng-rank0.json: python must be a list"),
+    ("rng-rank0.json", {"python": [3, [], None], "numpy": [], "torch": []}, "rng-rank0.json: not an RNG state a resume"),
+    ("rng-rank0.json", {"python": [3, [1] * 625, None], "numpy": ["MT19937", [1] * 624, 0, 0, 0.0],
+                        "torch": [300] * 5056}, "rng-rank0.json: not an RNG state a resume can restore"),
     ("config.json", {"vocab_size": "259"}, "config.json: vocab_size must be an integer >= 1"),
 ]
 
