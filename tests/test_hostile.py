@@ -279,6 +279,12 @@ def test_a_directory_or_a_huge_file_where_a_json_file_belongs_is_refused(tmp_pat
     for path in (Path("/dev/zero"), tmp_path):
         with pytest.raises(ValueError, match="not a regular file"):
             inputs.read_json(path)
+    import tokenizer
+    (tmp_path / "t").mkdir()
+    with open(tmp_path / "t" / "tokenizer.json", "wb") as f:  # sparse, past the 1 GiB bound of tokenizer files
+        f.truncate(inputs.TOKENIZER_LIMIT + 1)
+    with pytest.raises(tokenizer.TokenizerError, match="tokenizer.json: 1073741825 bytes, more than the 1024 MiB"):
+        tokenizer.get_tokenizer(str(tmp_path / "t"))
     with pytest.raises(ValueError, match="nested too deeply"):
         (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
         inputs.read_json(tmp_path / "deep.json", want=None)
