@@ -91,6 +91,9 @@ class TrainConfig:
     ckpt_every: int = opt(0, "optimizer steps between checkpoints (0: only at the end)")
     keep_last: int = opt(2, "checkpoints kept in out_dir (older ones are deleted)")
     resume: bool = opt(False, "continue from the newest checkpoint in out_dir (exactly, same config)")
+    overwrite: bool = opt(False, "replace the run in out_dir (its checkpoints, metrics.jsonl, train_config.json), "
+                          "which stays until this run's first checkpoint is written; without it, a fresh run into an "
+                          "out_dir holding a run is refused")
     demo: bool = opt(False, "the embedded demo: SFT, then DPO and TR-DPO from it, and a comparison table "
                             "(what train.py runs when given no arguments)")
 
@@ -232,6 +235,8 @@ def validate(cfg: TrainConfig, world_size: int):
     if cfg.batch_size % (cfg.micro_batch_size * world_size):
         fail(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size} "
              f"x {world_size} process(es)")
+    if cfg.resume and cfg.overwrite:
+        fail("resume=true continues the run in out_dir, overwrite=true replaces it: choose one")
     if cfg.fsdp and world_size < 2:
         fail("fsdp=true needs torchrun with at least 2 processes")
     for name in ("data", "eval_data", "init_from"):

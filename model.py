@@ -87,9 +87,13 @@ class ModelConfig:
 
 
 def check_context(config: ModelConfig, length: int):
-    """Refuse (ValueError) sequences of `length` tokens that a sliding window would cut. transformers masks keys more
-    than sliding_window - 1 positions back; this Llama always attends to every earlier key, so the two agree exactly
+    """Refuse (ValueError) sequences of `length` tokens longer than the model's context (max_position_embeddings: the
+    positions it was trained on) or that a sliding window would cut. transformers masks keys more than
+    sliding_window - 1 positions back; this Llama always attends to every earlier key, so the two agree exactly
     when the window is null or >= the longest sequence. train.py and sample.py call this before any work."""
+    if length > config.max_seq_len:
+        raise ValueError(f"{length} tokens exceed the model's context, max_position_embeddings {config.max_seq_len} "
+                         f"(config.json)")
     if config.sliding_window is not None and config.sliding_window < length:
         raise ValueError(f"sliding_window {config.sliding_window} (config.json) < {length}, the longest sequence of "
                          f"this run: sliding-window attention is not implemented; use sequences of at most "
@@ -316,6 +320,8 @@ class Llama(nn.Module):
         rows = prompts.tolist() if torch.is_tensor(prompts) else [list(r) for r in prompts]
         if not rows or min(map(len, rows)) == 0:
             raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+        if max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
         check_context(self.config, max(map(len, rows)) + max_new_tokens)
         if stop_ids is None:
             stop_ids = [] if self.config.eos_id is None else self.config.eos_id
@@ -326,17 +332,16 @@ class Llama(nn.Module):
         idx = torch.zeros(B, L, dtype=torch.long, device=device)
         for b, r in enumerate(rows):
             idx[b, P - len(r):P] = torch.tensor(r, dtype=torch.long)
-        j = torch.arange(L, device=device)
-        pos = (j - pad[:, None]).clamp(min=0)
-        # query i sees key j iff j <= i and j is a real token; a pad query sees itself so no softmax row is empty (NaN)
-        mask = ((j[:, None] >= j) & (j >= pad[:, None, None])) | torch.eye(L, dtype=torch.bool, device=device)
-        mask = mask[:, None]  # (B, 1, L, L), broadcast over heads
+        pos = (torch.arange(L, device=device) - pad[:, None]).clamp(min=0)
         cache = [KVCache(L) for _ in self.layers] if use_cache else None
         out, done, start = [[] for _ in rows], [False] * B, 0
         for t in range(P, L):
             s = slice(start, t) if use_cache else slice(0, t)  # with a cache only the tokens not yet seen go in
             start = t
-            logits = self(idx[:, s], pos[:, s], mask[:, :, s, :t], cache, logits_to_keep=1)[:, -1].float()
+            # the mask of this step's queries only: (B, 1, P, P) for the prompt, then (B, 1, 1, t) per cached step,
+            # so memory grows with the length, not with its square (uncached, each step recomputes (t, t))
+            mask = generation_mask(pad, s.start, t)
+            logits = self(idx[:, s], pos[:, s], mask, cache, logits_to_keep=1)[:, -1].float()
             if n_vocab is not None and n_vocab < logits.shape[-1]:
                 logits[:, n_vocab:] = float("-inf")
             idx[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
@@ -392,6 +397,15 @@ class Llama(nn.Module):
         with open(path / "config.json", "w") as f:
             json.dump(config_to_hf(self.config, dtype), f, indent=2)
         save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def generation_mask(pad: torch.Tensor, first: int, t: int) -> torch.Tensor:
+    """generate()'s boolean attention mask (B, 1, t - first, t) of queries first..t-1 over keys 0..t-1, in rows left-
+    padded by pad (B,): query i sees key j iff j <= i and j is a real token (j >= the row's pad); a pad query sees
+    itself so no softmax row is empty (NaN)."""
+    i = torch.arange(first, t, device=pad.device)[:, None]
+    j = torch.arange(t, device=pad.device)
+    return (((j <= i) & (j >= pad[:, None, None])) | (j == i))[:, None]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,

@@ -173,14 +173,30 @@ def load_model(cfg: TrainConfig, tok) -> Llama:
     """The initial policy: from scratch (seeded identically on every rank), or a Hugging Face / our checkpoint."""
     if cfg.init_from == "scratch":
         torch.manual_seed(cfg.seed)
+        # the context: every sequence this run may hold, with or without eval samples (num_samples may change on
+        # --resume, and the model's config comes from its checkpoint then)
+        context = max(cfg.max_length, cfg.max_prompt_length + cfg.max_new_tokens)
         return Llama(ModelConfig(vocab_size=tok.n_vocab, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                                 max_seq_len=cfg.max_length, bos_id=tok.bos_id, eos_id=tok.eos_id))
+                                 max_seq_len=context, bos_id=tok.bos_id, eos_id=tok.eos_id))
     try:
         model = Llama.from_pretrained(checkpoint.model_dir(cfg.init_from))
+        check_length(cfg, model.config, f"init_from={cfg.init_from}")
         check_context(model.config, longest_sequence(cfg))  # a sliding window that would cut this run's sequences
         return model
+    except ConfigError:  # check_length's, complete
+        raise
     except (ValueError, OSError, SafetensorError) as e:  # a bad config.json or weights file: its message names it
         fail(f"init_from={cfg.init_from}: {e}")
+
+
+def check_length(cfg: TrainConfig, config: ModelConfig, where: str):
+    """Before any work: the run's longest sequence fits the model's context (its max_position_embeddings)."""
+    n = longest_sequence(cfg)
+    if n > config.max_seq_len:
+        options = (f"max_length={cfg.max_length}" if n == cfg.max_length else
+                   f"max_prompt_length + max_new_tokens = {cfg.max_prompt_length} + {cfg.max_new_tokens} = {n}")
+        fail(f"{options} tokens is longer than the context of {where}, max_position_embeddings {config.max_seq_len} "
+             f"(config.json): use at most {config.max_seq_len} tokens")
 
 
 def longest_sequence(cfg: TrainConfig) -> int:
@@ -240,7 +256,7 @@ def grad_sync(policy, cfg: TrainConfig, last_micro_step: bool):
 
 # options a resume may change: run length, bookkeeping, where the run lives, and how (not what) is computed
 RESUMABLE = ("max_steps", "eval_every", "ckpt_every", "keep_last", "log_every", "resume", "num_samples", "out_dir",
-             "fsdp", "device", "compile", "attention", "max_bad_steps", "wandb_project")
+             "fsdp", "device", "compile", "attention", "max_bad_steps", "wandb_project", "overwrite")
 
 
 def resume_checkpoint(cfg: TrainConfig) -> Path | None:
@@ -261,7 +277,8 @@ def resume_checkpoint(cfg: TrainConfig) -> Path | None:
         was, now = get_lr(step, replace(cfg, max_steps=saved["max_steps"])), get_lr(step, cfg)
         fail(f"--resume: max_steps={cfg.max_steps} differs from the run's {saved['max_steps']}: the {cfg.schedule} "
              f"learning rate at step {step + 1} would jump from {was:.3g} to {now:.3g}; keep max_steps="
-             f"{saved['max_steps']}, or train on with init_from={cfg.out_dir} (a new run and schedule)")
+             f"{saved['max_steps']}, or train on in a new run and schedule: --init_from={cfg.out_dir} "
+             f"--out_dir={cfg.out_dir.rstrip('/')}-2")
     if step >= cfg.max_steps and evaluated(Path(cfg.out_dir) / "metrics.jsonl", step):
         fail(f"--resume: {ckpt} is at step {step} of max_steps={cfg.max_steps}: the run is complete")
     return ckpt  # (at max_steps without the final eval: a run killed after its last checkpoint; resume evaluates)
@@ -400,9 +417,16 @@ def log(msg: str):
 # together: no optimizer step, no TR update, the step retried on the next batch; max_bad_steps in a row stop the run.
 
 
-def guard(norm: float, loss: float, bad_steps: int, step: int, cfg: TrainConfig, out: Path, record) -> int:
+def guard(norm: float, loss: float, bad_steps: int, step: int, cfg: TrainConfig, run_dir: checkpoint.RunDir,
+          record) -> int:
     """0 if the gradient norm of step + 1 is finite; else the non-finite steps in a row so far (this one logged and
-    recorded as split 'skipped'), or ConfigError naming the newest finite checkpoint at cfg.max_bad_steps."""
+    recorded as split 'skipped'), or ConfigError naming the newest finite checkpoint at cfg.max_bad_steps. A
+    non-finite loss or norm at the first forward of a fresh run (no optimizer step yet: lr played no part) is the
+    initial model's: ConfigError naming init_from."""
+    if step == 0 and not (math.isfinite(norm) and math.isfinite(loss)):
+        fail(f"the first forward is non-finite (loss {loss}, gradient norm {norm}), before any optimizer step: "
+             f"the model of init_from={cfg.init_from} gives NaN/inf (check its weights and config.json, e.g. "
+             "rope_theta)" + (" or use dtype=float32" if cfg.dtype != "float32" else ""))
     if math.isfinite(norm):
         return 0
     bad_steps += 1
@@ -411,7 +435,7 @@ def guard(norm: float, loss: float, bad_steps: int, step: int, cfg: TrainConfig,
     record({"step": step + 1, "split": "skipped", "loss": loss, "grad_norm": norm, "in_a_row": bad_steps})
     if bad_steps >= cfg.max_bad_steps:
         fail(f"{bad_steps} non-finite steps in a row at step {step + 1} (gradient norm {norm}): stopped; the newest "
-             f"finite checkpoint is {checkpoint.newest(out) or 'none (none was due yet: see ckpt_every)'}; lower "
+             f"finite checkpoint is {run_dir.newest() or 'none (none was due yet: see ckpt_every)'}; lower "
              f"lr={cfg.lr:g}" + (" or use dtype=float32" if cfg.dtype != "float32" else ""))
     return bad_steps
 
@@ -434,6 +458,12 @@ def run(cfg: TrainConfig) -> dict:
     rank, world, device = setup_distributed(cfg)
     keep_freed_memory(device)
     out = Path(cfg.out_dir)
+    # a fresh run refuses an out_dir holding a run (unless overwrite) and links planted there, before any work
+    run_dir = checkpoint.claim(out, cfg.resume, cfg.overwrite, {k: getattr(cfg, k) for k in
+                                                               ("init_from", "tokenizer", "data", "eval_data")})
+    if run_dir.old:
+        log(f"--overwrite: the run in {out} ({checkpoint.earlier_run(out)}) is replaced at this run's first "
+            f"checkpoint; until then it stays, and this run's rows go to {run_dir.path('metrics.jsonl')}")
     ckpt = resume_checkpoint(cfg)
     log(f"config: {json.dumps(asdict(cfg))}")
     if warning := schedule_warning(cfg):
@@ -471,18 +501,14 @@ def run(cfg: TrainConfig) -> dict:
     metrics_file = out / "metrics.jsonl"
     # killed between a checkpoint and its eval: the eval runs first (read by every rank before rank 0 rewrites the file)
     eval_first = ckpt is not None and eval_due(start, cfg) and not evaluated(metrics_file, start)
-    checkpoint.barrier()  # every rank has read init_from and the checkpoint before rank 0 may delete old ones
+    checkpoint.barrier()  # every rank has read the checkpoint and metrics before rank 0 renames or rewrites
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if ckpt is None and (n := checkpoint.clear(out)):
-            log(f"fresh run: deleted {n} checkpoint(s) of an earlier run in {out} (--resume would continue it)")
         for d in [] if ckpt is None else checkpoint.set_aside(out, ckpt):
             log(f"warning: --resume: the damaged {d.name.removesuffix('.damaged')} renamed to {d.name}")
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         kept = [] if ckpt is None or not metrics_file.exists() else [
             line for line in metrics_file.read_text().splitlines(keepends=True)
             if line.endswith("\n") and json.loads(line)["step"] <= start]  # drop what ran after the checkpoint
-        metrics_file.write_text("".join(kept))
+        run_dir.start(asdict(cfg), "".join(kept))  # train_config.json and metrics.jsonl, atomically
     log(f"{n_params / 1e6:.2f}M parameters | {world} process(es) on {device} | {micro_steps} per process per optimizer "
         "step" + (f" | resuming {ckpt}" if ckpt else ""))
 
@@ -490,9 +516,8 @@ def run(cfg: TrainConfig) -> dict:
 
     def record(row: dict):
         if rank == 0:  # strict JSON: a non-finite number is written as null
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
-                                    for k, v in row.items()}) + "\n")
+            run_dir.append(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                       for k, v in row.items()}) + "\n")
         if tracker is not None:  # the same row, as "train/loss", "eval/kl_init", ... at its step
             tracker.log({f"{row['split']}/{k}": v for k, v in row.items() if k not in ("step", "split")},
                         step=row["step"])
@@ -533,7 +558,7 @@ def run(cfg: TrainConfig) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         norm = grad_norm.item()  # the one host sync of the guard, reused by the log line
-        if bad_steps := guard(norm, sums["loss"], bad_steps, step, cfg, out, record):
+        if bad_steps := guard(norm, sums["loss"], bad_steps, step, cfg, run_dir, record):
             optimizer.zero_grad(set_to_none=True)  # skipped: no optimizer step, no TR update, the step is retried
             continue
         optimizer.step()
@@ -556,7 +581,7 @@ def run(cfg: TrainConfig) -> dict:
         # the checkpoint before the evaluation: training is never lost to a failing evaluation
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
             checkpoint.save(out, step, policy, reference, optimizer, {"data": train_loader.state_dict()},
-                            asdict(cfg), cfg.keep_last, tokenizer.tokenizer_files(cfg.tokenizer))
+                            asdict(cfg), cfg.keep_last, tokenizer.tokenizer_files(cfg.tokenizer), run_dir)
         if eval_due(step, cfg):
             evaluate_and_record(step)
     if tracker is not None:

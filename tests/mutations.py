@@ -74,6 +74,12 @@ MUTATIONS = [
     ("wandb-rows", "rows never reach W&B", "train.py",
      "tracker.log({", "(lambda *a, **k: None)({",
      ["tests/test_train.py::test_wandb_logs_the_metrics_rows_and_is_imported_only_when_set"]),
+    ("second-run-clobbers", "a fresh run into an out_dir holding a run is not refused", "checkpoint.py",
+     "elif held and not overwrite:", "elif False:",
+     ["tests/test_faults.py::test_a_second_run_into_a_finished_run_is_refused_and_touches_nothing"]),
+    ("overwrite-at-once", "--overwrite writes metrics.jsonl over the earlier run's before its first checkpoint",
+     "checkpoint.py", 'return self.out / (NEW + name if self.old else name)', "return self.out / name",
+     ["tests/test_faults.py::test_overwrite_failing_before_its_first_checkpoint_leaves_the_earlier_run_resumable"]),
 ]
 
 
