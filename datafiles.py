@@ -145,7 +145,8 @@ def records(path: Path, columns: Iterable[str]) -> Iterable:
     """(where, record) of a .jsonl, .jsonl.gz, .json or .parquet file. `columns`: the fields a Parquet reader needs
     (JSON records are parsed whole anyway)."""
     name = path.name
-    inputs.check_regular(path, DataError)  # a FIFO would block, /dev/zero never end: refused before any read
+    if path.exists():  # a FIFO would block, /dev/zero never end: refused before any read (a missing file: below)
+        inputs.check_regular(path, DataError)
     if name.endswith(".parquet"):
         return _parquet_rows(path, columns)
     if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
