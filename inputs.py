@@ -26,7 +26,7 @@ def kind(mode: int) -> str:
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
         if test(mode):
             return name
-    return "not a regular file"
+    return "a special file"
 
 
 def check_regular(path, error=ValueError, what: str = ""):
