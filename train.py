@@ -532,7 +532,10 @@ def run(cfg: TrainConfig) -> dict:
     if ckpt is not None:
         state = checkpoint.load(ckpt, policy, optimizer)
         start = state["step"]
-        train_loader.load_state_dict(state["data"])
+        try:
+            train_loader.load_state_dict(state["data"])
+        except ValueError as e:  # the data file changed under the run (another number of examples)
+            fail(f"--resume: {ckpt}: {e}; data={cfg.data} is not the data the run trained on")
     metrics_file = out / "metrics.jsonl"
     # killed between a checkpoint and its eval: the eval runs first (read by every rank before rank 0 rewrites the file)
     eval_first = ckpt is not None and eval_due(start, cfg) and not evaluated(metrics_file, start)

@@ -700,3 +700,18 @@ def test_bad_setups_are_one_line(tmp_path, capsys):
     (hf / "config.json").write_text("{")
     rc, _, err = main(SMALL + [f"--out_dir={tmp_path / 'e'}", f"--init_from={hf}", "--tokenizer=byte"], capsys)
     one_line_error(rc, err, f"cannot read vocab_size from {hf / 'config.json'}")
+
+
+def test_resume_on_data_that_changed_under_the_run_is_one_line(tmp_path, capsys):
+    """The data file rewritten with fewer pairs between the checkpoint and --resume: the data position cannot be
+    restored (another number of steps per epoch), said in one line naming the checkpoint and the data."""
+    pairs = [{"prompt": f"q{i}=", "chosen": "a" * (1 + i % 3), "rejected": "b" * (1 + i % 4)} for i in range(48)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    args = SMALL + [f"--data={data}", "--tokenizer=byte", f"--out_dir={tmp_path / 'run'}", "--max_steps=2",
+                    "--schedule=constant"]
+    assert main(args, capsys)[0] == 0
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs[:24]))
+    rc, _, err = main(args[:-2] + ["--max_steps=4", "--schedule=constant", "--resume"], capsys)
+    one_line_error(rc, err, "--resume: ", "ckpt-000002: cannot resume the data position: steps_per_epoch changed",
+                   f"data={data} is not the data the run trained on")
