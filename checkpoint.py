@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import stat
@@ -47,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
 
+import inputs
 import lora
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, in CPU memory
@@ -161,16 +163,25 @@ def nonfinite(tensors: dict, what: str) -> str | None:
 
 
 def verify(ckpt: Path) -> str | None:
-    """None if ckpt is usable for --resume: its manifest matches every file, its JSON parses and its weights and
-    optimizer state are finite; otherwise what is wrong, naming the file."""
+    """None if ckpt is usable for --resume: its manifest matches every file, its JSON files have the shape a resume
+    reads, its config.json and weights agree (model.check_pretrained: keys, shapes, float dtypes) and its weights and
+    optimizer state are finite; otherwise what is wrong, naming the file (and key)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    try:
-        files = json.loads((ckpt / "manifest.json").read_text())["files"]
-    except FileNotFoundError:
+    import model
+    if not (ckpt / "manifest.json").exists():
         return f"{ckpt / 'manifest.json'} is missing (the checkpoint is incomplete)"
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        return f"{ckpt / 'manifest.json'} is not a valid manifest ({e})"
+    try:
+        files = inputs.read_json(ckpt / "manifest.json").get("files")
+    except ValueError as e:
+        return str(e)
+    if not isinstance(files, dict) or not all(isinstance(v, dict) and inputs.NATURAL[0](v.get("bytes"))
+                                              and isinstance(v.get("sha256"), str) for v in files.values()):
+        return (f"{ckpt / 'manifest.json'} is not a valid manifest (files must map each file name to its bytes and "
+                f"sha256)")
     for name, want in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts or not name:
+            return f"{ckpt / 'manifest.json'} names {inputs.shown(name)}, a file outside the checkpoint"
         f = ckpt / name
         if not f.is_file():
             return f"{f} is missing"
@@ -178,17 +189,52 @@ def verify(ckpt: Path) -> str | None:
             return f"{f} has {f.stat().st_size} bytes, the manifest says {want['bytes']} (truncated or replaced)"
         if sha256(f) != want["sha256"]:
             return f"{f}: checksum differs from the manifest (damaged)"
-    for name in ("state.json", "train_config.json"):
-        try:
-            json.loads((ckpt / name).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            return f"{ckpt / name}: {e}"
-    for name in files:
-        if name.endswith(".safetensors"):  # the policy and reference/, or LoRA's merged model, base, adapter, deltas
-            bad = nonfinite(load_file(ckpt / name), str(ckpt / name))
-            if bad:
-                return f"non-finite values in {bad}"
-    return nonfinite(torch.load(ckpt / "optimizer.pt", weights_only=True), str(ckpt / "optimizer.pt"))
+    try:  # what a resume reads of the JSON files, with the types it needs
+        state = inputs.read_json(ckpt / "state.json")
+        inputs.check_fields(state, {"step": inputs.NATURAL, "data": inputs.OBJECT}, ckpt / "state.json")
+        inputs.check_fields(state.get("data", {}), DATA_STATE, ckpt / "state.json", prefix="data.")
+        missing = ([k for k in ("step", "data") if k not in state]
+                   or [f"data.{k}" for k in DATA_STATE if k not in state["data"]])
+        if missing:
+            return f"{ckpt / 'state.json'}: no {missing[0]}"
+        saved = inputs.read_json(ckpt / "train_config.json")
+        inputs.check_fields(saved, {"max_steps": inputs.POSITIVE_INT, "tokenizer": inputs.STRING},
+                            ckpt / "train_config.json")
+        for f in sorted(ckpt.glob("rng-rank*.json")):
+            rng = inputs.read_json(f)
+            inputs.check_fields(rng, {k: inputs.LIST for k in ("python", "numpy", "torch")}, f)
+            if problem := restorable(rng, f):
+                return problem
+        for sub in ("", "reference", "base"):  # base/: a LoRA run's frozen W0
+            if sub == "" or (ckpt / sub).exists():
+                model.check_pretrained(ckpt / sub)
+    except ValueError as e:
+        return str(e)
+    try:
+        for name in files:
+            if name.endswith(".safetensors"):  # policy, reference/; LoRA: merged model, base, adapter, delta
+                bad = nonfinite(load_file(ckpt / name), str(ckpt / name))
+                if bad:
+                    return f"non-finite values in {bad}"
+        return nonfinite(torch.load(ckpt / "optimizer.pt", weights_only=True), str(ckpt / "optimizer.pt"))
+    except (SafetensorError, RuntimeError, OSError, pickle.UnpicklingError) as e:  # what the manifest vouched for
+        return f"{ckpt}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+
+def restorable(rng: dict, file: Path) -> str | None:
+    """None if set_rng_state accepts rng (tried, then this process's own states put back), else why not."""
+    own = rng_state()
+    try:
+        set_rng_state(rng)
+    except (TypeError, ValueError, RuntimeError, OverflowError, IndexError, KeyError) as e:
+        return f"{file}: not an RNG state a resume can restore ({type(e).__name__}: {inputs.shown(str(e))})"
+    finally:
+        set_rng_state(own)
+    return None
+
+
+DATA_STATE = {"step": inputs.NATURAL, "steps_per_epoch": inputs.POSITIVE_INT, "batch_size": inputs.POSITIVE_INT,
+              "seed": inputs.NATURAL}  # data.Batches.state_dict's keys that load_state_dict reads
 
 
 def resumable(out_dir: str | Path, warn) -> Path:

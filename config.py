@@ -11,6 +11,7 @@ from pathlib import Path
 
 import checkpoint
 import datafiles
+import inputs
 import lora
 import tokenizer
 import judge
@@ -187,10 +188,10 @@ def parse_config(argv: list[str], world_size: int | None = None) -> TrainConfig:
         key, _, val = a[2:].partition("=")
         args.append((key, val if "=" in a else "true"))
     for key, val in [kv for kv in args if kv[0] == "config"]:
-        try:
-            raw = json.loads(Path(val).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            fail(f"--config={val}: {e}")
+        try:  # a regular file of at most 64 MiB holding an object (a FIFO or /dev/zero is refused before reading)
+            raw = inputs.read_json(val, error=ConfigError, what="--config=", want=None)
+        except ConfigError as e:
+            fail(str(e))
         if not isinstance(raw, dict):
             fail(f"{val}: expected a JSON object of options")
         for k, v in raw.items():
@@ -204,8 +205,20 @@ def parse_config(argv: list[str], world_size: int | None = None) -> TrainConfig:
             fail(f"unknown option --{key} (see --help)")
         values[key] = parse_value(key, val, kinds[key], "command line")
     cfg = TrainConfig(**values)
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size)
+    validate(cfg, world_size_from_env() if world_size is None else world_size)
     return cfg
+
+
+def world_size_from_env() -> int:
+    """$WORLD_SIZE (1 when unset), with $RANK and $LOCAL_RANK, as torchrun sets them: integers, 0 <= rank < world."""
+    env = {k: os.environ.get(k, d) for k, d in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"))}
+    for k, v in env.items():
+        if not v.strip().isdigit():
+            fail(f"{k}={v!r} must be an integer >= {int(k == 'WORLD_SIZE')} (torchrun sets it)")
+    world, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
+    if world < 1 or rank >= world:
+        fail(f"WORLD_SIZE={world} and RANK={rank}: need WORLD_SIZE >= 1 and RANK < WORLD_SIZE (torchrun sets them)")
+    return world
 
 
 def validate(cfg: TrainConfig, world_size: int):
@@ -231,6 +244,11 @@ def validate(cfg: TrainConfig, world_size: int):
         fail(f"label_smoothing={cfg.label_smoothing} must be in [0, 0.5)")
     if cfg.dim % cfg.n_heads:
         fail(f"dim={cfg.dim} must be a multiple of n_heads={cfg.n_heads}")
+    if (cfg.dim // cfg.n_heads) % 2:
+        fail(f"dim={cfg.dim} / n_heads={cfg.n_heads} = head_dim {cfg.dim // cfg.n_heads} must be even: RoPE rotates "
+             f"pairs of features")
+    if not 0 <= cfg.seed <= 2 ** 32 - world_size:  # numpy seeds each rank with seed + rank, a 32-bit number
+        fail(f"seed={cfg.seed} must be in [0, {2 ** 32 - world_size}] (numpy seeds rank r with seed + r, < 2^32)")
     if cfg.max_prompt_length >= cfg.max_length:
         fail(f"max_prompt_length={cfg.max_prompt_length} must be < max_length={cfg.max_length}")
     if cfg.loss in ("sft", "rm") and cfg.ref_update != "static":
@@ -276,6 +294,8 @@ def validate(cfg: TrainConfig, world_size: int):
         path = getattr(cfg, name)
         if path and path not in ("synthetic", "scratch") and not Path(path).exists():
             fail(f"{name}={path}: no such file or directory")
+        if path and path not in ("synthetic", "scratch") and not Path(path).is_dir():  # stat only: a FIFO never opened
+            inputs.check_regular(path, ConfigError, what=f"{name}=")
     try:
         data_splits(cfg)
     except datafiles.DataError as e:
@@ -339,7 +359,10 @@ def auto_tokenizer(cfg: TrainConfig) -> str:
         return str(found)
     saved = model / "train_config.json"
     if saved.exists():
-        return json.loads(saved.read_text())["tokenizer"]
+        name = inputs.read_json(saved).get("tokenizer")
+        if not isinstance(name, str):
+            raise ValueError(f"{saved}: tokenizer must be a string, got {inputs.shown(name)}")
+        return name
     raise ValueError(f"{model}: no tokenizer.json, llama2.c tok*.bin or train_config.json beside the model to take "
                      "its tokenizer from; pass --tokenizer")
 

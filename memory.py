@@ -278,8 +278,8 @@ def table(a) -> str:
     """The largest micro batch (pairs of the recipe's lengths, bf16 autocast) per model, GPU and setting, and the
     peak it needs, from estimate(); 0 = does not fit. A GPU's usable share is a.usable of its memory (CUDA context,
     allocator fragmentation)."""
-    lines = [f"| model | GPUs | training | activation checkpointing | chunked log-probs | largest micro batch "
-             f"(pairs) | peak at 1 pair (GiB) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | GPUs | training | activation checkpointing | chunked log-probs | largest micro batch "
+             "(pairs) | peak at 1 pair (GiB) |", "|---|---|---|---|---|---|---|"]
     for model_name, c in MODELS.items():
         if model_name == MEASURED:
             continue

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 
 import checkpoint
 import data
+import inputs
 import lora
 import losses
 import memory
@@ -40,7 +41,7 @@ import reference as ref_lib
 import synthetic
 from config import (ConfigError, TrainConfig, auto_tokenizer, data_splits, fail, help_text, lora_ref_rank,
                     parse_config, schedule_warning, truncation_warnings)
-from model import Llama, ModelConfig, check_context
+from model import Llama, ModelConfig, check_context, check_pretrained, read_json
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -270,17 +271,23 @@ def longest_sequence(cfg: TrainConfig) -> int:
 
 def check_vocab(cfg: TrainConfig, tok):
     """Before any work: refuse a model vocabulary smaller than the tokenizer's (its ids would index past the
-    embedding). A larger one is fine: evaluate's generate never samples the ids the tokenizer cannot decode."""
+    embedding), and a config.json the weights' headers contradict. A larger vocabulary is fine: evaluate's generate
+    never samples the ids the tokenizer cannot decode."""
     if cfg.init_from == "scratch":
         return
     file = checkpoint.model_dir(cfg.init_from) / "config.json"
-    try:
-        vocab = json.loads(file.read_text())["vocab_size"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    try:  # read_json: a regular file of at most 64 MiB holding an object; vocab_size an integer >= 1
+        vocab = read_json(file)["vocab_size"]
+        inputs.check_fields({"vocab_size": vocab}, {"vocab_size": inputs.POSITIVE_INT}, file)
+    except (ValueError, KeyError) as e:
         fail(f"init_from={cfg.init_from}: cannot read vocab_size from {file} ({type(e).__name__}: {e})")
     if vocab < tok.n_vocab:
         fail(f"init_from={cfg.init_from}: vocab_size {vocab} ({file}) < the {tok.n_vocab} ids of tokenizer="
              f"{cfg.tokenizer}; choose the tokenizer the model was trained with")
+    try:  # config.json against the weights' headers (no tensor read): a bad model is named before the data is read
+        check_pretrained(file.parent)
+    except (ValueError, OSError) as e:
+        fail(f"init_from={cfg.init_from}: {e}")
 
 
 def distribute(models: list, cfg: TrainConfig, world: int, device: torch.device) -> list:
@@ -577,7 +584,10 @@ def run(cfg: TrainConfig) -> dict:
     if ckpt is not None:
         state = checkpoint.load(ckpt, policy, optimizer)
         start = state["step"]
-        train_loader.load_state_dict(state["data"])
+        try:
+            train_loader.load_state_dict(state["data"])
+        except ValueError as e:  # the data file changed under the run (another number of examples)
+            fail(f"--resume: {ckpt}: {e}; data={cfg.data} is not the data the run trained on")
     metrics_file = out / "metrics.jsonl"
     # killed between a checkpoint and its eval: the eval runs first (read by every rank before rank 0 rewrites the file)
     eval_first = ckpt is not None and eval_due(start, cfg) and not evaluated(metrics_file, start)

@@ -602,23 +602,40 @@ def nan_weight(model_dir: Path):
     save_file(weights, model_dir / "model.safetensors")
 
 
-@pytest.mark.parametrize("spoil", ["rope_theta 0", "a NaN weight", "rope_theta 0 in bf16"])
+def overflowing_weights(model_dir: Path):
+    """Finite weights whose first forward overflows: an all-ones embedding (tied to the head) and a final norm of
+    3e38 make every logit 16 x 3e38 = inf."""
+    weights = load_file(model_dir / "model.safetensors")
+    weights["model.embed_tokens.weight"].fill_(1.0)
+    weights["model.norm.weight"].fill_(3e38)
+    save_file(weights, model_dir / "model.safetensors")
+
+
+@pytest.mark.parametrize("spoil", ["rope_theta 0", "a NaN weight", "an overflowing weight",
+                                   "an overflowing weight in bf16"])
 def test_a_non_finite_first_forward_names_the_model_not_the_lr(tmp_path, capsys, spoil):
     """Before any optimizer step lr has played no part: a NaN/inf loss or gradient there is the initial model's.
-    (A NaN weight may instead be refused when the model is loaded; either way the line names init_from, not lr.)"""
+    rope_theta 0 and a NaN weight are refused when the model files are read (naming the key or tensor); finite weights
+    that overflow reach the first forward, whose line names init_from. Never lr."""
     hf = tiny_hf(tmp_path / "hf", 300)
-    if spoil.startswith("rope_theta 0"):
+    if spoil == "rope_theta 0":
         config = json.loads((hf / "config.json").read_text())
         config["rope_parameters"]["rope_theta"] = 0  # transformers 5.x's place; 4.x's top-level key too
         (hf / "config.json").write_text(json.dumps({**config, "rope_theta": 0}))
-    else:
+    elif spoil == "a NaN weight":
         nan_weight(hf)
+    else:
+        overflowing_weights(hf)
     bf16 = ["--dtype=bfloat16"] * spoil.endswith("bf16")
     rc, out, err = main(SMALL + [f"--out_dir={tmp_path / 'run'}", f"--init_from={hf}", "--tokenizer=byte", *bf16],
                         capsys)
     one_line_error(rc, err, f"init_from={hf}")
     assert "lower lr" not in err and "non-finite steps in a row" not in err
-    if spoil.startswith("rope_theta 0"):
+    if spoil == "rope_theta 0":
+        one_line_error(rc, err, f"{hf / 'config.json'}: rope_theta must be a finite number > 0, got 0")
+    if spoil == "a NaN weight":
+        one_line_error(rc, err, f"{hf / 'model.safetensors'}: tensor model.norm.weight holds NaN or inf values")
+    if spoil.startswith("an overflowing weight"):
         one_line_error(rc, err, "the first forward is non-finite (loss nan, gradient norm nan), before any "
                        f"optimizer step: the model of init_from={hf} gives NaN/inf (check its weights and config.json,"
                        " e.g. rope_theta)" + (" or use dtype=float32" if bf16 else ""))
@@ -683,3 +700,18 @@ def test_bad_setups_are_one_line(tmp_path, capsys):
     (hf / "config.json").write_text("{")
     rc, _, err = main(SMALL + [f"--out_dir={tmp_path / 'e'}", f"--init_from={hf}", "--tokenizer=byte"], capsys)
     one_line_error(rc, err, f"cannot read vocab_size from {hf / 'config.json'}")
+
+
+def test_resume_on_data_that_changed_under_the_run_is_one_line(tmp_path, capsys):
+    """The data file rewritten with fewer pairs between the checkpoint and --resume: the data position cannot be
+    restored (another number of steps per epoch), said in one line naming the checkpoint and the data."""
+    pairs = [{"prompt": f"q{i}=", "chosen": "a" * (1 + i % 3), "rejected": "b" * (1 + i % 4)} for i in range(48)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    args = SMALL + [f"--data={data}", "--tokenizer=byte", f"--out_dir={tmp_path / 'run'}", "--max_steps=2",
+                    "--schedule=constant"]
+    assert main(args, capsys)[0] == 0
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs[:24]))
+    rc, _, err = main(args[:-2] + ["--max_steps=4", "--schedule=constant", "--resume"], capsys)
+    one_line_error(rc, err, "--resume: ", "ckpt-000002: cannot resume the data position: steps_per_epoch changed",
+                   f"data={data} is not the data the run trained on")

@@ -7,7 +7,9 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import checkpoint
 import config
 import data
 import losses
@@ -325,3 +327,16 @@ def test_a_frozen_head_gets_no_gradient_buffer():
     grads = losses._HeadLogps.backward(ctx, torch.ones(9))
     assert grads[1] is None
     torch.testing.assert_close(grads[0], g, rtol=1e-5, atol=1e-6)
+
+
+def test_a_lora_run_with_checkpointing_and_chunks_matches_the_plain_lora_run(tmp_path):
+    """LoRA freezes W0, the norms and the (tied) head: the recomputed blocks and the chunked head train the same
+    adapters and reference factors."""
+    args = TINY + ["--max_steps=4", "--eval_every=2", "--ckpt_every=2", "--lora_rank=4", "--lora_alpha=8"]
+    run(args + [f"--out_dir={tmp_path / 'plain'}"])
+    run(args + [f"--out_dir={tmp_path / 'options'}", "--activation_checkpointing=true", "--logps_chunk=5"])
+    ckpt = {name: checkpoint.model_dir(tmp_path / name) for name in ("plain", "options")}
+    for file in ("model.safetensors", "adapter/adapter_model.safetensors", "reference_delta.safetensors"):
+        assert_close(load_file(ckpt["options"] / file), load_file(ckpt["plain"] / file), atol=1e-5)
+    for a, b in zip(metrics(tmp_path / "options"), metrics(tmp_path / "plain"), strict=True):
+        assert a.keys() == b.keys() and all(v == pytest.approx(b[k], abs=1e-4) for k, v in a.items())

@@ -231,7 +231,8 @@ def test_the_default_max_new_tokens_is_what_the_context_leaves(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("damage, culprit", [
-    ("weights", "--ckpt {run}/ckpt-000002: Error while deserializing header"),
+    ("weights", "--ckpt {run}/ckpt-000002: {run}/ckpt-000002/model.safetensors: not a readable safetensors file "
+                "(Error while deserializing header"),
     ("train_config", "{run}/ckpt-000002/train_config.json: not a JSON object (JSONDecodeError"),
     ("tokenizer_key", "{run}/ckpt-000002/train_config.json: 'tokenizer' is 7, not a tokenizer's name or path"),
     ("tokenizer_file", "tokenizer {run}/tok.bin: "),
