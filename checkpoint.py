@@ -560,7 +560,8 @@ def save_lora(tmp: Path, dest: Path, model, policy_sd: dict, ref_sd: dict | None
     full = {n for n, p in model.named_parameters() if p.requires_grad and not n.endswith((".lora_A", ".lora_B"))}
     lora.save_adapter(tmp / "adapter", {k: v for k, v in policy_sd.items() if k.endswith((".lora_A", ".lora_B"))},
                       config["lora_rank"], config["lora_alpha"], config["lora_targets"], str((dest / "base").resolve()),
-                      {k: policy_sd[k] for k in full})
+                      {k: policy_sd[k] for k in full},
+                      "SEQ_CLS" if getattr(model, "is_reward_model", False) else "CAUSAL_LM")
     if ref_sd is not None:
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in ref_sd.items()}, tmp / "reference_delta.safetensors")

@@ -253,9 +253,6 @@ def validate(cfg: TrainConfig, world_size: int):
         fail(f"max_prompt_length={cfg.max_prompt_length} must be < max_length={cfg.max_length}")
     if cfg.loss in ("sft", "rm") and cfg.ref_update != "static":
         fail(f"ref_update={cfg.ref_update} needs a reference, but loss={cfg.loss} has none")
-    if cfg.loss == "rm" and cfg.lora_rank:
-        fail(f"lora_rank={cfg.lora_rank} with loss=rm: LoRA on a reward model is not supported (its new score head "
-             "would stay frozen); train it in full (lora_rank=0)")
     if cfg.judge and cfg.loss == "rm":
         fail(f"judge={cfg.judge} scores the policy's generations, but loss=rm trains a reward model, which generates "
              "none")

@@ -212,13 +212,14 @@ def peft_name(name: str) -> str:
 
 
 def save_adapter(path: Path, adapters: dict[str, torch.Tensor], rank: int, alpha: float, targets: str,
-                 base: str | None, full: dict[str, torch.Tensor] | None = None):
-    """Write the adapters (our names: '....lora_A', '....lora_B') as peft writes a LoRA adapter of a causal LM, with
-    the parameters of modules trained in full (apply's `trainable`, our names) as its modules_to_save."""
+                 base: str | None, full: dict[str, torch.Tensor] | None = None, task_type: str = "CAUSAL_LM"):
+    """Write the adapters (our names: '....lora_A', '....lora_B') as peft writes a LoRA adapter of a causal LM
+    (task_type SEQ_CLS: of a reward model), with the parameters of modules trained in full (apply's `trainable`, our
+    names) as its modules_to_save."""
     from safetensors.torch import save_file
     full = full or {}
     path.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": rank,
+    config = {"peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base, "r": rank,
               "lora_alpha": alpha, "target_modules": sorted(parse_targets(targets)), "lora_dropout": 0.0,
               "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
               "use_dora": False, "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in full}) or None,

@@ -247,11 +247,11 @@ def lora_models(cfg: TrainConfig, tok, ckpt: Path | None, device: torch.device):
     base_dtype = getattr(torch, cfg.lora_base_dtype)
     base = load_model(cfg, tok, base_dtype) if ckpt is None else Llama.from_pretrained(ckpt / "base", dtype=None)
     try:
-        policy = lora.apply(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, base_dtype,
-                            seed=cfg.seed).to(device)  # cast to the base dtype before it reaches the GPU
-    except ValueError as e:
+        policy = lora.apply(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, base_dtype, seed=cfg.seed,
+                            trainable=("score",) if cfg.loss == "rm" else ()).to(device)  # a reward model's new head
+    except ValueError as e:  # trains in full; the base is cast to its dtype before it reaches the GPU
         fail(str(e))
-    reference = lora.make_reference(policy) if cfg.loss != "sft" else None
+    reference = lora.make_reference(policy) if cfg.loss not in ("sft", "rm") else None
     initial = lora.make_reference(policy) if cfg.ref_update != "static" else None  # W0 itself: ΔW = 0, no copy
     if ckpt is not None:  # before FSDP2 shards the adapters
         checkpoint.load_lora(ckpt, policy, reference)

@@ -219,7 +219,7 @@ def test_runs_with_checkpointing_and_chunks_match_the_straight_run(straight_run,
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the memory model's arithmetic: exact parameter counts, and the activations autograd keeps, counted by saved-tensor hooks
+# the memory model's arithmetic: exact parameter counts, and the activations autograd keeps (saved-tensor hooks)
 
 SHAPES = [dict(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48),
           dict(vocab_size=V, dim=48, n_layers=3, n_heads=6, n_kv_heads=3, hidden_dim=80, head_dim=16,

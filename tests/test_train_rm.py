@@ -4,6 +4,7 @@ judge_score beside kl_init, and one-line refusals before any work."""
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -123,7 +124,8 @@ def test_rm_from_a_causal_lm_saves_what_transformers_scores_as_we_do(sft_run, tm
     # a reward model trains on as one (--loss=rm from it); as a policy it is refused in one line
     run(TINY + ["--loss=rm", "--max_steps=1", f"--init_from={out}", f"--out_dir={tmp_path / 'more'}"])
     capsys.readouterr()
-    assert train.main(TINY + ["--loss=dpo", "--max_steps=1", f"--init_from={out}", f"--out_dir={tmp_path / 'dpo'}"]) == 2
+    dpo = TINY + ["--loss=dpo", "--max_steps=1", f"--init_from={out}", f"--out_dir={tmp_path / 'dpo'}"]
+    assert train.main(dpo) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a reward model (a score head, no LM head): loss=dpo" in err
 
@@ -151,7 +153,6 @@ def test_judge_scores_eval_samples_beside_kl_init(sft_run, tmp_path):
     (["--judge=gold", "--loss=rm"], "generates none"),
     (["--loss=rm", "--ref_update=soft"], "loss=rm has none"),
     (["--judge=gold", "--num_samples=0"], "num_samples=0 samples none"),
-    (["--loss=rm", "--lora_rank=4"], "LoRA on a reward model is not supported"),
 ])
 def test_bad_judges_and_rm_options_are_one_line_before_any_work(sft_run, tmp_path, capsys, extra, culprit):
     args = [a.format(lm=sft_run, tmp=tmp_path) for a in extra]
@@ -159,3 +160,41 @@ def test_bad_judges_and_rm_options_are_one_line_before_any_work(sft_run, tmp_pat
     assert train.main(TINY + ["--loss=dpo", "--max_steps=1", *args, f"--out_dir={out}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and culprit in err and err.startswith("train.py: error: ") and not out.exists()
+
+
+def test_rm_with_lora_trains_the_adapters_and_the_new_score_head(sft_run, tmp_path):
+    """--loss=rm --lora_rank: the adapters and the new score head train (the head in full, fp32), the base stays;
+    the merged checkpoint is a LlamaForSequenceClassification that transformers scores as we do, and the adapter
+    (task SEQ_CLS, the head as modules_to_save) on base/ gives the same scores in peft; --resume continues it."""
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "rm-lora"
+    p = run(TINY + ["--loss=rm", "--max_steps=4", "--eval_every=0", "--ckpt_every=2", "--lora_rank=4",
+                    "--lora_alpha=8", f"--init_from={sft_run}", f"--out_dir={out}"])
+    assert "LoRA: rank 4" in p.stdout
+    ckpt = checkpoint.model_dir(out)
+    base, sft = Llama.from_pretrained(ckpt / "base"), Llama.from_pretrained(checkpoint.model_dir(sft_run))
+    assert all(torch.equal(v, sft.state_dict()[k]) for k, v in base.state_dict().items() if k != "score.weight")
+    head = base.score.weight  # trained from its seeded init: the run's first checkpoint differs from the last
+    assert not torch.equal(head, Llama.from_pretrained(out / "ckpt-000002" / "base").score.weight)
+    adapter = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS" and adapter["modules_to_save"] == ["score"]
+    ids = torch.randint(0, 256, (3, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ours = Llama.from_pretrained(ckpt).rewards(ids, mask)
+    load = transformers.AutoModelForSequenceClassification.from_pretrained
+    merged = load(ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (merged(input_ids=ids, attention_mask=mask).logits[:, 0] - ours).abs().max() <= 1e-5 * ours.abs().max()
+        adapted = peft.PeftModel.from_pretrained(load(ckpt / "base", dtype=torch.float32), ckpt / "adapter").eval()
+        scores = adapted(input_ids=ids, attention_mask=mask).logits[:, 0]
+        assert (scores - ours).abs().max() <= 1e-5 * ours.abs().max()
+        plain = load(ckpt / "base", dtype=torch.float32).eval()(input_ids=ids, attention_mask=mask).logits[:, 0]
+        assert (plain - ours).abs().max() > 1e-4  # the adapters matter
+    again = tmp_path / "resumed"  # the step-2 checkpoint alone, resumed: the same step-4 weights, head and adapters
+    shutil.copytree(out, again, ignore=shutil.ignore_patterns("ckpt-000004", ".lock"))
+    run(TINY + ["--loss=rm", "--max_steps=4", "--eval_every=0", "--ckpt_every=2", "--lora_rank=4", "--lora_alpha=8",
+                f"--init_from={sft_run}", f"--out_dir={again}", "--resume"])
+    from safetensors.torch import load_file
+    for f in ("model.safetensors", "base/model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(ckpt / f), load_file(again / "ckpt-000004" / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
