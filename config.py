@@ -11,6 +11,7 @@ from pathlib import Path
 
 import checkpoint
 import datafiles
+import judge
 import tokenizer
 
 
@@ -45,7 +46,8 @@ class TrainConfig:
     max_length: int = opt(64, "max tokens of prompt + response (longer examples are truncated, see data.py)")
     max_prompt_length: int = opt(32, "max prompt tokens (prompts are cut from the left)")
     # objective
-    loss: str = opt("sft", "training objective", ("sft", "dpo", "ipo", "kto"))
+    loss: str = opt("sft", "training objective (rm: a reward model, Bradley-Terry on pairs, a score head on the "
+                    "model; docs/models.md)", ("sft", "dpo", "ipo", "kto", "rm"))
     ref_update: str = opt("static", "how π_ref follows π_θ every τ steps: never, soft θ_ref ← α·θ + (1−α)·θ_ref, "
                           "hard θ_ref ← θ", ("static", "soft", "hard"))
     alpha: float = opt(0.6, "α, soft-update weight of the policy, in (0, 1]")
@@ -85,6 +87,9 @@ class TrainConfig:
     num_samples: int = opt(64, "held-out prompts continued at each eval (greedy and sampled) for on-policy KL and, on "
                            "synthetic data, the gold reward; the first 2 are printed")
     max_new_tokens: int = opt(32, "tokens generated per sample")
+    judge: str = opt("", "score each eval's sampled responses with this judge, judge_score in metrics.jsonl: a "
+                     "reward-model directory (its own tokenizer and chat template: judge.py), or 'gold' (the synthetic "
+                     "task's gold reward); empty: none")
     wandb_project: str = opt("", "log metrics.jsonl's rows and the config to this Weights & Biases project too "
                              "(empty: off; wandb is imported only when set)")
     ckpt_every: int = opt(0, "optimizer steps between checkpoints (0: only at the end)")
@@ -209,8 +214,20 @@ def validate(cfg: TrainConfig, world_size: int):
         fail(f"dim={cfg.dim} must be a multiple of n_heads={cfg.n_heads}")
     if cfg.max_prompt_length >= cfg.max_length:
         fail(f"max_prompt_length={cfg.max_prompt_length} must be < max_length={cfg.max_length}")
-    if cfg.loss == "sft" and cfg.ref_update != "static":
-        fail(f"ref_update={cfg.ref_update} needs a reference, but loss=sft has none")
+    if cfg.loss in ("sft", "rm") and cfg.ref_update != "static":
+        fail(f"ref_update={cfg.ref_update} needs a reference, but loss={cfg.loss} has none")
+    if cfg.judge and cfg.loss == "rm":
+        fail(f"judge={cfg.judge} scores the policy's generations, but loss=rm trains a reward model, which generates "
+             "none")
+    if cfg.judge == "gold" and cfg.data != "synthetic":
+        fail(f"judge=gold is the synthetic task's gold reward, but data={cfg.data}")
+    if cfg.judge and cfg.judge != "gold" and not Path(cfg.judge).exists():
+        fail(f"judge={cfg.judge}: no such file or directory")
+    if cfg.judge:
+        try:  # a directory that is no reward model, or lacks its tokenizer: said now, before any work
+            judge.check_judge(cfg.judge)
+        except (ValueError, RuntimeError) as e:
+            fail(str(e))
     if cfg.batch_size % (cfg.micro_batch_size * world_size):
         fail(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size} "
              f"x {world_size} process(es)")

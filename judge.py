@@ -21,7 +21,8 @@ EOS (messages in the plain HH format).
 
 A conversation longer than the reward model's context (max_position_embeddings) keeps BOS and its last tokens: the
 prompt is cut from the left, and `.truncated` counts the responses scored so. A response that does not fit even with
-the whole prompt cut is refused (ValueError naming the judge): its score would not be the response's.
+the whole prompt cut loses its start too (and is counted in `.responses_cut` as well): a judge never stops a run, and
+the counts say how many scores are of cut text.
 """
 import json
 from pathlib import Path
@@ -82,7 +83,7 @@ class RewardModelJudge:
         if not model.is_reward_model:
             raise ValueError(f"judge {name}: not a reward model")
         self.model, self.tok, self.name, self.batch_size = model.eval(), tok, name, batch_size
-        self.truncated = 0
+        self.truncated, self.responses_cut = 0, 0
 
     def encode(self, prompt: str | list, response: str) -> tuple[list[int], int]:
         """(token ids of the conversation as this judge reads it, how many of them are the prompt's)."""
@@ -100,15 +101,14 @@ class RewardModelJudge:
         return ids, len(p)
 
     def fit(self, ids: list[int], n_prompt: int) -> list[int]:
-        """ids within the context: BOS kept, the prompt cut from the left (counted in .truncated)."""
+        """ids within the context: BOS kept, then the last tokens (the prompt cut from the left, counted in
+        .truncated; a response longer than the context also in .responses_cut)."""
         limit = self.model.config.max_seq_len
         if len(ids) <= limit:
             return ids
         keep = int(self.tok.bos_id is not None and ids[:1] == [self.tok.bos_id])
-        if len(ids) - n_prompt + keep > limit:
-            raise ValueError(f"judge {self.name}: a response of {len(ids) - n_prompt} tokens does not fit its context "
-                             f"of {limit} (max_position_embeddings) even without its prompt")
         self.truncated += 1
+        self.responses_cut += len(ids) - n_prompt + keep > limit
         return ids[:keep] + ids[len(ids) - limit + keep:]
 
     @torch.no_grad()
@@ -141,30 +141,43 @@ def judge_tokenizer(directory: Path) -> tokenizer.Tokenizer:
     return tokenizer.get_tokenizer(str(found))
 
 
-def load_judge(spec: str, device: str | torch.device = "cpu") -> GoldJudge | RewardModelJudge:
-    """'gold', or a reward-model directory (a Hub snapshot, a run directory or one of its ckpt-*). Bad input (no such
-    directory, a causal LM, num_labels != 1, no tokenizer) is a ValueError of one line naming it, raised before any
-    weight is read where the config tells."""
+def check_judge(spec: str) -> tuple[Path, tokenizer.Tokenizer] | None:
+    """Before any work: None for 'gold', else (the reward model's directory, its tokenizer). ValueError of one line
+    naming the culprit: no such directory, a causal LM, num_labels != 1 (config.json), no tokenizer."""
     if spec == "gold":
-        return GoldJudge()
+        return None
     try:
         directory = checkpoint.model_dir(spec)
     except ValueError as e:
         raise ValueError(f"judge {e}") from None
     config = directory / "config.json"
-    if not config.is_file():
-        raise ValueError(f"judge {spec}: no config.json in {directory}")
-    archs = json.loads(config.read_text()).get("architectures") or ["no architectures"]
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"judge {spec}: cannot read {config} ({type(e).__name__}: {e})") from None
+    archs = raw.get("architectures") or ["model without 'architectures'"]
     if not any(str(a).endswith("ForSequenceClassification") for a in archs):
         raise ValueError(f"judge {spec}: {config} is a {archs[0]}, not a reward model (a *ForSequenceClassification "
                          f"with num_labels 1)")
-    tok = judge_tokenizer(directory)
+    labels = len(raw["id2label"]) if raw.get("id2label") else raw.get("num_labels", 2)  # transformers' reading
+    if labels != 1:
+        raise ValueError(f"judge {spec}: {config} has num_labels {labels}; a reward model here has one score")
+    return directory, judge_tokenizer(directory)
+
+
+def load_judge(spec: str, device: str | torch.device = "cpu") -> GoldJudge | RewardModelJudge:
+    """'gold', or a reward-model directory (a Hub snapshot, a run directory or one of its ckpt-*), loaded fp32 on CPU
+    and in the checkpoint's dtype on a GPU. Bad input is a ValueError of one line (check_judge, then the weights)."""
+    checked = check_judge(spec)
+    if checked is None:
+        return GoldJudge()
+    directory, tok = checked
     device = torch.device(device)
-    try:  # fp32 on CPU; the checkpoint's own dtype (bf16 for Hub reward models) on a GPU
+    try:
         model = Llama.from_pretrained(directory, dtype=torch.float32 if device.type == "cpu" else None)
     except (ValueError, OSError) as e:
         raise ValueError(f"judge {spec}: {e}") from None
     if model.config.vocab_size < tok.n_vocab:
-        raise ValueError(f"judge {spec}: vocab_size {model.config.vocab_size} ({config}) < the {tok.n_vocab} ids of "
-                         f"its tokenizer")
+        raise ValueError(f"judge {spec}: vocab_size {model.config.vocab_size} ({directory / 'config.json'}) < the "
+                         f"{tok.n_vocab} ids of its tokenizer")
     return RewardModelJudge(model.to(device), tok, name=Path(spec).name or str(spec))

@@ -197,3 +197,17 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - kl))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (kl - r))))
     return losses, beta * r.detach(), kl
+
+
+def rm_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor):
+    """Reward-model training (Bradley–Terry, as in InstructGPT, Ouyang et al. 2022, Eq. 1, and TRL's RewardTrainer):
+    P(y_w ≻ y_l | x) = σ(r(x, y_w) − r(x, y_l)), and per pair
+
+        L = −log σ(r(x, y_w) − r(x, y_l))
+
+    with r the score head's output at each response's last token. Returns (losses, chosen_rewards, rejected_rewards),
+    the rewards detached (metrics), like the pair losses above."""
+    if chosen_rewards.shape != rejected_rewards.shape:
+        raise ValueError(f"losses.py rm_loss: chosen and rejected rewards must share one shape, got "
+                         f"{tuple(chosen_rewards.shape)} and {tuple(rejected_rewards.shape)}")
+    return -F.logsigmoid(chosen_rewards - rejected_rewards), chosen_rewards.detach(), rejected_rewards.detach()

@@ -26,7 +26,7 @@ unpacked, for any world size and any split. On CUDA the tree mask is a FlexAtten
 FlexAttention has passed a check against SDPA (check_flex); else the boolean mask SDPA takes.
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +40,14 @@ import reference as ref_lib
 
 @dataclass
 class Segment:
-    """One tree: tokens, positions and branch ids (0 prompt, 1.. responses), and the scored tokens as (offset of the
-    position whose logits predict it, target token, example id)."""
+    """One tree: tokens, positions and branch ids (0 prompt, 1.. responses), the scored tokens as (offset of the
+    position whose logits predict it, target token, example id), and each response's last token as (offset, example
+    id): where a reward model reads its score."""
     tokens: list[int]
     pos: list[int]
     branch: list[int]
     scored: list[tuple[int, int, int]]
+    ends: list[tuple[int, int]] = field(default_factory=list)
 
 
 def segment(prompt: list[int], responses: list[tuple[list[int], int]]) -> Segment:
@@ -58,6 +60,7 @@ def segment(prompt: list[int], responses: list[tuple[list[int], int]]) -> Segmen
             seg.scored.append((parent, t, example))
             parent = len(seg.tokens)
             seg.tokens.append(t), seg.pos.append(P + k), seg.branch.append(b)
+        seg.ends.append((parent, example))
     return seg
 
 
@@ -152,7 +155,8 @@ def layout(lengths: list[int], capacity: int) -> tuple[list[int], int]:
 
 def collate(items: list[data.Item], kind: str, kl: list, pad_id: int, capacity: int, shared: bool) -> dict:
     """One packed micro batch: input_ids, pos, seg (segment id per token, 0 on padding), branch (R, T); index,
-    targets, example (N,) for the N scored tokens; counts (E,) scored tokens per example; kto also desirable (b,)."""
+    targets, example (N,) for the N scored tokens; counts (E,) scored tokens per example; last (E,) the flat index of
+    each example's last token (a reward model's logits_index); kto also desirable (b,)."""
     flat = [s for ss in segments(items, kind, kl, shared) for s in ss]
     where, T = layout([len(s.tokens) for s in flat], capacity)
     rows = [[] for _ in range(1 + max(where))]
@@ -162,6 +166,8 @@ def collate(items: list[data.Item], kind: str, kl: list, pad_id: int, capacity: 
     ids = torch.full((R, T), pad_id, dtype=torch.long)
     pos, seg_id, branch = (torch.zeros(R, T, dtype=torch.long) for _ in range(3))
     index, targets, example = [], [], []
+    n_examples = len(items) * len(responses(items[0], kind, kl[0]))
+    last = [0] * n_examples
     n_seg = 0
     for r, row in enumerate(rows):
         offset = 0
@@ -172,12 +178,13 @@ def collate(items: list[data.Item], kind: str, kl: list, pad_id: int, capacity: 
             seg_id[r, sl] = n_seg
             for parent, t, e in s.scored:
                 index.append(r * T + offset + parent), targets.append(t), example.append(e)
+            for end, e in s.ends:
+                last[e] = r * T + offset + end
             offset += len(s.tokens)
-    n_examples = len(items) * len(responses(items[0], kind, kl[0]))
     example_t = torch.tensor(example)
     batch = {"input_ids": ids, "pos": pos, "seg": seg_id, "branch": branch, "index": torch.tensor(index),
              "targets": torch.tensor(targets), "example": example_t,
-             "counts": torch.bincount(example_t, minlength=n_examples).float()}
+             "counts": torch.bincount(example_t, minlength=n_examples).float(), "last": torch.tensor(last)}
     if kind == "kto":
         batch["desirable"] = torch.tensor([it.desirable for it in items], dtype=torch.bool)
     return batch

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 
 import checkpoint
 import data
+import judge as judge_lib
 import losses
 import packing
 import tokenizer
@@ -71,6 +72,8 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
     a per-token estimate of KL(π‖π_ref) on the data (on-policy estimates are made at eval time).
     """
     ids, packed = batch["input_ids"], "pos" in batch
+    if cfg.loss == "rm":
+        return reward_model_loss(policy, batch, cfg)
     with autocast(cfg, ids.device):
         if packed:  # packing.py's rows: one forward gives every example's log-probs (KTO: and its KL row's)
             tree = packing.batch_mask(batch, policy, cfg.attention)  # once for both forwards, checked in their dtype
@@ -126,6 +129,29 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
     return loss, dict(zip(metrics, values))
 
 
+def reward_model_loss(policy, batch: dict, cfg: TrainConfig):
+    """(loss, metrics) of a micro batch of pairs for loss=rm: the policy is a reward model (a score head), r(x, y) its
+    score at each response's last token, read through logits_index: packed rows carry those positions (packing's
+    `last`), padded rows end each response at its last loss_mask = 1. Bradley–Terry: losses.rm_loss."""
+    ids = batch["input_ids"]
+    with autocast(cfg, ids.device):
+        if "pos" in batch:
+            kwargs = {"pos": batch["pos"], "mask": packing.batch_mask(batch, policy, cfg.attention),
+                      "logits_index": batch["last"]}
+        else:  # right-padded [chosen_1..b ; rejected_1..b]: causal attention never sees the pads after a response
+            B, T = ids.shape
+            last = (torch.arange(T, device=ids.device) * batch["loss_mask"]).argmax(-1)
+            kwargs = {"logits_index": torch.arange(B, device=ids.device) * T + last}
+        rewards = policy(ids, **kwargs)[:, 0].float()
+    b = rewards.shape[0] // 2
+    per_pair, chosen, rejected = losses.rm_loss(rewards[:b], rewards[b:])
+    loss = per_pair.mean()
+    metrics = {"loss": loss.detach(), "reward_acc": (chosen > rejected).float().mean(),
+               "margin": (chosen - rejected).mean(), "chosen_reward": chosen.mean(), "rejected_reward": rejected.mean()}
+    values = torch.stack([v.float() for v in metrics.values()]).tolist()  # one device sync for all of them
+    return loss, dict(zip(metrics, values))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # schedule, distributed setup, models
 
@@ -173,19 +199,28 @@ def load_model(cfg: TrainConfig, tok) -> Llama:
     if cfg.init_from == "scratch":
         torch.manual_seed(cfg.seed)
         return Llama(ModelConfig(vocab_size=tok.n_vocab, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                                 max_seq_len=cfg.max_length, bos_id=tok.bos_id, eos_id=tok.eos_id))
+                                 max_seq_len=cfg.max_length, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                                 reward_model=cfg.loss == "rm", pad_id=tok.pad_id if cfg.loss == "rm" else None))
     try:
         model = Llama.from_pretrained(checkpoint.model_dir(cfg.init_from))
         check_context(model.config, longest_sequence(cfg))  # a sliding window that would cut this run's sequences
-        return model
     except (ValueError, OSError, SafetensorError) as e:  # a bad config.json or weights file: its message names it
         fail(f"init_from={cfg.init_from}: {e}")
+    if model.is_reward_model and cfg.loss != "rm":
+        fail(f"init_from={cfg.init_from} is a reward model (a score head, no LM head): loss={cfg.loss} trains a "
+             "causal LM")
+    if cfg.loss == "rm" and not model.is_reward_model:  # a new score head, seeded: identical on every rank
+        model.add_score_head(torch.Generator().manual_seed(cfg.seed))
+    if cfg.loss == "rm" and model.config.pad_id is None:  # transformers' classes need it to find a row's last token
+        model.config.pad_id = tok.pad_id
+    return model
 
 
 def longest_sequence(cfg: TrainConfig) -> int:
     """The most tokens one sequence of this run holds: a training example (prompt + response, data.tokenize's
     max_length) or an eval prompt (at most max_prompt_length) with its max_new_tokens generated ones."""
-    return max(cfg.max_length, cfg.max_prompt_length + cfg.max_new_tokens if cfg.num_samples else 0)
+    generates = cfg.num_samples and cfg.loss != "rm"  # a reward model generates nothing
+    return max(cfg.max_length, cfg.max_prompt_length + cfg.max_new_tokens if generates else 0)
 
 
 def check_vocab(cfg: TrainConfig, tok):
@@ -274,7 +309,8 @@ def evaluated(metrics_file: Path, step: int) -> bool:
 
 def make_data(cfg: TrainConfig, tok, rank: int, world: int):
     """(train batches: next() gives this rank's micro batches of one optimizer step, this rank's eval batches, the
-    token ids of the fixed eval prompts). Held-out data: eval_data, or the first eval_size examples of data."""
+    token ids of the fixed eval prompts, the same prompts as the data has them: text or chat messages, for a judge).
+    Held-out data: eval_data, or the first eval_size examples of data."""
     kind = {"sft": "sft", "kto": "kto"}.get(cfg.loss, "pairs")
     train_split, held_out = data_splits(cfg)
     if cfg.data == "synthetic":
@@ -315,8 +351,12 @@ def make_data(cfg: TrainConfig, tok, rank: int, world: int):
         log("eval data: no examples left: held-out metrics and generations are skipped")
     elif cfg.num_samples == 0:
         log("num_samples=0: no generations at eval (held-out metrics only)")
-    prompts = [it.prompt for it in eval_set.items[:cfg.num_samples]]
-    return train_batches, data.eval_batches(eval_set, cfg.micro_batch_size, rank, world), prompts
+    elif cfg.loss == "rm":
+        log("loss=rm: a reward model generates nothing: no generations at eval (held-out pair accuracy and margin)")
+    generated = [] if cfg.loss == "rm" else eval_set.items[:cfg.num_samples]
+    prompts = [it.prompt for it in generated]
+    texts = [eval_ex[it.group].prompt for it in generated]  # an item's group is its example's index
+    return train_batches, data.eval_batches(eval_set, cfg.micro_batch_size, rank, world), prompts, texts
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -332,11 +372,12 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 @torch.no_grad()
 def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list[list[int]], cfg: TrainConfig,
-             tok, device: torch.device) -> dict:
+             tok, device: torch.device, judge=None, prompt_texts: list | None = None) -> dict:
     """Held-out metrics (mean over all ranks' eval batches) with the *initial* policy as reference, so that rewards
     and accuracies of static and TR runs share one scale; then generations from the fixed prompts (identical on every
     rank, as FSDP2 needs all ranks in each forward) and on-policy KL estimates per response (nats):
-    kl_ref = E_{y~π}[log π(y|x) − log π_ref(y|x)], kl_init the same against the initial policy."""
+    kl_ref = E_{y~π}[log π(y|x) − log π_ref(y|x)], kl_init the same against the initial policy. judge (judge.py):
+    judge_score, its mean score of the sampled responses (decoded without their end token) to prompt_texts."""
     initial = reference if initial is None else initial
     sums: dict[str, float] = {}
     for batch in eval_batches:
@@ -369,6 +410,13 @@ def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list
     if cfg.data == "synthetic":
         for name, rows in (("gold_greedy", greedy), ("gold_sampled", sampled)):
             out[name] = float(np.mean([synthetic.gold_reward(tok.decode(r)) for r in rows]))
+    if judge is not None:  # decoded here, encoded again by the judge's own tokenizer and chat template
+        cut = judge.truncated
+        texts = [tok.decode(r[:-1] if r and r[-1] in stop else r) for r in sampled]
+        out["judge_score"] = float(np.mean(judge.score(prompt_texts, texts)))
+        if judge.truncated > cut:
+            log(f"  judge {judge.name}: {judge.truncated - cut} of {len(texts)} conversations cut from the left (the "
+                f"prompt first) to fit its context")
     for p, r in list(zip(prompts, greedy))[:2]:
         log(f"  sample | {tok.decode(p)!r} -> {tok.decode(r)!r}")
     return out
@@ -436,15 +484,19 @@ def run(cfg: TrainConfig) -> dict:
     except (ValueError, RuntimeError) as e:
         fail(f"tokenizer={cfg.tokenizer}: {e}")
     check_vocab(cfg, tok)
-    train_loader, eval_batches, prompts = make_data(cfg, tok, rank, world)
+    train_loader, eval_batches, prompts, prompt_texts = make_data(cfg, tok, rank, world)
     micro_steps = (f"packed micro steps of <= {train_loader.rows} x {train_loader.capacity} tokens" if cfg.packing else
                    f"{cfg.batch_size // (cfg.micro_batch_size * world)} micro step(s) of {cfg.micro_batch_size}")
 
     # models: the policy π_θ, the reference π_ref (a frozen copy, TR-updated), the initial policy for KL at eval time
     init = load_model(cfg, tok).to(device)
     policy = init if ckpt is None else Llama.from_pretrained(ckpt).to(device)
+    try:  # the eval's judge (--judge), on rank 0, which writes metrics.jsonl
+        scorer = judge_lib.load_judge(cfg.judge, device) if cfg.judge and rank == 0 and prompts else None
+    except ValueError as e:
+        fail(str(e))
     reference = None
-    if cfg.loss != "sft":
+    if cfg.loss not in ("sft", "rm"):
         reference = ref_lib.make_reference(init if ckpt is None else Llama.from_pretrained(ckpt / "reference")
                                            .to(device))
     initial = ref_lib.make_reference(init) if cfg.ref_update != "static" else None  # static: the reference is it
@@ -499,7 +551,7 @@ def run(cfg: TrainConfig) -> dict:
 
     def evaluate_and_record(step: int):
         row = {"step": step, "split": "eval", **evaluate(policy, reference, initial, eval_batches, prompts, cfg, tok,
-                                                          device)}
+                                                          device, scorer, prompt_texts)}
         record(row)
         log(f"eval {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "split")))
         result["eval"] = row

@@ -132,8 +132,12 @@ def test_judge_without_chat_template_reads_the_data_layout_and_truncates_from_th
         want = rm.rewards(torch.tensor([kept]), torch.ones(1, len(kept)))
     got = j.score(["abc=", long_prompt], ["abdcab", "abdcab"])
     assert got[1] == pytest.approx(want.item(), rel=1e-6) and j.truncated == 1
-    with pytest.raises(ValueError, match="does not fit its context of 16"):
-        j.score(["abc="], ["a" * 15])
+    assert j.responses_cut == 0
+    j.score(["abc="], ["a" * 15])  # BOS + 15 + EOS: the prompt and the response's first "a" go
+    with torch.no_grad():
+        want = rm.rewards(torch.tensor([[tok.bos_id, *b"a" * 14, tok.eos_id]]), torch.ones(1, 16))
+    assert j.score(["abc="], ["a" * 15]) == pytest.approx(want.tolist(), rel=1e-6)
+    assert (j.truncated, j.responses_cut) == (3, 2)
 
 
 def test_bad_judges_are_one_line_errors(tmp_path):

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from losses import dpo_loss, hinge_loss, ipo_loss, kto_loss, logits_to_keep, sequence_logps
+from losses import dpo_loss, hinge_loss, ipo_loss, kto_loss, logits_to_keep, rm_loss, sequence_logps
 
 PAIR_LOSSES = (dpo_loss, ipo_loss, hinge_loss)
 
@@ -258,3 +258,36 @@ def test_kto_matches_trl(trl_setup, kl_shift):
     torch.testing.assert_close(losses.mean(), trl_loss)
     assert kl.item() == pytest.approx(fake._metrics["train"]["kl"][0], abs=1e-5)
     assert (kl.item() == 0.0) == (kl_shift > 0)
+
+
+def test_rm_loss_is_bradley_terry_and_matches_trls_reward_trainer(tmp_path):
+    """rm_loss = −log σ(r_w − r_l) per pair: log 2 at a tie, → 0 as the margin grows; with our reward model's scores
+    of a transformers LlamaForSequenceClassification (right-padded rows, TRL's layout), its mean is TRL 1.x's own
+    RewardTrainer.compute_loss (unbound, on a stand-in self) on the same model and rows."""
+    pytest.importorskip("trl")
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from trl.trainer.reward_trainer import RewardTrainer
+    from model import Llama
+    r = torch.tensor([0.0, 3.0, -2.0], dtype=torch.float64, requires_grad=True)
+    losses, chosen, rejected = rm_loss(r, torch.zeros(3, dtype=torch.float64))
+    assert losses[0].item() == pytest.approx(math.log(2)) and losses[1].item() == pytest.approx(math.log1p(math.exp(-3)))
+    assert not chosen.requires_grad and torch.equal(rejected, torch.zeros(3, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda a, b: rm_loss(a, b)[0], (r, torch.randn(3, dtype=torch.float64,
+                                                                                      requires_grad=True)))
+    with pytest.raises(ValueError, match="one shape"):
+        rm_loss(torch.zeros(2), torch.zeros(3))
+    torch.manual_seed(0)
+    hf = LlamaForSequenceClassification(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                                    num_hidden_layers=1, num_attention_heads=2, num_labels=1,
+                                                    max_position_embeddings=32, pad_token_id=0)).eval()
+    hf.save_pretrained(tmp_path)
+    ours = Llama.from_pretrained(tmp_path)
+    lens = torch.tensor([9, 5, 7, 8, 3, 9])  # [chosen_1..3 ; rejected_1..3]
+    mask = (torch.arange(9) < lens[:, None]).long()
+    ids = torch.randint(1, 40, (6, 9)) * mask  # pads are 0 = pad_token_id
+    fake = trl_self(args=types.SimpleNamespace(center_rewards_coefficient=None))
+    trl_loss = RewardTrainer.compute_loss(fake, hf, {"input_ids": ids, "attention_mask": mask})
+    with torch.no_grad():
+        rewards = ours.rewards(ids, mask)
+    torch.testing.assert_close(rm_loss(rewards[:3], rewards[3:])[0].mean(), trl_loss)
+    assert fake._metrics["train"]["accuracy"] == [(rewards[:3] > rewards[3:]).float().mean().item()]

@@ -119,7 +119,7 @@ def test_help_lists_every_option_wrapped():
     assert starts == ["--config=FILE.json"] + [f"--{f.name}={config.shown(f.default)}"
                                                for f in config.fields(config.TrainConfig)]
     assert "  --eval_data=\"\"  " in train.help_text() and "  --fsdp=false  " in train.help_text()
-    assert "  --loss=sft  " in train.help_text() and "(one of sft, dpo, ipo, kto)" in train.help_text()
+    assert "  --loss=sft  " in train.help_text() and "(one of sft, dpo, ipo, kto, rm)" in train.help_text()
 
 
 def test_docs_option_table_is_generated_from_train_config():
@@ -628,3 +628,27 @@ def test_a_model_directory_with_a_tokenizer_json_trains_and_its_checkpoint_carri
     transformers = pytest.importorskip("transformers")
     reloaded = transformers.AutoTokenizer.from_pretrained(str(checkpoint.model_dir(tmp_path / "b")))
     assert reloaded("Say hi")["input_ids"] == train.tokenizer.get_tokenizer(str(ckpt)).encode("Say hi")
+
+
+# --loss=rm: the same kill points, a reward model (no reference) resumes to the uninterrupted run's weights and rows
+RM_TINY = [a for a in TINY if not a.startswith(("--loss", "--ref_update", "--tau", "--alpha"))] + ["--loss=rm"]
+
+
+@pytest.fixture(scope="module")
+def straight_rm(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight_rm")
+    run(RM_TINY + [f"--out_dir={out}"])
+    return out
+
+
+@pytest.mark.parametrize("function, call", KILL_POINTS)
+def test_rm_sigkill_then_resume_matches_uninterrupted(straight_rm, tmp_path, function, call):
+    args = [*RM_TINY, f"--out_dir={tmp_path}", "--ckpt_every=1"]
+    p = subprocess.run([sys.executable, "-c", KILLED_RUN, function, str(call), *args], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == -signal.SIGKILL, f"the run was not killed at call {call} of {function}: {p.stderr[-2000:]}"
+    run(args + ["--resume"])
+    assert_close(weights(tmp_path), weights(straight_rm), atol=0.0)
+    assert "score.weight" in weights(tmp_path) and not (checkpoint.model_dir(tmp_path) / "reference").exists()
+    assert metrics(tmp_path) == metrics(straight_rm)
+    assert [r["step"] for r in metrics(tmp_path) if r["split"] == "eval"] == [6, 12]
