@@ -16,7 +16,6 @@ Metrics and formulas: docs/evaluation.md. Win rates are named by their judge ("g
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
 from contextlib import nullcontext
@@ -123,7 +122,7 @@ def encode_prompts(prompts: list, tok: Tokenizer, max_prompt_length: int) -> lis
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the cache: one directory per (model, tokenizer, prompts, decoding); generations.jsonl and scores-<judge>.jsonl hold
+# the cache: one directory per (model, tokenizer, prompts, decoding); generations.jsonl and judge-<key>.jsonl hold
 # one line per prompt {"i": index, ...}, appended a chunk at a time, so a killed evaluation loses at most one chunk
 
 
@@ -165,14 +164,18 @@ def autocast(device: torch.device, dtype: str):
 
 
 @torch.no_grad()
-def sequence_logps(model: Llama, prompts: list[list[int]], responses: list[list[int]], pad_id: int, device):
+def sequence_logps(model: Llama, prompts: list[list[int]], responses: list[list[int]], pad_id: int, device,
+                   rows: int = 8) -> tuple[list[float], list[float]]:
     """(log π(y|x) summed over each response's tokens, the end token included, and the token counts), as train.py's
-    evaluation computes them for its KL estimates."""
-    ids, mask = data.pad(list(zip(prompts, responses)), pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    keep = losses.logits_to_keep(mask)
-    logp, n = losses.sequence_logps(model(ids, logits_to_keep=keep), ids[:, -keep:], mask[:, -keep:])
-    return logp.tolist(), n.tolist()
+    evaluation computes them for its KL estimates; `rows` sequences per forward bound the (rows, T, vocab) logits."""
+    logps, counts = [], []
+    for i in range(0, len(prompts), rows):
+        ids, mask = data.pad(list(zip(prompts[i:i + rows], responses[i:i + rows])), pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        keep = losses.logits_to_keep(mask)
+        lp, n = losses.sequence_logps(model(ids, logits_to_keep=keep), ids[:, -keep:], mask[:, -keep:])
+        logps, counts = logps + lp.tolist(), counts + n.tolist()
+    return logps, counts
 
 
 def generate(cache: Path, model: Llama, tok: Tokenizer, prompts: list[list[int]], args, device,
@@ -191,15 +194,12 @@ def generate(cache: Path, model: Llama, tok: Tokenizer, prompts: list[list[int]]
             greedy = model.generate(rows, args.max_new_tokens, temperature=0.0, **kw)
             samples = [model.generate(rows, args.max_new_tokens, temperature=1.0, generator=gen, **kw)
                        for _ in range(args.samples)]
-            logps = {}
+            logps = {}  # name -> (K * len(rows),), sample-major
             for name, m in (scorers or {}).items():
-                flat = [s[j] for s in samples for j in range(len(rows))]
-                lp, n = sequence_logps(m, rows * args.samples, flat, tok.pad_id, device)
-                logps[name] = [lp[k * len(rows):(k + 1) * len(rows)] for k in range(args.samples)]
-                logps["tokens"] = [n[k * len(rows):(k + 1) * len(rows)] for k in range(args.samples)]
+                logps[name], logps["tokens"] = sequence_logps(m, rows * args.samples, [r for s in samples for r in s],
+                                                              tok.pad_id, device)
         append_lines(file, [{"i": i, "greedy": greedy[j], "samples": [s[j] for s in samples],
-                             "logps": {k: [v[s][j] for s in range(args.samples)] for k, v in logps.items()}}
-                            for j, i in enumerate(idx)])
+                             "logps": {k: v[j::len(rows)] for k, v in logps.items()}} for j, i in enumerate(idx)])
         made += len(idx)
     return made
 
@@ -251,6 +251,9 @@ def generate_all(groups: dict[str, list[Run]], prompts: list, args, device, log)
 # judging: every response of every cache scored by every judge (its own tokenizer and template: judge.py)
 
 
+CUT = ("truncated", "responses_cut")  # a judge's counts of (prompt, response) sequences cut to its context
+
+
 def judge_key(spec: str) -> str:
     path = Path(spec).resolve()
     return "gold" if spec == "gold" else f"{path.name}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
@@ -261,50 +264,68 @@ def response_text(ids: list[int], tok: Tokenizer) -> str:
     return tok.decode(ids[:-1] if ids and ids[-1] in tok.end_ids else ids)
 
 
-def load_judges(specs: list[str], device) -> dict:
-    """{key: judge}, loaded before any generation: a bad judge stops the evaluation before it costs anything."""
+def load_judges(args) -> dict:
+    """{key: (spec, judge)}, loaded before any generation: a bad judge stops the evaluation before it costs anything."""
     out = {}
-    for spec in specs:
+    for option, spec, load in [("judge", s, judges.load_judge) for s in args.judge] + \
+            [("pairwise_judge", args.pairwise_judge, judges.load_pairwise_judge)] * bool(args.pairwise_judge):
         try:
-            out[judge_key(spec)] = judges.load_judge(spec, device=device)
+            out[judge_key(spec) + "-pairwise" * (option == "pairwise_judge")] = (spec, load(spec, device=args.device))
         except (ValueError, OSError) as e:
-            raise EvalError(f"--judge {spec}: {e}") from None
+            raise EvalError(f"--{option} {spec}: {e}") from None
     return out
 
 
 def score_all(groups: dict[str, list[Run]], prompts: list, loaded: dict, args, log) -> dict:
-    """Cache every judge's scores of every response: scores-<judge>.jsonl {"i", "greedy", "samples"} per prompt.
-    Returns {key: {"label", "spec", "truncated", "seconds"}}: truncated counts the (prompt, response) sequences the
-    judge had to cut to its context (judge.py cuts the prompt from the left, keeping the response)."""
+    """Cache every judge's verdicts on every response, judge-<key>.jsonl, a line per prompt {"i", "greedy",
+    "samples"}: a judge's score of each response; a pairwise judge's [P(a first better), P(b first better)] of each
+    (checkpoint's response a, π_init's response b) pair, asked in both orders. Returns {key: {"spec", "label",
+    "seconds", "truncated", "responses_cut"}}: the sequences the judge cut to its context, from the left (BOS kept),
+    and those of them cut into the response (longer than the context alone)."""
     out = {}
-    for (key, judge), spec in zip(loaded.items(), args.judge):
-        t0, files = time.perf_counter(), []
+    for key, (spec, judge) in loaded.items():
+        t0, files, pairwise = time.perf_counter(), set(), isinstance(judge, judges.PairwiseJudge)
         for run in (run for runs in groups.values() for run in runs):
             tok = get_tokenizer(run.tokenizer)
-            for cache in run.caches.values():
-                file = cache / f"scores-{key}.jsonl"
+            for step, cache in run.caches.items():
+                if pairwise and (step == 0 or 0 not in run.caches):
+                    continue
+                file = cache / f"judge-{key}.jsonl"
                 gens, done = read_lines(cache / "generations.jsonl"), read_lines(file)
-                files.append(file)
+                other = read_lines(run.caches[0] / "generations.jsonl") if pairwise else None
+                files.add(file)
                 for idx in chunks(len(prompts), args.batch_size):
                     if all(i in done for i in idx):
                         continue
-                    texts = [[response_text(r, tok) for r in [gens[i]["greedy"], *gens[i]["samples"]]] for i in idx]
-                    before = judge.truncated
+                    before = [getattr(judge, c, 0) for c in CUT]
                     try:
-                        flat = iter(judge.score([prompts[i] for i, t in zip(idx, texts) for _ in t],
-                                                [x for t in texts for x in t]))
-                    except ValueError as e:  # a response longer than the judge's context
+                        rows = judge_chunk(judge, idx, prompts, gens, other, tok)
+                    except ValueError as e:  # a sequence the judge refuses
                         raise EvalError(f"--judge {spec}: {e}") from None
-                    rows = [{"i": i, "greedy": next(flat), "samples": [next(flat) for _ in t[1:]]}
-                            for i, t in zip(idx, texts)]
-                    rows[0]["truncated"] = judge.truncated - before
+                    rows[0] |= {c: getattr(judge, c, 0) - b for c, b in zip(CUT, before)}
                     append_lines(file, rows)
-        out[key] = {"spec": spec, "label": "gold" if spec == "gold" else f"local-RM {judge.name}",
+        kind = "gold" if spec == "gold" else "pairwise" if pairwise else "local-RM"
+        out[key] = {"spec": spec, "label": kind if spec == "gold" else f"{kind} {judge.name}", "pairwise": pairwise,
                     "seconds": time.perf_counter() - t0,
-                    "truncated": sum(r.get("truncated", 0) for f in set(files) for r in read_lines(f).values())}
-        log(f"judge {out[key]['label']}: scored in {out[key]['seconds']:.1f}s; {out[key]['truncated']} of the "
-            f"sequences cut to its context (prompt cut from the left)")
+                    **{c: sum(r.get(c, 0) for f in files for r in read_lines(f).values()) for c in CUT}}
+        log(f"judge {out[key]['label']}: scored in {out[key]['seconds']:.1f}s; {out[key]['truncated']} sequence(s) "
+            f"cut to its context from the left, {out[key]['responses_cut']} of them into the response")
     return out
+
+
+def judge_chunk(judge, idx: range, prompts: list, gens: dict, other: dict | None, tok: Tokenizer) -> list[dict]:
+    """One chunk's lines: the scores of the greedy and sampled responses, or (other: π_init's generations) the
+    pairwise judge's probabilities for each of them against π_init's response with the same index."""
+    def texts(g: dict) -> list[str]:
+        return [response_text(r, tok) for r in [g["greedy"], *g["samples"]]]
+    a = [x for i in idx for x in texts(gens[i])]
+    ps = [prompts[i] for i in idx for _ in range(1 + len(gens[i]["samples"]))]
+    if other is None:
+        verdicts = iter(judge.score(ps, a))
+    else:
+        b = [x for i in idx for x in texts(other[i])]
+        verdicts = iter(zip(judge.prob_first(ps, a, b), judge.prob_first(ps, b, a)))
+    return [{"i": i, "greedy": next(verdicts), "samples": [next(verdicts) for _ in gens[i]["samples"]]} for i in idx]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -381,7 +402,9 @@ def load_cache(cache: Path, tok: Tokenizer, n: int, keys: list[str], max_new_tok
            "chars": np.array([[len(t) for t in ts] for ts in texts], float),
            "logps": {k: np.array([g["logps"][k] for g in gens]) for k in gens[0]["logps"]}, "scores": {}}
     for key in keys:
-        rows = read_lines(cache / f"scores-{key}.jsonl")
+        rows = read_lines(cache / f"judge-{key}.jsonl")
+        if not rows:  # a pairwise judge's verdicts are on the checkpoints' caches only
+            continue
         out["scores"][key] = (np.array([rows[i]["greedy"] for i in range(n)]),
                               np.array([rows[i]["samples"] for i in range(n)]))
     return out
@@ -411,20 +434,29 @@ def step_metrics(pol: list[dict], init: list[dict] | None, keys: list[str], cs, 
             diff = stack(lambda c: c["logps"]["policy"] - c["logps"][other])
             m[name] = ratio_stat(diff.mean(-1), ones, cs, cp)
             m[name + "_per_token"] = ratio_stat(diff.sum(-1), stack(lambda c: c["logps"]["tokens"].sum(-1)), cs, cp)
+    wins = {}  # key -> the win of each sample against π_init's (S, n, K), for the judges' agreement
     for key in keys:
+        if key not in pol[0]["scores"]:  # a pairwise judge on π_init itself
+            continue
         g, s = stack(lambda c: c["scores"][key][0]), stack(lambda c: c["scores"][key][1])
-        m[key] = {"score_greedy": ratio_stat(g, ones, cs, cp), "score_sampled": ratio_stat(s.mean(-1), ones, cs, cp)}
-        if init is not None:
+        if g.ndim == 3:  # a pairwise judge's [P(a first), P(b first)]: a's win is decided in both orders
+            decide = np.vectorize(judges.decide)
+            (wg, _), (wins[key], dis) = decide(g[..., 0], g[..., 1]), decide(s[..., 0], s[..., 1])
+            m[key] = {"disagreement": ratio_stat(dis.mean(-1), ones, cs, cp)}
+        else:
+            m[key] = {"score_greedy": ratio_stat(g, ones, cs, cp),
+                      "score_sampled": ratio_stat(s.mean(-1), ones, cs, cp)}
+            if init is None:
+                continue
             ig, i_s = (np.stack([c["scores"][key][j] for c in init]) for j in (0, 1))
-            ws = win(s, i_s)
-            m[key] |= {"win_greedy": ratio_stat(win(g, ig), ones, cs, cp),
-                       "win_sampled": ratio_stat(ws.mean(-1), ones, cs, cp),
-                       "lc_win_sampled": length_controlled(
-                           ws, stack(lambda c: c["chars"]) - np.stack([c["chars"] for c in init]), cs, cp)}
-    if init is not None and len(keys) > 1:  # how often two judges prefer the same response of a (policy, π_init) pair
-        prefs = {k: np.sign(stack(lambda c: c["scores"][k][1]) - np.stack([c["scores"][k][1] for c in init]))
-                 for k in keys}
-        m["agreement"] = {f"{a} ~ {b}": ratio_stat((prefs[a] == prefs[b]).mean(-1), ones, cs, cp)
+            wg, wins[key] = win(g, ig), win(s, i_s)
+        dchars = stack(lambda c: c["chars"]) - np.stack([c["chars"] for c in init])
+        m[key] |= {"win_greedy": ratio_stat(wg, ones, cs, cp), "win_sampled": ratio_stat(wins[key].mean(-1), ones, cs,
+                                                                                          cp),
+                   "lc_win_sampled": length_controlled(wins[key], dchars, cs, cp)}
+    keys = list(wins)  # how often two judges order a (policy, π_init) sample pair alike (a tie is an order too)
+    if len(keys) > 1:
+        m["agreement"] = {f"{a} ~ {b}": ratio_stat((wins[a] == wins[b]).mean(-1), ones, cs, cp)
                           for i, a in enumerate(keys) for b in keys[i + 1:]}
     return m
 
@@ -458,14 +490,14 @@ def metrics(groups: dict[str, list[Run]], n: int, keys: list[str], args) -> tupl
         loaded[name] = (caches, cs)
         for step in steps:
             init = [c[0] for c in caches] if has_init and step else None
-            rows.append({"run": name, "step": step, "seeds": S, "initial_policy": step == 0,
+            rows.append({"run": name, "step": step, "seeds": S, "caches": [str(r.caches[step]) for r in runs],
                          **step_metrics([c[step] for c in caches], init, keys, cs, cp)})
     names = list(groups)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             (ca, csa), (cb, csb) = loaded[a], loaded[b]
             for step in sorted(set.intersection(*(set(c) for c in ca + cb)) - {0}):
-                for key in keys:
+                for key in (k for k in keys if not k.endswith("-pairwise")):  # a pairwise judge: against π_init only
                     h2h.append({"a": a, "b": b, "step": step, "judge": key,
                                 **head_to_head([c[step] for c in ca], [c[step] for c in cb], key, csa, csb, cp)})
     return rows, h2h
@@ -490,12 +522,16 @@ def markdown(report: dict) -> str:
            f"run has several]; step 0: the initial policy π_init", ""]
     for key, j in judges_.items():
         label = j["label"]
-        out += [f"**{label}** (mean score; win rate against π_init's response to the same prompt, ties ½)", "",
-                f"| run | step | {label} score, greedy | {label} score, sampled | {label} win rate vs π_init, greedy "
-                f"| {label} win rate vs π_init, sampled | length-controlled | KL(π‖π_init) |", "|---" * 8 + "|"]
-        out += [f"| {r['run']} | {r['step']} | {fmt(r[key]['score_greedy'])} | {fmt(r[key]['score_sampled'])} | "
-                f"{fmt(r[key].get('win_greedy'))} | {fmt(r[key].get('win_sampled'))} | "
-                f"{fmt(r[key].get('lc_win_sampled'))} | {fmt(r.get('kl_init'))} |" for r in rows]
+        cols = [("win rate vs π_init, greedy", "win_greedy"), ("win rate vs π_init, sampled", "win_sampled"),
+                ("length-controlled", "lc_win_sampled")]
+        cols = cols + [("orders disagree", "disagreement")] if j["pairwise"] else \
+            [("score, greedy", "score_greedy"), ("score, sampled", "score_sampled")] + cols
+        out += [f"**{label}** ({'a chat model asked in both orders' if j['pairwise'] else 'mean score'}; win rate "
+                f"against π_init's response to the same prompt, ties ½)", "",
+                f"| run | step | " + " | ".join(f"{label} {c}" for c, _ in cols) + " | KL(π‖π_init) |",
+                "|---" * (len(cols) + 3) + "|"]
+        out += [f"| {r['run']} | {r['step']} | " + " | ".join(fmt(r.get(key, {}).get(k)) for _, k in cols)
+                + f" | {fmt(r.get('kl_init'))} |" for r in rows]
         out.append("")
     out += ["**policy** (over the sampled responses; KL in nats, the sample-based estimate Σ log π − log π_init)", "",
             "| run | step | KL(π‖π_init) per sequence | per token | KL(π‖π_ref) per sequence | length mean (tokens) | "
@@ -528,22 +564,21 @@ def plot(report: dict, path: Path) -> bool:
     keys = list(report["judges"])
     fig, axes = plt.subplots(len(keys), 2, figsize=(10, 3.6 * len(keys)), squeeze=False)
     for row, key in zip(axes, keys):
-        for name in dict.fromkeys(r["run"] for r in report["rows"]):
-            rs = [r for r in report["rows"] if r["run"] == name and (r["step"] == 0 or r.get("kl_init"))]
-            kl = [0.0 if r["step"] == 0 else r["kl_init"]["value"] for r in rs]
-            for ax, stat, zero in ((row[0], "score_sampled", None), (row[1], "win_sampled", 0.5)):
-                pts = [(x, r[key][stat] if r["step"] else {"value": zero, "ci": [zero, zero]})
-                       for x, r in zip(kl, rs) if r["step"] or zero is not None or stat in r[key]]
-                pts = [(x, s) for x, s in pts if s and s["value"] is not None]
+        label = report["judges"][key]["label"]
+        for ax, stat, ylabel in ((row[0], "score_sampled", "score (sampled)"),
+                                 (row[1], "win_sampled", "win rate vs π_init")):
+            for name in dict.fromkeys(r["run"] for r in report["rows"]):
+                at_0 = {"win_sampled": {"value": 0.5, "ci": [0.5, 0.5]}}  # π_init against itself
+                pts = [(r["kl_init"]["value"] if r["step"] else 0.0, r.get(key, {}).get(stat) or at_0.get(stat))
+                       for r in report["rows"] if r["run"] == name and (r["step"] == 0 or "kl_init" in r)]
+                pts = [(x, s) for x, s in pts if s]
                 if pts:
                     y = np.array([s["value"] for _, s in pts])
-                    err = np.abs(np.array([s["ci"] for _, s in pts]).T - y)
-                    ax.errorbar([x for x, _ in pts], y, yerr=err, marker="o", capsize=2, label=name)
-        label = report["judges"][key]["label"]
-        row[0].set(xlabel="KL(π‖π_init), nats per response", ylabel=f"{label} score (sampled)")
-        row[1].set(xlabel="KL(π‖π_init), nats per response", ylabel=f"{label} win rate vs π_init")
+                    ax.errorbar([x for x, _ in pts], y, yerr=np.abs(np.array([s["ci"] for _, s in pts]).T - y),
+                                marker="o", capsize=2, label=name)
+            ax.set(xlabel="KL(π‖π_init), nats per response", ylabel=f"{label} {ylabel}")
         row[1].axhline(0.5, color="grey", lw=0.5)
-        row[0].legend(fontsize=8)
+        row[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -571,7 +606,7 @@ def evaluate(args, log=print) -> dict:
             f"lengths in tokens are each run's own (π and π_init share its tokenizer), not comparable across them")
     device = torch.device(args.device)
     out = Path(args.out)
-    loaded = load_judges(args.judge, device)
+    loaded = load_judges(args)
     timing = generate_all(groups, prompts, args, device, log)
     judged = score_all(groups, prompts, loaded, args, log)
     rows, h2h = metrics(groups, len(prompts), list(judged), args)
@@ -593,6 +628,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "repeatable")
     p.add_argument("--judge", action="append", default=[], help="'gold' (the synthetic task's gold reward) or a "
                    "reward-model directory; repeatable")
+    p.add_argument("--pairwise_judge", help="a chat model's directory, asked which of two responses is better (in "
+                   "both orders) against π_init's; an option beside the reward models")
     p.add_argument("--prompts", help="a held-out file or dataset directory (data.read_examples), or 'synthetic'; "
                    "default: synthetic for runs trained on it")
     p.add_argument("--split", default="auto", help="the split of a dataset directory (default: its train split)")

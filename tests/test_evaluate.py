@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import evaluate
+import judge
+from conftest import shared_path
 from config import TrainConfig
 from model import Llama, ModelConfig
 from tokenizer import get_tokenizer
@@ -31,7 +33,8 @@ def test_distinct_n_over_words():
 
 
 def sklearn_fit(x, y, w):
-    """scikit-learn's unpenalised logistic regression (C = ∞, formerly penalty=None); a tie (y = ½) is a win and a loss of half the weight each."""
+    """scikit-learn's unpenalised logistic regression (C = ∞, formerly penalty=None); a tie (y = ½) is a win and a
+    loss of half the weight each."""
     linear_model = pytest.importorskip("sklearn.linear_model")
     tie = y == 0.5
     xs = np.concatenate([x[~tie], x[tie], x[tie]])[:, None]
@@ -124,8 +127,8 @@ def test_head_to_head_every_seed_pair_directly():
 # runs: tiny random models saved as train.py leaves them
 
 
-def save_model(path, seed: int, max_seq_len: int = 64):
-    tok = get_tokenizer("byte")
+def save_model(path, seed: int, max_seq_len: int = 64, tokenizer: str = "byte"):
+    tok = get_tokenizer(tokenizer)
     torch.manual_seed(seed)
     Llama(ModelConfig(vocab_size=tok.n_vocab, dim=16, n_layers=1, n_heads=2, max_seq_len=max_seq_len,
                       bos_id=tok.bos_id, eos_id=tok.eos_id)).save_pretrained(path)
@@ -135,7 +138,7 @@ def fake_run(path, init, seed: int, steps=(2, 4), ref_update: str = "static", to
     cfg = asdict(TrainConfig(out_dir=str(path), init_from=str(init), loss="dpo", ref_update=ref_update,
                              eval_size=16, num_samples=8, max_new_tokens=6, tokenizer=tokenizer, seed=seed))
     for step in steps:
-        save_model(path / f"ckpt-{step:06d}", seed * 100 + step)
+        save_model(path / f"ckpt-{step:06d}", seed * 100 + step, tokenizer=tokenizer)
         if ref_update != "static":
             save_model(path / f"ckpt-{step:06d}" / "reference", seed * 100 + step + 50)
     (path / "train_config.json").write_text(json.dumps(cfg))
@@ -199,7 +202,9 @@ def test_killed_evaluation_continues_without_generating_again(runs, tmp_path, mo
     # 5 caches (π_init, shared by both runs, and 4 checkpoints) x 2 chunks of 4 prompts, 7 chunks done; a chunk is
     # 1 greedy and 2 sampled generate calls
     assert calls == [4] * 3 * (5 * 2 - 7)
-    assert again["rows"] == fresh["rows"] and again["head_to_head"] == fresh["head_to_head"]
+    def numbers(report):  # the rows without the cache directories' names (another --out)
+        return [{k: v for k, v in r.items() if k != "caches"} for r in report["rows"]], report["head_to_head"]
+    assert numbers(again) == numbers(fresh)
     evaluate.evaluate(evaluate.parse_args(args_for(runs, tmp_path / "eval")), log=lambda *_: None)
     assert calls == [4] * 3 * (5 * 2 - 7)  # a third run (e.g. with another judge) generates nothing
 
@@ -247,3 +252,124 @@ def test_judge_that_is_no_reward_model(runs, tmp_path, capsys):
     err = fails(args_for(runs, tmp_path / "eval", f"--judge={tmp_path / 'sft'}"), capsys)
     assert f"--judge {tmp_path / 'sft'}" in err and "not a reward model" in err
     assert not (tmp_path / "eval").exists()  # refused before any generation
+
+
+def reward_model(path, max_seq_len: int = 64, seed: int = 5):
+    """A tiny random reward model on the byte tokenizer (named by the train_config.json beside it, as a run's)."""
+    tok = get_tokenizer("byte")
+    torch.manual_seed(seed)
+    Llama(ModelConfig(vocab_size=tok.n_vocab, dim=16, n_layers=1, n_heads=2, max_seq_len=max_seq_len, bos_id=tok.bos_id,
+                      eos_id=tok.eos_id, reward_model=True, pad_id=tok.pad_id)).save_pretrained(path)
+    (path / "train_config.json").write_text(json.dumps({"tokenizer": "byte"}))
+    return path
+
+
+def test_two_judges_agreement_and_truncation(runs, tmp_path):
+    """A reward model whose context (10) is shorter than BOS + prompt (4) + response (6 tokens: 6 to 18 bytes, as a
+    random byte decodes to U+FFFD) + EOS: the sequence is cut from the left and counted; the judges' agreement is
+    reported."""
+    rm = reward_model(tmp_path / "rm", max_seq_len=10)
+    report = evaluate.evaluate(evaluate.parse_args(args_for(runs, tmp_path / "eval", f"--judge={rm}")),
+                               log=lambda *_: None)
+    key = evaluate.judge_key(str(rm))
+    assert report["judges"][key]["label"] == "local-RM rm" and report["judges"][key]["truncated"] > 0
+    assert report["judges"][key]["responses_cut"] < report["judges"][key]["truncated"]
+    assert report["judges"]["gold"]["truncated"] == 0
+    assert list(report["rows"][1]["agreement"]) == [f"gold ~ {key}"]
+    assert "local-RM rm win rate vs π_init, sampled" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_judge_context_shorter_than_a_response(runs, tmp_path):
+    """A response longer than the judge's context: cut from the left too, and counted apart."""
+    rm = reward_model(tmp_path / "rm", max_seq_len=4)
+    report = evaluate.evaluate(evaluate.parse_args(args_for(runs, tmp_path / "eval", f"--judge={rm}")),
+                               log=lambda *_: None)
+    counts = report["judges"][evaluate.judge_key(str(rm))]
+    assert 0 < counts["responses_cut"] <= counts["truncated"] == 5 * 8 * 3  # every sequence of the 5 caches
+
+
+def test_runs_on_different_tokenizers_compare_through_text(runs, tmp_path):
+    """Groups on different tokenizers: head to head through the text, said in a note; each run's KL against its own
+    initial policy, which shares its tokenizer."""
+    save_model(tmp_path / "sft-gpt2", 7, tokenizer="gpt2")
+    other = fake_run(tmp_path / "other", tmp_path / "sft-gpt2", 8, tokenizer="gpt2")
+    lines = []
+    report = evaluate.evaluate(evaluate.parse_args(args_for({"dpo": runs["dpo"], "other": other}, tmp_path / "eval")),
+                               log=lines.append)
+    assert any("head-to-head compares texts" in x for x in lines) and report["tokenizers"] == ["byte", "gpt2"]
+    assert [h["step"] for h in report["head_to_head"]] == [2, 4]
+    assert all("kl_init" in r for r in report["rows"] if r["step"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a pairwise judge: a chat model asked which response is better, in both orders
+
+
+@pytest.fixture
+def chat_judge(tmp_path):
+    """A tiny random chat model with SmolLM2's tokenizer and chat template."""
+    source = shared_path("models", "smollm2-135m-instruct")
+    tok = get_tokenizer(str(source))
+    torch.manual_seed(0)
+    Llama(ModelConfig(vocab_size=tok.n_vocab, dim=16, n_layers=1, n_heads=2, max_seq_len=512, bos_id=tok.bos_id,
+                      eos_id=tok.eos_id)).save_pretrained(tmp_path / "chat")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "chat" / f).write_bytes((source / f).read_bytes())
+    return tmp_path / "chat"
+
+
+def test_decide_in_both_orders():
+    assert judge.decide(0.9, 0.2) == (1.0, False)  # a first: a; b first: a
+    assert judge.decide(0.3, 0.6) == (0.0, False)
+    assert judge.decide(0.9, 0.9) == (0.5, True)  # the first position wins both times: position bias, a tie
+    assert judge.decide(0.5, 0.2) == (0.5, True)
+
+
+def test_pairwise_judge_reads_its_answer_tokens(chat_judge):
+    """The question as transformers' apply_chat_template writes it; P(A) from the logits of "A" and "B" at its last
+    token, in a right-padded batch as alone; compare() in both orders is antisymmetric."""
+    transformers = pytest.importorskip("transformers")
+    j = judge.load_pairwise_judge(str(chat_judge))
+    prompts, a, b = ["\n\nHuman: Hi?\n\nAssistant:", "2+2?"], ["Hello! How can I help?", "4"], ["Go away.", "5, or 22"]
+    hf = transformers.AutoTokenizer.from_pretrained(chat_judge)
+    turns = [[{"role": "user", "content": "Hi?"}], [{"role": "user", "content": "2+2?"}]]
+    for p, t, x, y in zip(prompts, turns, a, b):
+        text = judge.PAIRWISE_QUESTION.format(conversation="\n".join(f"{m['role']}: {m['content']}" for m in t),
+                                              a=x, b=y)
+        ids = hf(hf.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                        add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        assert j.question(p, x, y) == ids
+    ids_a, ids_b = hf("A", add_special_tokens=False)["input_ids"], hf("B", add_special_tokens=False)["input_ids"]
+    got = j.prob_first(prompts, a, b)
+    for p, x, y, g in zip(prompts, a, b, got):
+        with torch.no_grad():
+            logits = j.model(torch.tensor([j.question(p, x, y)]))[0, -1]
+        assert g == pytest.approx(torch.softmax(logits[ids_a + ids_b], -1)[0].item(), abs=1e-6)
+    ab, ba = j.compare(prompts, a, b), j.compare(prompts, b, a)
+    assert [1 - x for x in ab] == ba and j.disagreements == 2 * sum(x == 0.5 for x in ab)
+
+
+def test_pairwise_judge_in_evaluate(runs, chat_judge, tmp_path, capsys):
+    report = evaluate.evaluate(evaluate.parse_args(args_for(runs, tmp_path / "eval", f"--pairwise_judge={chat_judge}")),
+                               log=lambda *_: None)
+    key = evaluate.judge_key(str(chat_judge)) + "-pairwise"
+    row = report["rows"][1]
+    assert report["judges"][key]["label"] == "pairwise chat" and key not in report["rows"][0]
+    assert {"win_greedy", "win_sampled", "lc_win_sampled", "disagreement"} == set(row[key])
+    assert 0 <= row[key]["disagreement"]["value"] <= 1 and "gold ~ " + key in row["agreement"]
+    assert "orders disagree" in (tmp_path / "eval" / "report.md").read_text()
+    (tmp_path / "sft" / "train_config.json").write_text(json.dumps({"tokenizer": "byte"}))
+    for refused in (tmp_path / "sft", reward_model(tmp_path / "rm")):  # no chat template; no LM head
+        err = fails(args_for(runs, tmp_path / "eval", f"--pairwise_judge={refused}"), capsys)
+        assert f"--pairwise_judge {refused}" in err and "a pairwise judge is a chat model" in err
+
+
+def test_quick_synthetic_proof(tmp_path):
+    """toy/evaluation.py --quick: train.py's own eval rows reproduced by evaluate.py with the gold judge, a reward
+    model trained with --loss=rm beside it (docs/evaluation.md shows the full run's table)."""
+    from toy import evaluation
+    assert evaluation.main(["--quick", f"--out={tmp_path}"]) == 0
+    result = json.loads((tmp_path / "proof.json").read_text())
+    assert len(result["reproduces_train"]) == 6 and all(c["equal"] for c in result["reproduces_train"])
+    assert 0 <= result["rm_accuracy"]["gold_agreement"]["value"] <= 1
+    assert "local-RM win rate vs π_SFT" in (tmp_path / "proof.md").read_text()
