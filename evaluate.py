@@ -14,6 +14,7 @@ log-probs and every judge's scores are cached per checkpoint (JSONL, one line pe
 Metrics and formulas: docs/evaluation.md. Win rates are named by their judge ("gold win rate", "local-RM win rate").
 """
 import argparse
+import functools
 import hashlib
 import json
 import sys
@@ -30,6 +31,7 @@ import data
 import judge as judges
 import losses
 import synthetic
+from datafiles import choose_split
 from model import Llama
 from tokenizer import Tokenizer, find_tokenizer, get_tokenizer
 
@@ -51,6 +53,14 @@ class Run:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # runs, prompts
+
+
+@functools.lru_cache(maxsize=None)
+def run_tokenizer(name: str) -> Tokenizer:
+    try:
+        return get_tokenizer(name)
+    except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: tiktoken offline without its files
+        raise EvalError(f"tokenizer {name}: {e}") from None
 
 
 def read_run(run_dir: str, last: bool) -> Run:
@@ -98,7 +108,8 @@ def load_prompts(spec: str, split: str, cfg: dict, tok: Tokenizer, n: int) -> li
             records = synthetic.make_records(synthetic.TRAIN_EXAMPLES + cfg["eval_size"], cfg["seed"],
                                              sft=cfg["loss"] == "sft")
             examples = data.from_records(records[:cfg["eval_size"]], source="synthetic")
-        else:
+        else:  # a dataset directory's held-out split unless --split names one
+            split = choose_split(Path(spec), split, "eval") if Path(spec).is_dir() else "auto"
             examples = data.read_examples(spec, split=split)
         kind = "pairs" if examples and isinstance(examples[0], data.Pair) else "sft"
         items = data.tokenize(examples, tok, kind, cfg["max_length"], cfg["max_prompt_length"]).items if examples \
@@ -219,7 +230,7 @@ def generate_all(groups: dict[str, list[Run]], prompts: list, args, device, log)
                         json.dumps(prompts).encode()).hexdigest())
     for runs in groups.values():
         for run in runs:
-            tok = get_tokenizer(run.tokenizer)
+            tok = run_tokenizer(run.tokenizer)
             ids = encode_prompts(prompts, tok, args.max_prompt_length)
             s = {**settings, "tokenizer": run.tokenizer}
             init = None
@@ -265,12 +276,14 @@ def response_text(ids: list[int], tok: Tokenizer) -> str:
 
 
 def load_judges(args) -> dict:
-    """{key: (spec, judge)}, loaded before any generation: a bad judge stops the evaluation before it costs anything."""
+    """{key: (option, spec, judge)}, loaded before any generation: a bad judge stops the evaluation before it costs
+    anything."""
     out = {}
     for option, spec, load in [("judge", s, judges.load_judge) for s in args.judge] + \
             [("pairwise_judge", args.pairwise_judge, judges.load_pairwise_judge)] * bool(args.pairwise_judge):
         try:
-            out[judge_key(spec) + "-pairwise" * (option == "pairwise_judge")] = (spec, load(spec, device=args.device))
+            out[judge_key(spec) + "-pairwise" * (option == "pairwise_judge")] = (option, spec,
+                                                                                 load(spec, device=args.device))
         except (ValueError, OSError) as e:
             raise EvalError(f"--{option} {spec}: {e}") from None
     return out
@@ -283,10 +296,10 @@ def score_all(groups: dict[str, list[Run]], prompts: list, loaded: dict, args, l
     "seconds", "truncated", "responses_cut"}}: the sequences the judge cut to its context, from the left (BOS kept),
     and those of them cut into the response (longer than the context alone)."""
     out = {}
-    for key, (spec, judge) in loaded.items():
+    for key, (option, spec, judge) in loaded.items():
         t0, files, pairwise = time.perf_counter(), set(), isinstance(judge, judges.PairwiseJudge)
         for run in (run for runs in groups.values() for run in runs):
-            tok = get_tokenizer(run.tokenizer)
+            tok = run_tokenizer(run.tokenizer)
             for step, cache in run.caches.items():
                 if pairwise and (step == 0 or 0 not in run.caches):
                     continue
@@ -301,7 +314,7 @@ def score_all(groups: dict[str, list[Run]], prompts: list, loaded: dict, args, l
                     try:
                         rows = judge_chunk(judge, idx, prompts, gens, other, tok)
                     except ValueError as e:  # a sequence the judge refuses
-                        raise EvalError(f"--judge {spec}: {e}") from None
+                        raise EvalError(f"--{option} {spec}: {e}") from None
                     rows[0] |= {c: getattr(judge, c, 0) - b for c, b in zip(CUT, before)}
                     append_lines(file, rows)
         kind = "gold" if spec == "gold" else "pairwise" if pairwise else "local-RM"
@@ -482,7 +495,7 @@ def metrics(groups: dict[str, list[Run]], n: int, keys: list[str], args) -> tupl
     for gi, (name, runs) in enumerate(groups.items()):
         S = len(runs)
         cs = resample_counts(S, args.bootstrap, np.random.default_rng(args.seed + 1 + gi))
-        toks = [get_tokenizer(r.tokenizer) for r in runs]
+        toks = [run_tokenizer(r.tokenizer) for r in runs]
         caches = [{step: load_cache(c, tok, n, keys, args.max_new_tokens) for step, c in r.caches.items()}
                   for r, tok in zip(runs, toks)]
         has_init = all(0 in c for c in caches)
@@ -595,11 +608,8 @@ def evaluate(args, log=print) -> dict:
     spec = args.prompts or ("synthetic" if cfg["data"] == "synthetic" else None)
     if spec is None:
         raise EvalError(f"--prompts is needed: {first.dir} trained on {cfg['data']} (give its held-out file)")
-    try:
-        tok0 = get_tokenizer(first.tokenizer)
-    except (ValueError, OSError, RuntimeError) as e:
-        raise EvalError(f"tokenizer {first.tokenizer} of {first.dir}: {e}") from None
-    prompts = load_prompts(spec, args.split, cfg, tok0, args.num_prompts or cfg["num_samples"])
+    prompts = load_prompts(spec, args.split, cfg, run_tokenizer(first.tokenizer),
+                           args.num_prompts or cfg["num_samples"])
     tokenizers = sorted({r.tokenizer for runs in groups.values() for r in runs})
     if len(tokenizers) > 1:
         log(f"note: the runs use {len(tokenizers)} tokenizers: head-to-head compares texts; KL, per-token KL and "
@@ -632,7 +642,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "both orders) against π_init's; an option beside the reward models")
     p.add_argument("--prompts", help="a held-out file or dataset directory (data.read_examples), or 'synthetic'; "
                    "default: synthetic for runs trained on it")
-    p.add_argument("--split", default="auto", help="the split of a dataset directory (default: its train split)")
+    p.add_argument("--split", default="auto", help="the split of a --prompts dataset directory (auto: its held-out "
+                   "split: test, test_prefs, validation, ...)")
     p.add_argument("--num_prompts", type=int, help="the first N prompts (default: the first run's num_samples)")
     p.add_argument("--samples", type=int, default=4, help="K samples per prompt at temperature 1")
     p.add_argument("--max_new_tokens", type=int, help="default: the first run's")

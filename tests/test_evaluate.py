@@ -218,6 +218,22 @@ def test_seeds_group_and_last(runs, tmp_path):
     assert report["rows"][1]["kl_init"]["value"] != 0
 
 
+def test_prompts_of_a_dataset_directory_held_out_split(runs, tmp_path):
+    """--prompts DIR takes its held-out split (test), in file order; chat messages stay messages for the judges."""
+    d = tmp_path / "ds" / "data"
+    d.mkdir(parents=True)
+    for split, letters in (("train", "abc"), ("test", "def")):
+        rows = [{"prompt": [{"role": "user", "content": f"{x}{y}="}], "chosen": [{"role": "assistant", "content": "a"}],
+                 "rejected": [{"role": "assistant", "content": "b"}]} for x in letters for y in "gh"]
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = evaluate.load_prompts(str(tmp_path / "ds"), "auto", json.loads((runs["dpo"] / "train_config.json")
+                                    .read_text()), get_tokenizer("byte"), 4)
+    assert [p[0]["content"] for p in prompts] == ["dg=", "dh=", "eg=", "eh="]
+    report = evaluate.evaluate(evaluate.parse_args(args_for(runs, tmp_path / "eval", f"--prompts={tmp_path / 'ds'}",
+                                                            "--num_prompts=3")), log=lambda *_: None)
+    assert report["prompts"]["n"] == 3
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # bad input: one line, exit 2, nothing lost
 
