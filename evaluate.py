@@ -353,8 +353,10 @@ def resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray
     return np.stack([np.bincount(d, minlength=n) for d in draws]).astype(float)
 
 
-def percentile_ci(boot: np.ndarray) -> list[float]:
-    return [float(x) for x in np.nanpercentile(boot, [2.5, 97.5])]
+def percentile_ci(boot: np.ndarray) -> list[float | None]:
+    """The 2.5 and 97.5 percentiles of the resamples that have a value (a ratio over no prompt has none)."""
+    boot = boot[np.isfinite(boot)]
+    return [float(x) for x in np.percentile(boot, [2.5, 97.5])] if len(boot) else [None, None]
 
 
 def ratio_stat(N: np.ndarray, D: np.ndarray, cs: np.ndarray, cp: np.ndarray) -> dict:
@@ -467,10 +469,11 @@ def step_metrics(pol: list[dict], init: list[dict] | None, keys: list[str], cs, 
         m[key] |= {"win_greedy": ratio_stat(wg, ones, cs, cp), "win_sampled": ratio_stat(wins[key].mean(-1), ones, cs,
                                                                                           cp),
                    "lc_win_sampled": length_controlled(wins[key], dchars, cs, cp)}
-    keys = list(wins)  # how often two judges order a (policy, π_init) sample pair alike (a tie is an order too)
+    keys = list(wins)  # how often two judges order a (policy, π_init) sample pair alike, of those both decide (no tie)
     if len(keys) > 1:
-        m["agreement"] = {f"{a} ~ {b}": ratio_stat((wins[a] == wins[b]).mean(-1), ones, cs, cp)
-                          for i, a in enumerate(keys) for b in keys[i + 1:]}
+        decided = {(a, b): (wins[a] != 0.5) & (wins[b] != 0.5) for i, a in enumerate(keys) for b in keys[i + 1:]}
+        m["agreement"] = {f"{a} ~ {b}": ratio_stat(((wins[a] == wins[b]) & d).sum(-1), d.sum(-1), cs, cp)
+                          | {"decided": float(d.mean())} for (a, b), d in decided.items()}
     return m
 
 
@@ -524,7 +527,7 @@ def fmt(stat: dict | None) -> str:
     if not stat or stat.get("value") is None:
         return "-"
     lo, hi = stat["ci"]
-    return f"{stat['value']:.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{stat['value']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
 
 
 def markdown(report: dict) -> str:
@@ -559,10 +562,11 @@ def markdown(report: dict) -> str:
                 f"{fmt(h['win_sampled'])} |" for h in report["head_to_head"]]
     agree = [(r, pair, stat) for r in rows for pair, stat in r.get("agreement", {}).items()]
     if agree:
-        out += ["", "**judge agreement** (share of (policy, π_init) sample pairs both judges order alike)", "",
-                "| run | step | judges | agreement |", "|---" * 4 + "|"]
+        out += ["", "**judge agreement** (of the (policy, π_init) sample pairs both judges decide, neither a tie, the "
+                "share they order alike; decided: the share of pairs both decide)", "",
+                "| run | step | judges | agreement | decided |", "|---" * 5 + "|"]
         out += [f"| {r['run']} | {r['step']} | {' ~ '.join(judges_[k]['label'] for k in pair.split(' ~ '))} | "
-                f"{fmt(stat)} |" for r, pair, stat in agree]
+                f"{fmt(stat)} | {stat['decided']:.2f} |" for r, pair, stat in agree]
     return "\n".join(out) + "\n"
 
 

@@ -3,8 +3,8 @@
     python -m toy.evaluation            # the demo's runs (200 steps each), checkpoints every 50 steps
     python -m toy.evaluation --quick    # the same pipeline in small, under a minute (tests/test_evaluate.py runs it)
 
-1. SFT, then DPO, TR-DPO soft and TR-DPO hard from it, exactly as `python train.py` (synthetic.demo) trains them, with
-   a checkpoint and an evaluation every max_steps/4 steps.
+1. SFT, then DPO, TR-DPO soft and TR-DPO hard from it, as `python train.py` (synthetic.demo) trains them, with a
+   checkpoint beside each of its evaluations (every 50 steps; --quick: a smaller model, every 3 of 6 steps).
 2. A reward model trained with --loss=rm on the same synthetic pairs, from the SFT model (a new score head).
 3. evaluate.py on those runs with two judges, the gold reward and that reward model, and checks:
    - with the gold judge it reproduces train.py's own evaluation rows at every checkpoint: gold_greedy (the greedy
@@ -30,17 +30,20 @@ from config import TrainConfig
 HELD_OUT_SEED = 2024  # the reward model's held-out pairs: not the training seed's
 
 
-def train_runs(out: Path, quick: bool, log) -> dict[str, Path]:
-    """The demo's four runs (and its options: synthetic.demo's lr / 10 and τ), plus the reward model; skipped when
-    their last checkpoint is there already."""
+PREFERENCE_RUNS = ("DPO", "TR-DPO soft", "TR-DPO hard")
+
+
+def train_runs(out: Path, quick: bool, log, only: tuple[str, ...] = PREFERENCE_RUNS) -> dict[str, Path]:
+    """The demo's runs (and its options: synthetic.demo's lr / 10 and τ): SFT and the preference runs named in only,
+    plus the reward model; each skipped when its last checkpoint is there already."""
     base = TrainConfig(max_steps=200, eval_every=50, ckpt_every=50, keep_last=100, log_every=20)
     if quick:  # a smaller model, 6 preference steps (checkpoints at 3 and 6), 8 prompts of 6 new tokens
         base = replace(base, max_steps=6, eval_every=3, ckpt_every=3, log_every=3, dim=32, n_layers=1, n_heads=2,
                        batch_size=16, micro_batch_size=16, num_samples=8, max_new_tokens=6, eval_size=16)
     steps, sft_steps = base.max_steps, 30 if quick else 200  # SFT (and the reward model): the demo's 200 steps
     sft = replace(base, loss="sft", out_dir=str(out / "sft"), eval_every=0, ckpt_every=0, max_steps=sft_steps)
-    runs = {"DPO": ("static", base.tau), "TR-DPO soft": ("soft", max(1, steps // 10)),
-            "TR-DPO hard": ("hard", max(1, steps // 4))}
+    runs = {name: mode for name, mode in (("DPO", ("static", base.tau)), ("TR-DPO soft", ("soft", max(1, steps // 10))),
+                                          ("TR-DPO hard", ("hard", max(1, steps // 4)))) if name in only}
     lr = base.lr if quick else base.lr / 10  # quick: a few steps that move the policy
     cfgs = {"SFT": sft, **{name: replace(base, loss="dpo", ref_update=mode, tau=tau, lr=lr,
                                          init_from=sft.out_dir, out_dir=str(out / name.lower().replace(" ", "-")))
@@ -99,14 +102,16 @@ def reproduces_train(report: dict, runs: dict[str, Path]) -> list[dict]:
     return out
 
 
-def proof(out: Path, quick: bool, log=print) -> dict:
-    runs = train_runs(out, quick, log)
+def proof(out: Path, quick: bool, log=print, only: tuple[str, ...] = PREFERENCE_RUNS) -> dict:
+    runs = train_runs(out, quick, log, only)
     acc = rm_accuracy(runs["RM"], 256 if quick else 2048)
-    argv = [*(f"--runs={n}={runs[n]}" for n in ("DPO", "TR-DPO soft", "TR-DPO hard")), "--judge=gold",
+    argv = [*(f"--runs={n}={runs[n]}" for n in only), "--judge=gold",
             f"--judge={runs['RM']}", f"--out={out / 'eval'}", f"--samples={2 if quick else 4}",
             f"--bootstrap={200 if quick else 1000}"]
     report = evaluate.evaluate(evaluate.parse_args(argv), log=log)
-    result = {"command": "python -m toy.evaluation" + (" --quick" if quick else ""), "rm_accuracy": acc,
+    command = "python -m toy.evaluation" + " --quick" * quick + "".join(f' --only "{n}"' for n in only
+                                                                      if only != PREFERENCE_RUNS)
+    result = {"command": command, "rm_accuracy": acc,
               "reproduces_train": reproduces_train(report, runs), "evaluate_argv": argv, "report": report}
     (out / "proof.json").write_text(json.dumps(result, indent=1))
     (out / "proof.md").write_text(table(result))
@@ -119,15 +124,15 @@ def table(result: dict) -> str:
     (gold, rm) = list(report["judges"])
     lines = [f"`{result['command']}`", "",
              "| run | step | KL(π‖π_SFT) | gold win rate vs π_SFT | local-RM win rate vs π_SFT | gold score | "
-             "local-RM score | judges agree |", "|---" * 8 + "|"]
+             "local-RM score | judges agree (pairs both decide) |", "|---" * 8 + "|"]
     for r in report["rows"]:
         if r["step"] == 0:
             continue
-        agree = next(iter(r.get("agreement", {}).values()), None)
+        agree = r["agreement"][f"{gold} ~ {rm}"]
         lines.append(f"| {r['run']} | {r['step']} | {evaluate.fmt(r.get('kl_init'))} | "
                      f"{evaluate.fmt(r[gold].get('win_sampled'))} | {evaluate.fmt(r[rm].get('win_sampled'))} | "
                      f"{evaluate.fmt(r[gold]['score_sampled'])} | {evaluate.fmt(r[rm]['score_sampled'])} | "
-                     f"{evaluate.fmt(agree)} |")
+                     f"{evaluate.fmt(agree)} ({agree['decided']:.0%}) |")
     acc = result["rm_accuracy"]
     checks = result["reproduces_train"]
     lines += ["", f"reward model vs gold on {acc['gold_agreement']['pairs']} held-out pairs with a gold difference: "
@@ -142,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small runs and few prompts: the pipeline in under a minute")
     p.add_argument("--out", help="default: out/evaluation, or out/evaluation-quick")
+    p.add_argument("--only", action="append", choices=PREFERENCE_RUNS, help="train and judge only these preference "
+                   "runs (repeatable; default: all three)")
     a = p.parse_args(argv)
-    result = proof(Path(a.out or ("out/evaluation-quick" if a.quick else "out/evaluation")), a.quick)
+    result = proof(Path(a.out or ("out/evaluation-quick" if a.quick else "out/evaluation")), a.quick,
+                   only=tuple(n for n in PREFERENCE_RUNS if n in (a.only or PREFERENCE_RUNS)))
     return 0 if all(c["equal"] for c in result["reproduces_train"]) else 1
 
 
