@@ -595,7 +595,8 @@ def plot(report: dict, path: Path) -> bool:
                                 marker="o", capsize=2, label=name)
             ax.set(xlabel="KL(π‖π_init), nats per response", ylabel=f"{label} {ylabel}")
         row[1].axhline(0.5, color="grey", lw=0.5)
-        row[1].legend(fontsize=8)
+        if row[1].get_legend_handles_labels()[0]:  # runs trained from scratch have no KL to draw against
+            row[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -234,6 +234,14 @@ def test_prompts_of_a_dataset_directory_held_out_split(runs, tmp_path):
     assert report["prompts"]["n"] == 3
 
 
+def test_run_from_scratch_has_no_initial_policy(tmp_path):
+    """init_from=scratch: scores, length and diversity, but no win rate against π_init and no KL to it."""
+    run = fake_run(tmp_path / "scratch", "scratch", 4)
+    report = evaluate.evaluate(evaluate.parse_args(args_for({"x": run}, tmp_path / "eval")), log=lambda *_: None)
+    assert [r["step"] for r in report["rows"]] == [2, 4]
+    assert "kl_init" not in report["rows"][0] and set(report["rows"][0]["gold"]) == {"score_greedy", "score_sampled"}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # bad input: one line, exit 2, nothing lost
 
