@@ -4,6 +4,7 @@
     python bench.py --ref_update static --precompute_ref      # static reference, log-probs computed once
     python bench.py --dim 512 --n_layers 8 --n_heads 8 --prompt_len 128 --response_len 384 --dtype bfloat16
     python bench.py ... --json                       # the last line is one JSON object
+    python bench.py --lora_rank 8 --lora_alpha 16    # LoRA TR-DPO: adapters trained, reference = W0 + low-rank delta
 
 Reported, each the median over the timed steps (after --warmup untimed ones):
 - step_ms: one optimizer step, from the batch to the updated reference (forward, reference forward, loss, backward,
@@ -23,6 +24,8 @@ Reported, each the median over the timed steps (after --warmup untimed ones):
 - compiles: graphs torch.compile built during the run (torch._dynamo's unique_graphs: --compile's, and on CUDA the
   packed path's FlexAttention); attention: packed rows' kernel (flex, or sdpa: forced, on CPU, or after a failed check).
 - cpu: torch's CPU capability and whether /proc/cpuinfo lists AVX-512 BF16 or AMX (fast bf16 matmuls on CPU).
+- n_trainable: parameters the optimizer updates (with --lora_rank: the adapters; MFU still counts 3 forwards for the
+  policy, though a LoRA backward skips W0's weight gradients: compare LoRA runs by tokens/s).
 On CUDA every interval is timed with CUDA events; on CPU with time.perf_counter.
 """
 import argparse
@@ -40,7 +43,9 @@ from torch._dynamo.utils import counters
 
 import config
 import data
+import lora
 import losses
+import memory
 import packing
 import tokenizer
 import reference as ref_lib
@@ -57,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n_layers", type=int, default=4)
     p.add_argument("--n_heads", type=int, default=4)
     p.add_argument("--n_kv_heads", type=int, default=None, help="default: n_heads")
+    p.add_argument("--hidden_dim", type=int, default=None, help="SwiGLU inner size (default: llama2.c's rule)")
+    p.add_argument("--model_type", choices=("llama", "qwen2"), default="llama",
+                   help="qwen2: biases on q, k, v (Qwen2.5-0.5B: --dim 896 --n_layers 24 --n_heads 14 --n_kv_heads 2 "
+                   "--hidden_dim 4864 --vocab_size 151936)")
     p.add_argument("--vocab_size", type=int, default=50257)
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--response_len", type=int, default=192)
@@ -69,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tau", type=int, default=1, help="τ, steps between reference updates")
     p.add_argument("--precompute_ref", action="store_true", help="static reference: log-probs computed once")
     p.add_argument("--compile", action="store_true", help="torch.compile policy and reference")
+    p.add_argument("--activation_checkpointing", action="store_true",
+                   help="recompute the policy's blocks in the backward (train.py's option)")
+    p.add_argument("--logps_chunk", type=int, default=0,
+                   help="scored tokens per chunk of the LM head and log-softmax, 0: off (train.py's option)")
     p.add_argument("--attention", choices=("auto", "flex", "sdpa"), default="auto",
                    help="packed rows' kernel on CUDA (train.py's --attention)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -78,6 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one more step")
     p.add_argument("--profile_rows", type=int, default=25, help="rows of that table")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--lora_rank", type=int, default=0, help="> 0: LoRA policy and low-rank reference (train.py's)")
+    p.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA scale numerator, s = lora_alpha / lora_rank")
+    p.add_argument("--lora_targets", default=lora.DEFAULT_TARGETS, help="comma-separated linear-layer names")
+    p.add_argument("--lora_ref_rank", type=int, default=0, help="rank cap of the reference delta (0: 8 x lora_rank)")
+    p.add_argument("--lora_base_dtype", choices=tuple(DTYPES), default="float32", help="storage of the frozen W0")
     p.add_argument("--compare", default="", help="with --data: comma-separated runs among off, rows, shared "
                    "(--packing), trl (bench_trl.py), fixed (random tokens of --prompt_len + --response_len, the "
                    "file's vocabulary), each in a fresh process, interleaved --repeat times; prints their table")
@@ -241,17 +259,29 @@ def run(args) -> dict:
         args.vocab_size, steps = data_steps(args, device)
     torch.manual_seed(args.seed)
     model_config = ModelConfig(vocab_size=args.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
-                               n_kv_heads=args.n_kv_heads,
+                               n_kv_heads=args.n_kv_heads, hidden_dim=args.hidden_dim, model_type=args.model_type,
+                               qkv_bias=args.model_type == "qwen2",
                                max_seq_len=2 * args.max_length if args.data else args.prompt_len + args.response_len)
     with torch.device(device):  # initialise in place: a 1B model is slow to init on the CPU and copy over
         policy = Llama(model_config)
-    reference = ref_lib.make_reference(policy)
     cfg = config.TrainConfig(loss=args.loss, ref_update=args.ref_update, alpha=args.alpha, tau=args.tau,
                              dtype=args.dtype, device=device.type, dim=args.dim, n_layers=args.n_layers,
-                             n_heads=args.n_heads, attention=args.attention)
+                             n_heads=args.n_heads, attention=args.attention, logps_chunk=args.logps_chunk,
+                             activation_checkpointing=args.activation_checkpointing, lora_rank=args.lora_rank,
+                             lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                             lora_ref_rank=args.lora_ref_rank, lora_base_dtype=args.lora_base_dtype)
     config.validate(cfg, world_size=1)
-    updater = ref_lib.ReferenceUpdater(args.ref_update, args.alpha, args.tau)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5, weight_decay=cfg.weight_decay, fused=True)
+    if args.lora_rank:  # as train.py: one frozen W0 under policy and reference, each with its own delta
+        lora.apply(policy, args.lora_rank, args.lora_alpha, args.lora_targets, DTYPES[args.lora_base_dtype],
+                   seed=args.seed)
+        reference = lora.make_reference(policy)
+    else:
+        reference = ref_lib.make_reference(policy)
+    if args.activation_checkpointing:  # as train.py: the policy only, after the reference is copied
+        memory.checkpoint_blocks(policy)
+    updater = ref_lib.ReferenceUpdater(args.ref_update, args.alpha, args.tau, config.lora_ref_rank(cfg))
+    trained = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trained, lr=1e-5, weight_decay=cfg.weight_decay, fused=True)
     if not args.data:  # the same random batch at every step, one micro batch
         batch = random_batch(args, device, torch.Generator().manual_seed(args.seed))
         steps = [([batch], None)] * (args.warmup + args.steps)
@@ -261,7 +291,7 @@ def run(args) -> dict:
     if args.precompute_ref:
         updater.check_precompute()
         with torch.no_grad(), train.autocast(cfg, device):
-            ref_logps, _ = train.batch_logps(run_ref, batch["input_ids"], batch["loss_mask"])
+            ref_logps, _ = train.batch_logps(run_ref, batch["input_ids"], batch["loss_mask"], chunk=args.logps_chunk)
 
     clock = Clock(device)
     ref_marks: list = []  # (start, end) of every reference forward of the current step
@@ -280,7 +310,7 @@ def run(args) -> dict:
                                          ref_logps)
             (loss * weight).backward()
         computed = clock.mark()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stepped = clock.mark()
@@ -340,8 +370,13 @@ def run(args) -> dict:
         "attention": None if not args.data or args.packing == "off" else "flex" if flex else "sdpa",
         "loss": args.loss, "ref_update": args.ref_update, "alpha": args.alpha, "tau": args.tau,
         "precompute_ref": args.precompute_ref, "compile": args.compile, "n_params": policy.num_params(),
-        "shape": {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "prompt_len",
-                                                  "response_len", "pairs")},
+        "n_trainable": sum(p.numel() for p in trained), "lora_rank": args.lora_rank,
+        "lora_alpha": args.lora_alpha if args.lora_rank else None,
+        "lora_targets": args.lora_targets if args.lora_rank else None,
+        "lora_ref_rank": config.lora_ref_rank(cfg) if args.lora_rank else None, "lora_base_dtype": args.lora_base_dtype,
+        "activation_checkpointing": args.activation_checkpointing, "logps_chunk": args.logps_chunk,
+        "shape": {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "model_type",
+                                                  "vocab_size", "prompt_len", "response_len", "pairs")},
         "data": args.data, "packing": args.packing if args.data else None,
         "micro_batches_per_step": statistics.mean(len(micro) for micro, _ in timed),
         "timed_steps": args.steps, "tokens_per_step": tokens, "step_ms": ms, "tokens_per_s": tokens / (ms / 1000),
@@ -358,8 +393,9 @@ def run(args) -> dict:
 DATA_OPTIONS = {"--data", "--tokenizer", "--max_length", "--max_prompt_length", "--micro_batch_size",
                 "--micro_batch_tokens"}
 BENCH_ONLY = {"--micro_batch_tokens", "--ref_update", "--loss", "--compile", "--device", "--precompute_ref",
-              "--profile", "--profile_rows", "--attention"}  # what bench_trl.py does not take
-FLAGS = {"--json", "--compile", "--precompute_ref", "--profile"}
+              "--profile", "--profile_rows", "--attention", "--activation_checkpointing", "--logps_chunk",
+              "--lora_ref_rank", "--lora_base_dtype"}  # what bench_trl.py does not take (it takes the other --lora_*)
+FLAGS = {"--json", "--compile", "--precompute_ref", "--profile", "--activation_checkpointing"}
 COMPARE_KEYS = ("tokens_per_s", "real_tokens_per_s", "mfu", "peak_mem_mb", "padding_fraction", "optimizer_share",
                 "tr_update_share", "compiles")
 
@@ -431,8 +467,11 @@ def main(argv=None) -> dict:
         print(f"bench.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     ref = "precomputed" if r["precompute_ref"] else f"{r['ref_forward_ms']:.0f} ms ({r['ref_forward_share']:.1%})"
+    lora_note = (f" | LoRA r={r['lora_rank']} alpha={r['lora_alpha']:g} ({r['n_trainable'] / 1e6:.2f}M trained), "
+                 f"reference delta rank <= {r['lora_ref_rank']}" if r["lora_rank"] else "")
     print(f"{r['loss']} ref={r['ref_update']} tau={r['tau']} {r['dtype']} {r['device']}"
-          f"{' compiled' if r['compile'] else ''}: {r['n_params'] / 1e6:.1f}M params, {r['tokens_per_step']} "
+          f"{' compiled' if r['compile'] else ''}: {r['n_params'] / 1e6:.1f}M params{lora_note}, "
+          f"{r['tokens_per_step']} "
           f"tokens/step | torch {r['torch']} | {r['compiles']} compiled graph(s)"
           + (f" | packed attention {r['attention']}" if r["attention"] else ""))
     c = r["cpu"]

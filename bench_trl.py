@@ -3,6 +3,7 @@ and precision, on random tokens, reporting tokens/s on the same definition as be
 
     python bench_trl.py [--dim 256 --n_layers 4 --n_heads 4 --vocab_size 50257 --prompt_len 64 --response_len 192
                          --pairs 8 --dtype float32 --alpha 0.6 --tau 1 --warmup 2 --steps 5] [--json]
+    python bench_trl.py --lora_rank 8 --lora_alpha 16 [--lora_targets q_proj,v_proj]   # TRL's DPO with peft LoRA
 
 transformers and trl are dev-only dependencies (requirements-dev.txt); nothing in the runtime imports this file.
 
@@ -15,6 +16,9 @@ How the work is matched to bench.py:
 - training: per-device batch = pairs, no gradient accumulation, fp32 or bf16 (TrainingArguments.bf16, i.e. autocast),
   sync_ref_model=True with ref_model_mixup_alpha = alpha and ref_model_sync_steps = tau; TRL's default optimizer
   (fused AdamW), no logging, evaluation, saving or progress bar;
+- --lora_rank r > 0: TRL's own LoRA path instead, DPOTrainer(peft_config=peft.LoraConfig(r, lora_alpha, the
+  --lora_targets layers)) with no ref_model: the reference is the policy with its adapters disabled, i.e. static DPO
+  (TRL refuses sync_ref_model with a PEFT model, so --alpha / --tau do not apply); compare with bench.py --lora_rank;
 - timing: wall time between consecutive optimizer-step ends (the reference sync included), median over the timed
   steps after the warm-up; tokens/s = 2 * pairs * (prompt_len + response_len) / step time, bench.py's definition.
 """
@@ -52,6 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.add_argument("--lora_rank", type=int, default=0, help="> 0: peft LoRA of this rank, static reference (adapter "
+                   "disabled), TRL's PEFT path")
+    p.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA scale numerator: s = lora_alpha / lora_rank")
+    p.add_argument("--lora_targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated linear-layer names (peft's target_modules)")
     real = p.add_argument_group("real data: bench.py --data's optimizer steps, fed to TRL in the same order")
     real.add_argument("--data", default="", help="a preference JSONL(.gz)")
     real.add_argument("--tokenizer", default="gpt2")
@@ -65,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--warmup and --steps must be >= 1 (a timed step runs from the end of the previous one)")
     if args.data and args.pairs % args.micro_batch_size:
         p.error("--pairs must be a multiple of --micro_batch_size")
+    if args.lora_rank < 0 or (args.lora_rank and not args.lora_targets.strip(",")):
+        p.error("--lora_rank must be >= 0, and a LoRA run needs --lora_targets")
     return args
 
 
@@ -142,15 +153,21 @@ def main(argv=None) -> dict:
                          tie_word_embeddings=True, bos_token_id=None, eos_token_id=args.vocab_size - 1,
                          pad_token_id=args.vocab_size - 1, attn_implementation="sdpa")
     model = LlamaForCausalLM(config)
-    ref_model = LlamaForCausalLM(config)
-    ref_model.load_state_dict(model.state_dict())
+    peft_config, ref_model = None, None
+    if args.lora_rank:  # TRL's PEFT path: no reference model, the adapter disabled is the (static) reference
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0, bias="none",
+                                 target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM")
+    else:
+        ref_model = LlamaForCausalLM(config)
+        ref_model.load_state_dict(model.state_dict())
 
     n_steps = args.warmup + args.steps
     train_config = DPOConfig(
         output_dir="/tmp/bench_trl", per_device_train_batch_size=args.micro_batch_size if args.data else args.pairs,
         gradient_accumulation_steps=args.pairs // args.micro_batch_size if args.data else 1,
         max_steps=n_steps, learning_rate=1e-6, beta=args.beta, loss_type=["sigmoid"], max_length=None,
-        sync_ref_model=True, ref_model_mixup_alpha=args.alpha, ref_model_sync_steps=args.tau,
+        sync_ref_model=not args.lora_rank, ref_model_mixup_alpha=args.alpha, ref_model_sync_steps=args.tau,
         bf16=args.dtype == "bfloat16", use_cpu=not torch.cuda.is_available(), seed=args.seed,
         report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, dataloader_drop_last=True)
@@ -166,7 +183,7 @@ def main(argv=None) -> dict:
     if not args.data:
         train_dataset = random_preference_dataset(args, args.pairs * n_steps)
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=train_config, processing_class=word_tokenizer(
-        args.vocab_size), train_dataset=train_dataset)
+        args.vocab_size), train_dataset=train_dataset, peft_config=peft_config)
     trainer.add_callback(StepClock())
     if args.data:  # bench.py's steps in bench.py's order, not reshuffled
         from torch.utils.data import SequentialSampler
@@ -185,15 +202,23 @@ def main(argv=None) -> dict:
     trainer.train()
     gaps = [b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:])]
     step_s = sum(gaps) / len(gaps) if args.data else statistics.median(gaps)  # real steps differ: the mean
+    model = trainer.model  # the PeftModel with --lora_rank
     n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak_mem_mb = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20  # as bench.py
     result = {"impl": "trl.DPOTrainer", "peak_mem_mb": peak_mem_mb, "trl": __import__("trl").__version__,
               "tokens_per_step": tokens,
               "step_ms": 1000 * step_s, "tokens_per_s": tokens / step_s, "n_params": n_params, "dtype": args.dtype,
               "data": args.data, "real_tokens_per_step": real, "real_tokens_per_s": real and real / step_s,
-              "alpha": args.alpha, "tau": args.tau, "timed_steps": args.steps}
-    print(f"TRL DPOTrainer (sync_ref_model, alpha={args.alpha}, tau={args.tau}): {n_params / 1e6:.1f}M params, "
+              "alpha": args.alpha, "tau": args.tau, "timed_steps": args.steps, "n_trainable": n_trainable,
+              "ref_update": "static" if args.lora_rank else "soft", "lora_rank": args.lora_rank,
+              "lora_alpha": args.lora_alpha if args.lora_rank else None,
+              "lora_targets": args.lora_targets if args.lora_rank else None,
+              "peft": __import__("peft").__version__ if args.lora_rank else None}
+    how = (f"peft LoRA r={args.lora_rank}, alpha={args.lora_alpha:g}, reference = adapter disabled" if args.lora_rank
+           else f"sync_ref_model, alpha={args.alpha}, tau={args.tau}")
+    print(f"TRL DPOTrainer ({how}): {n_params / 1e6:.1f}M params ({n_trainable / 1e6:.2f}M trained), "
           f"{tokens} tokens/step, {result['step_ms']:.0f} ms/step, {result['tokens_per_s']:.0f} tokens/s")
     if args.json:
         print(json.dumps(result))

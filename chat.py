@@ -11,13 +11,19 @@ special tokens it holds; contents are text. Text next to text (markup and conten
 piece as transformers does between added tokens, so ids match it exactly whenever no content holds an added token's
 string.
 
+Templates are untrusted code: besides the sandbox, one rendering is bounded in loop items, characters and time
+(MAX_LOOP_ITEMS, MAX_CHARS, MAX_SECONDS), and a template past a bound is refused in one line.
+
 tok is a tokenizer.Tokenizer, read through its attributes only (name, chat_template, special_tokens, end_ids, eos_id,
 bos_token / eos_token / pad_token / unk_token, prefix_every_segment, with_prefix): tokenizer.py imports this file,
 never the other way round.
 """
+import contextvars
 import functools
 import json
+import math
 import re
+import time
 from datetime import datetime
 from typing import Iterable
 
@@ -35,7 +41,58 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
-SENTINEL = re.compile("\ue000([0-9]+)\ue001")  # the sentinel of message i: "\ue000{i}\ue001", stable under | trim
+SENTINEL = re.compile("\ue000([0-9]+)\ue001")
+
+# Templates are untrusted code: the sandbox stops escapes, these bounds stop a template that would hang or fill memory
+# (nested range(100000) loops, a string of 500 MB). Past any of them the template is refused (ChatTemplateError).
+# A real chat template renders a chat in well under a millisecond, with a few hundred loop steps.
+MAX_LOOP_ITEMS = 1_000_000  # items taken by every {% for %} loop of one rendering, together
+MAX_CHARS = 16_000_000  # characters of the rendered chat, and of any one value a call, filter or * builds
+MAX_SECONDS = 10.0  # wall-clock time of one rendering, checked at every loop item, call and piece of output
+
+
+class Budget:
+    """What one rendering has spent; a template past a bound raises TemplateBoundError."""
+
+    def __init__(self):
+        self.start, self.items = time.monotonic(), 0
+
+    def check(self, items: int = 0):
+        self.items += items
+        if self.items > MAX_LOOP_ITEMS:
+            raise TemplateBoundError(f"its loops take more than {MAX_LOOP_ITEMS} items")
+        if time.monotonic() - self.start > MAX_SECONDS:
+            raise TemplateBoundError(f"rendering takes more than {MAX_SECONDS:g} s")
+
+
+class TemplateBoundError(Exception):
+    """A template past a rendering bound (an Exception, not a jinja2 error: templates cannot catch it)."""
+
+
+_budget: contextvars.ContextVar[Budget] = contextvars.ContextVar("chat_template_budget")
+
+
+def _sized(value):
+    """value, unless it is a string, list, tuple or dict longer than MAX_CHARS."""
+    if isinstance(value, (str, list, tuple, dict)) and len(value) > MAX_CHARS:
+        raise TemplateBoundError(f"it builds a value of {len(value)} items (more than {MAX_CHARS})")
+    return value
+
+
+def _size_arguments(args, kwargs):
+    """Refuse an integer argument past MAX_CHARS before a call builds anything from it (center(10**9), ljust, ...)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_CHARS:
+            raise TemplateBoundError(f"it passes {a} to a call or filter (more than {MAX_CHARS})")
+        _sized(a)
+
+
+def bounded_loop(iterable):
+    """Every {% for %} loop's iterable, wrapped by compile_template: counts the items against the budget."""
+    budget = _budget.get()
+    for item in iterable:
+        budget.check(1)
+        yield item  # the sentinel of message i: "\ue000{i}\ue001", stable under | trim
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,7 +131,7 @@ def compile_template(source: str):
 
         def __setitem__(self, name, value):
             Namespace._check(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
+            jinja2.utils.Namespace.__setitem__(self, name, _sized(value))  # {% set ns.s = ns.s ~ ns.s %} in a loop
 
         @staticmethod
         def _check(name):
@@ -94,11 +151,50 @@ def compile_template(source: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # jinja's own escapes HTML
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[Generation, jinja2.ext.loopcontrols])
+    class Bounded(jinja2.sandbox.ImmutableSandboxedEnvironment):
+        """The sandbox with the rendering bounds: every loop's iterable counted (bounded_loop, put around it when the
+        template is parsed), every call and filter checked for its size arguments, its result and the time, and the
+        * and ** operators refused where their result would be too large."""
+        intercepted_binops = frozenset({"*", "**"})
+
+        def _parse(self, source, name, filename):
+            tree = super()._parse(source, name, filename)
+            for loop in tree.find_all(jinja2.nodes.For):
+                loop.iter = jinja2.nodes.Call(jinja2.nodes.Name("bounded_loop", "load"), [loop.iter], [], None, None)
+            return tree
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's own signature)
+            _budget.get().check()
+            _size_arguments(args, kwargs)
+            return _sized(super().call(__context, __obj, *args, **kwargs))
+
+        def call_binop(self, context, operator, left, right):
+            _budget.get().check()
+            if operator == "*" and isinstance(right, int) and isinstance(left, (str, list, tuple)):
+                left, right = right, left
+            if operator == "*" and isinstance(left, int) and isinstance(right, (str, list, tuple)):
+                if left * len(right) > MAX_CHARS:
+                    raise TemplateBoundError(f"it repeats a value of {len(right)} items {left} times")
+            if operator == "**" and all(isinstance(x, (int, float)) for x in (left, right)) and abs(left) > 1 and \
+                    right * math.log2(abs(left)) > 4096:
+                raise TemplateBoundError(f"it raises {left} to the power {right}")
+            return _sized(super().call_binop(context, operator, left, right))
+
+    def bounded_filter(f):
+        skip = 2 if hasattr(f, "jinja_pass_arg") else 1  # the context or environment, then the value filtered
+
+        @functools.wraps(f)  # (keeps jinja_pass_arg: jinja2 passes the context as it did)
+        def bounded(*args, **kwargs):
+            _budget.get().check()
+            _size_arguments(args[skip:], kwargs)
+            return _sized(f(*args, **kwargs))
+        return bounded
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
+    env.filters = {name: bounded_filter(f) for name, f in env.filters.items()}
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f),
-                       dict=Dict(), namespace=Namespace)
+                       dict=Dict(), namespace=Namespace, bounded_loop=bounded_loop)
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
@@ -114,13 +210,29 @@ def render_template(tok, messages: list, add_generation_prompt: bool) -> str:
         raise ChatTemplateError(f"{tok.name}: {e}") from None
     import jinja2  # compile_template has checked it is there
     names = {k: v for k in ("bos_token", "eos_token", "pad_token", "unk_token") if (v := getattr(tok, k)) is not None}
-    try:
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                               documents=None, **names)
+    budget = Budget()
+    token = _budget.set(budget)
+    try:  # piece by piece, so that the output is bounded as it grows (MAX_CHARS) and the time checked
+        out, n = [], 0
+        for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                       documents=None, **names):
+            n += len(piece)
+            if n > MAX_CHARS:
+                raise TemplateBoundError(f"its output passes {MAX_CHARS} characters")
+            budget.check()
+            out.append(piece)
+        return "".join(out)
+    except TemplateBoundError as e:
+        raise ChatTemplateError(f"chat template of {tok.name}: refused: {e} (the bounds of chat.py: loops "
+                                f"{MAX_LOOP_ITEMS} items, {MAX_CHARS} characters, {MAX_SECONDS:g} s)") from None
+    except RecursionError:
+        raise ChatTemplateError(f"chat template of {tok.name}: refused: it recurses too deeply") from None
     except Exception as e:  # raise_exception's message, the sandbox's refusal, or a bug in the template
         why = e.message if isinstance(e, jinja2.exceptions.TemplateError) else f"{type(e).__name__}: {e}"
         raise ChatTemplateError(f"chat template of {tok.name}: {why or type(e).__name__} (roles "
                                 f"{', '.join(m['role'] for m in messages)})") from None
+    finally:
+        _budget.reset(token)
 
 
 @functools.lru_cache(maxsize=4096)

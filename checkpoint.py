@@ -2,12 +2,17 @@
 
     out_dir/ckpt-<step>/  config.json + model.safetensors     the policy, Hugging Face layout (init_from can load it)
                           reference/                          π_ref, the same layout (TR runs change it)
+      LoRA runs instead:  config.json + model.safetensors     merged policy W0 + s·B·A (fp32), transformers loads it
+                          base/                               the frozen W0 (HF layout, its storage dtype)
+                          adapter/                            B and A in peft's format (PeftModel.from_pretrained(base))
+                          reference_delta.safetensors         π_ref's ΔW_ref = U·V as factors (delta_U, delta_V)
                           optimizer.pt                        AdamW state: tensors and numbers only (weights_only load)
                           state.json                          step and data position
                           rng-rank<r>.json                    python / numpy / torch RNG states of each rank
                           train_config.json                   the resolved options
                           manifest.json                       every file's size and SHA-256, written last
     out_dir/.lock                                             held (flock) by the run writing into out_dir
+    out_dir/metrics.jsonl, train_config.json                  the run's rows and options (train.py, via RunDir)
 
 Weights and optimizer state are gathered into full, parameter-name-keyed state dicts (FSDP2 shards included), so a
 checkpoint does not depend on the world size or on DDP vs FSDP2. A checkpoint is written into a temp directory and
@@ -15,6 +20,11 @@ renamed into place: after a crash, even SIGKILL mid-write, the newest ckpt-* is 
 A checkpoint never holds a non-finite tensor (save refuses), and --resume takes the newest one whose manifest still
 matches its files (resumable), so a checkpoint damaged after it was written (a truncated copy, a deleted reference/) is
 passed over for the one before it.
+
+A new run never destroys an earlier one (claim): an out_dir that holds a run is refused unless --overwrite, and then
+the earlier run stays until the new one's first checkpoint is whole. Nothing in out_dir is written through a symbolic
+link: files are created with O_NOFOLLOW (O_EXCL where new) and replaced atomically (write_file); a link planted where
+the run writes is refused, naming it.
 """
 import errno
 import fcntl
@@ -22,9 +32,13 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
-from contextlib import contextmanager
+import stat
+import tempfile
+import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +47,9 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
+
+import inputs
+import lora
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, in CPU memory
 
@@ -45,14 +62,19 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def share(obj):
+    """Rank 0's obj (anything picklable) on every rank."""
+    if dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj
+
+
 def agree(problem: str | None) -> str | None:
     """Rank 0's problem (or None) on every rank, so that all ranks raise together instead of waiting in a collective
     for one that has failed."""
-    if dist.is_initialized():
-        box = [problem]
-        dist.broadcast_object_list(box, src=0)
-        problem = box[0]
-    return problem
+    return share(problem)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -66,13 +88,20 @@ def lock(out_dir: str | Path):
     if rank() == 0:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(path, "a+")
+            # never through a link planted there; O_NONBLOCK: a FIFO planted there must not block the open
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                f = os.fdopen(fd, "r+")
+            else:
+                os.close(fd)
+                problem = f"out_dir={out_dir}: {path} is not a regular file; remove it"
         except OSError as e:
-            problem = f"out_dir={out_dir}: cannot create {path}: {e.strerror}"
+            problem = (link_problem(path) if path.is_symlink() else
+                       f"out_dir={out_dir}: cannot create {path}: {e.strerror}")
         if f is not None:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                f.truncate(0)  # "a+" appends: the file now holds only this pid
+                f.truncate(0)  # the file now holds only this pid
                 f.write(f"{os.getpid()}\n")
                 f.flush()
             except BlockingIOError:
@@ -134,16 +163,25 @@ def nonfinite(tensors: dict, what: str) -> str | None:
 
 
 def verify(ckpt: Path) -> str | None:
-    """None if ckpt is usable for --resume: its manifest matches every file, its JSON parses and its weights and
-    optimizer state are finite; otherwise what is wrong, naming the file."""
+    """None if ckpt is usable for --resume: its manifest matches every file, its JSON files have the shape a resume
+    reads, its config.json and weights agree (model.check_pretrained: keys, shapes, float dtypes) and its weights and
+    optimizer state are finite; otherwise what is wrong, naming the file (and key)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    try:
-        files = json.loads((ckpt / "manifest.json").read_text())["files"]
-    except FileNotFoundError:
+    import model
+    if not (ckpt / "manifest.json").exists():
         return f"{ckpt / 'manifest.json'} is missing (the checkpoint is incomplete)"
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        return f"{ckpt / 'manifest.json'} is not a valid manifest ({e})"
+    try:
+        files = inputs.read_json(ckpt / "manifest.json").get("files")
+    except ValueError as e:
+        return str(e)
+    if not isinstance(files, dict) or not all(isinstance(v, dict) and inputs.NATURAL[0](v.get("bytes"))
+                                              and isinstance(v.get("sha256"), str) for v in files.values()):
+        return (f"{ckpt / 'manifest.json'} is not a valid manifest (files must map each file name to its bytes and "
+                f"sha256)")
     for name, want in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts or not name:
+            return f"{ckpt / 'manifest.json'} names {inputs.shown(name)}, a file outside the checkpoint"
         f = ckpt / name
         if not f.is_file():
             return f"{f} is missing"
@@ -151,17 +189,52 @@ def verify(ckpt: Path) -> str | None:
             return f"{f} has {f.stat().st_size} bytes, the manifest says {want['bytes']} (truncated or replaced)"
         if sha256(f) != want["sha256"]:
             return f"{f}: checksum differs from the manifest (damaged)"
-    for name in ("state.json", "train_config.json"):
-        try:
-            json.loads((ckpt / name).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            return f"{ckpt / name}: {e}"
-    for sub in ("", "reference"):
-        if (ckpt / sub / "model.safetensors").exists():
-            bad = nonfinite(load_file(ckpt / sub / "model.safetensors"), str(ckpt / sub / "model.safetensors"))
-            if bad:
-                return f"non-finite values in {bad}"
-    return nonfinite(torch.load(ckpt / "optimizer.pt", weights_only=True), str(ckpt / "optimizer.pt"))
+    try:  # what a resume reads of the JSON files, with the types it needs
+        state = inputs.read_json(ckpt / "state.json")
+        inputs.check_fields(state, {"step": inputs.NATURAL, "data": inputs.OBJECT}, ckpt / "state.json")
+        inputs.check_fields(state.get("data", {}), DATA_STATE, ckpt / "state.json", prefix="data.")
+        missing = ([k for k in ("step", "data") if k not in state]
+                   or [f"data.{k}" for k in DATA_STATE if k not in state["data"]])
+        if missing:
+            return f"{ckpt / 'state.json'}: no {missing[0]}"
+        saved = inputs.read_json(ckpt / "train_config.json")
+        inputs.check_fields(saved, {"max_steps": inputs.POSITIVE_INT, "tokenizer": inputs.STRING},
+                            ckpt / "train_config.json")
+        for f in sorted(ckpt.glob("rng-rank*.json")):
+            rng = inputs.read_json(f)
+            inputs.check_fields(rng, {k: inputs.LIST for k in ("python", "numpy", "torch")}, f)
+            if problem := restorable(rng, f):
+                return problem
+        for sub in ("", "reference", "base"):  # base/: a LoRA run's frozen W0
+            if sub == "" or (ckpt / sub).exists():
+                model.check_pretrained(ckpt / sub)
+    except ValueError as e:
+        return str(e)
+    try:
+        for name in files:
+            if name.endswith(".safetensors"):  # policy, reference/; LoRA: merged model, base, adapter, delta
+                bad = nonfinite(load_file(ckpt / name), str(ckpt / name))
+                if bad:
+                    return f"non-finite values in {bad}"
+        return nonfinite(torch.load(ckpt / "optimizer.pt", weights_only=True), str(ckpt / "optimizer.pt"))
+    except (SafetensorError, RuntimeError, OSError, pickle.UnpicklingError) as e:  # what the manifest vouched for
+        return f"{ckpt}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+
+def restorable(rng: dict, file: Path) -> str | None:
+    """None if set_rng_state accepts rng (tried, then this process's own states put back), else why not."""
+    own = rng_state()
+    try:
+        set_rng_state(rng)
+    except (TypeError, ValueError, RuntimeError, OverflowError, IndexError, KeyError) as e:
+        return f"{file}: not an RNG state a resume can restore ({type(e).__name__}: {inputs.shown(str(e))})"
+    finally:
+        set_rng_state(own)
+    return None
+
+
+DATA_STATE = {"step": inputs.NATURAL, "steps_per_epoch": inputs.POSITIVE_INT, "batch_size": inputs.POSITIVE_INT,
+              "seed": inputs.NATURAL}  # data.Batches.state_dict's keys that load_state_dict reads
 
 
 def resumable(out_dir: str | Path, warn) -> Path:
@@ -177,7 +250,9 @@ def resumable(out_dir: str | Path, warn) -> Path:
         problems.append(problem)
     if problems:
         raise CheckpointError(f"--resume: no usable checkpoint in out_dir={out_dir}: " + "; ".join(problems))
-    raise CheckpointError(f"--resume: no checkpoint (ckpt-*) in out_dir={out_dir}; drop --resume to start a fresh run")
+    held = earlier_run(out_dir)  # a run that stopped before its first checkpoint: a fresh run must replace it
+    raise CheckpointError(f"--resume: no checkpoint (ckpt-*) in out_dir={out_dir}; drop --resume to start a fresh run"
+                          + (f" (it holds a run, {held}: add --overwrite=true)" if held else ""))
 
 
 def set_aside(out_dir: str | Path, after: Path) -> list[Path]:
@@ -187,7 +262,7 @@ def set_aside(out_dir: str | Path, after: Path) -> list[Path]:
     for ckpt in sorted(Path(out_dir).glob("ckpt-*[0-9]")):
         if ckpt.name > after.name:
             dest = ckpt.with_name(ckpt.name + ".damaged")
-            shutil.rmtree(dest, ignore_errors=True)
+            remove(dest)
             os.replace(ckpt, dest)
             moved.append(dest)
     return moved
@@ -199,14 +274,182 @@ def newest(path: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def clear(path: str | Path) -> int:
-    """Delete the checkpoints (and unfinished ones) of a run directory; returns how many. A fresh run owns its out_dir:
-    an earlier run's ckpt-<step> would collide with one of its own, or, if newer, be the one a later init_from or
-    --resume picks."""
-    old = [*Path(path).glob("ckpt-*[0-9]"), *Path(path).glob("ckpt-*.damaged"), *Path(path).glob(".tmp-ckpt-*")]
-    for d in old:
-        shutil.rmtree(d)
-    return len(old)
+# ----------------------------------------------------------------------------------------------------------------------
+# the run in out_dir. A fresh run refuses an out_dir that holds a run (a checkpoint, or metrics.jsonl with rows) before
+# it touches anything, unless --overwrite; then the earlier run stays as it is until the new run's first checkpoint is
+# whole: until then the new run's rows and options go to side files (.new-metrics.jsonl, .new-train_config.json), so a
+# new run that fails early leaves the earlier one resumable. At that first checkpoint save() moves the earlier run's
+# files into a .replaced-* directory, renames the checkpoint into place and the side files over metrics.jsonl and
+# train_config.json, and deletes the .replaced-* directory (a crash in those milliseconds leaves it, refused as a run).
+
+NEW = ".new-"  # the side files' prefix
+RUN_FILES = ("metrics.jsonl", "train_config.json")
+
+
+def entries(out: Path) -> list[Path]:
+    """What runs leave in out_dir: checkpoints (whole, damaged or unfinished), metrics.jsonl, train_config.json, side
+    files and .replaced-* directories of an --overwrite."""
+    found = [*out.glob("ckpt-*"), *out.glob(".tmp-ckpt-*"), *out.glob(".replaced-*"),
+             *(out / name for name in (*RUN_FILES, *(NEW + n for n in RUN_FILES)))]
+    return sorted(p for p in found if os.path.lexists(p))
+
+
+def link_problem(path: Path) -> str:
+    return (f"{path} is a symbolic link (to {os.readlink(path)}): train.py writes only files of its own in out_dir; "
+            "remove the link")
+
+
+def written(path: Path) -> str:
+    return time.strftime("written %Y-%m-%d %H:%M UTC", time.gmtime(path.lstat().st_mtime))
+
+
+def earlier_run(out: str | Path) -> str | None:
+    """What the run in out_dir is (its newest checkpoint's step of max_steps and when it was written), or None when
+    out_dir holds no run (leftovers without value, such as an empty metrics.jsonl or an unfinished checkpoint, are
+    none)."""
+    out = Path(out)
+    ckpt, metrics = newest(out), out / "metrics.jsonl"
+    if ckpt is not None:
+        try:
+            max_steps = json.loads((ckpt / "train_config.json").read_text())["max_steps"]
+        except (OSError, ValueError, KeyError, TypeError):
+            max_steps = "?"
+        return f"{ckpt.name}: step {ckpt.name.removeprefix('ckpt-').lstrip('0') or 0} of max_steps={max_steps}, " \
+               f"{written(ckpt)}"
+    others = [p for p in entries(out) if p.name.startswith(("ckpt-", ".replaced-"))]
+    if others:
+        return f"{', '.join(p.name for p in others)}, {written(others[-1])}"
+    if metrics.is_file() and metrics.stat().st_size:
+        try:
+            last = json.loads(metrics.read_bytes().splitlines()[-1])["step"]
+        except (ValueError, KeyError, TypeError, IndexError):
+            last = "?"
+        return f"no checkpoint; metrics.jsonl to step {last}, {written(metrics)}"
+    return None
+
+
+class RunDir:
+    """out_dir as a run holds it (claim): where its metrics rows and train_config.json go, which checkpoints are its
+    own, and the earlier run it replaces (--overwrite), whose files stay until its first checkpoint (save)."""
+
+    def __init__(self, out: Path, old: list[Path], stale: list[Path]):
+        self.out, self.old, self.stale = out, old, stale
+
+    def path(self, name: str) -> Path:
+        """Where this run writes metrics.jsonl or train_config.json now: beside the earlier run's until it goes."""
+        return self.out / (NEW + name if self.old else name)
+
+    def newest(self) -> Path | None:
+        """This run's newest checkpoint: none while the earlier run it replaces is still there."""
+        return None if self.old else newest(self.out)
+
+    def start(self, config: dict, metrics: str = ""):
+        """(rank 0, before the first step) Remove the leftovers of no value, then write train_config.json and
+        metrics.jsonl (the rows a resume keeps), each atomically."""
+        for p in self.stale:
+            remove(p)
+        self.stale = []
+        write_file(self.path("train_config.json"), json.dumps(config, indent=2))
+        write_file(self.path("metrics.jsonl"), metrics)
+
+    def append(self, line: str):
+        """(rank 0) Append a row to metrics.jsonl, never through a link."""
+        fd = os.open(self.path("metrics.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "a") as f:
+            f.write(line)
+
+    def retire(self, keep: Path) -> Path | None:
+        """(rank 0, this run's first checkpoint whole in keep) Move the earlier run's files into a new .replaced-*
+        directory, out of the way of the checkpoint's name and of keep_last; returns that directory."""
+        if not self.old:
+            return None
+        trash = Path(tempfile.mkdtemp(prefix=".replaced-", dir=self.out))
+        for i, p in enumerate(self.old):
+            if p != keep and os.path.lexists(p):
+                os.replace(p, trash / f"{i}-{p.name}")
+        return trash
+
+    def settle(self, trash: Path | None):
+        """(rank 0, the first checkpoint in place) This run's side files become metrics.jsonl and train_config.json;
+        the earlier run's files are deleted."""
+        if trash is not None:
+            for name in RUN_FILES:
+                os.replace(self.out / (NEW + name), self.out / name)
+            shutil.rmtree(trash)
+
+
+def claim(out_dir: str | Path, resume: bool, overwrite: bool, reads: dict[str, str]) -> RunDir:
+    """(every rank, out_dir locked, before any work) The RunDir of this run, or CheckpointError on every rank (rank 0
+    decides): a symbolic link where the run writes; a fresh run into an out_dir holding a run, unless overwrite; a
+    fresh run replacing the files it reads (reads: {option: path}, e.g. {"init_from": "out"})."""
+    out, problem, old, stale = Path(out_dir), None, [], []
+    if rank() == 0:
+        found = entries(out)
+        links = [p for p in found if p.is_symlink()]
+        odd = [out / n for n in RUN_FILES if os.path.lexists(out / n) and not (out / n).is_file()]
+        held = None if resume or links or odd else earlier_run(out)
+        read = [f"{k}={v}" for k, v in reads.items() if held and inside(v, found)]
+        if links:
+            problem = link_problem(links[0])
+        elif odd:
+            problem = f"{odd[0]} is not a regular file; remove it or choose another out_dir"
+        elif read:
+            problem = (f"{read[0]} is read from the run in out_dir={out} ({held}), which a new run there would "
+                       f"replace: choose another --out_dir (e.g. --out_dir={str(out).rstrip('/')}-2)")
+        elif held and not overwrite:
+            problem = (f"out_dir={out} holds a run ({held}): " + ("continue it with --resume, " if newest(out) else "")
+                       + "choose another --out_dir, or replace it with --overwrite=true (it stays until the new "
+                       "run's first checkpoint)")
+        elif held:
+            old = [p for p in found if not p.name.startswith(NEW)]
+        elif not resume:
+            stale = found  # an empty metrics.jsonl, an unfinished checkpoint: no run, nothing of value
+        elif not any(p.name.startswith(".replaced-") for p in found):  # side files of an --overwrite that failed
+            stale = [p for p in found if p.name.startswith(NEW)]  # before its first checkpoint
+    problem, old, stale = share((problem, old, stale))
+    if problem:
+        raise CheckpointError(problem)
+    return RunDir(out, old, stale)
+
+
+def inside(value: str, found: list[Path]) -> bool:
+    """Whether the path value (a run directory standing for its newest checkpoint) is one of found or inside one."""
+    path = Path(value)
+    if not value or not path.exists():
+        return False  # scratch, synthetic, byte, gpt2
+    if path.is_dir() and not (path / "config.json").exists() and newest(path) is not None:
+        path = newest(path)
+    path = path.resolve()
+    return any(path == f.resolve() or f.resolve() in path.parents for f in found)
+
+
+def remove(path: Path):
+    """Delete a file, a link (not what it points to) or a directory tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def write_file(path: Path, text: str):
+    """Replace the file at path with text atomically: written to a new temp file beside it (O_EXCL and O_NOFOLLOW:
+    never through a link planted there), then renamed over it. A link at path itself is refused (CheckpointError); an
+    OSError names path."""
+    path = Path(path)
+    if path.is_symlink():
+        raise CheckpointError(link_problem(path))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)  # a leftover of a crash
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def model_dir(path: str | Path) -> Path:
@@ -242,17 +485,20 @@ def barrier():
 
 
 def save(out_dir: str | Path, step: int, policy, reference, optimizer, state: dict, config: dict, keep_last: int,
-         files: dict | None = None):
+         files: dict | None = None, run_dir: RunDir | None = None):
     """Write ckpt-<step> (every rank calls this: the gathers are collectives), then keep the newest keep_last.
     files: {name: source} copied in beside the weights (the tokenizer's tokenizer.json and its configs: a checkpoint
-    that a later run, sample.py or transformers loads brings its own tokenizer).
+    that a later run, sample.py or transformers loads brings its own tokenizer). run_dir (claim): at the run's first
+    checkpoint, the earlier run it replaces goes, just before the new checkpoint is renamed into place.
 
     Refused (CheckpointError, nothing written or deleted) if a weight or optimizer tensor is not finite, so the newest
     checkpoint is always the last finite state. A failed write (full disk, read-only or unwritable out_dir) removes
     its partial temp directory and raises CheckpointError naming the path."""
     policy_sd, optim_sd = get_model_state_dict(policy, options=FULL), get_optimizer_state_dict(policy, optimizer,
                                                                                                 options=FULL)
-    ref_sd = None if reference is None else get_model_state_dict(reference, options=FULL)
+    lora_run = lora.is_lora(policy)
+    ref_sd = None if reference is None else get_model_state_dict(reference, options=FULL) if not lora_run else {
+        k: v.detach().cpu() for k, v in reference.state_dict().items() if k.endswith((".delta_U", ".delta_V"))}
     out = Path(out_dir)
     tmp, dest = out / f".tmp-ckpt-{step:06d}", out / f"ckpt-{step:06d}"
     bad = None
@@ -262,19 +508,22 @@ def save(out_dir: str | Path, step: int, policy, reference, optimizer, state: di
     bad = agree(bad)
     if bad:
         raise CheckpointError(f"refusing to write {dest}: non-finite values in {bad}; the newest finite checkpoint "
-                              f"is {newest(out) or 'none'}")
+                              f"is {(run_dir.newest() if run_dir else newest(out)) or 'none'}")
     problem = None
     try:
         if rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crash
-            tmp.mkdir(parents=True)
+            remove(tmp)  # a leftover of a crash
+            tmp.mkdir(parents=True)  # new: what is written inside is this run's own
         barrier()
         (tmp / f"rng-rank{rank()}.json").write_text(json.dumps(rng_state()))
         barrier()
         if rank() == 0:
             model = policy.module if isinstance(policy, DistributedDataParallel) else policy
-            model.save_pretrained(tmp, policy_sd)
-            if reference is not None:
+            if lora_run:
+                save_lora(tmp, dest, model, policy_sd, ref_sd, config)
+            else:
+                model.save_pretrained(tmp, policy_sd)
+            if reference is not None and not lora_run:
                 reference.save_pretrained(tmp / "reference", ref_sd)
             torch.save(optim_sd, tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
@@ -282,16 +531,58 @@ def save(out_dir: str | Path, step: int, policy, reference, optimizer, state: di
             for name, source in (files or {}).items():
                 shutil.copyfile(source, tmp / name)
             write_manifest(tmp)
-            if dest.exists():  # a step written again after a fall back past it (set_aside moves those): replace it
-                shutil.rmtree(dest)
+            trash = run_dir.retire(tmp) if run_dir else None  # --overwrite: the earlier run goes only now
+            remove(dest)  # a step written again after a fall back past it (set_aside moves those): replace it
             os.replace(tmp, dest)  # atomic rename: a whole checkpoint or none
+            if run_dir:
+                run_dir.settle(trash)
             for old in sorted(out.glob("ckpt-*[0-9]"))[:-keep_last]:  # the newest (finite, just written) stays
-                shutil.rmtree(old)
+                remove(old)
     except (OSError, RuntimeError) as e:  # torch.save and safetensors raise RuntimeError on a full disk
         problem = write_error(e, tmp, dest)
     barrier()
     if problem:
         raise CheckpointError(problem)
+    if run_dir is not None:
+        run_dir.old = []  # on every rank: from now on the newest checkpoint is this run's
+
+
+def save_lora(tmp: Path, dest: Path, model, policy_sd: dict, ref_sd: dict | None, config: dict):
+    """A LoRA run's weights: the merged policy as the checkpoint's model (transformers and init_from load it), the
+    base and the adapter in peft's format beside it, and the reference's factors (exact resume needs all). base/ holds
+    every parameter but the adapters, so modules trained in full (a score head) are there, and in the adapter as its
+    modules_to_save."""
+    with torch.device("meta"):  # a plain model of the same config: save_pretrained checks the names against it
+        plain = type(model)(model.config)
+    scale = config["lora_alpha"] / config["lora_rank"]
+    plain.save_pretrained(tmp, lora.merged_state_dict(policy_sd, scale))
+    plain.save_pretrained(tmp / "base", {k: v for k, v in policy_sd.items() if not k.endswith((".lora_A", ".lora_B"))})
+    full = {n for n, p in model.named_parameters() if p.requires_grad and not n.endswith((".lora_A", ".lora_B"))}
+    lora.save_adapter(tmp / "adapter", {k: v for k, v in policy_sd.items() if k.endswith((".lora_A", ".lora_B"))},
+                      config["lora_rank"], config["lora_alpha"], config["lora_targets"], str((dest / "base").resolve()),
+                      {k: policy_sd[k] for k in full})
+    if ref_sd is not None:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in ref_sd.items()}, tmp / "reference_delta.safetensors")
+
+
+def load_lora(ckpt: Path, policy, reference):
+    """Put a LoRA checkpoint's adapters into the policy (built on its base/) and its factors into the reference."""
+    from safetensors.torch import load_file
+    policy = policy.module if isinstance(policy, DistributedDataParallel) else policy
+    adapters = lora.load_adapter(ckpt / "adapter")
+    layers = lora.layers(policy, lora.LoRALinear)
+    if set(adapters) != {f"{n}.{ab}" for n in layers for ab in ("lora_A", "lora_B")}:
+        raise CheckpointError(f"{ckpt / 'adapter'}: its adapters sit on other layers than lora_targets names")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.lora_A.copy_(adapters[f"{name}.lora_A"])
+            layer.lora_B.copy_(adapters[f"{name}.lora_B"])
+    if reference is not None:
+        factors = load_file(ckpt / "reference_delta.safetensors")
+        for name, layer in lora.layers(reference, lora.DeltaLinear).items():
+            layer.delta_U = factors[f"{name}.delta_U"].to(layer.weight.device)
+            layer.delta_V = factors[f"{name}.delta_V"].to(layer.weight.device)
 
 
 def write_error(e: Exception, tmp: Path, dest: Path) -> str:

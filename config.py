@@ -11,8 +11,10 @@ from pathlib import Path
 
 import checkpoint
 import datafiles
-import judge
+import inputs
+import lora
 import tokenizer
+import judge
 
 
 def opt(default, help: str, choices: tuple = ()):
@@ -28,6 +30,15 @@ class TrainConfig:
     dim: int = opt(64, "from-scratch model width")
     n_layers: int = opt(2, "from-scratch model depth")
     n_heads: int = opt(4, "from-scratch attention heads")
+    # LoRA (lora.py): π_θ = W0 + s·B·A, π_ref = the same W0 + its own low-rank delta (docs/method.md)
+    lora_rank: int = opt(0, "r of the LoRA adapters on the lora_targets layers (0: off, full-parameter training)")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator: ΔW = (lora_alpha / lora_rank)·B·A")
+    lora_targets: str = opt(lora.DEFAULT_TARGETS, "comma-separated names of the linear layers that get adapters")
+    lora_ref_rank: int = opt(0, "cap on the rank of the soft-updated reference delta ΔW_ref (compressed by SVD past "
+                             "it, exact while its rank fits; 0: 8 x lora_rank)")
+    lora_base_dtype: str = opt("float32", "storage of the frozen base weights W0, shared by policy and reference "
+                               "(bfloat16 needs dtype=bfloat16); adapters and optimizer stay fp32",
+                               ("float32", "bfloat16"))
     # data
     data: str = opt("synthetic", "'synthetic' (the built-in task of synthetic.py), a .jsonl(.gz), .json or .parquet "
                     "file, or a dataset directory (a Hub snapshot: docs/data.md)")
@@ -80,6 +91,12 @@ class TrainConfig:
     fsdp: bool = opt(False, "shard policy and reference with FSDP2 (fully_shard) instead of DDP")
     compile: bool = opt(False, "torch.compile the policy and reference forwards of the training step "
                         "(docs/performance.md)")
+    activation_checkpointing: bool = opt(False, "recompute each block of the policy in the backward instead of "
+                                         "keeping its activations: less memory, one more forward of the blocks "
+                                         "(docs/performance.md)")
+    logps_chunk: int = opt(0, "run the LM head, log-softmax and gather over chunks of this many scored tokens, made "
+                           "again in the backward, so the [tokens x vocabulary] logits never exist at once (0: off, "
+                           "the head over all scored tokens at once; 1024 suits a 128k vocabulary)")
     seed: int = opt(1337, "seed: model init and data order identical on all ranks")
     # logging, evaluation, checkpoints
     log_every: int = opt(1, "optimizer steps between metrics.jsonl lines and progress lines")
@@ -95,6 +112,9 @@ class TrainConfig:
     ckpt_every: int = opt(0, "optimizer steps between checkpoints (0: only at the end)")
     keep_last: int = opt(2, "checkpoints kept in out_dir (older ones are deleted)")
     resume: bool = opt(False, "continue from the newest checkpoint in out_dir (exactly, same config)")
+    overwrite: bool = opt(False, "replace the run in out_dir (its checkpoints, metrics.jsonl, train_config.json), "
+                          "which stays until this run's first checkpoint is written; without it, a fresh run into an "
+                          "out_dir holding a run is refused")
     demo: bool = opt(False, "the embedded demo: SFT, then DPO and TR-DPO from it, and a comparison table "
                             "(what train.py runs when given no arguments)")
 
@@ -168,10 +188,10 @@ def parse_config(argv: list[str], world_size: int | None = None) -> TrainConfig:
         key, _, val = a[2:].partition("=")
         args.append((key, val if "=" in a else "true"))
     for key, val in [kv for kv in args if kv[0] == "config"]:
-        try:
-            raw = json.loads(Path(val).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            fail(f"--config={val}: {e}")
+        try:  # a regular file of at most 64 MiB holding an object (a FIFO or /dev/zero is refused before reading)
+            raw = inputs.read_json(val, error=ConfigError, what="--config=", want=None)
+        except ConfigError as e:
+            fail(str(e))
         if not isinstance(raw, dict):
             fail(f"{val}: expected a JSON object of options")
         for k, v in raw.items():
@@ -185,8 +205,20 @@ def parse_config(argv: list[str], world_size: int | None = None) -> TrainConfig:
             fail(f"unknown option --{key} (see --help)")
         values[key] = parse_value(key, val, kinds[key], "command line")
     cfg = TrainConfig(**values)
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size)
+    validate(cfg, world_size_from_env() if world_size is None else world_size)
     return cfg
+
+
+def world_size_from_env() -> int:
+    """$WORLD_SIZE (1 when unset), with $RANK and $LOCAL_RANK, as torchrun sets them: integers, 0 <= rank < world."""
+    env = {k: os.environ.get(k, d) for k, d in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"))}
+    for k, v in env.items():
+        if not v.strip().isdigit():
+            fail(f"{k}={v!r} must be an integer >= {int(k == 'WORLD_SIZE')} (torchrun sets it)")
+    world, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
+    if world < 1 or rank >= world:
+        fail(f"WORLD_SIZE={world} and RANK={rank}: need WORLD_SIZE >= 1 and RANK < WORLD_SIZE (torchrun sets them)")
+    return world
 
 
 def validate(cfg: TrainConfig, world_size: int):
@@ -201,7 +233,7 @@ def validate(cfg: TrainConfig, world_size: int):
         if getattr(cfg, name) < 1:
             fail(f"{name}={getattr(cfg, name)} must be >= 1")
     for name in ("warmup_steps", "eval_every", "ckpt_every", "num_samples", "weight_decay", "grad_clip",
-                 "micro_batch_tokens"):
+                 "micro_batch_tokens", "logps_chunk"):
         if getattr(cfg, name) < 0:
             fail(f"{name}={getattr(cfg, name)} must be >= 0")
     if not 0 < cfg.alpha <= 1:
@@ -212,13 +244,23 @@ def validate(cfg: TrainConfig, world_size: int):
         fail(f"label_smoothing={cfg.label_smoothing} must be in [0, 0.5)")
     if cfg.dim % cfg.n_heads:
         fail(f"dim={cfg.dim} must be a multiple of n_heads={cfg.n_heads}")
+    if (cfg.dim // cfg.n_heads) % 2:
+        fail(f"dim={cfg.dim} / n_heads={cfg.n_heads} = head_dim {cfg.dim // cfg.n_heads} must be even: RoPE rotates "
+             f"pairs of features")
+    if not 0 <= cfg.seed <= 2 ** 32 - world_size:  # numpy seeds each rank with seed + rank, a 32-bit number
+        fail(f"seed={cfg.seed} must be in [0, {2 ** 32 - world_size}] (numpy seeds rank r with seed + r, < 2^32)")
     if cfg.max_prompt_length >= cfg.max_length:
         fail(f"max_prompt_length={cfg.max_prompt_length} must be < max_length={cfg.max_length}")
     if cfg.loss in ("sft", "rm") and cfg.ref_update != "static":
         fail(f"ref_update={cfg.ref_update} needs a reference, but loss={cfg.loss} has none")
+    if cfg.loss == "rm" and cfg.lora_rank:
+        fail(f"lora_rank={cfg.lora_rank} with loss=rm: LoRA on a reward model is not supported (its new score head "
+             "would stay frozen); train it in full (lora_rank=0)")
     if cfg.judge and cfg.loss == "rm":
         fail(f"judge={cfg.judge} scores the policy's generations, but loss=rm trains a reward model, which generates "
              "none")
+    if cfg.judge and cfg.num_samples == 0:
+        fail(f"judge={cfg.judge} scores the eval's sampled responses, but num_samples=0 samples none")
     if cfg.judge == "gold" and cfg.data != "synthetic":
         fail(f"judge=gold is the synthetic task's gold reward, but data={cfg.data}")
     if cfg.judge and cfg.judge != "gold" and not Path(cfg.judge).exists():
@@ -231,12 +273,29 @@ def validate(cfg: TrainConfig, world_size: int):
     if cfg.batch_size % (cfg.micro_batch_size * world_size):
         fail(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size} "
              f"x {world_size} process(es)")
+    if cfg.lora_rank < 0 or cfg.lora_ref_rank < 0 or not cfg.lora_alpha > 0:
+        fail(f"lora_rank={cfg.lora_rank} and lora_ref_rank={cfg.lora_ref_rank} must be >= 0, lora_alpha="
+             f"{cfg.lora_alpha} > 0")
+    try:
+        lora.parse_targets(cfg.lora_targets)
+    except ValueError as e:
+        fail(str(e))
+    if cfg.lora_rank and cfg.lora_ref_rank and cfg.lora_ref_rank < cfg.lora_rank:
+        fail(f"lora_ref_rank={cfg.lora_ref_rank} must be >= lora_rank={cfg.lora_rank} (a hard update alone needs "
+             f"rank lora_rank)")
+    if cfg.lora_base_dtype != "float32" and (not cfg.lora_rank or cfg.dtype != "bfloat16"):
+        fail(f"lora_base_dtype={cfg.lora_base_dtype} needs lora_rank > 0 and dtype=bfloat16 (a bf16 base is computed "
+             f"under bf16 autocast)")
+    if cfg.resume and cfg.overwrite:
+        fail("resume=true continues the run in out_dir, overwrite=true replaces it: choose one")
     if cfg.fsdp and world_size < 2:
         fail("fsdp=true needs torchrun with at least 2 processes")
     for name in ("data", "eval_data", "init_from"):
         path = getattr(cfg, name)
         if path and path not in ("synthetic", "scratch") and not Path(path).exists():
             fail(f"{name}={path}: no such file or directory")
+        if path and path not in ("synthetic", "scratch") and not Path(path).is_dir():  # stat only: a FIFO never opened
+            inputs.check_regular(path, ConfigError, what=f"{name}=")
     try:
         data_splits(cfg)
     except datafiles.DataError as e:
@@ -254,6 +313,11 @@ def validate(cfg: TrainConfig, world_size: int):
         fail(f"tokenizer=auto: {e}")
     if cfg.data == "synthetic" and resolved != "byte":
         fail(f"data=synthetic is a byte-level task: tokenizer must be 'byte', not {resolved!r}")
+
+
+def lora_ref_rank(cfg: TrainConfig) -> int:
+    """The rank cap of ΔW_ref: lora_ref_rank, or 8 x lora_rank when 0 (the exact history of 8 soft updates)."""
+    return cfg.lora_ref_rank or 8 * cfg.lora_rank
 
 
 def data_splits(cfg: TrainConfig) -> tuple[str, tuple[str, str] | None]:
@@ -295,7 +359,10 @@ def auto_tokenizer(cfg: TrainConfig) -> str:
         return str(found)
     saved = model / "train_config.json"
     if saved.exists():
-        return json.loads(saved.read_text())["tokenizer"]
+        name = inputs.read_json(saved).get("tokenizer")
+        if not isinstance(name, str):
+            raise ValueError(f"{saved}: tokenizer must be a string, got {inputs.shown(name)}")
+        return name
     raise ValueError(f"{model}: no tokenizer.json, llama2.c tok*.bin or train_config.json beside the model to take "
                      "its tokenizer from; pass --tokenizer")
 

@@ -459,8 +459,10 @@ def show(ds: Dataset, tok: Tokenizer, n: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Summarise a preference / SFT data file or dataset directory: formats, "
-                                 "drops, truncation; --show N prints the first N tokenised examples.")
+    ap = argparse.ArgumentParser(prog="data.py", description="Summarise a preference / SFT data file or dataset "
+                                 "directory: formats, drops, truncation; --show N prints the first N tokenised "
+                                 "examples.")
+    ap.error = lambda message: ap.exit(2, f"data.py: error: {message}\n")  # one line, without the usage block
     ap.add_argument("path", help=".jsonl, .jsonl.gz, .json or .parquet file, or a dataset directory")
     ap.add_argument("--split", default="auto", help="a dataset directory's split (auto: its train split)")
     ap.add_argument("--format", default="auto", choices=["auto", *FORMATS])
@@ -472,13 +474,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="first print the first N tokenised examples, one JSON object a line: the ids of prompt, "
                     "chosen, rejected or completion, and their decoded text")
     args = ap.parse_args(argv)
-    try:  # bad input is one line naming the file, line and field, exit status 2
+    try:  # bad input is one line naming the option, or the file, line and field; exit status 2
+        if args.show < 0:
+            raise ValueError(f"--show={args.show}: need N >= 0 examples")
+        if args.max_length < 2 or not 1 <= args.max_prompt_length < args.max_length:
+            raise ValueError(f"--max_length={args.max_length}, --max_prompt_length={args.max_prompt_length}: need "
+                             f"max_length >= 2 and 1 <= max_prompt_length < max_length")
         if args.split != "auto" and not Path(args.path).is_dir():
             raise ValueError(f"--split={args.split}: {args.path} is a file, not a dataset directory")
+        try:  # the tokenizer first: it is quick to refuse, a large file is not
+            tok = get_tokenizer(args.tokenizer)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise ValueError(f"--tokenizer={args.tokenizer}: {e}") from None
         examples = read_examples(args.path, args.format, args.split)
-        tok = get_tokenizer(args.tokenizer)
         ds = tokenize(examples, tok, NATURAL_KIND[examples.format], args.max_length, args.max_prompt_length)
-    except (ValueError, RuntimeError) as e:  # DataError is a ValueError
+    except (ValueError, RuntimeError, OSError) as e:  # DataError is a ValueError
         print(f"data.py: error: {e}", file=sys.stderr)
         return 2
     for row in show(ds, tok, args.show):

@@ -14,6 +14,8 @@ import zlib
 from pathlib import Path
 from typing import Iterable
 
+import inputs
+
 
 class DataError(ValueError):
     """Bad input; the message names the file, the line (1-based) or row (0-based, as datasets indexes it), and the
@@ -143,6 +145,8 @@ def records(path: Path, columns: Iterable[str]) -> Iterable:
     """(where, record) of a .jsonl, .jsonl.gz, .json or .parquet file. `columns`: the fields a Parquet reader needs
     (JSON records are parsed whole anyway)."""
     name = path.name
+    if path.exists():  # a FIFO would block, /dev/zero never end: refused before any read (a missing file: below)
+        inputs.check_regular(path, DataError)
     if name.endswith(".parquet"):
         return _parquet_rows(path, columns)
     if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):

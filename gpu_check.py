@@ -20,6 +20,7 @@ Writes OUT/gpu_check.md and OUT/gpu_check.json (device, torch / CUDA versions, e
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,17 +30,21 @@ from pathlib import Path
 import torch
 
 import bench
+import data
+import tokenizer
 
 ROOT = Path(__file__).resolve().parent
 RECIPE = json.loads((ROOT / "configs" / "hh_rlhf.json").read_text())  # the CUDA checks' lengths, micro batch, dtype
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}  # |packed − padded| / |padded|, per step, loss and gradient norm
 DATASHEET_BF16_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "GH200": 989, "A100": 312}  # dense, no sparsity
+EVAL_SIZE = 8  # pairs the train checks hold out of --data
 BENCH_SHAPES = {"bench_recipe": [], "bench_1b": ["--dim", "2048", "--n_layers", "16", "--n_heads", "32",
                                                  "--n_kv_heads", "8"]}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0])
+    p.error = lambda message: p.exit(2, f"gpu_check.py: error: {message}\n")  # one line, without the usage block
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default="", help="a preference JSONL(.gz) (HH-RLHF): train checks and benchmarks on it "
                    "(without it: train checks on the synthetic task, no benchmark)")
@@ -47,7 +52,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="train.py steps per train check")
     p.add_argument("--out", default="out/gpu_check", help="directory of the report and the runs")
     p.add_argument("--budget_s", type=float, default=570, help="wall time for everything; a check past it fails")
+    p.add_argument("--activation_checkpointing", action="store_true", help="train.py's and bench.py's option, in every "
+                   "run (CUDA runs a packed check with it and --logps_chunk=64 regardless)")
+    p.add_argument("--logps_chunk", type=int, default=0, help="train.py's and bench.py's option, in every run")
     return p.parse_args(argv)
+
+
+class OptionError(ValueError):
+    """A bad option or input file: main() prints it as one line and exits with status 2, before any check runs."""
+
+
+def check_options(args: argparse.Namespace):
+    """Everything the checks will read, read once up front: a bad option, --out, or a --data that train.py and
+    bench.py would refuse in every check in turn (missing, unreadable, no usable pairs) or its --tokenizer."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise OptionError("--device cuda but torch sees no GPU (--device cpu runs the CPU part)")
+    if args.steps < 1:
+        raise OptionError(f"--steps {args.steps}: need >= 1 train.py step per check")
+    if not (math.isfinite(args.budget_s) and args.budget_s > 0):
+        raise OptionError(f"--budget_s {args.budget_s}: need a finite number of seconds > 0")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise OptionError(f"--out {args.out}: exists and is not a directory")
+    if not args.data:
+        return
+    if not Path(args.data).exists():
+        raise OptionError(f"--data {args.data}: no such file or directory")
+    try:
+        tok = tokenizer.get_tokenizer(args.tokenizer)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise OptionError(f"--tokenizer {args.tokenizer}: {e}") from None
+    length, prompt = (RECIPE["max_length"], RECIPE["max_prompt_length"]) if args.device == "cuda" else (64, 32)
+    try:  # as train.py and bench.py will read it
+        pairs = len(data.tokenize(data.read_examples(args.data), tok, "pairs", length, prompt).items)
+    except (ValueError, RuntimeError, OSError) as e:  # DataError is a ValueError
+        raise OptionError(f"--data {args.data}: {e}") from None
+    if pairs <= EVAL_SIZE:
+        raise OptionError(f"--data {args.data}: {pairs} usable pair(s); need more than {EVAL_SIZE}: the train checks "
+                          f"hold out {EVAL_SIZE} and train on the rest")
 
 
 class Checks:
@@ -88,8 +129,10 @@ def cuda_tests(checks: Checks):
 def train_args(args, dtype: str, out: Path) -> list[str]:
     """TR-DPO, a few steps, nothing but the training steps and one cheap evaluation at the end."""
     common = ["--loss=dpo", "--ref_update=soft", "--alpha=0.6", "--tau=2", f"--max_steps={args.steps}",
-              "--warmup_steps=1", "--lr=1e-4", "--log_every=1", "--eval_every=0", "--eval_size=8", "--num_samples=0",
-              "--keep_last=1", "--seed=0", f"--dtype={dtype}", f"--device={args.device}", f"--out_dir={out}"]
+              "--warmup_steps=1", "--lr=1e-4", "--log_every=1", "--eval_every=0", f"--eval_size={EVAL_SIZE}",
+              "--num_samples=0", "--keep_last=1", "--seed=0", f"--dtype={dtype}", f"--device={args.device}",
+              f"--out_dir={out}", f"--activation_checkpointing={args.activation_checkpointing}",
+              f"--logps_chunk={args.logps_chunk}", "--overwrite=true"]  # its own runs: a second gpu_check replaces them
     cuda = args.device == "cuda"  # CUDA: a small model from scratch; CPU (CI): a tiny one, short lengths
     model = ["--dim=256", "--n_layers=2", "--n_heads=4"] if cuda else ["--dim=32", "--n_layers=1", "--n_heads=2"]
     micro = f"--micro_batch_size={RECIPE['micro_batch_size']}"
@@ -125,6 +168,9 @@ def train_checks(args, checks: Checks, out: Path):
     if args.device == "cuda" and torch.cuda.device_count() >= 2:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
         launches += [("_ddp", torchrun, []), ("_fsdp", torchrun, ["--fsdp=true"])]
+    if args.device == "cuda":  # memory.py's recomputed blocks and chunked head against the padded plain run
+        launches.append(("_memory", [sys.executable, "train.py"], ["--activation_checkpointing=true",
+                                                                  "--logps_chunk=64"]))
     for dtype in ("float32", "bfloat16"):
         t = time.time()
         padded = out / f"train_{dtype}_padded"
@@ -158,6 +204,7 @@ def bench_checks(args, checks: Checks, out: Path) -> dict:
     cuda = args.device == "cuda"
     common = ["--data", args.data, "--tokenizer", args.tokenizer, "--pairs", "8", "--micro_batch_size",
               str(RECIPE["micro_batch_size"]), "--compare", "off,shared,fixed", "--repeat", "1", "--json"]
+    common += ["--activation_checkpointing"] * args.activation_checkpointing + ["--logps_chunk", str(args.logps_chunk)]
     if cuda:
         common += ["--dtype", RECIPE["dtype"], "--max_length", str(RECIPE["max_length"]), "--max_prompt_length",
                    str(RECIPE["max_prompt_length"]), "--warmup", "2", "--steps", "3"]
@@ -218,12 +265,13 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_check.py: error: --device cuda but torch sees no GPU (--device cpu runs the CPU part)",
-              file=sys.stderr)
-        return 2
     out, t0 = Path(args.out), time.time()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        check_options(args)
+        out.mkdir(parents=True, exist_ok=True)
+    except (OptionError, OSError) as e:
+        print(f"gpu_check.py: error: {e}", file=sys.stderr)
+        return 2
     checks = Checks(args.budget_s)
     if args.device == "cuda":
         cuda_tests(checks)

@@ -4,20 +4,23 @@
     load_judge("path/to/rm")      a reward model (a *ForSequenceClassification directory, or one of our --loss=rm runs)
 
 A reward model judges through its own tokenizer and chat template, never the policy's: the policy's response is
-decoded to text by the caller and encoded here again. With a chat template, the conversation [prompt turns, the
-response as one assistant turn] is read as transformers' apply_chat_template writes it and as TRL's RewardTrainer
-trained on it (whitespace after the last end of turn included), with exactly one BOS: the template's, or the
-tokenizer's own when the template writes none (Skywork-Reward's recipe: strip the template's BOS, let the tokenizer
-add it). No system turn is added: the judge renders the prompt's turns and nothing else, so a system message appears
-only where the data has one or where the template itself writes a default one when none is given (Qwen2.5's "You are
-Qwen, created by Alibaba Cloud. ..."): that default is part of the template, as transformers renders it and as the
-reward model saw it in training, and is kept. Prompts as data.Pair gives them:
+decoded to text by the caller and encoded here again. With a chat template (a Hub reward model), the conversation
+[prompt turns, the response as one assistant turn] is read as transformers' apply_chat_template writes it and as TRL's
+RewardTrainer trained on it (whitespace after the last end of turn included), with exactly one BOS: the template's,
+or the tokenizer's own when the template writes none (Skywork-Reward's recipe: strip the template's BOS, let the
+tokenizer add it). No system turn is added: the judge renders the prompt's turns and nothing else, so a system
+message appears only where the data has one or where the template itself writes a default one when none is given
+(Qwen2.5's "You are Qwen, created by Alibaba Cloud. ..."): that default is part of the template, as transformers
+renders it and as the reward model saw it in training, and is kept. Prompts as data.Pair gives them:
   - chat messages: as they are;
   - an HH transcript ("\\n\\nHuman: ..\\n\\nAssistant: ..\\n\\nHuman: ..\\n\\nAssistant:"): its turns as messages;
   - any other string: one user message.
 Responses are stripped of surrounding whitespace for a chat template (HH responses start with a space). A judge
-without a chat template reads the text as the data pipeline writes it (data.tokenize): BOS, the prompt, the response,
-EOS (messages in the plain HH format).
+without a chat template, and a reward model trained here (--loss=rm: its checkpoint's train_config.json says so), read
+the text as the data pipeline writes it (data.tokenize, Tokenizer.render): a string prompt as text after BOS and the
+response then EOS; chat messages through the template, the response ending at its end-of-turn id (ChatML's "\\n"
+after <|im_end|> left out); without a template, the plain HH format. So a reward model trained here is read exactly
+where its training read it.
 
 A conversation longer than the reward model's context (max_position_embeddings) keeps BOS and its last tokens: the
 prompt is cut from the left, and `.truncated` counts the responses scored so. A response that does not fit even with
@@ -44,7 +47,7 @@ class GoldJudge:
     name = "gold"
 
     def __init__(self):
-        self.truncated = 0
+        self.truncated = self.responses_cut = 0  # as a reward-model judge counts them: never, here
 
     def score(self, prompts: list, responses: list[str]) -> list[float]:
         if len(prompts) != len(responses):
@@ -55,7 +58,8 @@ class GoldJudge:
 def hh_messages(text: str) -> list[dict] | None:
     """An HH transcript prompt ("\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:") as chat messages
     [user a, assistant b, user c]; None if text is not one (it must start with a Human turn and end with the empty
-    Assistant turn being answered)."""
+    Assistant turn being answered). Consecutive turns of one speaker (a few HH transcripts have two Assistant turns in a
+    row) are joined into one message, separated by a blank line: templates that require alternating roles accept it."""
     if not text.startswith(HH_HUMAN) or not text.endswith(HH_TURN):
         return None
     messages, rest = [], text[:-len(HH_TURN)]
@@ -65,7 +69,10 @@ def hh_messages(text: str) -> list[dict] | None:
             return None
         rest = rest[len(marker):]
         nxt = min((i for i in (rest.find(HH_HUMAN), rest.find(HH_TURN)) if i >= 0), default=len(rest))
-        messages.append({"role": role, "content": rest[:nxt].strip()})
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n\n" + rest[:nxt].strip()
+        else:
+            messages.append({"role": role, "content": rest[:nxt].strip()})
         rest = rest[nxt:]
     return messages
 
@@ -79,16 +86,19 @@ def one_bos(ids: list[int], bos: int) -> list[int]:
 class RewardModelJudge:
     """A reward model (model.Llama with a score head) and its own tokenizer."""
 
-    def __init__(self, model: Llama, tok: tokenizer.Tokenizer, name: str, batch_size: int = 8):
+    def __init__(self, model: Llama, tok: tokenizer.Tokenizer, name: str, batch_size: int = 8,
+                 data_layout: bool = False):
         if not model.is_reward_model:
             raise ValueError(f"judge {name}: not a reward model")
         self.model, self.tok, self.name, self.batch_size = model.eval(), tok, name, batch_size
+        # data.tokenize's layout (a reward model trained here, or no chat template), else apply_chat_template's
+        self.data_layout = data_layout or tok.chat_template is None
         self.truncated, self.responses_cut = 0, 0
 
     def encode(self, prompt: str | list, response: str) -> tuple[list[int], int]:
         """(token ids of the conversation as this judge reads it, how many of them are the prompt's)."""
         tok = self.tok
-        if tok.chat_template is None:  # the data pipeline's layout: [BOS] prompt | response EOS
+        if self.data_layout:  # the data pipeline's: [BOS] prompt | response EOS, or the chat to the response's end id
             reply = [{"role": "assistant", "content": response}] if isinstance(prompt, list) else response
             p, r = tok.ids(*tok.render(prompt, [reply]))
             return p + r, len(p)
@@ -180,7 +190,9 @@ def load_judge(spec: str, device: str | torch.device = "cpu") -> GoldJudge | Rew
     if model.config.vocab_size < tok.n_vocab:
         raise ValueError(f"judge {spec}: vocab_size {model.config.vocab_size} ({directory / 'config.json'}) < the "
                          f"{tok.n_vocab} ids of its tokenizer")
-    return RewardModelJudge(model.to(device), tok, name=Path(spec).name or str(spec))
+    trained_here = directory / "train_config.json"
+    data_layout = trained_here.is_file() and json.loads(trained_here.read_text()).get("loss") == "rm"
+    return RewardModelJudge(model.to(device), tok, name=Path(spec).name or str(spec), data_layout=data_layout)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

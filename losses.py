@@ -86,6 +86,72 @@ def gathered_logps(logits: torch.Tensor, targets: torch.Tensor, example: torch.T
     return token_logps.new_zeros(counts.shape[0]).index_add(0, example, token_logps), counts.to(token_logps.dtype)
 
 
+class _HeadLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight^T)[targets] for N positions, the LM head inside the chunk: hidden (N, D) final
+    hidden states, weight (V, D) the head, targets (N,). Each chunk's logits (chunk, V) are made, reduced to log-probs
+    and dropped; the backward makes them again, so neither the (N, V) logits nor their gradient ever exist, only one
+    chunk's. The matmuls run in the dtype nn.Linear would use (the autocast dtype, else the weight's), the log-softmax
+    in (at least) fp32, as in the unchunked path: lm_head, then _TokenLogps. The price: the head's matmul runs once
+    more in the backward (4 instead of 3 head matmuls per trained token)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        acc = torch.promote_types(dtype, torch.float32)
+        out = torch.empty(targets.shape[0], dtype=acc, device=hidden.device)
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            for i in range(0, targets.shape[0], chunk):
+                c = slice(i, i + chunk)
+                out[c] = _chunk_logps(hidden[c].to(dtype) @ w.T, targets[c], acc)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight, targets = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        # summed over chunks in fp32; none for a frozen head (LoRA), which would cost a vocabulary x dim buffer
+        grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                                  device=weight.device) if ctx.needs_input_grad[1] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(ctx.dtype)
+            for i in range(0, targets.shape[0], ctx.chunk):
+                c = slice(i, i + ctx.chunk)
+                h = hidden[c].to(ctx.dtype)
+                # d log p / d logits = onehot − softmax, then the two matmuls of nn.Linear's backward
+                g = _chunk_grad(h @ w.T, targets[c], grad_out[c, None].to(torch.promote_types(ctx.dtype,
+                                                                                              torch.float32)))
+                g = g.to(ctx.dtype)
+                grad_hidden[c] = g @ w
+                if grad_weight is not None:
+                    grad_weight += g.T @ h
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+def head_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, example: torch.Tensor,
+               counts: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """gathered_logps with the LM head inside the chunk (_HeadLogps): hidden (N, D) the final hidden states of the N
+    scored positions (Llama.forward(return_hidden=True)), weight (V, D) the LM head, chunk positions at a time.
+    Returns (logps, counts), both (E,)."""
+    token_logps = _HeadLogps.apply(hidden, weight, targets, chunk)
+    return token_logps.new_zeros(counts.shape[0]).index_add(0, example, token_logps), counts.to(token_logps.dtype)
+
+
+def scored_positions(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Padded rows (B, T) in packing.py's gathered form: index (N,) the flat positions b * T + t that predict a
+    response token (loss_mask[b, t + 1] = 1), targets (N,) those tokens, example (N,) their row b, counts (B,) each
+    row's scored tokens. With Llama.forward(logits_index=index) and head_logps this gives sequence_logps' values."""
+    B, T = input_ids.shape
+    predicts = torch.zeros_like(loss_mask, dtype=torch.bool)
+    predicts[:, :-1] = loss_mask[:, 1:].bool()
+    index = predicts.flatten().nonzero().squeeze(1)
+    return {"index": index, "targets": input_ids.flatten()[index + 1], "example": index // T,
+            "counts": predicts.sum(1).float()}
+
+
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
                    chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs log π(y|x) = Σ_t mask[t] · log p(input_ids[t] | input_ids[:t]) and token counts.

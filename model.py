@@ -9,14 +9,18 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import inputs
 
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,8 +59,13 @@ class ModelConfig:
     pad_id: int | None = None
 
     def __post_init__(self):
+        if self.n_heads < 1 or (self.n_kv_heads or 1) < 1:
+            raise ValueError(f"ModelConfig: n_heads={self.n_heads} and n_kv_heads={self.n_kv_heads} must be >= 1")
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
+        if self.head_dim < 2 or self.head_dim % 2:  # RoPE rotates pairs of features
+            raise ValueError(f"ModelConfig: head_dim={self.head_dim} (dim={self.dim} / n_heads={self.n_heads} unless "
+                             f"set) must be even and >= 2: RoPE rotates pairs of features")
         if self.hidden_dim is None:
             self.hidden_dim = 32 * math.ceil(int(2 * 4 * self.dim / 3) / 32)
         if self.n_heads % self.n_kv_heads:
@@ -84,9 +93,13 @@ class ModelConfig:
 
 
 def check_context(config: ModelConfig, length: int):
-    """Refuse (ValueError) sequences of `length` tokens that a sliding window would cut. transformers masks keys more
-    than sliding_window - 1 positions back; this Llama always attends to every earlier key, so the two agree exactly
+    """Refuse (ValueError) sequences of `length` tokens longer than the model's context (max_position_embeddings: the
+    positions it was trained on) or that a sliding window would cut. transformers masks keys more than
+    sliding_window - 1 positions back; this Llama always attends to every earlier key, so the two agree exactly
     when the window is null or >= the longest sequence. train.py and sample.py call this before any work."""
+    if length > config.max_seq_len:
+        raise ValueError(f"{length} tokens exceed the model's context, max_position_embeddings {config.max_seq_len} "
+                         f"(config.json)")
     if config.sliding_window is not None and config.sliding_window < length:
         raise ValueError(f"sliding_window {config.sliding_window} (config.json) < {length}, the longest sequence of "
                          f"this run: sliding-window attention is not implemented; use sequences of at most "
@@ -242,7 +255,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        if config.reward_model:  # r(x, y) = score · h at the last token; never tied (tie_embeddings kept for config.json)
+        if config.reward_model:  # r(x, y) = score · h at the last token; never tied (tie_embeddings: for config.json)
             self.score = nn.Linear(config.dim, 1, bias=False)
         else:
             self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -272,7 +285,7 @@ class Llama(nn.Module):
             raise ValueError("add_score_head: this model is a reward model already")
         w = self.embed_tokens.weight
         del self.lm_head  # tied: the embedding stays, the head was only a second name for it
-        self.config = replace(self.config, reward_model=True)
+        self.config.reward_model = True
         self.score = nn.Linear(self.config.dim, 1, bias=False, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             self.score.weight.copy_(torch.randn(self.score.weight.shape, generator=generator) * SCORE_STD)
@@ -301,7 +314,7 @@ class Llama(nn.Module):
 
     def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: list[KVCache] | None = None, logits_to_keep: int = 0,
-                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+                logits_index: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T), causal. logits_to_keep = k > 0 keeps the last k positions,
         (B, k, vocab), as in transformers: the final norm and the LM head, a large share of a small model's work, skip
         positions whose next-token distribution nobody needs (a prompt's, a prefill's). logits_index (N,), indices
@@ -309,7 +322,8 @@ class Llama(nn.Module):
         pos and mask replace the default positions 0..T-1 and causal attention: positions (B, T) and a boolean
         attention mask (B, 1, T, T_keys), True where a query may see a key (generate()'s left-padded rows, packing.py's
         packed rows), or a FlexAttention BlockMask of one (packed rows on CUDA); cache is generate()'s, one KVCache
-        per layer."""
+        per layer. return_hidden returns the final hidden states (after the final norm, before the LM head) at the
+        same positions, (B, k, dim) or (N, dim): losses.head_logps runs the head over them chunk by chunk."""
         if pos is None:
             pos = torch.arange(idx.shape[1], device=idx.device)
         if self.inv_freq.device != idx.device:  # once: a plain attribute does not follow model.to(device), and a copy
@@ -319,7 +333,8 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache[i])
         x = x[:, -logits_to_keep:] if logits_index is None else x.flatten(0, 1)[logits_index]  # -0: every position
-        return (self.score if self.config.reward_model else self.lm_head)(self.norm(x))
+        x = self.norm(x)
+        return x if return_hidden else (self.score if self.config.reward_model else self.lm_head)(x)
 
     def num_params(self) -> int:
         """Number of parameters, the tied embedding/head counted once."""
@@ -356,6 +371,8 @@ class Llama(nn.Module):
         rows = prompts.tolist() if torch.is_tensor(prompts) else [list(r) for r in prompts]
         if not rows or min(map(len, rows)) == 0:
             raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+        if max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
         check_context(self.config, max(map(len, rows)) + max_new_tokens)
         if stop_ids is None:
             stop_ids = [] if self.config.eos_id is None else self.config.eos_id
@@ -366,17 +383,16 @@ class Llama(nn.Module):
         idx = torch.zeros(B, L, dtype=torch.long, device=device)
         for b, r in enumerate(rows):
             idx[b, P - len(r):P] = torch.tensor(r, dtype=torch.long)
-        j = torch.arange(L, device=device)
-        pos = (j - pad[:, None]).clamp(min=0)
-        # query i sees key j iff j <= i and j is a real token; a pad query sees itself so no softmax row is empty (NaN)
-        mask = ((j[:, None] >= j) & (j >= pad[:, None, None])) | torch.eye(L, dtype=torch.bool, device=device)
-        mask = mask[:, None]  # (B, 1, L, L), broadcast over heads
+        pos = (torch.arange(L, device=device) - pad[:, None]).clamp(min=0)
         cache = [KVCache(L) for _ in self.layers] if use_cache else None
         out, done, start = [[] for _ in rows], [False] * B, 0
         for t in range(P, L):
             s = slice(start, t) if use_cache else slice(0, t)  # with a cache only the tokens not yet seen go in
             start = t
-            logits = self(idx[:, s], pos[:, s], mask[:, :, s, :t], cache, logits_to_keep=1)[:, -1].float()
+            # the mask of this step's queries only: (B, 1, P, P) for the prompt, then (B, 1, 1, t) per cached step,
+            # so memory grows with the length, not with its square (uncached, each step recomputes (t, t))
+            mask = generation_mask(pad, s.start, t)
+            logits = self(idx[:, s], pos[:, s], mask, cache, logits_to_keep=1)[:, -1].float()
             if n_vocab is not None and n_vocab < logits.shape[-1]:
                 logits[:, n_vocab:] = float("-inf")
             idx[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
@@ -393,25 +409,22 @@ class Llama(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = torch.float32) -> "Llama":
         """Load a Hugging Face Llama, Qwen2, Qwen3 or Mistral directory: config.json (transformers 4.x or 5.x layout)
         and model.safetensors or a sharded model.safetensors.index.json. dtype=None keeps the checkpoint's dtype.
-        A *ForSequenceClassification directory (num_labels 1) gives a reward model: score.weight, no LM head."""
+        Files from the Hub are checked before anything is built or read (ValueError naming the file and the key or
+        tensor): config.json's keys and types, then the weights' names, shapes and dtypes from the safetensors headers
+        against what config.json implies; each weight must be float and finite as it is read. A
+        *ForSequenceClassification directory (num_labels 1) gives a reward model: score.weight, no LM head."""
         path = Path(path)
-        raw = read_json(path / "config.json")
-        config = config_from_hf(raw, path / "config.json")
-        tensors = read_safetensors(path)
-        # Checkpoints that tie the head to the embedding store it once (no lm_head.weight).
-        if config.reward_model:
-            pass  # no LM head to tie
-        elif "lm_head.weight" not in tensors:
-            config.tie_embeddings = True
-        elif config.tie_embeddings:
-            head, embedding = tensors.pop("lm_head.weight"), tensors.get("model.embed_tokens.weight")
-            if embedding is not None and not torch.equal(head, embedding):
-                raise ValueError(f"{path}: tie_word_embeddings is true but lm_head.weight differs from the embedding")
+        raw, config = check_pretrained(path)  # before any module is built: num_hidden_layers=1e8 is refused here
         if dtype is None:
             name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
             if name not in DTYPES:
                 raise ValueError(f"{path / 'config.json'}: dtype {name!r} is not one of {list(DTYPES)}")
             dtype = DTYPES[name]
+        tensors = read_safetensors(path)
+        if config.tie_embeddings and "lm_head.weight" in tensors:
+            head, embedding = tensors.pop("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+            if embedding is not None and not torch.equal(head, embedding):
+                raise ValueError(f"{path}: tie_word_embeddings is true but lm_head.weight differs from the embedding")
         with torch.device("meta"):  # no memory, no init: every weight comes from the file
             model = cls(config)
         check_keys(tensors, model.state_dict(), config.tie_embeddings, path)
@@ -437,6 +450,15 @@ class Llama(nn.Module):
         with open(path / "config.json", "w") as f:
             json.dump(config_to_hf(self.config, dtype), f, indent=2)
         save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def generation_mask(pad: torch.Tensor, first: int, t: int) -> torch.Tensor:
+    """generate()'s boolean attention mask (B, 1, t - first, t) of queries first..t-1 over keys 0..t-1, in rows left-
+    padded by pad (B,): query i sees key j iff j <= i and j is a real token (j >= the row's pad); a pad query sees
+    itself so no softmax row is empty (NaN)."""
+    i = torch.arange(first, t, device=pad.device)[:, None]
+    j = torch.arange(t, device=pad.device)
+    return (((j <= i) & (j >= pad[:, None, None])) | (j == i))[:, None]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
@@ -486,33 +508,137 @@ def check_keys(tensors: dict[str, torch.Tensor], own: dict[str, torch.Tensor], t
 
 
 def read_json(file: Path) -> dict:
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: line {e.lineno}: {e.msg}") from e
+    """A JSON object from a regular file of at most 64 MiB (inputs.read_json), ValueError naming the file."""
+    return inputs.read_json(file)
+
+
+FLOAT_DTYPES = ("F32", "BF16", "F16")  # safetensors' names of the weight dtypes loaded; no silent cast of others
+
+
+def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str, Path]]:
+    """{tensor name: (shape, safetensors dtype, file)} of model.safetensors or of every shard that
+    model.safetensors.index.json lists, from the headers alone (no tensor is read). Refused (ValueError naming the
+    file and the tensor): a file that is not a regular file or not safetensors, a shard outside the directory, a
+    tensor in two shards or not where the index says, a dtype other than float (a quantized checkpoint)."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.exists():
+        files, weight_map = [single], None
+    elif index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: no 'weight_map' object of tensor name -> shard file name")
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            if shard in ("", ".", "..") or Path(shard).name != shard:
+                raise ValueError(f"{index}: weight_map names {inputs.shown(shard)}, not a file name in {path}")
+            if not (path / shard).exists():
+                raise ValueError(f"{index}: weight_map names {shard}, which is not in {path}")
+            files.append(path / shard)
+    else:
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+    header = {}
+    for file in files:
+        inputs.check_regular(file)
+        try:
+            with safe_open(file, "pt") as f:
+                for k in f.keys():
+                    if k in header:
+                        raise ValueError(f"{file}: tensor {k} is in {header[k][2].name} too")
+                    s = f.get_slice(k)
+                    header[k] = (tuple(s.get_shape()), s.get_dtype(), file)
+        except SafetensorError as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    if weight_map is not None:
+        if stray := sorted(set(header) ^ set(weight_map)):
+            raise ValueError(f"{index}: weight_map and the shards disagree on {stray[:5]}")
+        if moved := [k for k, (_, _, f) in header.items() if weight_map[k] != f.name]:
+            raise ValueError(f"{index}: weight_map puts {moved[0]} in {weight_map[moved[0]]}, but it is in "
+                             f"{header[moved[0]][2].name}")
+    # Old transformers versions saved the RoPE frequencies as weights; they follow from config.json.
+    header = {k: v for k, v in header.items() if not k.endswith("rotary_emb.inv_freq")}
+    for k, (_, dtype, file) in header.items():
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{file}: tensor {k} is {dtype}; only float weights ({', '.join(FLOAT_DTYPES)}) are "
+                             f"loaded (a quantized checkpoint must be dequantized first)")
+    return header
+
+
+def check_header(header: dict, config: ModelConfig, path: Path):
+    """The weights' names and shapes (read_header) against what config.json implies, before any module is built:
+    first the number of layers (so num_hidden_layers=1e8 builds nothing), then every key and shape (check_keys)."""
+    layers = {int(k.split(".")[2]) for k in header if re.fullmatch(r"model\.layers\.\d+\..+", k)}
+    if config.n_layers > len(layers):
+        raise ValueError(f"{path / 'config.json'}: num_hidden_layers is {config.n_layers}, but the weights hold "
+                         f"{len(layers)} layer(s)")
+    with torch.device("meta"):  # one block on the meta device gives every layer's names and shapes, with no memory
+        block = {f"layers.{{}}.{k}": v for k, v in Block(config).state_dict().items()}
+    head, outputs = ("score.weight", 1) if config.reward_model else ("lm_head.weight", config.vocab_size)
+    own = {"embed_tokens.weight": torch.empty(config.vocab_size, config.dim, device="meta"),
+           "norm.weight": torch.empty(config.dim, device="meta"), head: torch.empty(outputs, config.dim, device="meta")}
+    own |= {k.format(i): v for i in range(config.n_layers) for k, v in block.items()}
+    shapes = {k: torch.empty(shape, device="meta") for k, (shape, _, _) in header.items()
+              if not (config.tie_embeddings and k == "lm_head.weight")}  # a stored tied head: compared when read
+    check_keys(shapes, own, config.tie_embeddings, path)
+
+
+def check_pretrained(path: Path) -> tuple[dict, ModelConfig]:
+    """(config.json's dict, its ModelConfig) of a model directory whose config.json and safetensors headers agree
+    (ValueError naming the file and the key otherwise); reads no tensor (checkpoint.verify calls it too)."""
+    raw = read_json(path / "config.json")
+    config = config_from_hf(raw, path / "config.json")
+    header = read_header(path)
+    # Checkpoints that tie the head to the embedding store it once (no lm_head.weight).
+    if "lm_head.weight" not in header and not config.reward_model:  # (a reward model has no LM head to tie)
+        config.tie_embeddings = True
+    check_header(header, config, path)
+    return raw, config
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """All elements finite: the smallest and the largest are (min and max propagate NaN, and unlike a sum they never
+    overflow, fp16 included). One fused reduction in the tensor's own dtype: ~10x faster than isfinite().all()."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of model.safetensors, or of every shard listed in model.safetensors.index.json."""
-    if (path / "model.safetensors").exists():
-        tensors = load_file(path / "model.safetensors")
-    elif (path / "model.safetensors.index.json").exists():
-        index = path / "model.safetensors.index.json"
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map' object")
-        tensors = {}
-        for shard in sorted(set(weight_map.values())):
-            if not (path / shard).exists():
-                raise ValueError(f"{index}: weight_map names {shard}, which is not in {path}")
-            tensors.update(load_file(path / shard))
-        if set(tensors) != set(weight_map):
-            raise ValueError(f"{index}: weight_map and the shards disagree on {sorted(set(tensors) ^ set(weight_map))}")
-    else:
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
-    # Old transformers versions saved the RoPE frequencies as weights; they follow from config.json.
-    return {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+    """All tensors of model.safetensors, or of every shard listed in model.safetensors.index.json, checked by
+    read_header; each is refused as it is read if it holds NaN or inf (ValueError naming the file and tensor)."""
+    tensors, by_file = {}, {}
+    for k, (_, _, file) in read_header(path).items():
+        by_file.setdefault(file, []).append(k)
+    for file, keys in by_file.items():
+        try:
+            with safe_open(file, "pt") as f:
+                for k in keys:
+                    t = f.get_tensor(k)
+                    if not is_finite(t):
+                        raise ValueError(f"{file}: tensor {k} holds NaN or inf values; the weights are damaged")
+                    tensors[k] = t
+        except SafetensorError as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    return tensors
+
+
+# config.json's keys that config_from_hf reads, with the type and range each must have (inputs.check_fields)
+HF_FIELDS = {
+    "model_type": inputs.STRING, "vocab_size": inputs.POSITIVE_INT, "hidden_size": inputs.POSITIVE_INT,
+    "intermediate_size": inputs.POSITIVE_INT, "num_hidden_layers": inputs.POSITIVE_INT,
+    "num_attention_heads": inputs.POSITIVE_INT, "num_key_value_heads": inputs.nullable(inputs.POSITIVE_INT),
+    "head_dim": inputs.nullable(inputs.POSITIVE_INT), "rms_norm_eps": inputs.POSITIVE,
+    "rope_theta": inputs.POSITIVE, "max_position_embeddings": inputs.POSITIVE_INT,
+    "tie_word_embeddings": inputs.BOOL, "bos_token_id": inputs.nullable(inputs.NATURAL),
+    "eos_token_id": inputs.nullable(inputs.TOKEN_IDS), "attention_bias": inputs.BOOL, "mlp_bias": inputs.BOOL,
+    "use_sliding_window": inputs.BOOL, "sliding_window": inputs.nullable(inputs.POSITIVE_INT),
+    "max_window_layers": inputs.NATURAL, "layer_types": inputs.nullable(inputs.STRINGS),
+    "rope_scaling": inputs.nullable(inputs.OBJECT), "rope_parameters": inputs.nullable(inputs.OBJECT),
+    "dtype": inputs.nullable(inputs.STRING), "torch_dtype": inputs.nullable(inputs.STRING),
+}
+ROPE_FIELDS = {"rope_type": inputs.STRING, "type": inputs.STRING, "rope_theta": inputs.POSITIVE,
+               "factor": inputs.POSITIVE, "low_freq_factor": inputs.POSITIVE, "high_freq_factor": inputs.POSITIVE,
+               "original_max_position_embeddings": inputs.POSITIVE}
 
 
 def config_from_hf(d: dict, where) -> ModelConfig:
@@ -523,6 +649,26 @@ def config_from_hf(d: dict, where) -> ModelConfig:
             raise ValueError(f"missing field '{key}'")  # prefixed with `where` below
         return d[key]
 
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    inputs.check_fields(d, HF_FIELDS, where)
+    for key in ("rope_scaling", "rope_parameters"):
+        if isinstance(d.get(key), dict):
+            inputs.check_fields(d[key], ROPE_FIELDS, where, prefix=f"{key}.")
+    if d.get("quantization_config") is not None:
+        raise ValueError(f"{where}: quantization_config: a quantized checkpoint is not loaded (only float weights: "
+                         f"{', '.join(FLOAT_DTYPES)})")
+    heads, kv_heads = d.get("num_attention_heads"), d.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise ValueError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    head_dim = d.get("head_dim", 128 if d.get("model_type") == "qwen3" else None)
+    if heads and (head_dim or "hidden_size" in d):
+        derived = head_dim is None
+        head_dim = d["hidden_size"] // heads if derived else head_dim
+        if head_dim < 2 or head_dim % 2:  # RoPE rotates pairs of features
+            how = f" (hidden_size {d['hidden_size']} / num_attention_heads {heads})" if derived else ""
+            raise ValueError(f"{where}: head_dim {head_dim}{how} must be even and >= 2: RoPE rotates pairs of "
+                             f"features")
     family = d.get("model_type", "llama")
     if family not in ARCHITECTURES:
         raise ValueError(f"{where}: model_type {family!r} is not supported (only {', '.join(ARCHITECTURES)})")
@@ -549,14 +695,20 @@ def config_from_hf(d: dict, where) -> ModelConfig:
     if family == "mistral":
         window = declared
     elif family in ("qwen2", "qwen3") and d.get("use_sliding_window", False):  # false (every Qwen release): unused
-        n = need("num_hidden_layers")
-        types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28) else
-                                         "full_attention" for i in range(n)]
-        sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
-        if sliding and sliding != list(range(sliding[0], n)):
-            raise ValueError(f"{where}: layer_types {types}: only the last layers may use a sliding window here")
+        n, types = need("num_hidden_layers"), d.get("layer_types")
+        if types is None:  # layers from max_window_layers on slide (not a list: n is not yet checked against weights)
+            sliding = d.get("max_window_layers", 28) < n
+            start = d.get("max_window_layers", 28)
+        else:
+            if len(types) != n:
+                raise ValueError(f"{where}: layer_types has {len(types)} entries, num_hidden_layers is {n}")
+            indices = [i for i, t in enumerate(types) if t == "sliding_attention"]
+            if indices and indices != list(range(indices[0], n)):
+                raise ValueError(f"{where}: layer_types {inputs.shown(types)}: only the last layers may use a sliding "
+                                 f"window here")
+            sliding, start = bool(indices), indices[0] if indices else 0
         if sliding and declared is not None:
-            window, first = declared, sliding[0]
+            window, first = declared, start
     try:  # ModelConfig checks the rest (head counts, llama3 keys); say which file it came from
         return ModelConfig(
             vocab_size=need("vocab_size"), dim=need("hidden_size"), n_layers=need("num_hidden_layers"),

@@ -34,6 +34,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 import data
 import losses
+import memory
 import model as model_lib
 import reference as ref_lib
 
@@ -288,12 +289,15 @@ def batch_mask(batch: dict, model: torch.nn.Module, attention: str = "auto") -> 
 
 
 def packed_logps(model: torch.nn.Module, batch: dict, reference: bool = False,
-                 mask: torch.Tensor | BlockMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 mask: torch.Tensor | BlockMask | None = None, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π(y|x) per example, scored tokens per example), both (E,) fp32, of one packed micro batch: one forward
     (the reference's without autograd), logits only at the scored positions. mask: batch_mask(batch, ...), if the
-    caller already has it (train.compute_loss builds it once for the policy and the reference, with its --attention)."""
+    caller already has it (train.compute_loss builds it once for the policy and the reference, with its --attention).
+    chunk > 0 (--logps_chunk): the LM head runs chunk scored tokens at a time (memory.chunked_logps)."""
     ids = batch["input_ids"]
     mask = batch_mask(batch, model) if mask is None else mask
+    if chunk:
+        return memory.chunked_logps(model, ids, batch, chunk, reference, pos=batch["pos"], mask=mask)
     kwargs = {"pos": batch["pos"], "mask": mask, "logits_index": batch["index"]}
     logits = ref_lib.reference_logits(model, ids, **kwargs) if reference else model(ids, **kwargs)
     return losses.gathered_logps(logits, batch["targets"], batch["example"], batch["counts"])

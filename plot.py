@@ -6,7 +6,9 @@
 Lines are the train rows of metrics.jsonl (one every log_every steps), markers the eval rows (every eval_every steps;
 their rewards and margins are measured against the *initial* policy, so static and TR runs share one scale). A TR
 run's reference updates, every τ steps, are ticks along the bottom of each panel in the run's colour. A panel is drawn
-when some run has its metric (an SFT run has a loss and, on synthetic data, the gold reward only).
+when some run has its metric (an SFT run has a loss and, on synthetic data, the gold reward only). A run evaluated with
+--judge also gets its judge_score drawn against kl_init, one point per eval row joined in step order: quality against
+the KL to the initial policy, the paper's over-optimization view.
 Needs matplotlib, the same optional dependency as toy/.
 """
 import argparse
@@ -26,6 +28,7 @@ PANELS = [
 ]
 TRAIN_ONLY, EVAL_ONLY = {"train kl_ref, nats per token"}, {"eval KL per response: π_ref —, π_init --",
                                                           "gold reward: greedy —, sampled --"}
+AGAINST_KL = [("judge score against KL(π‖π_init)", "judge_score")]  # eval rows: y against kl_init, not the step
 
 
 class PlotError(ValueError):
@@ -62,6 +65,13 @@ def series(rows: list[dict], key: str) -> tuple[list, list]:
     return [s for s, _ in pts], [v for _, v in pts]
 
 
+def against_kl(rows: list[dict], key: str) -> tuple[list, list]:
+    """(kl_init values, key's values) of the eval rows that have finite numbers for both, in step order."""
+    pts = [(r["kl_init"], r[key]) for r in rows if all(isinstance(r.get(k), (int, float)) and r[k] == r[k]
+                                                       for k in ("kl_init", key))]
+    return [x for x, _ in pts], [y for _, y in pts]
+
+
 def plot(run_dirs: list[str | Path], out: str | Path) -> list[str]:
     """Draw the runs into one PNG at out; returns the titles of the panels drawn."""
     import matplotlib
@@ -74,6 +84,9 @@ def plot(run_dirs: list[str | Path], out: str | Path) -> list[str]:
         splits = ["train"] * (title not in EVAL_ONLY) + ["eval"] * (title not in TRAIN_ONLY)
         if any(series(run[s], k)[0] for run in runs for s in splits for k, _ in keys):
             drawn.append((title, keys, splits))
+    for title, key in AGAINST_KL:
+        if any(against_kl(run["eval"], key)[0] for run in runs):
+            drawn.append((title, [(key, "-")], ["kl"]))
     if not drawn:
         raise PlotError(f"{', '.join(map(str, run_dirs))}: no metrics to plot yet")
     ncols = min(3, len(drawn))
@@ -84,16 +97,19 @@ def plot(run_dirs: list[str | Path], out: str | Path) -> list[str]:
         for i, run in enumerate(runs):
             color = colors[i % len(colors)]
             for key, style in keys:
+                if splits == ["kl"]:
+                    ax.plot(*against_kl(run["eval"], key), "o-", color=color, markersize=4, linewidth=1.0)
+                    continue
                 if "train" in splits:
                     ax.plot(*series(run["train"], key), style, color=color, linewidth=1.2)
                 if "eval" in splits:  # eval points marked, joined thinly when the panel has no train line
                     ax.plot(*series(run["eval"], key), "o" + (style if title in EVAL_ONLY else ""), color=color,
                             markersize=4, linewidth=1.0, markerfacecolor="white" if style == "--" else color)
-            if run["ref_updates"]:  # θ_ref updated after these steps
+            if run["ref_updates"] and splits != ["kl"]:  # θ_ref updated after these steps
                 ax.plot(run["ref_updates"], [0] * len(run["ref_updates"]), "|", color=color, markersize=10, mew=1.5,
                         transform=ax.get_xaxis_transform(), clip_on=False)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
+        ax.set_xlabel("kl_init, nats per response" if splits == ["kl"] else "step", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(drawn):]:

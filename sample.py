@@ -12,10 +12,12 @@ has none), stops at the end of the assistant's turn and prints the reply alone.
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 import checkpoint
 from tokenizer import find_tokenizer, get_tokenizer
@@ -33,20 +35,55 @@ def run_tokenizer(ckpt: Path, model_dir: Path) -> str:
         return str(own)
     for cfg in (model_dir / "train_config.json", ckpt / "train_config.json"):
         if cfg.is_file():
-            return json.loads(cfg.read_text())["tokenizer"]
+            try:
+                name = json.loads(cfg.read_text()).get("tokenizer")
+            except (ValueError, AttributeError) as e:  # not JSON, or not an object
+                raise SampleError(f"{cfg}: not a JSON object ({type(e).__name__}: {e})") from None
+            if not isinstance(name, str):
+                raise SampleError(f"{cfg}: 'tokenizer' is {name!r}, not a tokenizer's name or path: pass --tokenizer")
+            return name
     raise SampleError(f"--ckpt {ckpt}: no tokenizer.json, llama2.c tok*.bin or train_config.json naming its "
                       f"tokenizer: pass --tokenizer")
 
 
+def check_options(args: argparse.Namespace):
+    """Refuse a bad option before anything is read: the sampling parameters, counts, the seed and the device."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise SampleError(f"--temperature {args.temperature}: need a finite number >= 0 (0 = greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        raise SampleError(f"--top_k {args.top_k}: need >= 1 (the number of likeliest tokens kept)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # NaN fails too
+        raise SampleError(f"--top_p {args.top_p}: need 0 < top_p <= 1 (the probability mass kept)")
+    for name in ("max_new_tokens", "num_samples"):
+        if (value := getattr(args, name)) is not None and value < 1:
+            raise SampleError(f"--{name} {value}: need >= 1")
+    if not 0 <= args.seed < 2 ** 64:
+        raise SampleError(f"--seed {args.seed}: need 0 <= seed < 2**64")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SampleError(f"--device {args.device}: not a device (cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SampleError(f"--device {args.device}: torch sees no GPU (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SampleError(f"--device {args.device}: torch sees {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise SampleError(f"--device {args.device}: only cpu and cuda are supported")
+
+
 def sample(args: argparse.Namespace):
+    check_options(args)
     ckpt = Path(args.ckpt)
     if not ckpt.exists():
         raise SampleError(f"--ckpt {ckpt}: no such file or directory")
     try:
         model_dir = checkpoint.model_dir(ckpt)
         model = Llama.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, SafetensorError) as e:
         raise SampleError(f"--ckpt {ckpt}: {e}") from None
+    if model.is_reward_model:
+        raise SampleError(f"--ckpt {ckpt}: a reward model (a score head, no LM head) does not generate; judge.py "
+                          "scores text with it")
     name = args.tokenizer or run_tokenizer(ckpt, model_dir)
     try:
         tok = get_tokenizer(name)
@@ -66,21 +103,32 @@ def sample(args: argparse.Namespace):
     if max(ids) >= model.config.vocab_size:
         raise SampleError(f"tokenizer {name} produced id {max(ids)}, outside the model's vocab_size "
                           f"{model.config.vocab_size} ({model_dir}/config.json)")
+    context, prompt = model.config.max_seq_len, "--chat" if args.chat is not None else "--prompt"
+    if len(ids) >= context:
+        raise SampleError(f"{prompt} is {len(ids)} tokens, which leaves no room in the model's context of {context} "
+                          f"(max_position_embeddings, {model_dir}/config.json)")
+    new_tokens = args.max_new_tokens or min(200, context - len(ids))  # default: 200, or what the context leaves
+    if len(ids) + new_tokens > context:
+        raise SampleError(f"--max_new_tokens {new_tokens}: {prompt} ({len(ids)} tokens) + {new_tokens} = "
+                          f"{len(ids) + new_tokens} tokens exceed the model's context of {context} "
+                          f"(max_position_embeddings, {model_dir}/config.json): use at most {context - len(ids)}")
     try:
-        check_context(model.config, len(ids) + args.max_new_tokens)
+        check_context(model.config, len(ids) + new_tokens)
     except ValueError as e:
         raise SampleError(f"--ckpt {ckpt}: {e} (prompt + --max_new_tokens)") from None
     torch.manual_seed(args.seed)
     stop = tok.end_ids  # EOS, the end of a turn
     for _ in range(args.num_samples):
-        new = model.generate([ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop_ids=stop)[0]
+        new = model.generate([ids], new_tokens, args.temperature, args.top_k, args.top_p, stop_ids=stop)[0]
         text = tok.decode([t for t in new if t not in stop])
         print(text if args.chat is not None else args.prompt + text)
         print("---------------")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: p.exit(2, f"sample.py: error: {message}\n")  # one line, without the usage block
     p.add_argument("--ckpt", required=True, help="run directory, ckpt-<step> directory or Hugging Face model directory")
     p.add_argument("--tokenizer", help="a name or path get_tokenizer knows (byte, gpt2, tokenizer.json, "
                                        "tokenizer.model); default: the model directory's own, else the run's "
@@ -88,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="", help="text to continue (BOS is put in front when the tokenizer has one)")
     p.add_argument("--chat", help="a user message: the reply to it through the chat template (not with --prompt)")
     p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="default: 200, or as many as the model's context leaves after the prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import tiktoken
 
+import inputs
+
 
 class Llama2cError(ValueError):
     """A bad tokenizer.bin; the message names the file and the token."""
@@ -102,10 +104,7 @@ def llama2c_encoding(path: str | Path) -> tuple[RankSpaceEncoding, str, str]:
     of equal score longest first: Llama 2's tied pieces are its 15 runs of spaces (score -1e9), and within a run of
     spaces run.c's leftmost-first merging grows the leftmost run as long as it can, which is what longest-first does."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ValueError(f"llama2.c tokenizer {path}: cannot read ({e.strerror})") from None
+    raw = inputs.read_bytes(path, inputs.TOKENIZER_LIMIT, Llama2cError, what="llama2.c tokenizer ")  # a FIFO: refused
     pieces, scores, at = [], [], 4
     while at < len(raw):
         if at + 8 > len(raw) or at + 8 + (n := struct.unpack_from("<i", raw, at + 4)[0]) > len(raw) or n < 0:

@@ -10,11 +10,14 @@ so there is room both ways and the optimum (only a-d) is known.
 - Preference data: two π_b responses per prompt, the preferred one drawn by Bradley–Terry on the gold reward,
   P(y1 ≻ y2) = σ(GOLD_BETA·(r(y1) − r(y2))), so labels are noisy as human ones are.
 """
+import json
 import math
 import os
 import random
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
+
+import checkpoint
 
 ALPHABET, GOOD = "abcdefgh", set("abcd")
 PROMPT_LETTERS, RESPONSE_LEN = 3, 6
@@ -49,7 +52,10 @@ def demo(cfg, train) -> str:
     out_dir/demo_table.md) the table of held-out results, and draws the four runs into out_dir/demo.png (plot.py).
     The preference stages use lr/10 (at the SFT lr the tiny model degenerates within 50 DPO steps) and a τ scaled to
     the short run (the paper's τ = 512 would never fire): soft every max_steps/10 steps, hard every max_steps/4.
-    Progress lines (and metrics rows) come at least every max_steps/20 steps, not every step."""
+    Progress lines (and metrics rows) come at least every max_steps/20 steps, not every step.
+
+    Run again, the demo replaces its own earlier runs (same options: it would reproduce them) as --overwrite does; a
+    stage directory holding any other run stops it before the first stage (CheckpointError), unless cfg.overwrite."""
     out = Path(cfg.out_dir)
     base = replace(cfg, demo=False, log_every=max(cfg.log_every, cfg.max_steps // 20))
     runs = [("SFT", replace(base, loss="sft", out_dir=str(out / "sft")))]
@@ -57,6 +63,12 @@ def demo(cfg, train) -> str:
                             ("TR-DPO hard", "hard", max(1, cfg.max_steps // 4))):
         runs.append((name, replace(base, loss="dpo", ref_update=mode, tau=tau, lr=cfg.lr / 10,
                                    init_from=str(out / "sft"), out_dir=str(out / name.lower().replace(" ", "-")))))
+    for _, run_cfg in runs:
+        held = checkpoint.earlier_run(run_cfg.out_dir)
+        if held and not cfg.overwrite and not same_run(run_cfg):
+            raise checkpoint.CheckpointError(f"demo: out_dir={run_cfg.out_dir} holds a run that is not this demo's "
+                                             f"({held}): rerun the demo with --overwrite=true or another --out_dir")
+    runs = [(name, replace(run_cfg, overwrite=True)) for name, run_cfg in runs]  # none holds another run now
     cols = ("reward_acc", "gold_greedy", "gold_sampled", "kl_init")
     lines = ["| method | final train loss | held-out " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     master = int(os.environ.get("RANK", "0")) == 0
@@ -73,11 +85,26 @@ def demo(cfg, train) -> str:
         "response, nats.\n")
     if master:
         print("\n" + table, flush=True)
-        (out / "demo_table.md").write_text(table)
+        checkpoint.write_file(out / "demo_table.md", table)
         try:
             import plot
-            plot.plot([run_cfg.out_dir for _, run_cfg in runs], out / "demo.png")
+            figure = out / ".demo.tmp.png"  # drawn beside, then renamed over demo.png: never through a link
+            checkpoint.remove(figure)
+            if (out / "demo.png").is_symlink():
+                raise checkpoint.CheckpointError(checkpoint.link_problem(out / "demo.png"))
+            plot.plot([run_cfg.out_dir for _, run_cfg in runs], figure)
+            os.replace(figure, out / "demo.png")
             print(f"figure: {out / 'demo.png'} (python plot.py {' '.join(c.out_dir for _, c in runs)})", flush=True)
         except ImportError as e:  # matplotlib is optional, as for toy/
             print(f"no figure: {e} (pip install matplotlib)", flush=True)
     return table
+
+
+def same_run(cfg) -> bool:
+    """Whether the run in cfg.out_dir was made with cfg's options (train_config.json; the tokenizer as resolved)."""
+    try:
+        saved = json.loads((Path(cfg.out_dir) / "train_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    ours = asdict(replace(cfg, tokenizer="byte"))  # the demo's task is byte-level (config.validate)
+    return isinstance(saved, dict) and {**saved, "overwrite": None} == {**ours, "overwrite": None}

@@ -9,15 +9,16 @@ the control token: special tokens come only from code (BOS, EOS) or a chat templ
 chat templates).
 """
 import base64
-import json
 import re
 import unicodedata
 from pathlib import Path
 from typing import Iterable
 
+import regex
 import tiktoken
 
 import chat
+import inputs
 import sentencepiece_bpe
 
 
@@ -151,16 +152,22 @@ def get_tokenizer(name_or_path: str) -> Tokenizer:
         enc, bos, eos = sentencepiece_bpe.llama2c_encoding(path)
         return Tokenizer(enc, bos, eos, prefix="always")  # run.c's dummy prefix: " " before any text
     if not path.is_file():
+        if path.exists():  # a FIFO or a device: named as such
+            inputs.check_regular(path, TokenizerError)
         raise ValueError(f"unknown tokenizer {name_or_path!r}: 'byte', one of {tiktoken.list_encoding_names()}, "
                          "the path of a tokenizer.json, a llama2.c tokenizer .bin, a Llama 3 tokenizer.model, or a "
                          "model directory holding one")
-    ranks = {}  # tiktoken's BPE file: "<base64 token> <rank>" per line; read here, not through tiktoken's URL cache
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    ranks, tokens = {}, {}  # tiktoken's BPE file: "<base64 token> <rank>" per line; not read through its URL cache
+    for line_no, line in enumerate(inputs.read_text(path, inputs.TOKENIZER_LIMIT, TokenizerError).splitlines(), 1):
         try:
             token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
+            token, rank = base64.b64decode(token, validate=True), int(rank)
         except ValueError as e:
             raise TokenizerError(f"{path}:{line_no}: expected '<base64 token> <rank>' ({e})") from None
+        if token in ranks or rank in tokens or rank < 0:  # ranks are ids: one token each, or decoding loses text
+            raise TokenizerError(f"{path}:{line_no}: token {token!r} rank {rank}: each token and each rank (>= 0) "
+                                 f"must appear once")
+        ranks[token], tokens[rank] = rank, token
     special = {tok: len(ranks) + i for i, tok in enumerate(LLAMA3_SPECIAL)}
     enc = tiktoken.Encoding(path.name, pat_str=LLAMA3_PAT, mergeable_ranks=ranks, special_tokens=special)
     return Tokenizer(enc, "<|begin_of_text|>", "<|end_of_text|>", chat_template=chat.LLAMA3_CHAT_TEMPLATE,
@@ -213,11 +220,97 @@ def bytes_to_unicode() -> dict[str, int]:
     return {chr(b): b for b in keep} | {chr(256 + n): b for n, b in enumerate(moved)}
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, limit: int = inputs.JSON_LIMIT) -> dict:
+    """A JSON object from a regular file of at most limit bytes (inputs.read_json), or TokenizerError naming it."""
+    return inputs.read_json(path, limit, TokenizerError)
+
+
+def _check_tokenizer_json(path: Path, tj: dict):
+    """The shape tokenizer_json reads, as tokenizers' own parser requires it: a BPE model's vocab (token -> id, every
+    id once: two tokens with one id lose text when decoded), merges of two tokens each, added tokens with content and
+    id, and each normalizer / pre-tokenizer / post-processor an object with a type. TokenizerError naming the key."""
+    def bad(key: str, want: str, value):
+        raise TokenizerError(f"{path}: {key} must be {want}, got {inputs.shown(value)}")
+
+    def component(spec, key: str, where: str):
+        if spec is None:
+            return
+        if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+            bad(where, "null or an object with a 'type'", spec)
+        if spec["type"] == "Sequence":
+            parts = spec.get(key)
+            if not isinstance(parts, list):
+                bad(f"{where}.{key}", "a list", parts)
+            for i, part in enumerate(parts):
+                component(part, key, f"{where}.{key}[{i}]")
+        if spec["type"] == "Split" and not (isinstance(spec.get("pattern"), dict) and len(spec["pattern"]) == 1 and
+                                            isinstance(next(iter(spec["pattern"].items()))[1], str)
+                                            and next(iter(spec["pattern"])) in ("Regex", "String")):
+            bad(f"{where}.pattern", "{\"Regex\": str} or {\"String\": str}", spec.get("pattern"))
+        if spec["type"] == "TemplateProcessing":
+            single = spec.get("single")
+            def part(x) -> bool:  # {"Sequence": {...}} ($A) or {"SpecialToken": {"id": "<s>", ...}}
+                return isinstance(x, dict) and ("Sequence" in x or isinstance(x.get("SpecialToken"), dict)
+                                                and isinstance(x["SpecialToken"].get("id"), str))
+            if not isinstance(single, list) or not all(part(x) for x in single):
+                bad(f"{where}.single", "a list of {\"SpecialToken\": {\"id\": str}} and {\"Sequence\": ...}",
+                    single)
+
+    model = tj.get("model")
+    if not isinstance(model, dict):
+        bad("model", "an object", model)
+    if model.get("type") != "BPE":  # refused by tokenizer_json, naming the model type
+        return
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        bad("model.vocab", "an object of token -> id", vocab)
+    holder = {}
+    for token, i in vocab.items():
+        if not inputs.NATURAL[0](i):
+            bad(f"model.vocab[{inputs.shown(token)}]", "an id (an integer >= 0)", i)
+        if i in holder:
+            raise TokenizerError(f"{path}: model.vocab: tokens {inputs.shown(holder[i])} and {inputs.shown(token)} "
+                                 f"have the same id {i} (each id must be one token's, or decoding loses text)")
+        holder[i] = token
+    merges = model.get("merges", [])
+    if not isinstance(merges, list):
+        bad("model.merges", "a list", merges)
+    for k, m in enumerate(merges):
+        if not (isinstance(m, str) and len(m.split(" ")) == 2
+                or isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)):
+            bad(f"model.merges[{k}]", "\"a b\" or [\"a\", \"b\"] (two tokens)", m)
+    added = tj.get("added_tokens") or []
+    if not isinstance(added, list):
+        bad("added_tokens", "a list", added)
+    seen = {}
+    for k, t in enumerate(added):
+        if not (isinstance(t, dict) and isinstance(t.get("content"), str) and inputs.NATURAL[0](t.get("id"))):
+            bad(f"added_tokens[{k}]", "an object with content (a string) and id (an integer >= 0)", t)
+        other = seen.get(t["id"], holder.get(t["id"], t["content"]))
+        if other != t["content"] or seen.get(t["content"], t["id"]) != t["id"]:
+            raise TokenizerError(f"{path}: added_tokens[{k}] {inputs.shown(t['content'])} id {t['id']}: each id "
+                                 f"must be one token's and each token have one id")
+        seen[t["id"]], seen[t["content"]] = t["content"], t["id"]
+    for key, parts in (("normalizer", "normalizers"), ("pre_tokenizer", "pretokenizers"),
+                       ("post_processor", "processors")):
+        component(tj.get(key), parts, key)
+
+
+def _check_split_regex(path: Path, pat: str):
+    """Refuse a pre-tokenizer split regex that can match the empty string: tokenizers skips empty matches, tiktoken
+    drops the text after one ('ab' encodes as 'a') or panics. Tried on sample texts with the regex module (the syntax
+    tiktoken's engine reads); a pattern it cannot compile is left to tiktoken's own refusal."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        compiled = regex.compile(pat)
+    except regex.error:
+        return
+    for text in EMPTY_MATCH_PROBES:
+        if any(m.start() == m.end() for m in compiled.finditer(text)):
+            raise TokenizerError(f"{path}: pre_tokenizer Split pattern {inputs.shown(pat)} can match the empty string "
+                                 f"(in {text!r}): tiktoken would drop text; tokenizers' split regexes never match it")
+
+
+EMPTY_MATCH_PROBES = ("", "a", "ab", " ", "a b!", "12 345", "\n", "\t x\n\n  y", "é ü", "it's", "A.B,c;d")
 
 
 def _token(value) -> str | None:
@@ -228,8 +321,9 @@ def _token(value) -> str | None:
 def tokenizer_json(path: Path) -> Tokenizer:
     """A Hugging Face tokenizer.json with the tokenizer_config.json (BOS, EOS, pad, chat template), chat_template.jinja
     and generation_config.json (eos_token_id) beside it, as a Tokenizer whose ids are tokenizers' own."""
-    tj = _read_json(path)
-    model = tj.get("model") or {}
+    tj = _read_json(path, inputs.TOKENIZER_LIMIT)
+    _check_tokenizer_json(path, tj)
+    model = tj["model"]
 
     def refuse(component: str, why: str = "not supported"):
         raise TokenizerError(f"{path}: {component}: {why}")
@@ -253,7 +347,14 @@ def tokenizer_json(path: Path) -> Tokenizer:
         prefix, every = "", False
     bos = _post_processor_bos(tj.get("post_processor"), refuse)
     config_path = path.parent / "tokenizer_config.json"
-    config = _read_json(config_path) if config_path.is_file() else {}
+    config = _read_json(config_path) if config_path.exists() else {}
+    token = (lambda v: v is None or isinstance(v, str) or isinstance(v, dict) and isinstance(v.get("content"), str),
+             "null, a string or an object with a content string")
+    templates = (lambda v: v is None or isinstance(v, str) or isinstance(v, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in v),
+        "null, a string or a list of {\"name\": str, \"template\": str}")
+    inputs.check_fields(config, {"bos_token": token, "eos_token": token, "pad_token": token, "unk_token": token,
+                                 "chat_template": templates}, config_path, TokenizerError)
     eos, pad = _token(config.get("eos_token")), _token(config.get("pad_token"))
     if eos is None:
         raise TokenizerError(f"{path}: no eos_token in {config_path} (the token that ends a response)")
@@ -261,14 +362,20 @@ def tokenizer_json(path: Path) -> Tokenizer:
         if token is not None and token not in added:
             raise TokenizerError(f"{config_path}: {name} {token!r} is not an added token of {path}")
     template = config.get("chat_template")
-    if isinstance(template, list):  # [{"name": ..., "template": ...}]: the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if template is None and (jinja := path.parent / "chat_template.jinja").is_file():
-        template = jinja.read_text(encoding="utf-8")
+    if isinstance(template, list):  # [{"name": ..., "template": ...}]: the default one, which transformers requires
+        names = [t["name"] for t in template]
+        if "default" not in names:
+            raise TokenizerError(f"{config_path}: chat_template lists the templates {names} but none named 'default' "
+                                 f"(transformers refuses such a list too): name one 'default'")
+        template = next(t["template"] for t in template if t["name"] == "default")
+    if template is None and (jinja := path.parent / "chat_template.jinja").exists():
+        template = inputs.read_text(jinja, inputs.JSON_LIMIT, TokenizerError)
     end = [added[t] for t in END_OF_TURN if t in added and template and t in template]
     gen_path = path.parent / "generation_config.json"
-    if gen_path.is_file():
-        ids = _read_json(gen_path).get("eos_token_id")
+    if gen_path.exists():
+        gen = _read_json(gen_path)
+        inputs.check_fields(gen, {"eos_token_id": inputs.nullable(inputs.TOKEN_IDS)}, gen_path, TokenizerError)
+        ids = gen.get("eos_token_id")
         end += [ids] if isinstance(ids, int) else list(ids or [])
     n_vocab = max([*model["vocab"].values(), *added.values()]) + 1
     return Tokenizer(enc, bos, eos, pad, prefix=prefix, normalize=normalize, chat_template=template, end=end,
@@ -313,6 +420,7 @@ def _byte_level_json(path: Path, model: dict, normalizers: list[dict], pre: list
                    "only Isolated, not inverted (tiktoken's split)")
         pattern = split["pattern"]
         pat = pattern["Regex"] if "Regex" in pattern else re.escape(pattern["String"])
+        _check_split_regex(path, pat)
     else:
         refuse(f"pre_tokenizer {'+'.join(types)}", "supported: ByteLevel, Digits(individual_digits)+ByteLevel, "
                                                    "Split(regex)+ByteLevel(use_regex=false)")
@@ -402,6 +510,8 @@ def _first_merges(path: Path, model: dict, made) -> dict:
     first = {}
     for k, merge in enumerate(model["merges"]):
         a, b = merge.split(" ") if isinstance(merge, str) else merge  # "a b" or ["a", "b"]
+        if missing := [t for t in (a, b) if t not in model["vocab"]]:  # tokenizers refuses these too
+            raise TokenizerError(f"{path}: merge {k} {a!r} {b!r}: {missing[0]!r} is not in the vocabulary")
         if (token := made(a + b)) is None:
             raise TokenizerError(f"{path}: merge {k} {a!r} {b!r}: {a + b!r} is not in the vocabulary")
         first.setdefault(token, k)

@@ -30,15 +30,18 @@ from safetensors import SafetensorError
 
 import checkpoint
 import data
-import judge as judge_lib
+import inputs
+import lora
 import losses
+import memory
 import packing
+import judge as judge_lib
 import tokenizer
 import reference as ref_lib
 import synthetic
-from config import (ConfigError, TrainConfig, auto_tokenizer, data_splits, fail, help_text, parse_config,
-                    schedule_warning, truncation_warnings)
-from model import Llama, ModelConfig, check_context
+from config import (ConfigError, TrainConfig, auto_tokenizer, data_splits, fail, help_text, lora_ref_rank,
+                    parse_config, schedule_warning, truncation_warnings)
+from model import Llama, ModelConfig, check_context, check_pretrained, read_json
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -46,11 +49,14 @@ from model import Llama, ModelConfig, check_context
 
 
 def batch_logps(model: torch.nn.Module, input_ids: torch.Tensor, loss_mask: torch.Tensor, reference: bool = False,
-                keep: int | None = None):
+                keep: int | None = None, chunk: int = 0):
     """(log π(y|x) summed over response tokens, response token counts), both (B,) fp32: one forward (the reference's,
     without autograd, if reference). Logits are made only for the last keep = losses.logits_to_keep(loss_mask)
     positions (pass it when known: on GPU it costs a sync), so the LM head and the log-softmax over the vocabulary
-    skip the prompt part that every row has."""
+    skip the prompt part that every row has. chunk > 0 (--logps_chunk): only the scored positions, their LM head run
+    chunk tokens at a time (memory.chunked_logps)."""
+    if chunk:
+        return memory.chunked_logps(model, input_ids, losses.scored_positions(input_ids, loss_mask), chunk, reference)
     keep = losses.logits_to_keep(loss_mask) if keep is None else keep
     logits = ref_lib.reference_logits(model, input_ids, keep) if reference else model(input_ids, logits_to_keep=keep)
     return losses.sequence_logps(logits, input_ids[:, -keep:], loss_mask[:, -keep:])
@@ -79,13 +85,13 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
             tree = packing.batch_mask(batch, policy, cfg.attention)  # once for both forwards, checked in their dtype
 
             def forward_logps(model, reference=False):
-                return packing.packed_logps(model, batch, reference, tree)
+                return packing.packed_logps(model, batch, reference, tree, cfg.logps_chunk)
         else:
             mask = batch["loss_mask"]
             keep = losses.logits_to_keep(mask)  # once for the policy and the reference forward
 
             def forward_logps(model, reference=False):
-                return batch_logps(model, ids, mask, reference, keep)
+                return batch_logps(model, ids, mask, reference, keep, cfg.logps_chunk)
         logps, n = forward_logps(policy)
         if cfg.loss == "sft":  # next-token cross-entropy on the response tokens
             loss = -logps.sum() / n.sum().clamp(min=1)
@@ -100,8 +106,9 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
             kl_ids, kl_mask = batch["kl_input_ids"], batch["kl_loss_mask"]
             kl_keep = losses.logits_to_keep(kl_mask)
             with torch.no_grad():
-                policy_kl, _ = batch_logps(policy, kl_ids, kl_mask, keep=kl_keep)
-                ref_kl, _ = batch_logps(reference, kl_ids, kl_mask, reference=True, keep=kl_keep)
+                policy_kl, _ = batch_logps(policy, kl_ids, kl_mask, keep=kl_keep, chunk=cfg.logps_chunk)
+                ref_kl, _ = batch_logps(reference, kl_ids, kl_mask, reference=True, keep=kl_keep,
+                                        chunk=cfg.logps_chunk)
         if cfg.loss == "kto":
             good = batch["desirable"]
             per_example, rewards, z_ref = losses.kto_loss(logps, ref_logps, good, policy_kl, ref_kl, cfg.beta)
@@ -194,16 +201,23 @@ def keep_freed_memory(device: torch.device) -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))  # no mmap, no trim
 
 
-def load_model(cfg: TrainConfig, tok) -> Llama:
-    """The initial policy: from scratch (seeded identically on every rank), or a Hugging Face / our checkpoint."""
+def load_model(cfg: TrainConfig, tok, dtype: torch.dtype = torch.float32) -> Llama:
+    """The initial policy: from scratch (seeded identically on every rank), or a Hugging Face / our checkpoint, its
+    weights read in dtype (LoRA's bf16 base: a bf16 checkpoint is never held in fp32)."""
     if cfg.init_from == "scratch":
         torch.manual_seed(cfg.seed)
+        # the context: every sequence this run may hold, with or without eval samples (num_samples may change on
+        # --resume, and the model's config comes from its checkpoint then)
+        context = max(cfg.max_length, cfg.max_prompt_length + cfg.max_new_tokens)
         return Llama(ModelConfig(vocab_size=tok.n_vocab, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                                 max_seq_len=cfg.max_length, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                                 max_seq_len=context, bos_id=tok.bos_id, eos_id=tok.eos_id,
                                  reward_model=cfg.loss == "rm", pad_id=tok.pad_id if cfg.loss == "rm" else None))
     try:
-        model = Llama.from_pretrained(checkpoint.model_dir(cfg.init_from))
+        model = Llama.from_pretrained(checkpoint.model_dir(cfg.init_from), dtype=dtype)
+        check_length(cfg, model.config, f"init_from={cfg.init_from}")
         check_context(model.config, longest_sequence(cfg))  # a sliding window that would cut this run's sequences
+    except ConfigError:  # check_length's, complete
+        raise
     except (ValueError, OSError, SafetensorError) as e:  # a bad config.json or weights file: its message names it
         fail(f"init_from={cfg.init_from}: {e}")
     if model.is_reward_model and cfg.loss != "rm":
@@ -216,6 +230,38 @@ def load_model(cfg: TrainConfig, tok) -> Llama:
     return model
 
 
+def check_length(cfg: TrainConfig, config: ModelConfig, where: str):
+    """Before any work: the run's longest sequence fits the model's context (its max_position_embeddings)."""
+    n = longest_sequence(cfg)
+    if n > config.max_seq_len:
+        options = (f"max_length={cfg.max_length}" if n == cfg.max_length else
+                   f"max_prompt_length + max_new_tokens = {cfg.max_prompt_length} + {cfg.max_new_tokens} = {n}")
+        fail(f"{options} tokens is longer than the context of {where}, max_position_embeddings {config.max_seq_len} "
+             f"(config.json): use at most {config.max_seq_len} tokens")
+
+
+def lora_models(cfg: TrainConfig, tok, ckpt: Path | None, device: torch.device):
+    """(policy W0 + s·B·A, reference W0 + ΔW_ref or None for sft, initial policy W0 for TR runs' eval KL or None), all
+    on one frozen W0 storage: the initial model's weights, or on resume the checkpoint's base/, adapters and
+    reference factors (checkpoint.load_lora)."""
+    base_dtype = getattr(torch, cfg.lora_base_dtype)
+    base = load_model(cfg, tok, base_dtype) if ckpt is None else Llama.from_pretrained(ckpt / "base", dtype=None)
+    try:
+        policy = lora.apply(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, base_dtype,
+                            seed=cfg.seed).to(device)  # cast to the base dtype before it reaches the GPU
+    except ValueError as e:
+        fail(str(e))
+    reference = lora.make_reference(policy) if cfg.loss != "sft" else None
+    initial = lora.make_reference(policy) if cfg.ref_update != "static" else None  # W0 itself: ΔW = 0, no copy
+    if ckpt is not None:  # before FSDP2 shards the adapters
+        checkpoint.load_lora(ckpt, policy, reference)
+    adapters = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    log(f"LoRA: rank {cfg.lora_rank} on {len(lora.layers(policy, lora.LoRALinear))} layers ({cfg.lora_targets}): "
+        f"{adapters / 1e6:.3f}M trained parameters; base W0 frozen in {cfg.lora_base_dtype}, "
+        + ("each model's own shards under FSDP2" if cfg.fsdp else "one copy under policy, reference and initial"))
+    return policy, reference, initial
+
+
 def longest_sequence(cfg: TrainConfig) -> int:
     """The most tokens one sequence of this run holds: a training example (prompt + response, data.tokenize's
     max_length) or an eval prompt (at most max_prompt_length) with its max_new_tokens generated ones."""
@@ -225,17 +271,23 @@ def longest_sequence(cfg: TrainConfig) -> int:
 
 def check_vocab(cfg: TrainConfig, tok):
     """Before any work: refuse a model vocabulary smaller than the tokenizer's (its ids would index past the
-    embedding). A larger one is fine: evaluate's generate never samples the ids the tokenizer cannot decode."""
+    embedding), and a config.json the weights' headers contradict. A larger vocabulary is fine: evaluate's generate
+    never samples the ids the tokenizer cannot decode."""
     if cfg.init_from == "scratch":
         return
     file = checkpoint.model_dir(cfg.init_from) / "config.json"
-    try:
-        vocab = json.loads(file.read_text())["vocab_size"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    try:  # read_json: a regular file of at most 64 MiB holding an object; vocab_size an integer >= 1
+        vocab = read_json(file)["vocab_size"]
+        inputs.check_fields({"vocab_size": vocab}, {"vocab_size": inputs.POSITIVE_INT}, file)
+    except (ValueError, KeyError) as e:
         fail(f"init_from={cfg.init_from}: cannot read vocab_size from {file} ({type(e).__name__}: {e})")
     if vocab < tok.n_vocab:
         fail(f"init_from={cfg.init_from}: vocab_size {vocab} ({file}) < the {tok.n_vocab} ids of tokenizer="
              f"{cfg.tokenizer}; choose the tokenizer the model was trained with")
+    try:  # config.json against the weights' headers (no tensor read): a bad model is named before the data is read
+        check_pretrained(file.parent)
+    except (ValueError, OSError) as e:
+        fail(f"init_from={cfg.init_from}: {e}")
 
 
 def distribute(models: list, cfg: TrainConfig, world: int, device: torch.device) -> list:
@@ -268,7 +320,7 @@ def grad_sync(policy, cfg: TrainConfig, last_micro_step: bool):
 
 # options a resume may change: run length, bookkeeping, where the run lives, and how (not what) is computed
 RESUMABLE = ("max_steps", "eval_every", "ckpt_every", "keep_last", "log_every", "resume", "num_samples", "out_dir",
-             "fsdp", "device", "compile", "attention", "max_bad_steps", "wandb_project")
+             "fsdp", "device", "compile", "attention", "max_bad_steps", "wandb_project", "overwrite")
 
 
 def resume_checkpoint(cfg: TrainConfig) -> Path | None:
@@ -289,7 +341,8 @@ def resume_checkpoint(cfg: TrainConfig) -> Path | None:
         was, now = get_lr(step, replace(cfg, max_steps=saved["max_steps"])), get_lr(step, cfg)
         fail(f"--resume: max_steps={cfg.max_steps} differs from the run's {saved['max_steps']}: the {cfg.schedule} "
              f"learning rate at step {step + 1} would jump from {was:.3g} to {now:.3g}; keep max_steps="
-             f"{saved['max_steps']}, or train on with init_from={cfg.out_dir} (a new run and schedule)")
+             f"{saved['max_steps']}, or train on in a new run and schedule: --init_from={cfg.out_dir} "
+             f"--out_dir={cfg.out_dir.rstrip('/')}-2")
     if step >= cfg.max_steps and evaluated(Path(cfg.out_dir) / "metrics.jsonl", step):
         fail(f"--resume: {ckpt} is at step {step} of max_steps={cfg.max_steps}: the run is complete")
     return ckpt  # (at max_steps without the final eval: a run killed after its last checkpoint; resume evaluates)
@@ -401,10 +454,10 @@ def evaluate(policy, reference, initial, eval_batches: list[dict], prompts: list
         ids, mask = data.pad(list(zip(prompts, sampled)), tok.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         keep = losses.logits_to_keep(mask)
-        logp, _ = batch_logps(gen_model, ids, mask, keep=keep)
+        logp, _ = batch_logps(gen_model, ids, mask, keep=keep, chunk=cfg.logps_chunk)
         for name, model in (("kl_ref", reference), ("kl_init", initial)):
             if model is not None:
-                other, _ = batch_logps(model, ids, mask, reference=True, keep=keep)
+                other, _ = batch_logps(model, ids, mask, reference=True, keep=keep, chunk=cfg.logps_chunk)
                 out[name] = (logp - other).mean().item()
     ref_lib.reshard(policy)  # an FSDP2 root stays gathered after a forward without backward
     if cfg.data == "synthetic":
@@ -441,9 +494,16 @@ def log(msg: str):
 # together: no optimizer step, no TR update, the step retried on the next batch; max_bad_steps in a row stop the run.
 
 
-def guard(norm: float, loss: float, bad_steps: int, step: int, cfg: TrainConfig, out: Path, record) -> int:
+def guard(norm: float, loss: float, bad_steps: int, step: int, cfg: TrainConfig, run_dir: checkpoint.RunDir,
+          record) -> int:
     """0 if the gradient norm of step + 1 is finite; else the non-finite steps in a row so far (this one logged and
-    recorded as split 'skipped'), or ConfigError naming the newest finite checkpoint at cfg.max_bad_steps."""
+    recorded as split 'skipped'), or ConfigError naming the newest finite checkpoint at cfg.max_bad_steps. A
+    non-finite loss or norm at the first forward of a fresh run (no optimizer step yet: lr played no part) is the
+    initial model's: ConfigError naming init_from."""
+    if step == 0 and not (math.isfinite(norm) and math.isfinite(loss)):
+        fail(f"the first forward is non-finite (loss {loss}, gradient norm {norm}), before any optimizer step: "
+             f"the model of init_from={cfg.init_from} gives NaN/inf (check its weights and config.json, e.g. "
+             "rope_theta)" + (" or use dtype=float32" if cfg.dtype != "float32" else ""))
     if math.isfinite(norm):
         return 0
     bad_steps += 1
@@ -452,7 +512,7 @@ def guard(norm: float, loss: float, bad_steps: int, step: int, cfg: TrainConfig,
     record({"step": step + 1, "split": "skipped", "loss": loss, "grad_norm": norm, "in_a_row": bad_steps})
     if bad_steps >= cfg.max_bad_steps:
         fail(f"{bad_steps} non-finite steps in a row at step {step + 1} (gradient norm {norm}): stopped; the newest "
-             f"finite checkpoint is {checkpoint.newest(out) or 'none (none was due yet: see ckpt_every)'}; lower "
+             f"finite checkpoint is {run_dir.newest() or 'none (none was due yet: see ckpt_every)'}; lower "
              f"lr={cfg.lr:g}" + (" or use dtype=float32" if cfg.dtype != "float32" else ""))
     return bad_steps
 
@@ -475,6 +535,12 @@ def run(cfg: TrainConfig) -> dict:
     rank, world, device = setup_distributed(cfg)
     keep_freed_memory(device)
     out = Path(cfg.out_dir)
+    # a fresh run refuses an out_dir holding a run (unless overwrite) and links planted there, before any work
+    run_dir = checkpoint.claim(out, cfg.resume, cfg.overwrite, {k: getattr(cfg, k) for k in
+                                                               ("init_from", "tokenizer", "data", "eval_data")})
+    if run_dir.old:
+        log(f"--overwrite: the run in {out} ({checkpoint.earlier_run(out)}) is replaced at this run's first "
+            f"checkpoint; until then it stays, and this run's rows go to {run_dir.path('metrics.jsonl')}")
     ckpt = resume_checkpoint(cfg)
     log(f"config: {json.dumps(asdict(cfg))}")
     if warning := schedule_warning(cfg):
@@ -487,24 +553,30 @@ def run(cfg: TrainConfig) -> dict:
     train_loader, eval_batches, prompts, prompt_texts = make_data(cfg, tok, rank, world)
     micro_steps = (f"packed micro steps of <= {train_loader.rows} x {train_loader.capacity} tokens" if cfg.packing else
                    f"{cfg.batch_size // (cfg.micro_batch_size * world)} micro step(s) of {cfg.micro_batch_size}")
-
-    # models: the policy π_θ, the reference π_ref (a frozen copy, TR-updated), the initial policy for KL at eval time
-    init = load_model(cfg, tok).to(device)
-    policy = init if ckpt is None else Llama.from_pretrained(ckpt).to(device)
     try:  # the eval's judge (--judge), on rank 0, which writes metrics.jsonl
         scorer = judge_lib.load_judge(cfg.judge, device) if cfg.judge and rank == 0 and prompts else None
     except ValueError as e:
         fail(str(e))
-    reference = None
-    if cfg.loss not in ("sft", "rm"):
-        reference = ref_lib.make_reference(init if ckpt is None else Llama.from_pretrained(ckpt / "reference")
-                                           .to(device))
-    initial = ref_lib.make_reference(init) if cfg.ref_update != "static" else None  # static: the reference is it
+
+    # models: the policy π_θ, the reference π_ref (a frozen copy, TR-updated), the initial policy for KL at eval time
+    if cfg.lora_rank:  # LoRA: one frozen W0 under all three, each with its own low-rank delta (lora.py)
+        policy, reference, initial = lora_models(cfg, tok, ckpt, device)
+    else:
+        init = load_model(cfg, tok).to(device)
+        policy = init if ckpt is None else Llama.from_pretrained(ckpt).to(device)
+        reference = None
+        if cfg.loss not in ("sft", "rm"):
+            reference = ref_lib.make_reference(init if ckpt is None else Llama.from_pretrained(ckpt / "reference")
+                                               .to(device))
+        initial = ref_lib.make_reference(init) if cfg.ref_update != "static" else None  # static: the reference is it
+    if cfg.activation_checkpointing:  # the policy's blocks recomputed in its backward (the references take none)
+        memory.checkpoint_blocks(policy)
     n_params = policy.num_params()
     policy, reference, initial = distribute([policy, reference, initial], cfg, world, device)
     # fused: one kernel over all tensors (~6x faster than the default on CPU at 16M parameters)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    updater = ref_lib.ReferenceUpdater(cfg.ref_update, cfg.alpha, cfg.tau)
+    trained = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    updater = ref_lib.ReferenceUpdater(cfg.ref_update, cfg.alpha, cfg.tau, lora_ref_rank(cfg))
 
     # exact resume: weights (above), optimizer, data position, RNG states, step; otherwise a fresh run directory
     start = 0
@@ -512,22 +584,21 @@ def run(cfg: TrainConfig) -> dict:
     if ckpt is not None:
         state = checkpoint.load(ckpt, policy, optimizer)
         start = state["step"]
-        train_loader.load_state_dict(state["data"])
+        try:
+            train_loader.load_state_dict(state["data"])
+        except ValueError as e:  # the data file changed under the run (another number of examples)
+            fail(f"--resume: {ckpt}: {e}; data={cfg.data} is not the data the run trained on")
     metrics_file = out / "metrics.jsonl"
     # killed between a checkpoint and its eval: the eval runs first (read by every rank before rank 0 rewrites the file)
     eval_first = ckpt is not None and eval_due(start, cfg) and not evaluated(metrics_file, start)
-    checkpoint.barrier()  # every rank has read init_from and the checkpoint before rank 0 may delete old ones
+    checkpoint.barrier()  # every rank has read the checkpoint and metrics before rank 0 renames or rewrites
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if ckpt is None and (n := checkpoint.clear(out)):
-            log(f"fresh run: deleted {n} checkpoint(s) of an earlier run in {out} (--resume would continue it)")
         for d in [] if ckpt is None else checkpoint.set_aside(out, ckpt):
             log(f"warning: --resume: the damaged {d.name.removesuffix('.damaged')} renamed to {d.name}")
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         kept = [] if ckpt is None or not metrics_file.exists() else [
             line for line in metrics_file.read_text().splitlines(keepends=True)
             if line.endswith("\n") and json.loads(line)["step"] <= start]  # drop what ran after the checkpoint
-        metrics_file.write_text("".join(kept))
+        run_dir.start(asdict(cfg), "".join(kept))  # train_config.json and metrics.jsonl, atomically
     log(f"{n_params / 1e6:.2f}M parameters | {world} process(es) on {device} | {micro_steps} per process per optimizer "
         "step" + (f" | resuming {ckpt}" if ckpt else ""))
 
@@ -535,9 +606,8 @@ def run(cfg: TrainConfig) -> dict:
 
     def record(row: dict):
         if rank == 0:  # strict JSON: a non-finite number is written as null
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
-                                    for k, v in row.items()}) + "\n")
+            run_dir.append(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                       for k, v in row.items()}) + "\n")
         if tracker is not None:  # the same row, as "train/loss", "eval/kl_init", ... at its step
             tracker.log({f"{row['split']}/{k}": v for k, v in row.items() if k not in ("step", "split")},
                         step=row["step"])
@@ -578,13 +648,15 @@ def run(cfg: TrainConfig) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         norm = grad_norm.item()  # the one host sync of the guard, reused by the log line
-        if bad_steps := guard(norm, sums["loss"], bad_steps, step, cfg, out, record):
+        if bad_steps := guard(norm, sums["loss"], bad_steps, step, cfg, run_dir, record):
             optimizer.zero_grad(set_to_none=True)  # skipped: no optimizer step, no TR update, the step is retried
             continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        updater.after_step(step, reference, policy)  # TR: θ_ref ← α·θ + (1−α)·θ_ref (soft) or θ (hard) every τ
+        if updater.after_step(step, reference, policy) and cfg.lora_rank:  # TR: θ_ref ← α·θ + (1−α)·θ_ref (soft)
+            record({"step": step, "split": "reference", "compression_error": updater.compression_error,  # or θ (hard)
+                    "ref_rank": max(m.delta_U.shape[1] for m in lora.layers(reference, lora.DeltaLinear).values())})
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             keys = sorted(sums)
@@ -601,7 +673,7 @@ def run(cfg: TrainConfig) -> dict:
         # the checkpoint before the evaluation: training is never lost to a failing evaluation
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
             checkpoint.save(out, step, policy, reference, optimizer, {"data": train_loader.state_dict()},
-                            asdict(cfg), cfg.keep_last, tokenizer.tokenizer_files(cfg.tokenizer))
+                            asdict(cfg), cfg.keep_last, tokenizer.tokenizer_files(cfg.tokenizer), run_dir)
         if eval_due(step, cfg):
             evaluate_and_record(step)
     if tracker is not None:

@@ -26,6 +26,7 @@ DIST = "tests/test_reference.py::test_two_processes_ddp_fsdp2_and_kto_z_ref"
 PACKED = "tests/test_packing.py::test_compute_loss_packed_equals_padded"
 BF16 = "tests/test_packing.py::test_bf16_packed_logps_are_within_bf16_rounding"
 SIGKILL = "tests/test_train.py::test_sigkill_then_resume_matches_uninterrupted"
+LORA = "tests/test_lora.py::"
 
 # (name, what breaks, file, exact old text, new text, tests expected to catch it)
 MUTATIONS = [
@@ -74,6 +75,28 @@ MUTATIONS = [
     ("wandb-rows", "rows never reach W&B", "train.py",
      "tracker.log({", "(lambda *a, **k: None)({",
      ["tests/test_train.py::test_wandb_logs_the_metrics_rows_and_is_imported_only_when_set"]),
+    ("second-run-clobbers", "a fresh run into an out_dir holding a run is not refused", "checkpoint.py",
+     "elif held and not overwrite:", "elif False:",
+     ["tests/test_faults.py::test_a_second_run_into_a_finished_run_is_refused_and_touches_nothing"]),
+    ("overwrite-at-once", "--overwrite writes metrics.jsonl over the earlier run's before its first checkpoint",
+     "checkpoint.py", 'return self.out / (NEW + name if self.old else name)', "return self.out / name",
+     ["tests/test_faults.py::test_overwrite_failing_before_its_first_checkpoint_leaves_the_earlier_run_resumable"]),
+    ("lora-mix-ab", "the LoRA soft update mixes A and B separately (the naive rule)", "reference.py",
+     "U, V = torch.cat([alpha * pol.scale * B, (1 - alpha) * U], 1), torch.cat([A, V], 0)",
+     "U, V = alpha * pol.scale * B + (1 - alpha) * U[:, :B.shape[1]], alpha * A + (1 - alpha) * V[:A.shape[0]]",
+     [f"{LORA}test_soft_updates_of_the_factors_follow_the_dense_recurrence",
+      f"{LORA}test_mixing_a_and_b_separately_misses_the_soft_update_by_the_cross_term"]),
+    ("lora-base-copied", "the LoRA reference copies W0 instead of sharing its storage", "lora.py",
+     "reference = copy.deepcopy(policy, memo=dict(shared))", "reference = copy.deepcopy(policy)",
+     [f"{LORA}test_reference_and_initial_share_the_base_storage_and_hold_only_their_delta"]),
+    ("lora-unscaled", "the adapters' product is not scaled by lora_alpha / r", "lora.py",
+     "+ self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)",
+     "+ F.linear(F.linear(x, self.lora_A), self.lora_B)",
+     [f"{LORA}test_forward_and_adapter_gradients_equal_peft"]),
+    ("lora-resume-factors", "--resume of a LoRA run starts the reference's delta from zero", "checkpoint.py",
+     "for name, layer in lora.layers(reference, lora.DeltaLinear).items():", "for name, layer in []:",
+     [f"{LORA}test_a_lora_run_resumes_exactly_and_refuses_another_rank_or_targets",
+      f"{SIGKILL}[lora-checkpoint.write_manifest-5]"]),
 ]
 
 

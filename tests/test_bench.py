@@ -62,6 +62,18 @@ def test_flops_accounting(loss, extra, ref_passes):
         assert r["ref_forward_ms"] > 0 and r["tr_update_ms"] > 0
 
 
+@pytest.mark.parametrize("ref_update", ["static", "soft"])
+def test_lora_step_trains_the_adapters_only(ref_update):
+    """--lora_rank: train.py's LoRA policy (only the adapters in the optimizer) and its low-rank reference; a soft
+    update at tau=1 runs every step and grows the reference's delta."""
+    r = bench.main([*TINY, "--steps", "2", "--ref_update", ref_update, "--lora_rank", "4", "--lora_alpha", "8",
+                    "--lora_targets", "q_proj,v_proj,down_proj"])
+    hidden = 96  # model.ModelConfig's SwiGLU width for dim 32
+    assert r["n_trainable"] == 4 * ((32 + 32) * 2 + (hidden + 32)) < r["n_params"]
+    assert r["lora_rank"] == 4 and r["lora_ref_rank"] == 32 and r["tokens_per_s"] > 0
+    assert (r["tr_update_ms"] > 0) == (ref_update == "soft")
+
+
 def test_precompute_needs_static_reference(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--ref_update", "soft", "--precompute_ref"])
@@ -96,6 +108,21 @@ def test_trl_baseline_runs_on_the_same_tokens():
     import bench_trl
     r = bench_trl.main(["--dim", "32", "--n_layers", "1", "--n_heads", "2", "--vocab_size", "97", "--prompt_len", "4",
                         "--response_len", "6", "--pairs", "2", "--warmup", "1", "--steps", "1"])
+    assert r["tokens_per_step"] == 2 * 2 * (4 + 6) and r["tokens_per_s"] > 0
+
+
+def test_trl_peft_lora_baseline_trains_the_adapters_only():
+    """bench_trl.py --lora_rank: TRL's own PEFT path (peft_config, no ref_model: the adapter disabled is the static
+    reference) on the same tokens; only the LoRA factors of the targeted layers train, r·(in + out) each."""
+    pytest.importorskip("trl")
+    pytest.importorskip("peft")
+    import bench_trl
+    r = bench_trl.main(["--dim", "32", "--n_layers", "1", "--n_heads", "2", "--vocab_size", "97", "--prompt_len", "4",
+                        "--response_len", "6", "--pairs", "2", "--warmup", "1", "--steps", "1", "--lora_rank", "4",
+                        "--lora_alpha", "8", "--lora_targets", "q_proj,v_proj,down_proj"])
+    hidden = 96  # model.ModelConfig's SwiGLU width for dim 32
+    assert r["n_trainable"] == 4 * ((32 + 32) * 2 + (hidden + 32))
+    assert r["ref_update"] == "static" and r["lora_rank"] == 4 and r["peft"]
     assert r["tokens_per_step"] == 2 * 2 * (4 + 6) and r["tokens_per_s"] > 0
 
 

@@ -547,3 +547,31 @@ def test_cli_show_prints_the_first_tokenised_examples(tmp_path, capsys, byte):
                                        "not a dataset directory\n")
     assert data.main([str(hub), "--split=dev"]) == 2
     assert "no split 'dev'; the splits are test_prefs (1 file), train_prefs (1 file)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["{tmp}/missing.jsonl"], "{tmp}/missing.jsonl:1: cannot read (No such file or directory)"),
+    (["{tmp}/p.jsonl", "--show=-1"], "--show=-1: need N >= 0 examples"),
+    (["{tmp}/p.jsonl", "--show=two"], "argument --show: invalid int value: 'two'"),
+    (["{tmp}/p.jsonl", "--tokenizer=nope"], "--tokenizer=nope: unknown tokenizer 'nope'"),
+    (["{tmp}/missing.jsonl", "--tokenizer=nope"], "--tokenizer=nope: unknown tokenizer 'nope'"),
+    (["{tmp}/p.jsonl", "--tokenizer={tmp}/p.jsonl"], "--tokenizer={tmp}/p.jsonl: {tmp}/p.jsonl:1: expected"),
+    (["{tmp}/p.jsonl", "--max_length=1"], "--max_length=1, --max_prompt_length=512: need max_length >= 2 and"),
+    (["{tmp}/p.jsonl", "--max_prompt_length=0"], "--max_length=1024, --max_prompt_length=0: need"),
+    (["{tmp}/p.jsonl", "--format=csv"], "argument --format: invalid choice: 'csv'"),
+    (["{tmp}/p.jsonl", "--bogus"], "unrecognized arguments: --bogus"),
+    ([], "the following arguments are required: path"),
+])
+def test_cli_refuses_bad_options_and_inputs_in_one_line(tmp_path, capsys, args, culprit):
+    """Each in one line, exit status 2 (argparse's refusals too, without its usage block); a bad --tokenizer is
+    refused before the data is read."""
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    args = [a.format(tmp=tmp_path) for a in args]
+    byte = [] if any(a.startswith("--tokenizer") for a in args) else ["--tokenizer=byte"]
+    try:
+        rc = data.main([*args, *byte])
+    except SystemExit as e:  # argparse's
+        rc = e.code
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("data.py: error: ") and culprit.format(tmp=tmp_path) in err, err

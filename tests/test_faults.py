@@ -243,7 +243,7 @@ def test_a_second_run_on_a_busy_out_dir_stops_naming_the_first(straight, tmp_pat
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    rc, _, err = main(SMALL + [f"--out_dir={tmp_path}", "--max_steps=2"], capsys)
+    rc, _, err = main(SMALL + [f"--out_dir={tmp_path}", "--max_steps=2", "--overwrite=true"], capsys)
     assert rc == 0, err
     assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())  # the last holder's pid
 
@@ -258,12 +258,196 @@ def test_the_lock_is_exclusive_within_one_process_too(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# a second run in the same out_dir: refused, or with --overwrite replacing the first only at its own first checkpoint
+
+def snapshot(run_dir: Path) -> dict:
+    """Every file under run_dir but .lock: its bytes and modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def test_a_second_run_into_a_finished_run_is_refused_and_touches_nothing(straight, tmp_path, capsys):
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    before = snapshot(tmp_path)
+    rc, _, err = main(SMALL + [f"--out_dir={tmp_path}", "--seed=7"], capsys)
+    one_line_error(rc, err, f"out_dir={tmp_path} holds a run (ckpt-000004: step 4 of max_steps=4, written 20",
+                   " UTC): continue it with --resume, choose another --out_dir, or replace it with --overwrite=true")
+    assert snapshot(tmp_path) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".new-", ".replaced-", ".tmp-"))]
+
+
+def test_a_run_without_a_checkpoint_is_a_run_but_empty_leftovers_are_not(straight, tmp_path, capsys):
+    """metrics.jsonl with rows is a run's record (refused, and --resume is no way out); an empty metrics.jsonl, a
+    train_config.json and an unfinished checkpoint (a run that stopped before its first row) are replaced."""
+    shutil.copy(straight / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    rc, _, err = main(SMALL + [f"--out_dir={tmp_path}"], capsys)
+    one_line_error(rc, err, f"out_dir={tmp_path} holds a run (no checkpoint; metrics.jsonl to step 4, written ",
+                   "choose another --out_dir, or replace it with --overwrite=true")
+    assert "--resume" not in err
+    (tmp_path / "metrics.jsonl").write_text("")
+    shutil.copy(straight / "train_config.json", tmp_path / "train_config.json")
+    shutil.copytree(straight / "ckpt-000002", tmp_path / ".tmp-ckpt-000003")
+    rc, _, err = main(SMALL + [f"--out_dir={tmp_path}", "--max_steps=2"], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "ckpt-000002", "metrics.jsonl", "train_config.json"]
+    assert json.loads((tmp_path / "train_config.json").read_text())["max_steps"] == 2
+
+
+def test_overwrite_replaces_the_earlier_run_only_at_its_first_checkpoint(straight, tmp_path, capsys, monkeypatch):
+    """Until the new run's first checkpoint is whole the earlier run is untouched (its rows and options too: the new
+    ones go to side files); then it is gone at once, even its ckpt-000004 newer than the new run's only one."""
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    before, seen = snapshot(tmp_path), []
+    real = checkpoint.write_manifest
+
+    def at_first_manifest(ckpt):  # the new checkpoint is written but for its manifest
+        seen.append(snapshot(tmp_path))
+        seen.append([json.loads(line) for line in (tmp_path / ".new-metrics.jsonl").read_text().splitlines()])
+        return real(ckpt)
+    monkeypatch.setattr(checkpoint, "write_manifest", at_first_manifest)
+    rc, out, err = main(SMALL + [f"--out_dir={tmp_path}", "--overwrite=true", "--seed=7", "--max_steps=2"], capsys)
+    assert rc == 0, err
+    assert f"--overwrite: the run in {tmp_path} (ckpt-000004: step 4 of max_steps=4" in out
+    old_files, new_rows = seen[0], seen[1]
+    assert {p: v for p, v in old_files.items() if p in before} == before  # all of the earlier run, as it was
+    assert [(r["step"], r["split"]) for r in new_rows] == [(1, "train"), (2, "train")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "ckpt-000002", "metrics.jsonl", "train_config.json"]
+    assert json.loads((tmp_path / "train_config.json").read_text())["seed"] == 7
+    assert [(r["step"], r["split"]) for r in strict_rows(tmp_path)] == [(1, "train"), (2, "train"), (2, "eval")]
+    new, old = (load_file(d / "ckpt-000002" / "model.safetensors") for d in (tmp_path, straight))
+    assert any(not torch.equal(new[k], old[k]) for k in old)  # the new run's own weights
+    assert checkpoint.verify(tmp_path / "ckpt-000002") is None
+
+
+def test_overwrite_failing_before_its_first_checkpoint_leaves_the_earlier_run_resumable(straight, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """The earlier run stopped at step 2 of 4; the new run (--overwrite) fails at step 2, before its first checkpoint:
+    its message names no checkpoint of the earlier run as its own, the earlier run is byte for byte as it was, and
+    --resume finishes it exactly as the uninterrupted run."""
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    shutil.rmtree(tmp_path / "ckpt-000004")
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "metrics.jsonl").write_text("".join(r for r in rows if json.loads(r)["step"] <= 2))
+    before = snapshot(tmp_path)
+    with monkeypatch.context() as m:
+        nan_loss_at(m, set(range(2, 100)))
+        rc, _, err = main(SMALL + [f"--out_dir={tmp_path}", "--overwrite=true", "--seed=7", "--ckpt_every=3"],
+                          capsys)
+    one_line_error(rc, err, "3 non-finite steps in a row at step 2",
+                   "the newest finite checkpoint is none (none was due yet: see ckpt_every)")
+    assert "ckpt-000002" not in err
+    assert snapshot(tmp_path) == {**before, **{p: v for p, v in snapshot(tmp_path).items() if ".new-" in p.name}}
+    rc, out, err = main(SMALL + [f"--out_dir={tmp_path}", "--resume"], capsys)
+    assert rc == 0, err
+    assert not list(tmp_path.glob(".new-*"))  # the failed run's side files are gone
+    for sub in ("", "reference"):
+        new, old = (load_file(d / "ckpt-000004" / sub / "model.safetensors") for d in (tmp_path, straight))
+        assert all(torch.equal(new[k], old[k]) for k in old)
+    timeless = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in strict_rows(tmp_path)]
+    assert timeless == [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in strict_rows(straight)]
+
+
+def test_init_from_the_run_being_replaced_is_refused_and_the_advice_works(straight, tmp_path, capsys):
+    """--init_from=out --out_dir=out (or one of its checkpoints) would delete what it reads: refused before any work,
+    with or without --overwrite; the other out_dir it advises trains, and its result is a complete run that sample.py
+    and a later init_from use."""
+    import sample
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    before = snapshot(run_dir)
+    for init_from in (run_dir, run_dir / "ckpt-000002"):
+        for extra in ([], ["--overwrite=true"]):
+            rc, _, err = main(SMALL + [f"--out_dir={run_dir}", f"--init_from={init_from}", *extra], capsys)
+            one_line_error(rc, err, f"init_from={init_from} is read from the run in out_dir={run_dir} (ckpt-000004",
+                           f"choose another --out_dir (e.g. --out_dir={run_dir}-2)")
+    assert snapshot(run_dir) == before
+    assert main(SMALL + [f"--out_dir={run_dir}-2", f"--init_from={run_dir}", "--max_steps=2"], capsys)[0] == 0
+    assert main(SMALL + [f"--out_dir={run_dir}-3", f"--init_from={run_dir}-2", "--max_steps=2"], capsys)[0] == 0
+    assert sample.main(["--ckpt", f"{run_dir}-3", "--prompt", "abc=", "--max_new_tokens", "3"]) == 0
+
+
+def test_the_resume_refusals_advise_commands_that_work(straight, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    shutil.rmtree(run_dir / "ckpt-000004")
+    rc, _, err = main(SMALL + [f"--out_dir={run_dir}", "--resume", "--max_steps=6"], capsys)
+    advice = f"--init_from={run_dir} --out_dir={run_dir}-2"
+    one_line_error(rc, err, advice)
+    rc, _, err = main(SMALL + advice.split() + ["--max_steps=6"], capsys)
+    assert rc == 0, err
+    assert [r["step"] for r in strict_rows(Path(f"{run_dir}-2")) if r["split"] == "eval"] == [6]
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
+    rc, _, err = main(SMALL + [f"--out_dir={tmp_path}", "--resume", "--overwrite=true"], capsys)
+    one_line_error(rc, err, "resume=true continues the run in out_dir, overwrite=true replaces it: choose one")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# files written into out_dir are the run's own: a planted symbolic link is refused, and what it points to untouched
+
+PLANTED = [".lock", "metrics.jsonl", "train_config.json", "ckpt-000002", ".tmp-ckpt-000002", ".new-metrics.jsonl"]
+
+
+@pytest.mark.parametrize("name", PLANTED)
+@pytest.mark.parametrize("extra", [[], ["--overwrite=true"], ["--resume"]])
+def test_a_planted_symbolic_link_is_refused_and_its_target_untouched(straight, tmp_path, capsys, name, extra):
+    run_dir, victim = tmp_path / "run", tmp_path / "victim"
+    if name.startswith(("ckpt", ".tmp")):  # a link to a directory: a checkpoint the run might write into or delete
+        shutil.copytree(straight / "ckpt-000002", victim)
+    else:
+        shutil.copy(straight / "train_config.json", victim)
+    if extra:  # a run there to overwrite or resume
+        shutil.copytree(straight, run_dir)
+        checkpoint.remove(run_dir / name)
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / name).symlink_to(victim)
+    before = snapshot(tmp_path / "victim") if victim.is_dir() else victim.read_bytes()
+    rc, _, err = main(SMALL + [f"--out_dir={run_dir}", *extra], capsys)
+    one_line_error(rc, err, f"{run_dir / name} is a symbolic link (to {victim})", "remove the link")
+    assert (snapshot(victim) if victim.is_dir() else victim.read_bytes()) == before
+
+
+def test_an_out_dir_that_is_a_symbolic_link_is_followed(tmp_path, capsys):
+    """out_dir itself is the user's choice (out -> /scratch/out): the run writes into the directory it names."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    rc, _, err = main(SMALL + [f"--out_dir={tmp_path / 'link'}", "--max_steps=2"], capsys)
+    assert rc == 0, err
+    assert ckpts(tmp_path / "real") == ["ckpt-000002"]
+
+
+def test_write_file_is_atomic_and_never_follows_a_link(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "a.json").symlink_to(victim)
+    with pytest.raises(checkpoint.CheckpointError, match="a.json is a symbolic link"):
+        checkpoint.write_file(tmp_path / "a.json", "x")
+    (tmp_path / f".b.json.tmp-{os.getpid()}").symlink_to(victim)  # a link where the temp file goes: removed, not used
+    checkpoint.write_file(tmp_path / "b.json", "new")
+    assert (tmp_path / "b.json").read_text() == "new" and victim.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "victim"]
+
+
+def test_a_lock_that_is_not_a_regular_file_is_refused(tmp_path):
+    os.mkfifo(tmp_path / ".lock")
+    with pytest.raises(checkpoint.CheckpointError, match=f"{tmp_path / '.lock'} is not a regular file"):
+        with checkpoint.lock(tmp_path):
+            pass
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # resume finds the last good state
 
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
     rc, _, err = main(SMALL + [f"--out_dir={tmp_path / 'typo'}", "--resume"], capsys)
     one_line_error(rc, err, f"--resume: no checkpoint (ckpt-*) in out_dir={tmp_path / 'typo'}", "drop --resume")
+    assert "overwrite" not in err
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "split": "train"}) + "\n")  # killed before ckpt 1
+    rc, _, err = main(SMALL + [f"--out_dir={tmp_path}", "--resume"], capsys)
+    one_line_error(rc, err, "drop --resume to start a fresh run (it holds a run, no checkpoint; metrics.jsonl to step "
+                   "1, written ", ": add --overwrite=true)")
+    assert main(SMALL + [f"--out_dir={tmp_path}", "--overwrite=true", "--max_steps=2"], capsys)[0] == 0
 
 
 def truncate(ckpt: Path):
@@ -357,13 +541,13 @@ def test_a_failing_checkpoint_write_names_the_path_and_leaves_no_partial_copy(tm
 @pytest.mark.parametrize("name, message", [(".lock", "out_dir={out}: cannot create {out}/.lock: Read-only file system"),
                                            ("metrics.jsonl", "{out}/metrics.jsonl: Read-only file system")])
 def test_an_unwritable_out_dir_is_one_line(tmp_path, capsys, monkeypatch, name, message):
-    real_open = open
+    real_open = os.open
 
-    def read_only(file, mode="r", *args, **kwargs):
-        if str(file).endswith(name) and mode != "r":
+    def read_only(file, flags, *args, **kwargs):
+        if name in str(file) and flags & (os.O_WRONLY | os.O_RDWR):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
-        return real_open(file, mode, *args, **kwargs)
-    monkeypatch.setattr("builtins.open", read_only)
+        return real_open(file, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", read_only)
     rc, _, err = main(SMALL + [f"--out_dir={tmp_path}"], capsys)
     one_line_error(rc, err, message.format(out=tmp_path))
 
@@ -410,6 +594,62 @@ def test_a_larger_model_vocab_trains_and_never_generates_undecodable_ids(tmp_pat
     model = Llama.from_pretrained(model_dir)
     free = real(model, [[256, 97, 98]] * 8, 24, temperature=1.0, stop_ids=())
     assert max(t for r in free for t in r) >= 259
+
+
+def nan_weight(model_dir: Path):
+    weights = load_file(model_dir / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, model_dir / "model.safetensors")
+
+
+def overflowing_weights(model_dir: Path):
+    """Finite weights whose first forward overflows: an all-ones embedding (tied to the head) and a final norm of
+    3e38 make every logit 16 x 3e38 = inf."""
+    weights = load_file(model_dir / "model.safetensors")
+    weights["model.embed_tokens.weight"].fill_(1.0)
+    weights["model.norm.weight"].fill_(3e38)
+    save_file(weights, model_dir / "model.safetensors")
+
+
+@pytest.mark.parametrize("spoil", ["rope_theta 0", "a NaN weight", "an overflowing weight",
+                                   "an overflowing weight in bf16"])
+def test_a_non_finite_first_forward_names_the_model_not_the_lr(tmp_path, capsys, spoil):
+    """Before any optimizer step lr has played no part: a NaN/inf loss or gradient there is the initial model's.
+    rope_theta 0 and a NaN weight are refused when the model files are read (naming the key or tensor); finite weights
+    that overflow reach the first forward, whose line names init_from. Never lr."""
+    hf = tiny_hf(tmp_path / "hf", 300)
+    if spoil == "rope_theta 0":
+        config = json.loads((hf / "config.json").read_text())
+        config["rope_parameters"]["rope_theta"] = 0  # transformers 5.x's place; 4.x's top-level key too
+        (hf / "config.json").write_text(json.dumps({**config, "rope_theta": 0}))
+    elif spoil == "a NaN weight":
+        nan_weight(hf)
+    else:
+        overflowing_weights(hf)
+    bf16 = ["--dtype=bfloat16"] * spoil.endswith("bf16")
+    rc, out, err = main(SMALL + [f"--out_dir={tmp_path / 'run'}", f"--init_from={hf}", "--tokenizer=byte", *bf16],
+                        capsys)
+    one_line_error(rc, err, f"init_from={hf}")
+    assert "lower lr" not in err and "non-finite steps in a row" not in err
+    if spoil == "rope_theta 0":
+        one_line_error(rc, err, f"{hf / 'config.json'}: rope_theta must be a finite number > 0, got 0")
+    if spoil == "a NaN weight":
+        one_line_error(rc, err, f"{hf / 'model.safetensors'}: tensor model.norm.weight holds NaN or inf values")
+    if spoil.startswith("an overflowing weight"):
+        one_line_error(rc, err, "the first forward is non-finite (loss nan, gradient norm nan), before any "
+                       f"optimizer step: the model of init_from={hf} gives NaN/inf (check its weights and config.json,"
+                       " e.g. rope_theta)" + (" or use dtype=float32" if bf16 else ""))
+
+
+def test_the_guard_blames_the_initial_model_only_before_the_first_optimizer_step(tmp_path):
+    cfg, rows = train.TrainConfig(init_from="some/model"), []
+    run_dir = checkpoint.RunDir(tmp_path, [], [])
+    for norm, loss in ((float("nan"), 1.0), (1.0, float("inf"))):
+        with pytest.raises(train.ConfigError, match="first forward .* the model of init_from=some/model gives"):
+            train.guard(norm, loss, 0, 0, cfg, run_dir, rows.append)
+    assert train.guard(1.0, 1.0, 0, 0, cfg, run_dir, rows.append) == 0 and not rows
+    assert train.guard(float("nan"), 1.0, 0, 1, cfg, run_dir, rows.append) == 1  # a later step: skipped, retried
+    assert [(r["step"], r["split"], r["in_a_row"]) for r in rows] == [(2, "skipped", 1)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -460,3 +700,18 @@ def test_bad_setups_are_one_line(tmp_path, capsys):
     (hf / "config.json").write_text("{")
     rc, _, err = main(SMALL + [f"--out_dir={tmp_path / 'e'}", f"--init_from={hf}", "--tokenizer=byte"], capsys)
     one_line_error(rc, err, f"cannot read vocab_size from {hf / 'config.json'}")
+
+
+def test_resume_on_data_that_changed_under_the_run_is_one_line(tmp_path, capsys):
+    """The data file rewritten with fewer pairs between the checkpoint and --resume: the data position cannot be
+    restored (another number of steps per epoch), said in one line naming the checkpoint and the data."""
+    pairs = [{"prompt": f"q{i}=", "chosen": "a" * (1 + i % 3), "rejected": "b" * (1 + i % 4)} for i in range(48)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    args = SMALL + [f"--data={data}", "--tokenizer=byte", f"--out_dir={tmp_path / 'run'}", "--max_steps=2",
+                    "--schedule=constant"]
+    assert main(args, capsys)[0] == 0
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs[:24]))
+    rc, _, err = main(args[:-2] + ["--max_steps=4", "--schedule=constant", "--resume"], capsys)
+    one_line_error(rc, err, "--resume: ", "ckpt-000002: cannot resume the data position: steps_per_epoch changed",
+                   f"data={data} is not the data the run trained on")

@@ -68,6 +68,24 @@ def test_hh_transcripts_become_chat_turns():
     assert judge.hh_messages("abc=") is None and judge.hh_messages("\n\nHuman: no answer turn") is None
 
 
+def test_every_shared_hh_test_prompt_becomes_alternating_turns_with_its_text():
+    """The four HH-RLHF test files: every prompt parses; user and assistant alternate, from a user turn to the user
+    turn being answered; the turns hold the transcript's text (whitespace aside)."""
+    import glob
+    import data
+    files = sorted(glob.glob(str(shared_path("data", "hh-rlhf") / "*-test.jsonl.gz")))
+    n = 0
+    for f in files:
+        for ex in data.read_examples(f):
+            messages = judge.hh_messages(ex.prompt)
+            roles = [m["role"] for m in messages]
+            assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"], ex.prompt[:200]
+            words = " ".join(m["content"] for m in messages).split()
+            assert words == ex.prompt.replace("\n\nHuman:", " ").replace("\n\nAssistant:", " ").split()
+            n += 1
+    assert len(files) == 4 and n >= 1000  # (the four files hold 8,552 test pairs)
+
+
 def test_qwen_judge_reads_the_conversation_as_transformers_writes_it(tmp_path):
     """Qwen2.5's template: the judge's ids are apply_chat_template's (its default system prompt included, as the
     template writes it when the data has none; a system turn of the data replaces it, never both), the trailing "\\n"
@@ -158,3 +176,23 @@ def test_bad_judges_are_one_line_errors(tmp_path):
             judge.load_judge(str(spec))
         assert "\n" not in str(e.value) and culprit in str(e.value), str(e.value)
     assert qwen.is_dir()
+
+
+def test_a_reward_model_trained_here_is_read_where_its_training_read(tmp_path):
+    """A --loss=rm checkpoint (train_config.json: loss rm) is read in data.tokenize's layout: with Qwen2.5's template,
+    the ids of a tokenised pair's prompt + response (ending at <|im_end|>), one token short of apply_chat_template's
+    conversation (its trailing "\\n"); a string prompt as text, as its training saw it."""
+    import data
+    qwen = shared_path("models", "qwen2.5-0.5b-instruct")
+    hf_reward_model(tmp_path, qwen)
+    hub = judge.load_judge(tmp_path)
+    (tmp_path / "train_config.json").write_text(json.dumps({"loss": "rm", "tokenizer": str(tmp_path)}))
+    here = judge.load_judge(tmp_path)
+    assert (hub.data_layout, here.data_layout) == (False, True)
+    for prompt, chosen, rejected in (([{"role": "user", "content": "Name a colour."}], "Blue.", "Red."),
+                                     ("abc=", "abdcab", "efgh")):
+        reply = (lambda t: [{"role": "assistant", "content": t}]) if isinstance(prompt, list) else (lambda t: t)
+        item = data.tokenize([data.Pair(prompt, reply(chosen), reply(rejected))], here.tok, "pairs", 4096).items[0]
+        assert here.encode(prompt, chosen) == (item.prompt + item.response, len(item.prompt))
+    chat = [{"role": "user", "content": "Name a colour."}]
+    assert hub.encode(chat, "Blue.")[0] == here.encode(chat, "Blue.")[0] + here.tok.encode("\n", start=False)

@@ -270,7 +270,8 @@ def test_rm_loss_is_bradley_terry_and_matches_trls_reward_trainer(tmp_path):
     from model import Llama
     r = torch.tensor([0.0, 3.0, -2.0], dtype=torch.float64, requires_grad=True)
     losses, chosen, rejected = rm_loss(r, torch.zeros(3, dtype=torch.float64))
-    assert losses[0].item() == pytest.approx(math.log(2)) and losses[1].item() == pytest.approx(math.log1p(math.exp(-3)))
+    assert losses[0].item() == pytest.approx(math.log(2))
+    assert losses[1].item() == pytest.approx(math.log1p(math.exp(-3)))
     assert not chosen.requires_grad and torch.equal(rejected, torch.zeros(3, dtype=torch.float64))
     assert torch.autograd.gradcheck(lambda a, b: rm_loss(a, b)[0], (r, torch.randn(3, dtype=torch.float64,
                                                                                       requires_grad=True)))

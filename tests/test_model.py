@@ -371,6 +371,34 @@ def test_stop_ids_and_sampling():
         sample_next(logits, 1.0, top_p=0.0)
 
 
+def test_generate_masks_only_the_new_positions_and_stays_in_the_context(monkeypatch):
+    """With the KV cache a step's mask covers its own queries: (B, 1, P, P) for the prompt, then (B, 1, 1, t), so
+    memory grows with the length, not its square (docs/performance.md measures it); without the cache each step
+    recomputes (t, t). Pads stay masked: a left-padded row continues as it would alone. Past max_seq_len (64):
+    refused in one line."""
+    model, shapes = random_llama(), []
+    forward = Llama.forward
+
+    def spy(self, idx, pos=None, mask=None, *args, **kwargs):
+        assert mask.untyped_storage().nbytes() == mask.numel()  # not a view into a larger (B, 1, L, L) mask
+        shapes.append(tuple(mask.shape))
+        return forward(self, idx, pos, mask, *args, **kwargs)
+
+    monkeypatch.setattr(Llama, "forward", spy)
+    prompts = [[5, 9, 2], [4]]
+    rows = model.generate(prompts, 4, stop_ids=())
+    assert shapes == [(2, 1, 3, 3), (2, 1, 1, 4), (2, 1, 1, 5), (2, 1, 1, 6)]
+    shapes.clear()
+    assert model.generate(prompts, 4, stop_ids=(), use_cache=False) == rows
+    assert shapes == [(2, 1, t, t) for t in (3, 4, 5, 6)]
+    assert rows[1] == model.generate([[4]], 4, stop_ids=())[0]
+    assert len(model.generate([[1] * 60], 4, stop_ids=())[0]) == 4  # 64 positions: the whole context
+    with pytest.raises(ValueError, match=r"^65 tokens exceed the model's context, max_position_embeddings 64"):
+        model.generate([[1] * 60, [2]], 5)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        model.generate([[1]], -1)
+
+
 def test_generate_masks_ids_past_n_vocab():
     """A model vocabulary larger than the tokenizer's: n_vocab keeps the undecodable ids from being drawn."""
     torch.manual_seed(0)

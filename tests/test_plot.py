@@ -74,3 +74,21 @@ def test_cli_default_path_and_one_line_errors(tmp_path):
                              timeout=120)
         assert out.returncode == 2 and out.stdout == ""
         assert out.stderr.count("\n") == 1 and out.stderr.startswith("plot.py: error: ") and culprit in out.stderr
+
+
+def test_judge_score_is_drawn_against_kl_init(tmp_path):
+    """A run evaluated with --judge: its judge_score against kl_init, the eval rows in step order (a row without either
+    number, or a null, is left out); runs without it draw no such panel."""
+    run = fake_run(tmp_path / "dpo", "dpo")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[:-1]]
+    judge = {5: 0.25, 10: None}
+    for r in rows:
+        if r["split"] == "eval":
+            r["judge_score"] = judge[r["step"]]
+    rows.append({"step": 15, "split": "eval", "kl_init": 2.0, "judge_score": -0.5})
+    rows.append({"step": 20, "split": "eval", "judge_score": 0.1})  # no kl_init: not drawn
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot.against_kl(plot.load_run(run)["eval"], "judge_score") == ([0.5, 2.0], [0.25, -0.5])
+    title = plot.AGAINST_KL[0][0]
+    assert plot.plot([run, fake_run(tmp_path / "sft", "sft")], tmp_path / "p.png")[-1] == title
+    assert title not in plot.plot([fake_run(tmp_path / "other", "dpo")], tmp_path / "q.png")

@@ -63,6 +63,15 @@ def test_bad_paths_fail_in_one_line(tmp_path, args, culprit):
     assert p.stderr.startswith("sample.py: error: ") and culprit.format(tmp=tmp_path) in p.stderr
 
 
+def test_a_reward_model_is_refused_in_one_line(tmp_path, capsys):
+    tok = get_tokenizer("byte")
+    Llama(ModelConfig(vocab_size=tok.n_vocab, dim=16, n_layers=1, n_heads=2, reward_model=True,
+                      pad_id=tok.pad_id)).save_pretrained(tmp_path)
+    assert sample.main(["--ckpt", str(tmp_path), "--tokenizer", "byte", "--prompt", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a reward model (a score head, no LM head) does not generate" in err
+
+
 def test_a_sliding_window_shorter_than_prompt_plus_new_tokens_is_refused(tmp_path, capsys):
     """A Mistral whose window is 16: BOS + "abc" + 12 new tokens fit, 13 would be cut by the window."""
     tok = get_tokenizer("byte")
@@ -158,3 +167,88 @@ def test_chat_errors_are_one_line(chat_run, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err == "sample.py: error: --chat: chat template of byte-chatml: System messages are not supported " \
                   "(roles user)\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# options and inputs: each bad one is refused in one line (`sample.py: error: ...`, exit 2) before any generation
+
+
+def exit_status(argv: list[str]) -> int:
+    """sample.main's status, or argparse's (it exits)."""
+    try:
+        return sample.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("option, culprit", [
+    (["--temperature", "-1"], "--temperature -1.0: need a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature nan: need a finite number >= 0"),
+    (["--temperature", "inf"], "--temperature inf: need a finite number >= 0"),
+    (["--top_p", "0"], "--top_p 0.0: need 0 < top_p <= 1"),
+    (["--top_p", "1.5"], "--top_p 1.5: need 0 < top_p <= 1"),
+    (["--top_p", "nan"], "--top_p nan: need 0 < top_p <= 1"),
+    (["--top_k", "0"], "--top_k 0: need >= 1"),
+    (["--max_new_tokens", "-5"], "--max_new_tokens -5: need >= 1"),
+    (["--max_new_tokens", "0"], "--max_new_tokens 0: need >= 1"),
+    (["--num_samples", "0"], "--num_samples 0: need >= 1"),
+    (["--seed", "-1"], "--seed -1: need 0 <= seed < 2**64"),
+    (["--device", "nonsense"], "--device nonsense: not a device (cpu, cuda or cuda:N)"),
+    (["--device", "meta"], "--device meta: only cpu and cuda are supported"),
+    (["--max_new_tokens", "many"], "argument --max_new_tokens: invalid int value: 'many'"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (["--max_new_tokens", "100000"], "--max_new_tokens 100000: --prompt (4 tokens) + 100000 = 100004 tokens "
+     "exceed the model's context of 32 (max_position_embeddings, {run}/ckpt-000002/config.json): use at most 28"),
+    (["--max_new_tokens", "29"], "--max_new_tokens 29: --prompt (4 tokens) + 29 = 33 tokens exceed"),
+    (["--prompt", "x" * 40], "--prompt is 41 tokens, which leaves no room in the model's context of 32"),
+])
+def test_bad_options_fail_in_one_line(tmp_path, capsys, monkeypatch, option, culprit):
+    fake_run(tmp_path)
+    monkeypatch.setattr(Llama, "generate", lambda *a, **k: pytest.fail("generated despite a bad option"))
+    assert exit_status(["--ckpt", str(tmp_path), "--prompt", "abc", *option]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("sample.py: error: ") and culprit.format(run=tmp_path) in err, err
+
+
+def test_cuda_without_a_gpu_is_refused(tmp_path, capsys, monkeypatch):
+    fake_run(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        assert sample.main(["--ckpt", str(tmp_path), "--device", device]) == 2
+        assert capsys.readouterr().err == f"sample.py: error: --device {device}: torch sees no GPU (use --device cpu)\n"
+
+
+def test_the_default_max_new_tokens_is_what_the_context_leaves(tmp_path, capsys):
+    """--max_new_tokens left out: 200, or fewer where the context ends first (BOS + "abc" in 32 positions: 28)."""
+    model, tok = fake_run(tmp_path)
+    assert sample.main(["--ckpt", str(tmp_path), "--prompt", "abc", "--temperature", "0"]) == 0
+    new = model.generate([[tok.bos_id] + tok.encode("abc")], 28, stop_ids=tok.end_ids)[0]
+    text = tok.decode([t for t in new if t not in tok.end_ids])
+    assert capsys.readouterr().out == "abc" + text + "\n---------------\n"
+    with pytest.raises(ValueError, match=r"^33 tokens exceed the model's context, max_position_embeddings 32"):
+        model.generate([[tok.bos_id] + tok.encode("abc")], 29)
+
+
+@pytest.mark.parametrize("damage, culprit", [
+    ("weights", "--ckpt {run}/ckpt-000002: {run}/ckpt-000002/model.safetensors: not a readable safetensors file "
+                "(Error while deserializing header"),
+    ("train_config", "{run}/ckpt-000002/train_config.json: not a JSON object (JSONDecodeError"),
+    ("tokenizer_key", "{run}/ckpt-000002/train_config.json: 'tokenizer' is 7, not a tokenizer's name or path"),
+    ("tokenizer_file", "tokenizer {run}/tok.bin: "),
+])
+def test_bad_files_fail_in_one_line(tmp_path, capsys, damage, culprit):
+    fake_run(tmp_path)
+    ckpt, extra = tmp_path / "ckpt-000002", []
+    if damage == "weights":
+        (ckpt / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:100])
+    elif damage == "train_config":
+        (ckpt / "train_config.json").write_text("{")
+    elif damage == "tokenizer_key":
+        (ckpt / "train_config.json").write_text('{"tokenizer": 7}')
+    else:
+        (tmp_path / "tok.bin").write_bytes(b"\x00\x01 not a tokenizer")
+        extra = ["--tokenizer", str(tmp_path / "tok.bin")]
+    assert sample.main(["--ckpt", str(ckpt), "--prompt", "x", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sample.py: error: ") and culprit.format(run=tmp_path) in err, err

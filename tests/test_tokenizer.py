@@ -482,7 +482,7 @@ def test_refusals_name_the_file_and_the_component(tmp_path):
     with pytest.raises(tokenizer.TokenizerError, match="pre_tokenizer Metaspace"):
         sentencepiece_style(tmp_path, "metaspace", edit=lambda tj: tj["pre_tokenizer"].update(split=True))
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(tokenizer.TokenizerError, match="tokenizer.json: cannot read"):
+    with pytest.raises(tokenizer.TokenizerError, match="tokenizer.json: line 1: Expecting property name"):
         tokenizer.get_tokenizer(str(tmp_path))
 
 

@@ -369,14 +369,14 @@ def test_the_padded_path_matches_the_packed_default(straight, tmp_path):
         assert a.keys() == b.keys() and all(v == pytest.approx(b[k], abs=1e-4) for k, v in a.items())
 
 
-@pytest.mark.parametrize("loss", ["dpo", "sft"])
+@pytest.mark.parametrize("loss", ["dpo", "sft", "rm"])
 def test_packed_micro_batches_of_a_small_budget_are_world_size_invariant(tmp_path, loss):
     """A budget of 3 rows gives one process uneven micro batches (3 + 1 examples, 2 + 2 on each of 2 ranks); DDP and
     FSDP2 on 2 processes still reproduce 1 process: the loss weights make the global batch mean (SFT: its token
     mean) of any split."""
     args = [a for a in TINY if not a.startswith(("--loss", "--ref_update"))]
-    args += [f"--loss={loss}", "--ref_update=static" if loss == "sft" else "--ref_update=soft",
-             f"--micro_batch_tokens={93 if loss == 'dpo' else 48}", "--max_steps=6", "--eval_every=0", "--ckpt_every=0"]
+    args += [f"--loss={loss}", "--ref_update=soft" if loss == "dpo" else "--ref_update=static",
+             f"--micro_batch_tokens={48 if loss == 'sft' else 93}", "--max_steps=6", "--eval_every=0", "--ckpt_every=0"]
     runs = {}
     for name, extra, nproc in (("one", [], 0), ("ddp", [], 2), ("fsdp", ["--fsdp=true"], 2)):
         runs[name] = tmp_path / name
@@ -387,16 +387,29 @@ def test_packed_micro_batches_of_a_small_budget_are_world_size_invariant(tmp_pat
             assert all(v == pytest.approx(b[k], abs=1e-4) for k, v in a.items())
 
 
-def test_a_fresh_run_replaces_an_earlier_runs_checkpoints(straight, tmp_path):
-    """Running again into the same out_dir without --resume (the demo twice, say) must not trip over the earlier
-    run's ckpt-<step> of the same step, nor leave a newer one that init_from or --resume would pick."""
+def test_a_fresh_run_with_overwrite_replaces_an_earlier_runs_checkpoints(straight, tmp_path):
+    """Running again into the same out_dir with --overwrite (without it: refused, tests/test_faults.py) must not trip
+    over the earlier run's ckpt-<step> of the same step, nor leave a newer one that init_from or --resume would pick."""
     shutil.copytree(straight, tmp_path, dirs_exist_ok=True)  # ckpt-000006 and ckpt-000012 of a 12-step run
-    p = run(TINY + [f"--out_dir={tmp_path}", "--max_steps=6", "--seed=7"])
-    assert "deleted 2 checkpoint(s) of an earlier run" in p.stdout
-    assert sorted(d.name for d in tmp_path.glob("ckpt-*")) == ["ckpt-000006"]
+    p = run(TINY + [f"--out_dir={tmp_path}", "--max_steps=6", "--seed=7", "--overwrite=true"])
+    assert f"--overwrite: the run in {tmp_path} (ckpt-000012: step 12 of max_steps=12, written " in p.stdout
+    assert sorted(d.name for d in tmp_path.glob("*ckpt-*")) == ["ckpt-000006"]
     assert [r["step"] for r in metrics(tmp_path) if "loss" in r][-1] == 6
     new, old = weights(tmp_path), weights(straight)
     assert any(not torch.equal(new[k], old[k]) for k in old)  # the new run's own weights, not the copied ones
+
+
+def test_on_two_processes_rank_0_decides_and_every_rank_agrees(straight, tmp_path):
+    """A run into an out_dir holding a run, under torchrun: every rank stops with the same line (none waits in a
+    collective); with --overwrite the earlier run is replaced at the first checkpoint, which all ranks write."""
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    p = subprocess.run(launcher + [str(ROOT / "train.py"), *TINY, f"--out_dir={tmp_path}", "--max_steps=6"], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=180)
+    assert p.returncode != 0 and p.stderr.count(f"train.py: error: out_dir={tmp_path} holds a run (ckpt-000012") == 2
+    run(TINY + [f"--out_dir={tmp_path}", "--max_steps=6", "--overwrite=true"], nproc=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "ckpt-000006", "metrics.jsonl", "train_config.json"]
+    assert [r["step"] for r in metrics(tmp_path) if r["split"] == "eval"] == [6]
 
 
 KILLED_RUN = """
@@ -420,21 +433,65 @@ KILL_POINTS = [("checkpoint.write_manifest", 5),  # step 5's checkpoint fully wr
                ("train.compute_loss", 19)]  # inside a training step after step 6's eval (the last checkpoint: 6+)
 
 
-@pytest.mark.parametrize("function, call", KILL_POINTS)
-def test_sigkill_then_resume_matches_uninterrupted(straight, tmp_path, function, call):
-    args = [*TINY, f"--out_dir={tmp_path}", "--ckpt_every=1"]
+LORA = ["--lora_rank=4", "--lora_alpha=8", "--lora_ref_rank=8"]  # TINY's TR-DPO with LoRA: W0 + s·B·A, ΔW_ref = U·V
+
+
+def all_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the newest checkpoint's safetensors files (policy and reference/; LoRA: merged model, base/,
+    adapter/ and the reference's factors), keyed by file and name."""
+    ckpt = checkpoint.model_dir(run_dir)
+    return {f"{f.relative_to(ckpt)}:{k}": v for f in sorted(ckpt.rglob("*.safetensors"))
+            for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("function, call, extra", [pytest.param(f, c, [], id=f"{f}-{c}") for f, c in KILL_POINTS]
+                         + [pytest.param(f, c, LORA, id=f"lora-{f}-{c}") for f, c in KILL_POINTS])
+def test_sigkill_then_resume_matches_uninterrupted(request, tmp_path, function, call, extra):
+    straight_run = request.getfixturevalue("straight_lora" if extra else "straight")
+    args = [*TINY, *extra, f"--out_dir={tmp_path}", "--ckpt_every=1"]
     p = subprocess.run([sys.executable, "-c", KILLED_RUN, function, str(call), *args], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=180)
     assert p.returncode == -signal.SIGKILL, f"the run was not killed at call {call} of {function}: {p.stderr[-2000:]}"
     on_disk = sorted(x.name for x in tmp_path.glob("*ckpt-*"))
     print(f"killed on entering call {call} of {function}; checkpoints on disk: {on_disk}")
     run(args + ["--resume"])
-    for sub in ("", "reference"):
-        assert_close(weights(tmp_path, sub), weights(straight, sub), atol=0.0)
-    assert metrics(tmp_path) == metrics(straight)
+    assert_close(all_weights(tmp_path), all_weights(straight_run), atol=0.0)
+    assert metrics(tmp_path) == metrics(straight_run)
     assert len(list(tmp_path.glob("ckpt-*"))) == 2 and not list(tmp_path.glob(".tmp-*"))  # keep_last=2
     with pytest.raises(train.ConfigError, match="other values of beta"):  # a resume must not change the objective
-        train.resume_checkpoint(train.parse_config(TINY + [f"--out_dir={tmp_path}", "--resume", "--beta=0.2"]))
+        train.resume_checkpoint(train.parse_config(TINY + extra + [f"--out_dir={tmp_path}", "--resume", "--beta=0.2"]))
+
+
+@pytest.fixture(scope="module")
+def straight_lora(tmp_path_factory) -> Path:
+    """The uninterrupted single-process LoRA run (soft TR-DPO, exact low-rank reference updates)."""
+    out = tmp_path_factory.mktemp("straight_lora")
+    run(TINY + LORA + [f"--out_dir={out}"])
+    return out
+
+
+# --loss=rm: the same kill points, a reward model (no reference) resumes to the uninterrupted run's weights and rows
+RM_TINY = [a for a in TINY if not a.startswith(("--loss", "--ref_update", "--tau", "--alpha"))] + ["--loss=rm"]
+
+
+@pytest.fixture(scope="module")
+def straight_rm(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight_rm")
+    run(RM_TINY + [f"--out_dir={out}"])
+    return out
+
+
+@pytest.mark.parametrize("function, call", KILL_POINTS)
+def test_rm_sigkill_then_resume_matches_uninterrupted(straight_rm, tmp_path, function, call):
+    args = [*RM_TINY, f"--out_dir={tmp_path}", "--ckpt_every=1"]
+    p = subprocess.run([sys.executable, "-c", KILLED_RUN, function, str(call), *args], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == -signal.SIGKILL, f"the run was not killed at call {call} of {function}: {p.stderr[-2000:]}"
+    run(args + ["--resume"])
+    assert_close(weights(tmp_path), weights(straight_rm), atol=0.0)
+    assert "score.weight" in weights(tmp_path) and not (checkpoint.model_dir(tmp_path) / "reference").exists()
+    assert metrics(tmp_path) == metrics(straight_rm)
+    assert [r["step"] for r in metrics(tmp_path) if r["split"] == "eval"] == [6, 12]
 
 
 def test_a_checkpoint_older_than_an_option_resumes_with_its_default(straight, tmp_path):
@@ -567,6 +624,33 @@ def test_demo_pipeline_writes_its_table(tmp_path):
         assert [r["step"] for r in metrics(tmp_path / stage) if r["split"] == "eval"] == [40]
 
 
+def test_the_demo_run_again_replaces_its_own_runs_and_refuses_another(tmp_path, capsys, one_thread):
+    """`python train.py` twice: the second demo replaces the first one's runs (the same options would reproduce
+    them). A stage directory holding another run stops the demo before its first stage, in one line; with
+    --overwrite=true the demo replaces it too."""
+    args = ["--demo", f"--out_dir={tmp_path}", "--max_steps=2", "--batch_size=4", "--micro_batch_size=4", "--dim=16",
+            "--n_layers=1", "--n_heads=2", "--eval_size=4", "--num_samples=2", "--max_new_tokens=4",
+            "--warmup_steps=1"]
+    assert train.main(args) == 0
+    first = (tmp_path / "sft" / "ckpt-000002" / "model.safetensors").stat().st_mtime_ns
+    assert train.main(args) == 0
+    assert "--overwrite: the run in" in capsys.readouterr().out
+    assert (tmp_path / "sft" / "ckpt-000002" / "model.safetensors").stat().st_mtime_ns != first
+    assert sorted(p.name for p in (tmp_path / "dpo").iterdir()) == [".lock", "ckpt-000002", "metrics.jsonl",
+                                                                   "train_config.json"]
+    saved = json.loads((tmp_path / "dpo" / "train_config.json").read_text())
+    (tmp_path / "dpo" / "train_config.json").write_text(json.dumps({**saved, "beta": 0.5}))  # another run's
+    sft = (tmp_path / "sft" / "ckpt-000002" / "model.safetensors").stat().st_mtime_ns
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (f"train.py: error: demo: out_dir={tmp_path / 'dpo'} holds a run that is not this demo's "
+                   f"(ckpt-000002: step 2 of max_steps=2, {checkpoint.written(tmp_path / 'dpo' / 'ckpt-000002')}): "
+                   "rerun the demo with --overwrite=true or another --out_dir\n")
+    assert (tmp_path / "sft" / "ckpt-000002" / "model.safetensors").stat().st_mtime_ns == sft  # no stage ran
+    assert train.main(args + ["--overwrite=true"]) == 0
+    assert json.loads((tmp_path / "dpo" / "train_config.json").read_text())["beta"] == saved["beta"]
+
+
 def test_stories260K_dpo_with_its_llama2c_tokenizer_end_to_end(tmp_path, capsys):
     """karpathy's stories260K with the tok512.bin beside it: --tokenizer left at auto finds it (and a run from our
     checkpoint finds it in the checkpoint's train_config.json); DPO trains, evaluates with decoded samples,
@@ -630,25 +714,25 @@ def test_a_model_directory_with_a_tokenizer_json_trains_and_its_checkpoint_carri
     assert reloaded("Say hi")["input_ids"] == train.tokenizer.get_tokenizer(str(ckpt)).encode("Say hi")
 
 
-# --loss=rm: the same kill points, a reward model (no reference) resumes to the uninterrupted run's weights and rows
-RM_TINY = [a for a in TINY if not a.startswith(("--loss", "--ref_update", "--tau", "--alpha"))] + ["--loss=rm"]
-
-
-@pytest.fixture(scope="module")
-def straight_rm(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("straight_rm")
-    run(RM_TINY + [f"--out_dir={out}"])
-    return out
-
-
-@pytest.mark.parametrize("function, call", KILL_POINTS)
-def test_rm_sigkill_then_resume_matches_uninterrupted(straight_rm, tmp_path, function, call):
-    args = [*RM_TINY, f"--out_dir={tmp_path}", "--ckpt_every=1"]
-    p = subprocess.run([sys.executable, "-c", KILLED_RUN, function, str(call), *args], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=180)
-    assert p.returncode == -signal.SIGKILL, f"the run was not killed at call {call} of {function}: {p.stderr[-2000:]}"
-    run(args + ["--resume"])
-    assert_close(weights(tmp_path), weights(straight_rm), atol=0.0)
-    assert "score.weight" in weights(tmp_path) and not (checkpoint.model_dir(tmp_path) / "reference").exists()
-    assert metrics(tmp_path) == metrics(straight_rm)
-    assert [r["step"] for r in metrics(tmp_path) if r["split"] == "eval"] == [6, 12]
+def test_lengths_are_bounded_by_the_models_context(tmp_path, capsys):
+    """init_from a model of 16 positions: max_length, or an eval prompt with its generation, past them is refused in
+    one line naming the options and the limit, before any step; from scratch, the context holds both."""
+    import tokenizer
+    tok = tokenizer.get_tokenizer("byte")
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=tok.n_vocab, dim=32, n_layers=1, n_heads=2, max_seq_len=16))
+    model.save_pretrained(tmp_path / "m")
+    args = ["--loss=dpo", "--max_steps=1", "--eval_size=4", "--batch_size=2", "--micro_batch_size=2",
+            "--tokenizer=byte", "--max_length=16", "--max_prompt_length=8", "--num_samples=2", "--max_new_tokens=8",
+            "--ckpt_every=1", f"--init_from={tmp_path / 'm'}"]
+    for extra, culprit in ((["--max_new_tokens=9"], "max_prompt_length + max_new_tokens = 8 + 9 = 17 tokens"),
+                           (["--max_length=17"], "max_length=17 tokens")):
+        assert train.main(args + extra + [f"--out_dir={tmp_path / 'no'}"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"train.py: error: {culprit} is longer than the context of init_from={tmp_path / 'm'}, " \
+                      f"max_position_embeddings 16 (config.json): use at most 16 tokens\n"
+        assert not (tmp_path / "no" / "metrics.jsonl").exists()
+    assert train.main(args + ["--max_new_tokens=100", "--num_samples=0", f"--out_dir={tmp_path / 'ok'}"]) == 0
+    cfg = train.parse_config(["--max_length=16", "--max_prompt_length=8", "--max_new_tokens=100"], world_size=1)
+    assert train.load_model(cfg, tok).config.max_seq_len == 108  # from scratch: eval prompts with their generation
+    assert train.load_model(dataclasses.replace(cfg, max_new_tokens=4), tok).config.max_seq_len == 16

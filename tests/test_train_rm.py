@@ -2,6 +2,7 @@
 the padded path's, a run from a causal LM saves a *ForSequenceClassification that transformers scores as we do,
 judge_score beside kl_init, and one-line refusals before any work."""
 import json
+import os
 import random
 import subprocess
 import sys
@@ -25,10 +26,11 @@ TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--batch_size=4", "--micro_ba
         "--max_length=16", "--max_prompt_length=8", "--warmup_steps=2", "--lr=3e-3", "--max_new_tokens=8"]
 
 
-def run(args: list[str], ok: bool = True) -> subprocess.CompletedProcess:
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    """train.py in a subprocess, which must succeed."""
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert (p.returncode == 0) == ok, p.stdout[-3000:] + p.stderr[-3000:]
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
 
@@ -86,7 +88,7 @@ def sft_run(tmp_path_factory):
     return out
 
 
-def test_rm_from_a_causal_lm_saves_what_transformers_scores_as_we_do(sft_run, tmp_path):
+def test_rm_from_a_causal_lm_saves_what_transformers_scores_as_we_do(sft_run, tmp_path, capsys):
     """--loss=rm from an SFT run: a new score head, no reference, no generations; held-out pair accuracy and margin
     in the eval rows (train rows too); the checkpoint is a LlamaForSequenceClassification whose transformers scores
     give the eval row's held-out accuracy and margin."""
@@ -120,8 +122,10 @@ def test_rm_from_a_causal_lm_saves_what_transformers_scores_as_we_do(sft_run, tm
     assert evals[-1]["margin"] == pytest.approx(sum(margins) / len(margins), rel=1e-4)
     # a reward model trains on as one (--loss=rm from it); as a policy it is refused in one line
     run(TINY + ["--loss=rm", "--max_steps=1", f"--init_from={out}", f"--out_dir={tmp_path / 'more'}"])
-    p = run(TINY + ["--loss=dpo", "--max_steps=1", f"--init_from={out}", f"--out_dir={tmp_path / 'dpo'}"], ok=False)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "is a reward model" in p.stderr
+    capsys.readouterr()
+    assert train.main(TINY + ["--loss=dpo", "--max_steps=1", f"--init_from={out}", f"--out_dir={tmp_path / 'dpo'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a reward model (a score head, no LM head): loss=dpo" in err
 
 
 def test_judge_scores_eval_samples_beside_kl_init(sft_run, tmp_path):
@@ -146,10 +150,12 @@ def test_judge_scores_eval_samples_beside_kl_init(sft_run, tmp_path):
     (["--judge={tmp}/missing"], "no such file or directory"),
     (["--judge=gold", "--loss=rm"], "generates none"),
     (["--loss=rm", "--ref_update=soft"], "loss=rm has none"),
+    (["--judge=gold", "--num_samples=0"], "num_samples=0 samples none"),
+    (["--loss=rm", "--lora_rank=4"], "LoRA on a reward model is not supported"),
 ])
-def test_bad_judges_and_rm_options_are_one_line_before_any_work(sft_run, tmp_path, extra, culprit):
+def test_bad_judges_and_rm_options_are_one_line_before_any_work(sft_run, tmp_path, capsys, extra, culprit):
     args = [a.format(lm=sft_run, tmp=tmp_path) for a in extra]
     out = tmp_path / "out"
-    p = run(TINY + ["--loss=dpo", "--max_steps=1", *args, f"--out_dir={out}"], ok=False)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and culprit in p.stderr, p.stderr
-    assert p.stderr.startswith("train.py: error: ") and not out.exists()
+    assert train.main(TINY + ["--loss=dpo", "--max_steps=1", *args, f"--out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and culprit in err and err.startswith("train.py: error: ") and not out.exists()
