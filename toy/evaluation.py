@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import evaluate
+import winrates
 import judge
 import synthetic
 import train
@@ -68,13 +69,13 @@ def rm_accuracy(rm_dir: Path, n: int, n_boot: int = 10_000) -> dict:
     responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     r, g = (np.array(j.score(prompts, responses)).reshape(2, n) for j in (rm, gold))
     decided = g[0] != g[1]
-    agree = evaluate.win(np.sign(r[0] - r[1]) * np.sign(g[0] - g[1]), 0)[decided]
-    label = evaluate.win(r[0], r[1])
+    agree = winrates.win(np.sign(r[0] - r[1]) * np.sign(g[0] - g[1]), 0)[decided]
+    label = winrates.win(r[0], r[1])
     ones = np.ones((n_boot, 1))
     out = {}
     for name, x in (("gold_agreement", agree), ("label_accuracy", label)):
-        stat = evaluate.ratio_stat(x[None], np.ones((1, len(x))), ones,
-                                   evaluate.resample_counts(len(x), n_boot, np.random.default_rng(0)))
+        stat = winrates.ratio_stat(x[None], np.ones((1, len(x))), ones,
+                                   winrates.resample_counts(len(x), n_boot, np.random.default_rng(0)))
         out[name] = {**stat, "pairs": int(len(x))}
     return out
 
