@@ -87,6 +87,31 @@ def _size_arguments(args, kwargs):
         _sized(a)
 
 
+def _grown_length(name: str, s: str, args: tuple) -> int:
+    """How long a string `name` builds from s and args where it can outgrow its inputs (str.replace, join, expandtabs,
+    format and %-formatting with a width), worked out before the call so that the value is never allocated; 0 for
+    anything else. Every input is already at most MAX_CHARS, but their product is not."""
+    if name in ("replace", "do_replace") and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]):
+        old, new = args[0], args[1]
+        n = s.count(old) if old else len(s) + 1  # '' matches between every two characters and at both ends
+        if len(args) > 2 and isinstance(args[2], int) and args[2] >= 0:
+            n = min(n, args[2])
+        return len(s) + n * (len(new) - len(old))
+    if name in ("join", "do_join") and args and isinstance(args[0], (str, list, tuple)):
+        items = args[0]
+        return sum(len(x) for x in items if isinstance(x, str)) + len(s) * max(len(items) - 1, 0)
+    if name == "expandtabs":
+        return len(s) + s.count("\t") * (args[0] if args and isinstance(args[0], int) else 8)
+    if name in ("format", "format_map", "do_format", "%"):  # a width or precision inside the format string
+        return max([int(w) for w in re.findall(r"\d+", s) if len(w) > 6] or [0])
+    return 0
+
+
+def _check_growth(name: str, s, args: tuple):
+    if isinstance(s, str) and (n := _grown_length(name, s, args)) > MAX_CHARS:
+        raise TemplateBoundError(f"its {name.removeprefix('do_')} would build {n} characters (more than {MAX_CHARS})")
+
+
 def bounded_loop(iterable):
     """Every {% for %} loop's iterable, wrapped by compile_template: counts the items against the budget."""
     budget = _budget.get()
@@ -155,7 +180,7 @@ def compile_template(source: str):
         """The sandbox with the rendering bounds: every loop's iterable counted (bounded_loop, put around it when the
         template is parsed), every call and filter checked for its size arguments, its result and the time, and the
         * and ** operators refused where their result would be too large."""
-        intercepted_binops = frozenset({"*", "**"})
+        intercepted_binops = frozenset({"*", "**", "%"})
 
         def _parse(self, source, name, filename):
             tree = super()._parse(source, name, filename)
@@ -166,6 +191,8 @@ def compile_template(source: str):
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's own signature)
             _budget.get().check()
             _size_arguments(args, kwargs)
+            bound = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format: the method is inside
+            _check_growth(getattr(bound, "__name__", ""), getattr(bound, "__self__", None), args)
             return _sized(super().call(__context, __obj, *args, **kwargs))
 
         def call_binop(self, context, operator, left, right):
@@ -175,6 +202,8 @@ def compile_template(source: str):
             if operator == "*" and isinstance(left, int) and isinstance(right, (str, list, tuple)):
                 if left * len(right) > MAX_CHARS:
                     raise TemplateBoundError(f"it repeats a value of {len(right)} items {left} times")
+            if operator == "%":
+                _check_growth("%", left, ())
             if operator == "**" and all(isinstance(x, (int, float)) for x in (left, right)) and abs(left) > 1 and \
                     right * math.log2(abs(left)) > 4096:
                 raise TemplateBoundError(f"it raises {left} to the power {right}")
@@ -187,6 +216,10 @@ def compile_template(source: str):
         def bounded(*args, **kwargs):
             _budget.get().check()
             _size_arguments(args[skip:], kwargs)
+            value = args[skip - 1] if len(args) >= skip else None  # the value filtered: replace, join, format
+            _check_growth(f.__name__, value if f.__name__ != "do_join" else (kwargs.get("d") or
+                                                                            (args[skip] if len(args) > skip else "")),
+                          args[skip:] if f.__name__ != "do_join" else (value,))
             return _sized(f(*args, **kwargs))
         return bounded
 

@@ -599,6 +599,15 @@ HOSTILE_TEMPLATES = [
     ("{% macro f(s, n) %}{{ f(s ~ s, n - 1) if n else s }}{% endmacro %}{{ f('x', 40) }}", "it builds a value of"),
     ("{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}", "its output passes 16000000 characters"),
     ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "it recurses too deeply"),
+    # refused before the call: a string method or filter whose result outgrows its inputs (100M characters here)
+    ("{% set s = 'x' * 10000 %}{{ s.replace('', s) }}", "its replace would build 100020000 characters"),
+    ("{% set s = 'x' * 10000 %}{{ s | replace('x', s) }}", "its replace would build 100000000 characters"),
+    ("{% set s = 'x' * 10000 %}{{ s.join(s) }}", "its join would build 100000000 characters"),
+    ("{% set s = 'y' * 10000 %}{{ s | join(s) }}", "its join would build 100000000 characters"),
+    ("{{ ('\\t' * 10000).expandtabs(10000) }}", "its expandtabs would build 100010000 characters"),
+    ("{{ '%100000000d' % 1 }}", "its % would build 100000000 characters"),
+    ("{{ '{:>100000000}'.format(1) }}", "its format would build 100000000 characters"),
+    ("{{ '%100000000d' | format(1) }}", "its format would build 100000000 characters"),
 ]
 
 
