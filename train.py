@@ -130,10 +130,15 @@ def compute_loss(policy, reference, batch: dict, cfg: TrainConfig, ref_logps: to
             extra = {"chosen_logp": logps[:b].detach().mean(), "rejected_logp": logps[b:].detach().mean(),
                      "kl_ref": (logps[:b].detach() - ref_logps[:b]).sum() / n[:b].sum().clamp(min=1)}
         loss = per_example.mean()
+    return loss, pair_metrics(loss, acc, chosen, rejected, extra)
+
+
+def pair_metrics(loss: torch.Tensor, acc, chosen, rejected, extra: dict | None = None) -> dict[str, float]:
+    """A micro batch's metrics as floats, read back in one device sync for all of them."""
     metrics = {"loss": loss.detach(), "reward_acc": acc, "margin": chosen - rejected, "chosen_reward": chosen,
-               "rejected_reward": rejected, **extra}
-    values = torch.stack([v.float() for v in metrics.values()]).tolist()  # one device sync for all of them
-    return loss, dict(zip(metrics, values))
+               "rejected_reward": rejected, **(extra or {})}
+    values = torch.stack([v.float() for v in metrics.values()]).tolist()
+    return dict(zip(metrics, values))
 
 
 def reward_model_loss(policy, batch: dict, cfg: TrainConfig):
@@ -153,10 +158,7 @@ def reward_model_loss(policy, batch: dict, cfg: TrainConfig):
     b = rewards.shape[0] // 2
     per_pair, chosen, rejected = losses.rm_loss(rewards[:b], rewards[b:])
     loss = per_pair.mean()
-    metrics = {"loss": loss.detach(), "reward_acc": (chosen > rejected).float().mean(),
-               "margin": (chosen - rejected).mean(), "chosen_reward": chosen.mean(), "rejected_reward": rejected.mean()}
-    values = torch.stack([v.float() for v in metrics.values()]).tolist()  # one device sync for all of them
-    return loss, dict(zip(metrics, values))
+    return loss, pair_metrics(loss, (chosen > rejected).float().mean(), chosen.mean(), rejected.mean())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
