@@ -520,7 +520,7 @@ def save(out_dir: str | Path, step: int, policy, reference, optimizer, state: di
         if rank() == 0:
             model = policy.module if isinstance(policy, DistributedDataParallel) else policy
             if lora_run:
-                save_lora(tmp, dest, model, policy_sd, ref_sd, config)
+                lora.save_checkpoint(tmp, dest, model, policy_sd, ref_sd, config)
             else:
                 model.save_pretrained(tmp, policy_sd)
             if reference is not None and not lora_run:
@@ -545,45 +545,6 @@ def save(out_dir: str | Path, step: int, policy, reference, optimizer, state: di
         raise CheckpointError(problem)
     if run_dir is not None:
         run_dir.old = []  # on every rank: from now on the newest checkpoint is this run's
-
-
-def save_lora(tmp: Path, dest: Path, model, policy_sd: dict, ref_sd: dict | None, config: dict):
-    """A LoRA run's weights: the merged policy as the checkpoint's model (transformers and init_from load it), the
-    base and the adapter in peft's format beside it, and the reference's factors (exact resume needs all). base/ holds
-    every parameter but the adapters, so modules trained in full (a score head) are there, and in the adapter as its
-    modules_to_save."""
-    with torch.device("meta"):  # a plain model of the same config: save_pretrained checks the names against it
-        plain = type(model)(model.config)
-    scale = config["lora_alpha"] / config["lora_rank"]
-    plain.save_pretrained(tmp, lora.merged_state_dict(policy_sd, scale))
-    plain.save_pretrained(tmp / "base", {k: v for k, v in policy_sd.items() if not k.endswith((".lora_A", ".lora_B"))})
-    full = {n for n, p in model.named_parameters() if p.requires_grad and not n.endswith((".lora_A", ".lora_B"))}
-    lora.save_adapter(tmp / "adapter", {k: v for k, v in policy_sd.items() if k.endswith((".lora_A", ".lora_B"))},
-                      config["lora_rank"], config["lora_alpha"], config["lora_targets"], str((dest / "base").resolve()),
-                      {k: policy_sd[k] for k in full},
-                      "SEQ_CLS" if getattr(model, "is_reward_model", False) else "CAUSAL_LM")
-    if ref_sd is not None:
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in ref_sd.items()}, tmp / "reference_delta.safetensors")
-
-
-def load_lora(ckpt: Path, policy, reference):
-    """Put a LoRA checkpoint's adapters into the policy (built on its base/) and its factors into the reference."""
-    from safetensors.torch import load_file
-    policy = policy.module if isinstance(policy, DistributedDataParallel) else policy
-    adapters = lora.load_adapter(ckpt / "adapter")
-    layers = lora.layers(policy, lora.LoRALinear)
-    if set(adapters) != {f"{n}.{ab}" for n in layers for ab in ("lora_A", "lora_B")}:
-        raise CheckpointError(f"{ckpt / 'adapter'}: its adapters sit on other layers than lora_targets names")
-    with torch.no_grad():
-        for name, layer in layers.items():
-            layer.lora_A.copy_(adapters[f"{name}.lora_A"])
-            layer.lora_B.copy_(adapters[f"{name}.lora_B"])
-    if reference is not None:
-        factors = load_file(ckpt / "reference_delta.safetensors")
-        for name, layer in lora.layers(reference, lora.DeltaLinear).items():
-            layer.delta_U = factors[f"{name}.delta_U"].to(layer.weight.device)
-            layer.delta_V = factors[f"{name}.delta_V"].to(layer.weight.device)
 
 
 def write_error(e: Exception, tmp: Path, dest: Path) -> str:

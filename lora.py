@@ -234,3 +234,48 @@ def load_adapter(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     return {k.removeprefix("base_model.model.").removeprefix("model.").removesuffix(".weight"): v
             for k, v in load_file(path / "adapter_model.safetensors").items() if ".lora_A." in k or ".lora_B." in k}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a LoRA run's checkpoint (checkpoint.save writes it, train.py's lora_models reads it): ckpt-N/ holds the merged model,
+# base/, adapter/ (peft's format) and reference_delta.safetensors
+
+
+def save_checkpoint(tmp: Path, dest: Path, model, policy_sd: dict, ref_sd: dict | None, config: dict):
+    """A LoRA run's weights: the merged policy as the checkpoint's model (transformers and init_from load it), the
+    base and the adapter in peft's format beside it, and the reference's factors (exact resume needs all). base/ holds
+    every parameter but the adapters, so modules trained in full (a score head) are there, and in the adapter as its
+    modules_to_save."""
+    with torch.device("meta"):  # a plain model of the same config: save_pretrained checks the names against it
+        plain = type(model)(model.config)
+    scale = config["lora_alpha"] / config["lora_rank"]
+    plain.save_pretrained(tmp, merged_state_dict(policy_sd, scale))
+    plain.save_pretrained(tmp / "base", {k: v for k, v in policy_sd.items() if not k.endswith((".lora_A", ".lora_B"))})
+    full = {n for n, p in model.named_parameters() if p.requires_grad and not n.endswith((".lora_A", ".lora_B"))}
+    save_adapter(tmp / "adapter", {k: v for k, v in policy_sd.items() if k.endswith((".lora_A", ".lora_B"))},
+                      config["lora_rank"], config["lora_alpha"], config["lora_targets"], str((dest / "base").resolve()),
+                      {k: policy_sd[k] for k in full},
+                      "SEQ_CLS" if getattr(model, "is_reward_model", False) else "CAUSAL_LM")
+    if ref_sd is not None:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in ref_sd.items()}, tmp / "reference_delta.safetensors")
+
+
+def load_checkpoint(ckpt: Path, policy, reference):
+    """Put a LoRA checkpoint's adapters into the policy (built on its base/) and its factors into the reference
+    (ValueError if its adapters sit on other layers)."""
+    from safetensors.torch import load_file
+    policy = getattr(policy, "module", policy)  # inside a DDP wrapper
+    adapters = load_adapter(ckpt / "adapter")
+    found = layers(policy, LoRALinear)
+    if set(adapters) != {f"{n}.{ab}" for n in found for ab in ("lora_A", "lora_B")}:
+        raise ValueError(f"{ckpt / 'adapter'}: its adapters sit on other layers than lora_targets names")
+    with torch.no_grad():
+        for name, layer in found.items():
+            layer.lora_A.copy_(adapters[f"{name}.lora_A"])
+            layer.lora_B.copy_(adapters[f"{name}.lora_B"])
+    if reference is not None:
+        factors = load_file(ckpt / "reference_delta.safetensors")
+        for name, layer in layers(reference, DeltaLinear).items():
+            layer.delta_U = factors[f"{name}.delta_U"].to(layer.weight.device)
+            layer.delta_V = factors[f"{name}.delta_V"].to(layer.weight.device)

@@ -245,7 +245,7 @@ def check_length(cfg: TrainConfig, config: ModelConfig, where: str):
 def lora_models(cfg: TrainConfig, tok, ckpt: Path | None, device: torch.device):
     """(policy W0 + s·B·A, reference W0 + ΔW_ref or None for sft, initial policy W0 for TR runs' eval KL or None), all
     on one frozen W0 storage: the initial model's weights, or on resume the checkpoint's base/, adapters and
-    reference factors (checkpoint.load_lora)."""
+    reference factors (lora.load_checkpoint)."""
     base_dtype = getattr(torch, cfg.lora_base_dtype)
     base = load_model(cfg, tok, base_dtype) if ckpt is None else Llama.from_pretrained(ckpt / "base", dtype=None)
     try:
@@ -256,7 +256,10 @@ def lora_models(cfg: TrainConfig, tok, ckpt: Path | None, device: torch.device):
     reference = lora.make_reference(policy) if cfg.loss not in ("sft", "rm") else None
     initial = lora.make_reference(policy) if cfg.ref_update != "static" else None  # W0 itself: ΔW = 0, no copy
     if ckpt is not None:  # before FSDP2 shards the adapters
-        checkpoint.load_lora(ckpt, policy, reference)
+        try:
+            lora.load_checkpoint(ckpt, policy, reference)
+        except ValueError as e:
+            fail(f"--resume: {e}")
     adapters = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     log(f"LoRA: rank {cfg.lora_rank} on {len(lora.layers(policy, lora.LoRALinear))} layers ({cfg.lora_targets}): "
         f"{adapters / 1e6:.3f}M trained parameters; base W0 frozen in {cfg.lora_base_dtype}, "

@@ -93,8 +93,8 @@ MUTATIONS = [
      "+ self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)",
      "+ F.linear(F.linear(x, self.lora_A), self.lora_B)",
      [f"{LORA}test_forward_and_adapter_gradients_equal_peft"]),
-    ("lora-resume-factors", "--resume of a LoRA run starts the reference's delta from zero", "checkpoint.py",
-     "for name, layer in lora.layers(reference, lora.DeltaLinear).items():", "for name, layer in []:",
+    ("lora-resume-factors", "--resume of a LoRA run starts the reference's delta from zero", "lora.py",
+     "for name, layer in layers(reference, DeltaLinear).items():", "for name, layer in []:",
      [f"{LORA}test_a_lora_run_resumes_exactly_and_refuses_another_rank_or_targets",
       f"{SIGKILL}[lora-checkpoint.write_manifest-5]"]),
 ]

@@ -315,10 +315,9 @@ def test_a_lora_checkpoint_loads_in_transformers_merged_and_in_peft_as_an_adapte
     base/, both with the logits of our policy (base/ + adapters, as a resume builds it)."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    import checkpoint
     ckpt = lora_run / "ckpt-000012"
     ours = lora.apply(Llama.from_pretrained(ckpt / "base"), 4, 8.0)
-    checkpoint.load_lora(ckpt, ours, None)
+    lora.load_checkpoint(ckpt, ours, None)
     ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     want = ours(ids)
     load = transformers.AutoModelForCausalLM.from_pretrained
@@ -390,18 +389,17 @@ def test_a_checkpoint_of_one_process_resumes_under_fsdp2_on_two(lora_run, tmp_pa
 
 
 def test_a_module_trained_in_full_is_saved_as_peft_modules_to_save(tmp_path):
-    """apply's `trainable` (a reward model's score head; here an untied lm_head): checkpoint.save_lora writes it into
+    """apply's `trainable` (a reward model's score head; here an untied lm_head): lora.save_checkpoint writes it into
     base/ and into the adapter as peft's modules_to_save, so PeftModel.from_pretrained(base) gives our logits."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    import checkpoint
     peft_model, _ = hf_and_ours(tmp_path, ["q_proj", "v_proj"], tie=False)  # writes tmp_path/base
     ours = lora.apply(Llama.from_pretrained(tmp_path / "base"), 4, 6.0, "q_proj,v_proj", trainable=("lm_head",))
     randomize_adapters(ours, 5)
     with torch.no_grad():
         ours.lm_head.weight.mul_(1.5)
     config_dict = {"lora_rank": 4, "lora_alpha": 6.0, "lora_targets": "q_proj,v_proj"}
-    checkpoint.save_lora(tmp_path / "ckpt", tmp_path / "ckpt", ours, ours.state_dict(), None, config_dict)
+    lora.save_checkpoint(tmp_path / "ckpt", tmp_path / "ckpt", ours, ours.state_dict(), None, config_dict)
     saved = json.loads((tmp_path / "ckpt" / "adapter" / "adapter_config.json").read_text())
     assert saved["modules_to_save"] == ["lm_head"]
     ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(2))
